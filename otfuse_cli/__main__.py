@@ -1,0 +1,3 @@
+from otfuse_cli.cli import main
+
+main()
