@@ -1,0 +1,75 @@
+"""The one alignment engine: walks a Spec's spaces in order, builds each cost from a feature provider
+(weights or activations), solves OT, and refines over all spaces until no plan changes (bounded)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from otfuse_cli.align.cost import unit_cost
+from otfuse_cli.align.solvers import marginal, solve
+from otfuse_cli.align.transport import Plan
+from otfuse_cli.errors import OtfuseError
+from otfuse_cli.spec.model import Spec
+
+
+@dataclass
+class AlignOptions:
+    align: str = "weights"
+    solver: str = "exact"
+    reg: float = 0.01
+    metric: str = "sqeuclidean"
+    marginals: str = "uniform"
+    refine: int = 5  # extra passes over all spaces (weight matching); stops early once plans are stable
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def plan_stats(cost: np.ndarray, coupling: np.ndarray, info: dict) -> dict:
+    n, m = cost.shape
+    stats = {"width": [n, m], "cost_after": float((coupling * cost).sum()), **info}
+    if n == m:
+        stats["cost_before"] = float(np.trace(cost) / n)
+        stats["stay"] = float((coupling.argmax(0) == np.arange(m)).mean())
+    rows = coupling / np.maximum(coupling.sum(1, keepdims=True), 1e-300)
+    stats["entropy"] = float(-(rows * np.log(np.maximum(rows, 1e-300))).sum(1).mean())
+    return stats
+
+
+def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
+               on_space: Callable[[str], None] | None = None) -> dict[str, Plan]:
+    """Plans mapping `parent` onto `anchor`, one per space, by name."""
+    plans: dict[str, Plan] = {}
+
+    def solve_space(k: int, first_pass: bool) -> Plan:
+        sa, sp = anchor.spaces[k], parent.spaces[k]
+        fp, fa = provider.features(k, plans, first_pass)
+        if fp.empty():
+            if sp.size != sa.size:
+                raise OtfuseError(f"space {sa.name!r} has no features to align widths {sp.size} and {sa.size}")
+            return Plan.identity(sa.size)
+        cost, inner = unit_cost(fp, fa, options.metric, sa.fixed_inner)
+        a = marginal(fp.flat(), sp.size, options.marginals)
+        b = marginal(fa.flat(), sa.size, options.marginals)
+        coupling, info = solve(cost, a, b, options.solver, options.reg)
+        return Plan(torch.from_numpy(coupling), inner, plan_stats(cost, coupling, info))
+
+    for k, space in enumerate(anchor.spaces):
+        plans[space.name] = solve_space(k, True)
+        if on_space:
+            on_space(space.name)
+    for sweep in range(options.refine):
+        changed = False
+        for k, space in enumerate(anchor.spaces):
+            new = solve_space(k, False)
+            changed |= not new.same_as(plans[space.name])
+            plans[space.name] = new
+        if not changed:
+            break
+    for plan in plans.values():
+        plan.stats["sweeps"] = sweep + 1 if options.refine else 0
+    return plans

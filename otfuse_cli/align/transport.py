@@ -1,0 +1,120 @@
+"""Transport plans and how they move tensors: the one place where a plan touches a weight.
+
+A hard plan between equal widths is applied as an exact index permutation (fast, bit-exact); soft or
+rectangular plans are applied as matrices normalised per role (see spec/model.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from otfuse_cli.spec.model import Entry, Spec
+
+
+@dataclass
+class Plan:
+    """Coupling between a parent's units (rows, n) and the anchor's (columns, m)."""
+
+    coupling: torch.Tensor  # (n, m), float64, sums to 1
+    inner: dict[str, torch.Tensor] = field(default_factory=dict)  # channel -> (n, m, d) parent index per anchor dim
+    stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def identity(cls, n: int) -> "Plan":
+        return cls(torch.eye(n, dtype=torch.float64) / n)
+
+    @property
+    def a(self) -> torch.Tensor:
+        return self.coupling.sum(1)
+
+    @property
+    def b(self) -> torch.Tensor:
+        return self.coupling.sum(0)
+
+    def hard_index(self) -> torch.Tensor | None:
+        """src[u] = the parent unit moved to anchor unit u, when the plan is a scaled permutation."""
+        if "_hard" not in self.__dict__:
+            n, m = self.coupling.shape
+            nz = self.coupling > 0
+            ok = n == m and bool((nz.sum(0) == 1).all()) and bool((nz.sum(1) == 1).all())
+            self.__dict__["_hard"] = self.coupling.argmax(0) if ok else None
+        return self.__dict__["_hard"]
+
+    def weights(self, role: str) -> torch.Tensor:
+        c = self.coupling
+        if role == "out":  # anchor unit = barycentre of the parent units sent to it
+            return c / c.sum(0, keepdim=True).clamp_min(1e-300)
+        return c / c.sum(1, keepdim=True).clamp_min(1e-300)  # parent unit's outgoing weight split and summed
+
+    def same_as(self, other: "Plan") -> bool:
+        if self.coupling.shape != other.coupling.shape:
+            return False
+        if not torch.allclose(self.coupling, other.coupling, atol=1e-9, rtol=1e-6):
+            return False
+        return all(torch.equal(self.inner[k], other.inner[k]) for k in self.inner if k in other.inner)
+
+
+def _move_slice(y: torch.Tensor, entry: Entry, plan: Plan, n: int, m: int) -> torch.Tensor:
+    """y: (..., n*rep*inner) -> (..., m*rep*inner) for one entry."""
+    lead = y.shape[:-1]
+    y = y.reshape(*lead, n, entry.rep, entry.inner)
+    perm = plan.inner.get(entry.channel) if entry.inner > 1 else None
+    src = plan.hard_index()
+    if src is not None:
+        y = y.index_select(-3, src)
+        if perm is not None:
+            idx = perm[src, torch.arange(m)]  # (m, d)
+            idx = idx[:, None, :].expand(m, entry.rep, entry.inner).expand(*lead, m, entry.rep, entry.inner)
+            y = torch.gather(y, -1, idx)
+    else:
+        w = plan.weights(entry.role).to(y.dtype)
+        if perm is None:
+            y = torch.einsum("...nri,nm->...mri", y, w)
+        else:
+            d = entry.inner
+            q = torch.zeros(n, d, m, d, dtype=y.dtype)
+            uu, vv, jj = torch.meshgrid(torch.arange(n), torch.arange(m), torch.arange(d), indexing="ij")
+            q[uu, perm, vv, jj] = w[:, :, None].expand(n, m, d)
+            y = torch.einsum("...nri,nimj->...mrj", y, q)
+    return y.reshape(*lead, m * entry.rep * entry.inner)
+
+
+class Transporter:
+    """Moves a parent's tensors into the anchor's basis, axis by axis, given per-space plans."""
+
+    def __init__(self, anchor: Spec, parent: Spec):
+        self.axes: dict[str, list[tuple[int, list[tuple[str, Entry, Entry, int, int]]]]] = {}
+        grouped: dict[tuple[str, int], list] = {}
+        for sa, sp in zip(anchor.spaces, parent.spaces):
+            for ea, ep in zip(sa.entries, sp.entries):
+                grouped.setdefault((ea.tensor, ea.axis), []).append((sa.name, ep, ea, sp.size, sa.size))
+        for (tensor, axis), items in grouped.items():
+            items.sort(key=lambda it: it[2].start)
+            self.axes.setdefault(tensor, []).append((axis, items))
+
+    def spaces_of(self, tensor: str) -> set[str]:
+        return {it[0] for _, items in self.axes.get(tensor, []) for it in items}
+
+    def move(self, name: str, x: torch.Tensor, plans: dict[str, Plan], skip: str | None = None) -> torch.Tensor:
+        """Transport every axis of `name` whose space has a plan (a space named `skip` stays put)."""
+        for axis, items in self.axes.get(name, []):
+            active = [it for it in items if it[0] != skip and it[0] in plans]
+            if not active:
+                continue
+            y = x.movedim(axis, -1)
+            pieces, pos = [], 0
+            for space, ep, ea, n, m in items:
+                if ep.start > pos:  # untouched gap, e.g. a slice of another role
+                    pieces.append(y[..., pos:ep.start])
+                chunk = y[..., ep.start:ep.start + ep.span(n)]
+                if space != skip and space in plans:
+                    src = plans[space].hard_index()
+                    if not (src is not None and bool((src == torch.arange(m)).all()) and not plans[space].inner):
+                        chunk = _move_slice(chunk, ep, plans[space], n, m)
+                pieces.append(chunk)
+                pos = ep.start + ep.span(n)
+            if pos < y.shape[-1]:
+                pieces.append(y[..., pos:])
+            x = torch.cat(pieces, dim=-1).movedim(-1, axis)
+        return x

@@ -1,0 +1,59 @@
+"""Weight-based unit features (no data): each unit's slice of every tensor of its space, with the
+tensor's other axes first moved into the anchor's basis by the plans solved so far."""
+
+from __future__ import annotations
+
+import torch
+
+from otfuse_cli.align.cost import Features
+from otfuse_cli.align.transport import Transporter
+from otfuse_cli.errors import OtfuseError
+from otfuse_cli.spec.model import Entry, Spec
+
+
+class TensorSource:
+    """float32 view of a checkpoint's tensors, read lazily, cached, checked for NaN/Inf once."""
+
+    def __init__(self, ckpt, label: str):
+        self.ckpt, self.label, self.cache = ckpt, label, {}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.cache:
+            x = self.ckpt.get(name)
+            if x.is_floating_point():
+                if not bool(torch.isfinite(x).all()):
+                    raise OtfuseError(f"{self.label}: tensor {name} contains NaN or Inf")
+                x = x.float()
+            self.cache[name] = x
+        return self.cache[name]
+
+
+def unit_slices(x: torch.Tensor, entry: Entry, size: int) -> torch.Tensor:
+    """(size, inner, rep*rest) view of the units of `entry` in tensor x."""
+    y = x.narrow(entry.axis, entry.start, entry.span(size)).movedim(entry.axis, 0)
+    y = y.reshape(size, entry.rep, entry.inner, -1).transpose(1, 2)
+    return y.reshape(size, entry.inner, -1)
+
+
+class WeightFeatures:
+    def __init__(self, anchor_spec: Spec, parent_spec: Spec, anchor: TensorSource, parent: TensorSource):
+        self.anchor_spec, self.parent_spec = anchor_spec, parent_spec
+        self.anchor, self.parent = anchor, parent
+        self.transporter = Transporter(anchor_spec, parent_spec)
+
+    def features(self, k: int, plans: dict, first_pass: bool) -> tuple[Features, Features]:
+        sa, sp = self.anchor_spec.spaces[k], self.parent_spec.spaces[k]
+        pairs = list(zip(sp.entries, sa.entries))
+        ready = [(ep, ea) for ep, ea in pairs if self.transporter.spaces_of(ep.tensor) - {sa.name} <= set(plans)]
+        if first_pass and ready:
+            pairs = ready  # only entries whose other axes are already aligned carry signal
+        fp, fa = Features(), Features()
+        for ep, ea in pairs:
+            xp = self.transporter.move(ep.tensor, self.parent(ep.tensor), plans, skip=sa.name)
+            xa = self.anchor(ea.tensor)
+            up, ua = unit_slices(xp, ep, sp.size), unit_slices(xa, ea, sa.size)
+            if up.shape[1:] != ua.shape[1:]:
+                continue  # an unaligned axis of another width: no comparable signal yet
+            fp.add(ep.channel if ep.inner > 1 else "", up if ep.inner > 1 else up[:, 0])
+            fa.add(ea.channel if ea.inner > 1 else "", ua if ea.inner > 1 else ua[:, 0])
+        return fp, fa

@@ -1,0 +1,32 @@
+"""Hide a random function-preserving permutation in every space of a Spec (test helper)."""
+
+from __future__ import annotations
+
+import torch
+
+from otfuse_cli.align.transport import Plan, Transporter
+
+
+def random_plans(spec, seed: int = 0) -> dict[str, Plan]:
+    gen = torch.Generator().manual_seed(seed)
+    plans = {}
+    for space in spec.spaces:
+        n = space.size
+        perm = torch.randperm(n, generator=gen)
+        coupling = torch.zeros(n, n, dtype=torch.float64)
+        coupling[perm, torch.arange(n)] = 1.0 / n
+        inner = {}
+        for channel in space.channels:
+            if channel in space.fixed_inner:
+                continue
+            d = next(e.inner for e in space.entries if e.channel == channel)
+            inner[channel] = torch.stack([torch.stack([torch.randperm(d, generator=gen) for _ in range(n)])
+                                          for _ in range(n)])
+        plans[space.name] = Plan(coupling, inner)
+    return plans
+
+
+def permuted_state_dict(state_dict: dict, spec, seed: int = 0) -> dict:
+    plans = random_plans(spec, seed)
+    mover = Transporter(spec, spec)
+    return {k: (mover.move(k, v, plans) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
