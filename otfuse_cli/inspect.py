@@ -1,0 +1,83 @@
+"""Summaries of checkpoints and layout comparison between them (library code: returns dicts, prints nothing)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from otfuse_cli.checkpoint import Checkpoint
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def model_type(ckpt: Checkpoint) -> str:
+    """config.json's model_type, else the spec family detector (optional room, may fail), else 'unknown'."""
+    if ckpt.config and ckpt.config.get("model_type"):
+        return str(ckpt.config["model_type"])
+    try:
+        from otfuse_cli.spec import detect_family
+
+        family = detect_family(ckpt)
+    except Exception:  # ImportError, or the detector does not recognise this checkpoint
+        return "unknown"
+    if family is None:
+        return "unknown"
+    return family if isinstance(family, str) else str(getattr(family, "name", family))
+
+
+def summarize(ckpt: Checkpoint) -> dict:
+    keys = ckpt.keys()
+    return {
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "model_type": model_type(ckpt),
+        "architectures": (ckpt.config or {}).get("architectures"),
+        "num_parameters": ckpt.num_parameters(),
+        "dtypes": dict(sorted(Counter(dtype_name(ckpt.dtype(k)) for k in keys).items())),
+        "size_bytes": ckpt.size_on_disk(),
+        "num_tensors": len(keys),
+        "tensors": [{"name": k, "shape": list(ckpt.shape(k)), "dtype": dtype_name(ckpt.dtype(k))} for k in keys],
+    }
+
+
+def compare(ckpts: list[Checkpoint]) -> dict:
+    """Compare tensor layouts against model 0.
+
+    Same names, same ranks, same shapes -> "identical layout"; same names and ranks but some widths differ ->
+    "heterogeneous widths" (fusable with rectangular plans); different names or ranks -> "incompatible".
+    """
+    base = set(ckpts[0].keys()) if ckpts else set()
+    missing: dict[int, list[str]] = {}
+    extra: dict[int, list[str]] = {}
+    for i, ck in enumerate(ckpts[1:], 1):
+        names = set(ck.keys())
+        if base - names:
+            missing[i] = sorted(base - names)
+        if names - base:
+            extra[i] = sorted(names - base)
+    common = sorted(set.intersection(*(set(c.keys()) for c in ckpts))) if ckpts else []
+    shape_mismatch, rank_mismatch, dtype_mismatch = [], [], []
+    for name in common:
+        shapes = [list(c.shape(name)) for c in ckpts]
+        if any(s != shapes[0] for s in shapes):
+            entry = {"name": name, "shapes": shapes}
+            shape_mismatch.append(entry)
+            if any(len(s) != len(shapes[0]) for s in shapes):
+                rank_mismatch.append(entry)
+        dtypes = [dtype_name(c.dtype(name)) for c in ckpts]
+        if any(d != dtypes[0] for d in dtypes):
+            dtype_mismatch.append({"name": name, "dtypes": dtypes})  # informational: math runs in float32
+    compatible = not missing and not extra and not rank_mismatch
+    heterogeneous = compatible and bool(shape_mismatch)
+    verdict = "incompatible" if not compatible else "heterogeneous widths" if heterogeneous else "identical layout"
+    return {
+        "compatible": compatible,
+        "heterogeneous": heterogeneous,
+        "missing": missing,
+        "extra": extra,
+        "shape_mismatch": shape_mismatch,
+        "rank_mismatch": [e["name"] for e in rank_mismatch],
+        "dtype_mismatch": dtype_mismatch,
+        "verdict": verdict,
+    }

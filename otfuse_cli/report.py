@@ -1,0 +1,105 @@
+"""Rendering for people (rich tables on stdout, progress on stderr) and for scripts (--json on stdout)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+console = Console(highlight=False)                # stdout: results
+err_console = Console(stderr=True, highlight=False)  # stderr: progress, warnings
+
+
+def print_json(obj) -> None:
+    """One JSON document on stdout (plain write: rich would wrap and colour it)."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def error_line(message: str) -> None:
+    """The single `error: ...` line on stderr (plain write: rich would wrap long paths)."""
+    sys.stderr.write("error: " + " ".join(str(message).split()) + "\n")
+    sys.stderr.flush()
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def human_count(n: int) -> str:
+    for unit, div in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def summary_table(summaries: list[dict]) -> Table:
+    """One row per property, one column per model: reads well for the usual 1-3 models at 80 columns."""
+    table = Table(title="checkpoints", title_justify="left")
+    table.add_column("", style="bold")
+    for i in range(len(summaries)):
+        table.add_column(f"model {i}" if len(summaries) > 1 else "model", overflow="fold")
+    rows = {
+        "path": lambda s: escape(s["path"]),
+        "format": lambda s: s["format"],
+        "model type": lambda s: escape(s["model_type"]),
+        "architectures": lambda s: escape(", ".join(s["architectures"] or [])) or "-",
+        "parameters": lambda s: f"{s['num_parameters']:,} ({human_count(s['num_parameters'])})",
+        "dtypes": lambda s: ", ".join(f"{k} ×{v}" for k, v in s["dtypes"].items()),
+        "size on disk": lambda s: human_bytes(s["size_bytes"]),
+        "tensors": lambda s: str(s["num_tensors"]),
+    }
+    for label, cell in rows.items():
+        table.add_row(label, *(cell(s) for s in summaries))
+    return table
+
+
+def tensor_table(summary: dict) -> Table:
+    table = Table(title=f"tensors of {escape(summary['path'])}", title_justify="left")
+    table.add_column("name", overflow="fold")
+    table.add_column("shape")
+    table.add_column("dtype")
+    for t in summary["tensors"]:
+        table.add_row(escape(t["name"]), "×".join(map(str, t["shape"])) or "scalar", t["dtype"])
+    return table
+
+
+def comparison_tables(comparison: dict, limit: int = 20) -> list:
+    """A one-line verdict, then what differs (first `limit` rows of each kind)."""
+    colour = {"identical layout": "green", "heterogeneous widths": "yellow", "incompatible": "red"}[comparison["verdict"]]
+    out: list = [f"compatibility: [bold {colour}]{comparison['verdict']}[/]"]
+    for kind in ("missing", "extra"):
+        for i, names in comparison[kind].items():
+            shown = ", ".join(escape(n) for n in names[:5]) + (f", … ({len(names)} in all)" if len(names) > 5 else "")
+            what = "lacks" if kind == "missing" else "has extra"
+            out.append(f"  model {i} {what} {len(names)} tensor(s): {shown}")
+    if comparison["shape_mismatch"]:
+        table = Table(title="shape differences", title_justify="left")
+        table.add_column("tensor", overflow="fold")
+        n = len(comparison["shape_mismatch"][0]["shapes"])
+        for i in range(n):
+            table.add_column(f"model {i}")
+        for e in comparison["shape_mismatch"][:limit]:
+            table.add_row(escape(e["name"]), *("×".join(map(str, s)) or "scalar" for s in e["shapes"]))
+        if len(comparison["shape_mismatch"]) > limit:
+            table.caption = f"{len(comparison['shape_mismatch']) - limit} more not shown (use --json)"
+        out.append(table)
+    return out
+
+
+def inspect_tables(summaries: list[dict], comparison: dict | None = None, tensors: bool = False) -> None:
+    """Print the `otfuse inspect` report for people."""
+    console.print(summary_table(summaries))
+    if tensors:
+        for s in summaries:
+            console.print(tensor_table(s))
+    if comparison is not None:
+        for item in comparison_tables(comparison):
+            console.print(item)
