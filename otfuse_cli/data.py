@@ -1,0 +1,154 @@
+"""Sample and evaluation data: text records (.jsonl/.csv/.tsv/.txt) and tensors (.npz/.safetensors).
+
+Shared by `evaluate` and by activation-based alignment. Every bad input is one OtfuseError line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from otfuse_cli.errors import OtfuseError
+
+RECORD_SUFFIXES = (".jsonl", ".csv", ".tsv", ".txt")
+TENSOR_SUFFIXES = (".npz", ".safetensors")
+
+
+def is_tensor_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in TENSOR_SUFFIXES
+
+
+def _check_file(path: Path, kinds: Sequence[str]) -> None:
+    if not path.exists():
+        raise OtfuseError(f"data file not found: {path}")
+    if not path.is_file():
+        raise OtfuseError(f"data path is not a file: {path}")
+    if path.suffix.lower() not in kinds:
+        raise OtfuseError(f"unknown data file type {path.suffix or '(none)'!r} for {path} "
+                          f"(expected one of {', '.join(RECORD_SUFFIXES + TENSOR_SUFFIXES)})")
+    if path.stat().st_size == 0:
+        raise OtfuseError(f"data file is empty: {path}")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM from spreadsheet exports
+    except UnicodeDecodeError as e:
+        raise OtfuseError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def subsample(items: list, max_samples: int | None, seed: int = 0) -> list:
+    """A seeded subsample of at most max_samples items, kept in file order (deterministic)."""
+    if max_samples is not None and max_samples < 1:
+        raise OtfuseError(f"max_samples must be at least 1, got {max_samples}")
+    if max_samples is None or len(items) <= max_samples:
+        return list(items)
+    idx = sorted(random.Random(seed).sample(range(len(items)), max_samples))
+    return [items[i] for i in idx]
+
+
+def load_records(path: str | Path, *, max_samples: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """Records from .jsonl (one object per line), .csv/.tsv (header row) or .txt ({"text": line})."""
+    path = Path(path)
+    _check_file(path, RECORD_SUFFIXES)
+    text = _read_text(path)
+    suffix = path.suffix.lower()
+    records: list[dict[str, Any]] = []
+    if suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise OtfuseError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise OtfuseError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            records.append(obj)
+    elif suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        if not reader.fieldnames:
+            raise OtfuseError(f"data file is empty: {path}")
+        for n, row in enumerate(reader, 2):
+            if None in row:  # more cells than header columns: a mis-split file
+                raise OtfuseError(f"{path}:{n}: row has more cells than the header ({len(reader.fieldnames)} columns)")
+            records.append({k: v for k, v in row.items()})
+    else:  # .txt
+        records = [{"text": line} for line in text.splitlines() if line.strip()]
+    if not records:
+        raise OtfuseError(f"data file has no records: {path}")
+    return subsample(records, max_samples, seed)
+
+
+def fields_of(records: list[dict]) -> list[str]:
+    """Field names present in every record (the usable ones), in first-record order."""
+    common = set(records[0])
+    for r in records[1:]:
+        common &= set(r)
+    return [k for k in records[0] if k in common]
+
+
+def require_fields(records: list[dict], fields: Sequence[str], path: str | Path = "data") -> None:
+    """OtfuseError naming the missing field and the fields that do exist."""
+    have = fields_of(records)
+    for f in fields:
+        if f not in have:
+            where = next((i for i, r in enumerate(records, 1) if f not in r), None)
+            detail = f" (missing from record {where})" if where and any(f in r for r in records) else ""
+            raise OtfuseError(f"{path}: missing field {f!r}{detail}; fields present: {', '.join(have) or 'none'}")
+
+
+def load_tensors(path: str | Path, *, max_samples: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Arrays from .npz or .safetensors; needs `x` (inputs), `y` (labels) optional, same first dim."""
+    path = Path(path)
+    _check_file(path, TENSOR_SUFFIXES)
+    if path.suffix.lower() == ".npz":
+        import numpy as np
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                out = {k: torch.from_numpy(z[k].copy()) for k in z.files}
+        except Exception as e:  # bad zip, object arrays (pickle refused), ...
+            raise OtfuseError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from None
+    else:
+        from safetensors.torch import load_file
+        try:
+            out = load_file(str(path))
+        except Exception as e:
+            raise OtfuseError(f"cannot read {path} as safetensors ({e})") from None
+    if "x" not in out:
+        raise OtfuseError(f"{path}: missing array 'x'; arrays present: {', '.join(sorted(out)) or 'none'}")
+    n = out["x"].shape[0] if out["x"].dim() else 0
+    if n == 0:
+        raise OtfuseError(f"{path}: array 'x' holds no samples")
+    if "y" in out and (out["y"].dim() != 1 or out["y"].shape[0] != n):
+        raise OtfuseError(f"{path}: 'y' has shape {tuple(out['y'].shape)}, expected ({n},) to match 'x'")
+    if max_samples is not None:
+        idx = torch.tensor(subsample(list(range(n)), max_samples, seed))
+        out = {k: (v[idx] if v.dim() and v.shape[0] == n else v) for k, v in out.items()}
+    return out
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str], text_pairs: Sequence[str] | None = None,
+                   max_length: int = 128, **kwargs) -> dict[str, torch.Tensor]:
+    """A padded, truncated batch (input_ids, attention_mask, ...) as torch tensors."""
+    if tokenizer.pad_token is None:
+        # GPT-style tokenizers have no pad token; padded positions are masked out anyway.
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise OtfuseError("the tokenizer has no pad, eos or unk token to pad batches with")
+        tokenizer.pad_token = fallback
+    return dict(tokenizer(list(texts), list(text_pairs) if text_pairs is not None else None,
+                          padding=True, truncation=True, max_length=max_length, return_tensors="pt", **kwargs))
+
+
+def batched(n: int, batch_size: int):
+    """Slices covering range(n) in order."""
+    if batch_size < 1:
+        raise OtfuseError(f"batch size must be at least 1, got {batch_size}")
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
