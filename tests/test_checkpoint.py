@@ -312,3 +312,6 @@ def test_writer_rejects_bad_tensors(tmp_path):
     with pytest.raises(OtfuseError, match="not a tensor"):
         write_checkpoint(tmp_path / "n", {"a": [1, 2]}, layout="file")
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OtfuseError, match="cannot write"):  # parent is a file: OS error -> one clear line
+        write_checkpoint(tmp_path / "afile" / "out", {"a": torch.zeros(1)}, layout="folder")

@@ -101,6 +101,16 @@ class Checkpoint:
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, format={self.format!r}, tensors={len(self._info)})"
 
+    def close(self) -> None:
+        """Drop the open file handles (they are reopened on demand)."""
+        self._handles.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _handle(self, file: Path):
         # One open (memory-mapped) handle per file, reused for every tensor read.
         if file not in self._handles:
@@ -265,6 +275,13 @@ def _from_torch(path: Path, folder: Path | None, config: dict | None, files: lis
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint (file, folder or index) for lazy reading; OtfuseError on any bad input."""
     path = Path(path)
+    try:
+        return _open(path)
+    except OSError as e:  # permissions, I/O errors: still bad input, still one line
+        raise OtfuseError(f"cannot read {e.filename or path}: {e.strerror or e}") from None
+
+
+def _open(path: Path) -> Checkpoint:
     if not path.exists():
         raise OtfuseError(f"no such file or folder: {path}")
     if path.is_dir():

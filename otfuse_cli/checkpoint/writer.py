@@ -195,7 +195,14 @@ def write_checkpoint(target: str | Path, tensors: Iterable[tuple[str, torch.Tens
     """
     if layout not in ("file", "folder"):
         raise ValueError(f"layout must be 'file' or 'folder', not {layout!r}")
-    target = Path(target)
+    try:
+        return _write(Path(target), tensors, layout, source, config_overrides, provenance, max_shard_size, force)
+    except OSError as e:  # unwritable target, disk full...: the temp output is already gone
+        raise OtfuseError(f"cannot write {target}: {e.strerror or e}") from None
+
+
+def _write(target: Path, tensors, layout: str, source: Checkpoint | None, config_overrides: dict | None,
+           provenance: dict | None, max_shard_size: int | str, force: bool) -> Path:
     max_shard_size = parse_size(max_shard_size)
     _check_target(target, force)  # fail before doing any work
     target.parent.mkdir(parents=True, exist_ok=True)
