@@ -100,25 +100,139 @@ def inspect(
     models: list[str] = typer.Argument(..., metavar="MODEL...",
                                        help="Checkpoints: .safetensors, sharded index, HF folder, .bin/.pt."),
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor with its shape and dtype."),
+    spaces: bool = typer.Option(False, "--spaces", help="Show the neuron spaces (Spec) that alignment moves."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Summarise checkpoints; with two or more, say whether their layouts can be fused."""
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.inspect import compare, summarize
+    from otfuse_cli.spec import build_spec
 
     ckpts = [open_checkpoint(m) for m in models]
     summaries = [summarize(c) for c in ckpts]
     comparison = compare(ckpts) if len(ckpts) >= 2 else None
+    specs = [build_spec(c) for c in ckpts] if spaces else []
     if json_out:
         if not tensors:
             for s in summaries:
                 del s["tensors"]
+        for s, spec in zip(summaries, specs):
+            s["spaces"] = spec.to_json()
         doc: dict = {"models": summaries}
         if comparison is not None:
             doc["comparison"] = comparison
         report.print_json(doc)
     else:
         report.inspect_tables(summaries, comparison, tensors=tensors)
+        for spec in specs:
+            report.console.print(report.spaces_table(spec.to_json(), spec.family, spec.fixed_note))
+
+
+# Options shared by `align` and `fuse` (and `compress`): how plans are computed.
+MODELS_ARG = typer.Argument(..., metavar="MODEL...", help="Two or more checkpoints (files or HF folders).")
+ALIGN_OPT = typer.Option("weights", "--align", help="weights (no data) or activations (needs --data).")
+SOLVER_OPT = typer.Option("exact", "--solver", help="exact (assignment / network simplex) or sinkhorn (soft).")
+REG_OPT = typer.Option(0.01, "--reg", help="Sinkhorn regularisation, relative to the mean cost.")
+METRIC_OPT = typer.Option("sqeuclidean", "--metric", help="Ground metric: sqeuclidean or cosine.")
+MARGINALS_OPT = typer.Option("uniform", "--marginals", help="Support masses: uniform, l1 or l2 (neuron norm).")
+REFINE_OPT = typer.Option(5, "--refine", help="Extra passes over all spaces until plans stop changing.")
+ANCHOR_OPT = typer.Option(0, "--anchor", help="Index of the model whose basis and widths the result takes.")
+DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu or cuda (forward passes and costs).")
+DATA_OPT = typer.Option(None, "--data", help="Sample inputs for --align activations (jsonl/csv/tsv/txt/npz/safetensors).")
+SAMPLES_OPT = typer.Option(256, "--samples", help="Number of sample inputs for activations.")
+SEED_OPT = typer.Option(0, "--seed", help="Seed for sampling inputs and tokens.")
+MAX_TOKENS_OPT = typer.Option(4096, "--max-tokens", help="Cap on activation rows (tokens/positions) kept per space.")
+STANDARDIZE_OPT = typer.Option("zscore", "--standardize", help="Activation standardisation: none, center or zscore.")
+ACTIVATION_OPT = typer.Option(None, "--activation", help="relu, gelu or tanh for bare MLP/CNN/ResNet state dicts.")
+POST_ACT_OPT = typer.Option(False, "--post-activation", help="Match MLP/CNN units after the nonlinearity.")
+MAX_LENGTH_OPT = typer.Option(128, "--max-length", help="Token limit per text sample.")
+FORCE_OPT = typer.Option(False, "--force", help="Overwrite an existing output.")
+
+
+def _align_options(align, solver, reg, metric, marginals, refine):
+    from otfuse_cli.align.engine import AlignOptions
+
+    return AlignOptions(align=align, solver=solver, reg=reg, metric=metric, marginals=marginals, refine=refine)
+
+
+def _data_options(align, data, samples, seed, max_tokens, standardize, activation, post_activation, max_length,
+                  device) -> dict:
+    if align == "activations" and not data:
+        raise OtfuseError("--align activations needs --data FILE with sample inputs")
+    if align != "activations":
+        return {}
+    return {"data": data, "samples": samples, "seed": seed, "max_tokens": max_tokens, "standardize": standardize,
+            "activation": activation, "post_activation": post_activation, "max_length": max_length,
+            "device": device}
+
+
+@app.command()
+def align(
+    models: list[str] = MODELS_ARG,
+    output: str = typer.Option(..., "-o", "--output", help="Plan file to write (.safetensors)."),
+    align_by: str = ALIGN_OPT, solver: str = SOLVER_OPT, reg: float = REG_OPT, metric: str = METRIC_OPT,
+    marginals: str = MARGINALS_OPT, refine: int = REFINE_OPT, anchor: int = ANCHOR_OPT,
+    data: Optional[str] = DATA_OPT, samples: int = SAMPLES_OPT, seed: int = SEED_OPT,
+    max_tokens: int = MAX_TOKENS_OPT, standardize: str = STANDARDIZE_OPT, activation: Optional[str] = ACTIVATION_OPT,
+    post_activation: bool = POST_ACT_OPT, max_length: int = MAX_LENGTH_OPT, device: str = DEVICE_OPT,
+    force: bool = FORCE_OPT, json_out: bool = JSON_OPTION,
+) -> None:
+    """Compute transport plans that map every model onto the anchor and write them to a plan file."""
+    from otfuse_cli.fuse import align_checkpoints
+
+    options = _align_options(align_by, solver, reg, metric, marginals, refine)
+    extra = _data_options(align_by, data, samples, seed, max_tokens, standardize, activation, post_activation,
+                          max_length, device)
+    with report.SpaceProgress(None, enabled=not json_out) as progress:
+        result = align_checkpoints(models, output, anchor=anchor, options=options, force=force,
+                                   on_space=progress, **extra)
+    if json_out:
+        report.print_json(result)
+    else:
+        report.console.print(report.alignment_table(result["spaces"], f"plans → {result['output']}"))
+
+
+@app.command()
+def fuse(
+    models: list[str] = MODELS_ARG,
+    output: str = typer.Option(..., "-o", "--output", help="Fused checkpoint (file or folder, like the anchor)."),
+    method: str = typer.Option("ot", "--method", help="ot (align, then average) or average (vanilla baseline)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Per-model weights, e.g. 0.5,0.5."),
+    plan: Optional[str] = typer.Option(None, "--plan", help="Reuse a plan file written by `otfuse align`."),
+    dtype: str = typer.Option("keep", "--dtype", help="keep, float32, float16 or bfloat16."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Shard folder outputs above this size."),
+    align_by: str = ALIGN_OPT, solver: str = SOLVER_OPT, reg: float = REG_OPT, metric: str = METRIC_OPT,
+    marginals: str = MARGINALS_OPT, refine: int = REFINE_OPT, anchor: int = ANCHOR_OPT,
+    data: Optional[str] = DATA_OPT, samples: int = SAMPLES_OPT, seed: int = SEED_OPT,
+    max_tokens: int = MAX_TOKENS_OPT, standardize: str = STANDARDIZE_OPT, activation: Optional[str] = ACTIVATION_OPT,
+    post_activation: bool = POST_ACT_OPT, max_length: int = MAX_LENGTH_OPT, device: str = DEVICE_OPT,
+    force: bool = FORCE_OPT, json_out: bool = JSON_OPTION,
+) -> None:
+    """Fuse two or more models: align them onto the anchor with OT, then average with weights."""
+    from otfuse_cli.fuse import fuse_checkpoints
+
+    options = _align_options(align_by, solver, reg, metric, marginals, refine)
+    extra = _data_options(align_by, data, samples, seed, max_tokens, standardize, activation, post_activation,
+                          max_length, device) if method == "ot" and not plan else {}
+    command_options = {"models": models, "output": output, "seed": seed, "device": device,
+                       "max_shard_size": max_shard_size, "activation": activation}
+    with report.SpaceProgress(None, enabled=not json_out) as progress:
+        result = fuse_checkpoints(models, output, anchor=anchor, weights=weights, method=method, options=options,
+                                  plan_file=plan, dtype=dtype, max_shard_size=max_shard_size, force=force,
+                                  command_options=command_options, on_space=progress, **extra)
+    if json_out:
+        report.print_json(result)
+    else:
+        if result["spaces"]:
+            report.console.print(report.alignment_table(result["spaces"], "alignment"))
+        report.console.print(f"[bold green]fused[/] {len(models)} {result['family']} models "
+                             f"({result['method']}) → {escape_path(result['output'])}")
+
+
+def escape_path(path: str) -> str:
+    from rich.markup import escape
+
+    return escape(path)
 
 
 def main() -> None:

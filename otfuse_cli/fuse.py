@@ -12,12 +12,18 @@ from otfuse_cli.align.engine import AlignOptions, align_pair
 from otfuse_cli.align.plans import load_plans, save_plans
 from otfuse_cli.align.transport import Plan, Transporter
 from otfuse_cli.align.weights import TensorSource, WeightFeatures
-from otfuse_cli.checkpoint import open_checkpoint, write_checkpoint
+from otfuse_cli.checkpoint import open_checkpoint, provenance, write_checkpoint
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.spec import build_spec, check_compatible
 from otfuse_cli.spec.model import Spec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def refuse_existing(output: str | Path, force: bool) -> None:
+    """Fail before any work when the output exists (the writer checks again at the end)."""
+    if Path(output).exists() and not force:
+        raise OtfuseError(f"{output} exists; use --force to overwrite")
 
 
 def parse_weights(text: str | None, count: int) -> list[float]:
@@ -109,9 +115,10 @@ def check_plans(plans, specs, anchor: int) -> None:
 
 def fuse_checkpoints(paths: list[str], output: str, *, anchor: int = 0, weights: str | None = None,
                      method: str = "ot", options: AlignOptions | None = None, plan_file: str | None = None,
-                     dtype: str = "keep", max_shard_size: int = 5 * 10**9, force: bool = False,
-                     provenance: dict | None = None, on_space=None, **data) -> dict:
+                     dtype: str = "keep", max_shard_size: int | str = 5 * 10**9, force: bool = False,
+                     command_options: dict | None = None, on_space=None, **data) -> dict:
     options = options or AlignOptions()
+    refuse_existing(output, force)
     if method not in ("ot", "average"):
         raise OtfuseError(f"unknown --method {method!r}; use ot or average")
     if dtype != "keep" and dtype not in DTYPES:
@@ -126,8 +133,11 @@ def fuse_checkpoints(paths: list[str], output: str, *, anchor: int = 0, weights:
     else:
         plans = compute_plans(ckpts, specs, anchor, options, on_space, **data)
     layout = "folder" if ckpts[anchor].folder is not None else "file"
+    record = provenance("fuse", {**(command_options or {}), "method": method, "anchor": anchor, "weights": w,
+                                 "dtype": dtype, "align": options.to_json(), "plan_file": plan_file,
+                                 **({"data": data["data_info"]} if data.get("data_info") else {})}, ckpts)
     out = write_checkpoint(output, fused_tensors(ckpts, specs, plans, anchor, w, dtype), layout=layout,
-                           source=ckpts[anchor], provenance=provenance, max_shard_size=max_shard_size, force=force)
+                           source=ckpts[anchor], provenance=record, max_shard_size=max_shard_size, force=force)
     return {"output": str(out), "family": specs[anchor].family, "method": method, "anchor": anchor,
             "weights": w, "spaces": plan_summary(plans, specs, anchor)}
 
@@ -145,8 +155,7 @@ def align_checkpoints(paths: list[str], output: str, *, anchor: int = 0, options
                       force: bool = False, on_space=None, **data) -> dict:
     options = options or AlignOptions()
     out = Path(output)
-    if out.exists() and not force:
-        raise OtfuseError(f"{out} exists; use --force to overwrite")
+    refuse_existing(out, force)
     ckpts, specs = load_models(paths, anchor)
     plans = compute_plans(ckpts, specs, anchor, options, on_space, **data)
     meta = {"anchor": anchor, "options": options.to_json(), "inputs": [str(c.path) for c in ckpts],

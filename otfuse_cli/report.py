@@ -103,3 +103,62 @@ def inspect_tables(summaries: list[dict], comparison: dict | None = None, tensor
     if comparison is not None:
         for item in comparison_tables(comparison):
             console.print(item)
+
+
+def spaces_table(spec_json: list[dict], family: str, fixed_note: str) -> Table:
+    """`inspect --spaces`: the neuron spaces of a checkpoint and what they move."""
+    table = Table(title=f"neuron spaces ({family}); never moved: {fixed_note}", title_justify="left")
+    for col in ("space", "kind", "width", "tensors", "axes moved"):
+        table.add_column(col, justify="right" if col in ("width", "tensors") else "left")
+    for s in spec_json:
+        entries = s["entries"]
+        sample = ", ".join(f"{e['tensor']}[{e['axis']}]" for e in entries[:2])
+        more = f" +{len(entries) - 2}" if len(entries) > 2 else ""
+        table.add_row(escape(s["name"]), s["kind"], str(s["size"]), str(len({e["tensor"] for e in entries})),
+                      escape(sample + more))
+    return table
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def alignment_table(rows: list[dict], title: str) -> Table:
+    """Per-space alignment result: width, cost before/after, neurons kept in place, plan entropy."""
+    table = Table(title=title, title_justify="left")
+    for col in ("model", "space", "kind", "width", "cost before", "cost after", "stay", "entropy", "solver"):
+        table.add_column(col, justify="left" if col in ("space", "kind", "solver") else "right")
+    for r in rows:
+        width = r.get("width", ["?", "?"])
+        table.add_row(str(r["model"]), escape(r["space"]), r.get("kind", ""),
+                      f"{width[0]}→{width[1]}" if width[0] != width[1] else str(width[0]),
+                      _fmt(r.get("cost_before")), _fmt(r.get("cost_after")),
+                      f"{100 * r['stay']:.0f}%" if "stay" in r else "-", _fmt(r.get("entropy"), 3),
+                      r.get("solver", ""))
+    return table
+
+
+class SpaceProgress:
+    """A progress bar per aligned space on stderr (silent when stderr is not a terminal or for --json)."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("[bold]aligning[/] {task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=err_console,
+                                 disable=not enabled, transient=True)
+        self.task = self.progress.add_task("", total=total)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def __call__(self, space: str) -> None:
+        self.progress.update(self.task, advance=1, description=escape(space))

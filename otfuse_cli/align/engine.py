@@ -36,7 +36,7 @@ def plan_stats(cost: np.ndarray, coupling: np.ndarray, info: dict) -> dict:
         stats["cost_before"] = float(np.trace(cost) / n)
         stats["stay"] = float((coupling.argmax(0) == np.arange(m)).mean())
     rows = coupling / np.maximum(coupling.sum(1, keepdims=True), 1e-300)
-    stats["entropy"] = float(-(rows * np.log(np.maximum(rows, 1e-300))).sum(1).mean())
+    stats["entropy"] = max(0.0, float(-(rows * np.log(np.maximum(rows, 1e-300))).sum(1).mean()))
     return stats
 
 

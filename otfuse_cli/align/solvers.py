@@ -33,7 +33,7 @@ def solve(cost: np.ndarray, a: np.ndarray, b: np.ndarray, solver: str = "exact",
             rows, cols = linear_sum_assignment(cost)
             plan = np.zeros((n, m))
             plan[rows, cols] = 1.0 / n
-            return plan, {"solver": "linear_sum_assignment"}
+            return plan, {"solver": "assignment"}
         # The default numItermax (1e5) silently returns non-optimal plans from ~3,000 neurons on.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -52,7 +52,7 @@ def solve(cost: np.ndarray, a: np.ndarray, b: np.ndarray, solver: str = "exact",
         if not np.all(np.isfinite(plan)):
             raise OtfuseError("sinkhorn diverged; increase --reg")
         err = float(np.abs(plan.sum(1) - a).sum() + np.abs(plan.sum(0) - b).sum())
-        return plan, {"solver": "sinkhorn_log", "marginal_error": err}
+        return plan, {"solver": "sinkhorn", "marginal_error": err}
     raise OtfuseError(f"unknown solver {solver!r}; use exact or sinkhorn")
 
 
