@@ -1,0 +1,68 @@
+"""`evaluate_models`: score several runnable models on one data file and build the stable JSON document."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from otfuse_cli.errors import OtfuseError
+from otfuse_cli.evaluate import tasks
+from otfuse_cli.evaluate.metrics import HIGHER_IS_BETTER
+from otfuse_cli.runnable import resolve_device
+
+
+def best_of(rows: list[dict], metrics: list[str], key: str = "model") -> dict[str, Any]:
+    """metric -> the row's `key` with the best value (first on ties); count metrics are skipped."""
+    out = {}
+    for name in metrics:
+        hib = HIGHER_IS_BETTER.get(name)
+        vals = [(r[name], r[key]) for r in rows if isinstance(r.get(name), (int, float)) and r[name] == r[name]]
+        if hib is None or not vals:
+            continue
+        pick = max if hib else min
+        target = pick(v for v, _ in vals)
+        out[name] = next(k for v, k in vals if v == target)
+    return out
+
+
+def build_document(task: str, data: tasks.EvalData, rows: list[dict], notes: dict) -> dict:
+    metrics = tasks.TASK_METRICS[task]
+    return {
+        "task": task,
+        "data": {"path": str(data.path), "samples": data.samples},
+        "metrics": list(metrics),
+        "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in metrics},
+        "rows": rows,
+        "best": best_of(rows, metrics),
+        "notes": notes,
+    }
+
+
+def evaluate_models(models: list[tuple[str, Any]], data_path: str | Path, *, task: str = "auto",
+                    batch_size: int = 32, max_samples: int | None = None, device: str = "cpu",
+                    ensemble: bool = False, num_beams: int = 1, seed: int = 0, max_length: int = 256) -> dict:
+    """Score each (name, RunnableModel) on the data; see the module docs of `tasks` for the metrics."""
+    if not models:
+        raise OtfuseError("no models to evaluate")
+    names = [n for n, _ in models]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise OtfuseError(f"two models are named {dup!r}; give each a distinct name")
+    if ensemble:
+        if len(models) < 2:
+            raise OtfuseError("--ensemble needs at least two models")
+        if tasks.ENSEMBLE in names:
+            raise OtfuseError(f"a model may not be named {tasks.ENSEMBLE!r} together with --ensemble")
+    if batch_size < 1:
+        raise OtfuseError(f"batch size must be at least 1, got {batch_size}")
+    dev = resolve_device(device)
+    data = tasks.load_eval_data(data_path, max_samples=max_samples, seed=seed)
+    task = tasks.resolve_task(task, data, models)
+    for _, m in models:
+        m.to(dev)
+    rows, notes = tasks.score(task, models, data, batch_size=batch_size, max_length=max_length,
+                              ensemble=ensemble, num_beams=num_beams, seed=seed)
+    notes = {**notes, "device": str(dev)}
+    if max_samples is not None:
+        notes["subsample_seed"] = int(seed)
+    return build_document(task, data, rows, notes)

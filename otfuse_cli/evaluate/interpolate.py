@@ -1,0 +1,130 @@
+"""Linear-interpolation baseline: metrics along θ(α) = (1-α)·θ_A + α·θ_B, and a plot of the curve.
+
+The "aligned" curve is the same call with B already mapped into A's basis by the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from otfuse_cli.errors import OtfuseError
+from otfuse_cli.evaluate import tasks
+from otfuse_cli.evaluate.document import best_of
+from otfuse_cli.evaluate.metrics import HIGHER_IS_BETTER
+from otfuse_cli.runnable import resolve_device, runnable_from_state_dict
+
+
+def check_compatible(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+    if set(a) != set(b):
+        only = sorted(set(a) ^ set(b))
+        raise OtfuseError(f"the two models have different tensors (e.g. {only[0]!r}); interpolation needs the same keys")
+    for k in a:
+        if a[k].shape != b[k].shape:
+            raise OtfuseError(f"tensor {k!r} has shape {tuple(a[k].shape)} in A but {tuple(b[k].shape)} in B; "
+                              "interpolation needs equal shapes (align/fuse heterogeneous widths instead)")
+
+
+def interpolate_state_dicts(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                            alpha: float) -> dict[str, torch.Tensor]:
+    """(1-α)·A + α·B on floating tensors (math in float32+, cast back to A's dtype); other tensors from A."""
+    out = {}
+    for k, ta in a.items():
+        if ta.is_floating_point():
+            work = torch.promote_types(ta.dtype, torch.float32)
+            out[k] = ((1 - alpha) * ta.to(work) + alpha * b[k].to(work)).to(ta.dtype)
+        else:  # integer buffers (num_batches_tracked, position ids) are not parameters
+            out[k] = ta
+    return out
+
+
+def interpolate(model_a_sd: Mapping[str, torch.Tensor], model_b_sd: Mapping[str, torch.Tensor], like,
+                data_path: str | Path, steps: int = 11, *, name: str = "naive", task: str = "auto",
+                batch_size: int = 32, max_samples: int | None = None, device: str = "cpu",
+                activation: str | None = None, seed: int = 0, num_beams: int = 1, max_length: int = 256) -> dict:
+    """Metrics at alpha in linspace(0, 1, steps); `like` is the checkpoint whose architecture both share."""
+    if steps < 2:
+        raise OtfuseError(f"steps must be at least 2, got {steps}")
+    check_compatible(model_a_sd, model_b_sd)
+    dev = resolve_device(device)
+    data = tasks.load_eval_data(data_path, max_samples=max_samples, seed=seed)
+    # Build once, then swap weights per alpha: rebuilding an HF model from its config is the slow part.
+    runnable = runnable_from_state_dict(model_a_sd, like, activation=activation, device=dev)
+    task = tasks.resolve_task(task, data, [("A", runnable)])
+    metrics = tasks.TASK_METRICS[task]
+    rows = []
+    alphas = [round(float(a), 6) for a in torch.linspace(0, 1, steps, dtype=torch.float64)]
+    for alpha in alphas:
+        runnable.load_weights(interpolate_state_dicts(model_a_sd, model_b_sd, alpha))
+        label = f"alpha={alpha:.2f}"
+        (row,), notes = tasks.score(task, [(label, runnable)], data, batch_size=batch_size, max_length=max_length,
+                                    num_beams=num_beams, seed=seed, ensemble=False)
+        rows.append({"alpha": alpha, **row})
+    return {
+        "task": task,
+        "name": name,
+        "data": {"path": str(data.path), "samples": data.samples},
+        "metrics": list(metrics),
+        "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in metrics},
+        "rows": rows,
+        "best": best_of(rows, metrics, key="alpha"),
+        "barrier": barrier(rows, metrics),
+        "notes": {**notes, "device": str(dev), "steps": steps,
+                  "method": "theta(alpha) = (1-alpha)*theta_A + alpha*theta_B on float tensors; integer buffers from A"},
+    }
+
+
+def barrier(rows: list[dict], metrics: list[str]) -> dict[str, float]:
+    """Largest worsening over the straight line between the endpoint values (0 when the path is convex-good)."""
+    out = {}
+    for m in metrics:
+        hib = HIGHER_IS_BETTER.get(m)
+        if hib is None:
+            continue
+        m0, m1 = rows[0][m], rows[-1][m]
+        gaps = [(r[m] - ((1 - r["alpha"]) * m0 + r["alpha"] * m1)) * (-1 if hib else 1) for r in rows]
+        out[m] = float(max(gaps))
+    return out
+
+
+def plot_curve(result: dict | list[dict], path: str | Path, metric: str | None = None) -> Path:
+    """PNG of metric vs alpha, one line per interpolation result (e.g. naive and aligned); written atomically."""
+    results = [result] if isinstance(result, dict) else list(result)
+    if not results:
+        raise OtfuseError("nothing to plot")
+    metric = metric or results[0]["metrics"][0]
+    if any(metric not in r["metrics"] for r in results):
+        raise OtfuseError(f"metric {metric!r} is not in every curve (have: {', '.join(results[0]['metrics'])})")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise OtfuseError("plotting needs matplotlib: pip install 'otfuse-cli[plot]'") from None
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OtfuseError(f"cannot write the plot: folder {path.parent} does not exist")
+    fig = Figure(figsize=(6, 4), dpi=100)  # no pyplot: no global state, no display backend
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for r in results:
+        ax.plot([row["alpha"] for row in r["rows"]], [row[metric] for row in r["rows"]], marker="o",
+                label=r.get("name", "curve"))
+    ax.set_xlabel("alpha (0 = model A, 1 = model B)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} along the interpolation path")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", metadata={"Software": None})  # no version stamp: reproducible bytes
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
