@@ -175,7 +175,7 @@ def _load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], allow_tied: 
 # --------------------------------------------------------------------------- HF models
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     import transformers
     old = transformers.logging.get_verbosity()
     bars = transformers.utils.logging.is_progress_bar_enabled()
@@ -211,7 +211,7 @@ def hf_auto_class(config) -> tuple[Any, frozenset[str]]:
 
 def _hf_config(ckpt):
     import transformers as T
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             if ckpt.folder is not None and (ckpt.folder / "config.json").is_file():
                 return T.AutoConfig.from_pretrained(str(ckpt.folder), local_files_only=True)
@@ -225,7 +225,7 @@ def _hf_tokenizer(folder) -> tuple[Any, str | None]:
     if folder is None or not any((folder / f).is_file() for f in TOKENIZER_FILES):
         return None, f"{folder or 'the model'} has no tokenizer files; text data needs one"
     import transformers as T
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             return T.AutoTokenizer.from_pretrained(str(folder), local_files_only=True), None
         except Exception as e:  # missing sentencepiece, broken files, ...
@@ -235,7 +235,7 @@ def _hf_tokenizer(folder) -> tuple[Any, str | None]:
 def _hf_from_pretrained(ckpt, device) -> RunnableModel:
     config = _hf_config(ckpt)
     cls, heads = hf_auto_class(config)
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             model, info = cls.from_pretrained(str(ckpt.folder), config=config, local_files_only=True,
                                               dtype=torch.float32, output_loading_info=True)
@@ -254,7 +254,7 @@ def _hf_from_pretrained(ckpt, device) -> RunnableModel:
 def _hf_from_state_dict(state_dict, like, device) -> RunnableModel:
     config = _hf_config(like)
     cls, heads = hf_auto_class(config)
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             model = cls.from_config(config).float()
         except (ValueError, KeyError) as e:
@@ -314,6 +314,9 @@ class _Chain(nn.Module):
         self.steps: list[str | Callable] = []
         self.num_outputs = 0
         self.is_conv = False
+
+    def extra_repr(self) -> str:
+        return "steps: " + " -> ".join(s if isinstance(s, str) else s.__name__.strip("_") for s in self.steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _shape_images(x, self.input_shape) if self.is_conv else x.flatten(1)

@@ -147,9 +147,13 @@ def test_runnable_errors(tmp_path):
         load_runnable(open_checkpoint(tmp_path / "b.safetensors"))
     ckpt = save(mlp(0), tmp_path / "m2.safetensors")
     sd = ckpt.state_dict()
-    with pytest.raises(OtfuseError, match="does not exist|weights do not fit|missing"):
-        r = runnable_from_state_dict(sd, ckpt)
+    r = runnable_from_state_dict(sd, ckpt)
+    with pytest.raises(OtfuseError, match="weights do not fit the model: size mismatch for 0.weight"):
         r.load_weights({**sd, "0.weight": torch.zeros(3, 3)})
+    with pytest.raises(OtfuseError, match="missing tensors for this model: 4.bias"):
+        r.load_weights({k: v for k, v in sd.items() if k != "4.bias"})
+    with pytest.raises(OtfuseError, match="unexpected tensors for this model: 9.weight"):
+        r.load_weights({**sd, "9.weight": torch.zeros(1)})
 
 
 # ------------------------------------------------------------------------ classification on tensors

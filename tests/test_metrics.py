@@ -108,3 +108,37 @@ def test_perplexity_matches_hf_loss(gpt2_folder, tmp_path):
         row = evaluate_models([("gpt2", runnable)], tmp_path / "many.txt", batch_size=bs)["rows"][0]
         assert row["tokens"] == count
         assert row["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_lm_ensemble_and_tied_rebuild(gpt2_folder, tmp_path):
+    from safetensors import safe_open
+
+    from otfuse_cli.checkpoint import open_checkpoint
+    from otfuse_cli.evaluate import evaluate_models
+    from otfuse_cli.runnable import load_runnable, runnable_from_state_dict
+    folder, model, tok = gpt2_folder
+    ckpt = open_checkpoint(folder)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # tied: saved once, as the embedding
+    a = load_runnable(ckpt)
+    sd = ckpt.state_dict()
+    b = runnable_from_state_dict({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+                                  for k, v in sd.items()}, ckpt)
+    assert b.module.lm_head.weight is b.module.transformer.wte.weight
+    texts = ["w1 w5 w9 w2 w7", "w3 w3 w40 w8"]
+    (tmp_path / "t.txt").write_text("\n".join(texts))
+    doc = evaluate_models([("a", a), ("b", b)], tmp_path / "t.txt", ensemble=True)
+    lp = 0.0
+    n = 0
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tok(t)["input_ids"]])
+            probs = [torch.softmax(m.module(ids).logits[0, :-1].double(), -1) for m in (a, b)]
+            p = ((probs[0] + probs[1]) / 2).gather(-1, ids[0, 1:, None])
+            lp += float(p.log().sum())
+            n += ids.shape[1] - 1
+    assert [r["model"] for r in doc["rows"]] == ["a", "b", "ensemble"]
+    assert doc["rows"][2]["perplexity"] == pytest.approx(math.exp(-lp / n), rel=1e-6)
+    mem = runnable_from_state_dict(sd, ckpt)
+    ids = torch.tensor([tok(texts[0])["input_ids"]])
+    assert torch.equal(mem.predict_logits({"input_ids": ids}), a.predict_logits({"input_ids": ids}))

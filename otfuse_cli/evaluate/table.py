@@ -42,12 +42,14 @@ def render_table(doc: dict, title: str | None = None) -> Table:
         hib = doc["higher_is_better"].get(m)
         arrow = "" if hib is None else (" ↑" if hib else " ↓")
         table.add_column(m + arrow, justify="right")
-    best = doc.get("best", {})
+    # The best value per column, so that ties (e.g. an ensemble equal to a parent) are all highlighted.
+    by_key = {r[key]: r for r in doc["rows"]}
+    best = {m: by_key[k][m] for m, k in doc.get("best", {}).items() if k in by_key}
     for row in doc["rows"]:
         # Text objects, not markup strings: a model name like "[a]" must print as is.
         cells = [Text(f"{row['alpha']:.2f}" if curve else str(row["model"]))]
         for m in doc["metrics"]:
-            is_best = m in best and best[m] == row[key]
+            is_best = m in best and row.get(m) == best[m]
             cells.append(Text(format_metric(m, row.get(m)), style=BEST_STYLE if is_best else ""))
         table.add_row(*cells)
     if curve and doc.get("barrier"):

@@ -19,6 +19,7 @@ from otfuse_cli.data import (batched, fields_of, is_tensor_file, load_records, l
                              tokenize_texts)
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.evaluate import metrics as M
+from otfuse_cli.runnable import quiet_transformers
 
 TASK_METRICS: dict[str, list[str]] = {
     "classification": ["accuracy", "f1_weighted", "f1_macro", "ece", "nll"],
@@ -109,11 +110,17 @@ def resolve_task(task: str, data: EvalData, models: list[tuple[str, Any]]) -> st
 
 
 def _model_max_length(m, max_length: int) -> int:
+    """max_length capped by the model's position table and the tokenizer's own limit (RoBERTa: 514 vs 512)."""
+    limits = [max_length]
     for attr in ("n_positions", "max_position_embeddings"):
         v = getattr(m.config, attr, None)
         if isinstance(v, int) and v > 0:
-            return min(max_length, v)
-    return max_length
+            limits.append(v)
+            break
+    tok_max = getattr(m.tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:  # "unset" is a huge sentinel
+        limits.append(tok_max)
+    return min(limits)
 
 
 def _text_model(name: str, m, data: EvalData):
@@ -333,7 +340,7 @@ def translate(m, sources: list[str], *, batch_size=32, max_length=256, num_beams
     for s in batched(len(sources), batch_size):
         enc = tokenize_texts(tok, sources[s], max_length=ml)
         enc = {k: v.to(m.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        with torch.no_grad():
+        with torch.no_grad(), quiet_transformers():
             try:
                 gen = m.module.generate(**enc, num_beams=num_beams, do_sample=False, max_new_tokens=ml)
             except (RuntimeError, ValueError) as e:
