@@ -56,13 +56,25 @@ def load_models(paths: list[str], anchor: int) -> tuple[list, list[Spec]]:
     return ckpts, specs
 
 
-def feature_provider(options: AlignOptions, anchor_spec, spec, anchor_src, parent_src, **data):
+def feature_provider(options: AlignOptions, anchor_spec, spec, anchor_src, parent_src, data_info=None, **data):
     if options.align == "weights":
         return WeightFeatures(anchor_spec, spec, anchor_src, parent_src)
     if options.align == "activations":
         from otfuse_cli.align.activations import activation_provider  # needs runnable models and data
         return activation_provider(anchor_spec, spec, anchor_src, parent_src, **data)
     raise OtfuseError(f"unknown --align {options.align!r}; use weights or activations")
+
+
+def with_data_info(options: AlignOptions, data: dict) -> dict:
+    if options.align != "activations":
+        return {}
+    if not data.get("data"):
+        raise OtfuseError("--align activations needs --data FILE with sample inputs")
+    from otfuse_cli.align.activations import data_info
+
+    if not Path(data["data"]).is_file():
+        raise OtfuseError(f"data file not found: {data['data']}")
+    return {**data, "data_info": data_info(**data)}
 
 
 def compute_plans(ckpts, specs, anchor: int, options: AlignOptions,
@@ -126,11 +138,12 @@ def fuse_checkpoints(paths: list[str], output: str, *, anchor: int = 0, weights:
     ckpts, specs = load_models(paths, anchor)
     w = parse_weights(weights, len(ckpts))
     if method == "average":
-        plans = [{} for _ in ckpts]
+        plans, data = [{} for _ in ckpts], {}
     elif plan_file:
-        plans, _ = load_plans(plan_file)
+        plans, data = load_plans(plan_file)[0], {}
         check_plans(plans, specs, anchor)
     else:
+        data = with_data_info(options, data)
         plans = compute_plans(ckpts, specs, anchor, options, on_space, **data)
     layout = "folder" if ckpts[anchor].folder is not None else "file"
     record = provenance("fuse", {**(command_options or {}), "method": method, "anchor": anchor, "weights": w,
@@ -157,6 +170,7 @@ def align_checkpoints(paths: list[str], output: str, *, anchor: int = 0, options
     out = Path(output)
     refuse_existing(out, force)
     ckpts, specs = load_models(paths, anchor)
+    data = with_data_info(options, data)
     plans = compute_plans(ckpts, specs, anchor, options, on_space, **data)
     meta = {"anchor": anchor, "options": options.to_json(), "inputs": [str(c.path) for c in ckpts],
             "spaces": specs[anchor].to_json(), **({"data": data.get("data_info")} if data.get("data_info") else {})}

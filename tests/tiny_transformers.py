@@ -73,3 +73,25 @@ def sample_inputs(name: str, model, seed: int = 0) -> dict:
 def logits(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
+
+
+WORDS = ("the a film was good bad quiet delight long dull bright story actor plot scene music slow fast "
+         "warm cold funny sad great poor").split()
+
+
+def save_tokenizer(folder) -> None:
+    """A word-level tokenizer over a 40-id vocabulary, so tiny text models run on real sentences offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
+
+
+def sentences(n: int = 48, seed: int = 0) -> list[str]:
+    gen = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(l),), generator=gen))
+            for l in torch.randint(3, 12, (n,), generator=gen)]

@@ -33,7 +33,7 @@ class Features:
 
     def flat(self) -> np.ndarray:
         parts = list(self.plain) + [x.reshape(x.shape[0], -1) for xs in self.channels.values() for x in xs]
-        return torch.cat(parts, 1).double().numpy()
+        return torch.cat(parts, 1).double().cpu().numpy()
 
 
 def pairwise(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
@@ -63,12 +63,12 @@ def unit_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tupl
             c = dims.diagonal(dim1=-2, dim2=-1).sum(-1)
         else:
             perms = np.empty((n, m, d), dtype=np.int64)
-            flat = dims.numpy()
+            flat = dims.cpu().numpy()
             for u in range(n):
                 for v in range(m):
                     perms[u, v] = match(flat[u, v])
-            perm_t = torch.from_numpy(perms)
+            perm_t = torch.from_numpy(perms).to(dims.device)
             c = dims.gather(2, perm_t.unsqueeze(2)).squeeze(2).sum(-1)  # sum_j dims[u, v, perm[j], j]
-            inner[channel] = perm_t
+            inner[channel] = perm_t.cpu()
         cost = c if cost is None else cost + c
-    return cost.numpy(), inner
+    return cost.cpu().numpy(), inner

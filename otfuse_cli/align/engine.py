@@ -62,7 +62,8 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
         plans[space.name] = solve_space(k, True)
         if on_space:
             on_space(space.name)
-    for sweep in range(options.refine):
+    sweeps = options.refine if getattr(provider, "needs_refinement", True) else 0
+    for sweep in range(sweeps):
         changed = False
         for k, space in enumerate(anchor.spaces):
             new = solve_space(k, False)
@@ -71,5 +72,5 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
         if not changed:
             break
     for plan in plans.values():
-        plan.stats["sweeps"] = sweep + 1 if options.refine else 0
+        plan.stats["sweeps"] = sweep + 1 if sweeps else 0
     return plans

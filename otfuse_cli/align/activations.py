@@ -1,0 +1,226 @@
+"""Activation-based unit features: neurons are matched by what they do on the same sample inputs.
+
+Every module that *produces* a space (an "out" entry: Linear/Conv/Embedding/norm weights) is hooked; its
+output, restricted to the entry's slice, is in that space's basis. Rows are samples: tokens (padding
+excluded) or spatial positions; a seeded subset of at most --max-tokens rows is kept per hook, so memory
+is bounded by max_tokens x total width. Costs are then built by the same code as weight-based ones."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from otfuse_cli.align.cost import Features
+from otfuse_cli.align.weights import TensorSource
+from otfuse_cli.data import is_tensor_file, load_records, load_tensors, tokenize_texts
+from otfuse_cli.errors import OtfuseError
+from otfuse_cli.runnable import load_runnable, resolve_device
+from otfuse_cli.spec.model import Spec
+
+STANDARDIZE = ("none", "center", "zscore")
+CHANNEL_FIRST = (nn.Conv2d, nn.BatchNorm2d, nn.Conv1d, nn.BatchNorm1d)
+ACTIVATIONS = {"relu": torch.relu, "gelu": nn.functional.gelu, "tanh": torch.tanh}
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def sample_batches(model, data: str, samples: int, seed: int, max_length: int, batch_size: int = 32):
+    """Batches of model inputs (fixed order) and, for token inputs, the attention masks."""
+    if samples < 1:
+        raise OtfuseError(f"--samples must be at least 1, got {samples}")
+    if is_tensor_file(data):
+        x = load_tensors(data, max_samples=samples, seed=seed)["x"].float()
+        if model.input_shape and x[0].numel() != torch.Size(model.input_shape).numel():
+            raise OtfuseError(f"{data}: samples of shape {tuple(x.shape[1:])} do not fit the model's input "
+                              f"{model.input_shape}")
+        return [(x[i:i + batch_size], None) for i in range(0, len(x), batch_size)]
+    records = load_records(data, max_samples=samples, seed=seed)
+    field = next((f for f in ("text", "source", "sentence") if all(f in r for r in records)), None)
+    if field is None:
+        raise OtfuseError(f"{data}: no 'text' field in every record; fields present: {', '.join(records[0]) or 'none'}")
+    tokenizer = model.require_tokenizer()
+    texts = [str(r[field]) for r in records]
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenize_texts(tokenizer, texts[i:i + batch_size], max_length=max_length)
+        enc.pop("token_type_ids", None) if "token_type_ids" not in getattr(tokenizer, "model_input_names", []) else None
+        batches.append((enc, enc["attention_mask"].bool()))
+    return batches
+
+
+def loaded_names(module: nn.Module, tensors: list[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> the name it has inside the loaded module. transformers 5 renames some
+    families on load (ViT's attention.attention.query -> attention.q_proj); ask it how."""
+    mapping = {t: t for t in tensors}
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(module)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+        meta = dict(module.state_dict())
+        for t in tensors:
+            mapping[t] = rename_source_key(t, renamings, converters, getattr(module, "base_model_prefix", None),
+                                           meta)[0]
+    except Exception:  # bare modules, or a transformers without conversion mappings: names are the same
+        pass
+    return mapping
+
+
+class Recorder:
+    """Forward hooks that keep a fixed, seeded subset of rows of each producer's output."""
+
+    def __init__(self, module: nn.Module, tensors: list[str], max_tokens: int, seed: int, post_fn=None):
+        self.max_tokens, self.seed, self.post_fn = max_tokens, seed, post_fn
+        names = sorted({module_of(t) for t in tensors})
+        self.rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self.mask: torch.Tensor | None = None
+        self.handles = []
+        modules = dict(module.named_modules())
+        for tensor, loaded in loaded_names(module, tensors).items():
+            name, inside = module_of(tensor), module_of(loaded)
+            if inside in modules and not any(h[0] == name for h in self.handles):
+                hook = modules[inside].register_forward_hook(self._hook(name, modules[inside]))
+                self.handles.append((name, hook))
+
+    def _hook(self, name: str, mod: nn.Module):
+        def hook(_mod, _inp, out):
+            out = out[0] if isinstance(out, tuple) else out
+            if not isinstance(out, torch.Tensor) or out.dim() < 2:
+                return
+            if isinstance(mod, CHANNEL_FIRST):
+                out = out.movedim(1, -1)
+            if self.post_fn is not None:
+                out = self.post_fn(out)
+            if self.mask is not None and out.dim() == 2 and out.shape[0] == self.mask.shape[0]:
+                pass  # one row per sequence (a pooler): every row counts
+            elif self.mask is not None:
+                if tuple(out.shape[:2]) != tuple(self.mask.shape):
+                    return  # e.g. position embeddings computed once per batch: not per-token rows
+                out = out[self.mask]
+            self.rows[name].append(out.reshape(-1, out.shape[-1]).detach().float())
+        return hook
+
+    def close(self) -> dict[str, torch.Tensor]:
+        for _, h in self.handles:
+            h.remove()
+        gen = torch.Generator().manual_seed(self.seed)
+        result = {}
+        for name, chunks in self.rows.items():
+            if not chunks:
+                continue
+            x = torch.cat(chunks)
+            if len(x) > self.max_tokens:  # bounded memory: the same seeded rows for every model
+                x = x[torch.randperm(len(x), generator=gen)[: self.max_tokens].sort().values.to(x.device)]
+            result[name] = x
+        return result
+
+
+def module_of(tensor: str) -> str:
+    return tensor.rsplit(".", 1)[0] if "." in tensor else ""
+
+
+def collect(ckpt, spec: Spec, *, data: str, samples: int, seed: int, max_tokens: int, activation: str | None,
+            post_activation: bool, max_length: int, device: str) -> dict[str, torch.Tensor]:
+    """Producer outputs on the sample inputs: {module name: (rows, features)}."""
+    model = load_runnable(ckpt, activation=activation, device=resolve_device(device))
+    names = sorted({e.tensor for s in spec.spaces for e in s.entries if e.role == "out"})
+    post = None
+    if post_activation and model.kind in ("mlp", "cnn", "resnet"):
+        post = ACTIVATIONS[activation or (ckpt.metadata or {}).get("otfuse.activation", "relu")]
+    recorder = Recorder(model.module, names, max_tokens, seed, post)
+    try:
+        with torch.no_grad():
+            for batch, mask in sample_batches(model, data, samples, seed, max_length):
+                recorder.mask = mask.to(model.device) if mask is not None else None
+                if isinstance(batch, dict):
+                    model.module(**{k: v.to(model.device) for k, v in batch.items()})
+                else:
+                    model.predict_logits(batch)
+    except RuntimeError as exc:
+        recorder.close()
+        raise OtfuseError(f"the sample inputs do not fit the model: {str(exc).splitlines()[0]}") from None
+    return recorder.close()
+
+
+def data_info(data: str, samples: int = 256, seed: int = 0, max_tokens: int = 4096, standardize: str = "zscore",
+              **_ignored) -> dict:
+    """What produced activation-based plans (recorded in plan files and provenance)."""
+    return {"file": str(data), "sha256": file_sha256(data), "samples": samples, "seed": seed,
+            "max_tokens": max_tokens, "standardize": standardize}
+
+
+def standardize(x: torch.Tensor, how: str) -> torch.Tensor:
+    """x: (rows, features); per-feature standardisation over rows."""
+    if how == "none":
+        return x
+    x = x - x.mean(0, keepdim=True)
+    if how == "zscore":  # squared distance of z-scores = 2N(1 - correlation)
+        x = x / x.std(0, keepdim=True).clamp_min(1e-6)
+    return x
+
+
+class ActivationFeatures:
+    """Feature provider for the engine; activations do not depend on other plans (no refinement)."""
+
+    needs_refinement = False
+
+    def __init__(self, anchor_spec: Spec, parent_spec: Spec, anchor: TensorSource, parent: TensorSource,
+                 standardize: str = "zscore", **collect_options):
+        if standardize not in STANDARDIZE:
+            raise OtfuseError(f"unknown --standardize {standardize!r}; use none, center or zscore")
+        self.anchor_spec, self.parent_spec, self.how = anchor_spec, parent_spec, standardize
+        cache = anchor.__dict__.setdefault("_activations", {})
+        key = repr(sorted(collect_options.items()))
+        if key not in cache:  # the anchor runs once however many parents there are
+            cache[key] = collect(anchor.ckpt, anchor_spec, **collect_options)
+        self.anchor_acts = cache[key]
+        self.parent_acts = collect(parent.ckpt, parent_spec, **collect_options)
+        self.stored_bytes = sum(x.numel() * x.element_size() for x in self.parent_acts.values())
+
+    def _unit_rows(self, acts, entry, size):
+        """An "out" entry's slice of its module's output features: (units, inner, rep*rows)."""
+        x = acts.get(module_of(entry.tensor))
+        if x is None or x.shape[1] < entry.start + entry.span(size):
+            return None
+        x = standardize(x[:, entry.start:entry.start + entry.span(size)], self.how)
+        x = x.reshape(len(x), size, entry.rep, entry.inner).permute(1, 3, 2, 0)
+        return x.reshape(size, entry.inner, -1)
+
+    def features(self, k: int, plans: dict, first_pass: bool) -> tuple[Features, Features]:
+        sa, sp = self.anchor_spec.spaces[k], self.parent_spec.spaces[k]
+        fp, fa = Features(), Features()
+        seen = set()
+        for ep, ea in zip(sp.entries, sa.entries):
+            module = module_of(ep.tensor)
+            if ep.role != "out" or (module, ep.start) in seen:
+                continue  # weight and bias of one module give one output
+            seen.add((module, ep.start))
+            up = self._unit_rows(self.parent_acts, ep, sp.size)
+            ua = self._unit_rows(self.anchor_acts, ea, sa.size)
+            if up is None or ua is None or up.shape[1:] != ua.shape[1:]:
+                continue
+            fp.add(ep.channel if ep.inner > 1 else "", up if ep.inner > 1 else up[:, 0])
+            fa.add(ea.channel if ea.inner > 1 else "", ua if ea.inner > 1 else ua[:, 0])
+        for module, _ in seen:  # each space is solved once: release the parent's rows
+            self.parent_acts.pop(module, None)
+        return fp, fa
+
+
+def activation_provider(anchor_spec, parent_spec, anchor_src, parent_src, *, data: str, samples: int = 256,
+                        seed: int = 0, max_tokens: int = 4096, standardize: str = "zscore",
+                        activation: str | None = None, post_activation: bool = False, max_length: int = 128,
+                        device: str = "auto", **_ignored) -> ActivationFeatures:
+    if not Path(data).is_file():
+        raise OtfuseError(f"data file not found: {data}")
+    if max_tokens < 1:
+        raise OtfuseError(f"--max-tokens must be at least 1, got {max_tokens}")
+    return ActivationFeatures(anchor_spec, parent_spec, anchor_src, parent_src, standardize=standardize,
+                              data=data, samples=samples, seed=seed, max_tokens=max_tokens, activation=activation,
+                              post_activation=post_activation, max_length=max_length, device=device)
