@@ -244,6 +244,15 @@ def test_interpolation_curve_and_plot(mlp_pair, tmp_path):
         interpolate(ca.state_dict(), {"x.weight": torch.zeros(1)}, ca, data)
 
 
+def test_plot_without_matplotlib(monkeypatch, tmp_path):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    doc = {"metrics": ["accuracy"], "rows": [{"alpha": 0.0, "accuracy": 1.0}]}
+    with pytest.raises(OtfuseError, match=r"pip install 'otfuse-cli\[plot\]'"):
+        plot_curve(doc, tmp_path / "c.png")
+    assert not (tmp_path / "c.png").exists()
+
+
 # ------------------------------------------------------------------------ HF models
 
 def tiny_tokenizer(words, specials, template=None):
