@@ -229,6 +229,79 @@ def fuse(
                              f"({result['method']}) → {escape_path(result['output'])}")
 
 
+def _display_names(paths: list[str]) -> list[str]:
+    """Short row names (folder or file stem); full paths when those collide."""
+    from pathlib import Path
+
+    names = [Path(p.rstrip("/")).stem or p for p in paths]
+    return names if len(set(names)) == len(names) else list(paths)
+
+
+@app.command()
+def evaluate(
+    models: list[str] = typer.Argument(None, metavar="MODEL...", help="Checkpoints to score, one row each."),
+    data: str = typer.Option(..., "--data", help="Evaluation data: jsonl/csv/tsv (text[, text_pair], label | "
+                                                 "source, target | text) or npz/safetensors (x, y)."),
+    task: str = typer.Option("auto", "--task", help="auto, classification, lm or translation."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Seeded subsample of the data."),
+    ensemble: bool = typer.Option(False, "--ensemble", help="Add the prediction ensemble (averaged probabilities)."),
+    interpolate: Optional[tuple[str, str]] = typer.Option(None, "--interpolate", metavar="A B",
+                                                          help="Score the straight line between two parents."),
+    steps: int = typer.Option(11, "--steps", help="Points on the interpolation line."),
+    aligned: bool = typer.Option(False, "--aligned", help="Also the line after aligning B onto A (weights)."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Draw the interpolation curves to a PNG."),
+    num_beams: int = typer.Option(1, "--num-beams", help="Beam size for translation (1 = greedy)."),
+    max_length: int = typer.Option(256, "--max-length", help="Token limit per text."),
+    activation: Optional[str] = ACTIVATION_OPT, seed: int = SEED_OPT, device: str = DEVICE_OPT,
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Metrics per model (classification: accuracy, weighted/macro F1, ECE with 15 equal-width confidence
+    bins, NLL; lm: perplexity, or MLM accuracy and pseudo-perplexity; translation: BLEU and chrF)."""
+    from otfuse_cli.checkpoint import open_checkpoint
+    from otfuse_cli.evaluate import (evaluate_models, interpolate as interpolate_line, plot_curve,
+                                     render_curve_table, render_table)
+    from otfuse_cli.runnable import load_runnable
+
+    models = list(models or [])
+    if not models and not interpolate:
+        raise OtfuseError("give at least one MODEL, or --interpolate A B")
+    opts = dict(batch_size=batch_size, max_samples=max_samples, device=device, seed=seed, num_beams=num_beams,
+                max_length=max_length)
+    doc: dict = {}
+    if models:
+        runnables = [(n, load_runnable(open_checkpoint(p), activation=activation))
+                     for n, p in zip(_display_names(models), models)]
+        doc = evaluate_models(runnables, data, task=task, ensemble=ensemble, **opts)
+    curves = []
+    if interpolate:
+        from otfuse_cli.fuse import aligned_parent
+
+        a = open_checkpoint(interpolate[0])
+        b = open_checkpoint(interpolate[1])
+        curves.append(interpolate_line(a.state_dict(), b.state_dict(), a, data, steps, name="naive", task=task,
+                                       activation=activation, **opts))
+        if aligned:
+            sa, sb, like = aligned_parent(list(interpolate))
+            curves.append(interpolate_line(sa, sb, like, data, steps, name="aligned", task=task,
+                                           activation=activation, **opts))
+        if plot:
+            plot_curve(curves, plot)
+    if json_out:
+        report.print_json({**doc, **({"interpolation": curves} if curves else {})} if doc else
+                          {"interpolation": curves})
+        return
+    if doc:
+        report.console.print(render_table(doc))
+        for key, note in doc.get("notes", {}).items():
+            if "signature" in key:
+                report.console.print(f"[dim]{key}: {escape_path(str(note))}[/]")
+    for curve in curves:
+        report.console.print(render_curve_table(curve))
+    if plot and curves:
+        report.console.print(f"plot → {escape_path(plot)}")
+
+
 def escape_path(path: str) -> str:
     from rich.markup import escape
 

@@ -177,3 +177,20 @@ def align_checkpoints(paths: list[str], output: str, *, anchor: int = 0, options
     save_plans(out, plans, meta)
     return {"output": str(out), "family": specs[anchor].family, "anchor": anchor,
             "spaces": plan_summary(plans, specs, anchor)}
+
+
+def aligned_parent(paths: list[str], options: AlignOptions | None = None, **data) -> tuple[dict, dict, object]:
+    """(anchor state dict, parent state dict moved into the anchor's basis, anchor checkpoint): the two
+    endpoints of the aligned interpolation line."""
+    options = options or AlignOptions()
+    ckpts, specs = load_models(paths, 0)
+    if specs[0].spaces and any(sa.size != sp.size for sa, sp in zip(specs[0].spaces, specs[1].spaces)):
+        raise OtfuseError("interpolation needs two models of the same widths")
+    data = with_data_info(options, data)
+    plans = compute_plans(ckpts, specs, 0, options, None, **data)
+    mover = Transporter(specs[0], specs[1])
+    moved = {}
+    for name in ckpts[1].keys():
+        x = ckpts[1].get(name)
+        moved[name] = mover.move(name, x.float(), plans[1]).to(x.dtype) if x.is_floating_point() else x
+    return ckpts[0].state_dict(), moved, ckpts[0]
