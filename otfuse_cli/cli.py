@@ -214,7 +214,7 @@ def fuse(
     options = _align_options(align_by, solver, reg, metric, marginals, refine)
     extra = _data_options(align_by, data, samples, seed, max_tokens, standardize, activation, post_activation,
                           max_length, device) if method == "ot" and not plan else {}
-    command_options = {"models": models, "output": output, "seed": seed, "device": device,
+    command_options = {"models": models, "seed": seed, "device": device,
                        "max_shard_size": max_shard_size, "activation": activation}
     with report.SpaceProgress(None, enabled=not json_out) as progress:
         result = fuse_checkpoints(models, output, anchor=anchor, weights=weights, method=method, options=options,
