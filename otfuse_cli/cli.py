@@ -246,6 +246,8 @@ def evaluate(
     batch_size: int = typer.Option(32, "--batch-size"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Seeded subsample of the data."),
     ensemble: bool = typer.Option(False, "--ensemble", help="Add the prediction ensemble (averaged probabilities)."),
+    ensemble_of: Optional[str] = typer.Option(None, "--ensemble-of", metavar="I,J",
+                                              help="Ensemble only these models (indices), e.g. the parents 0,1."),
     interpolate: Optional[tuple[str, str]] = typer.Option(None, "--interpolate", metavar="A B",
                                                           help="Score the straight line between two parents."),
     steps: int = typer.Option(11, "--steps", help="Points on the interpolation line."),
@@ -272,7 +274,13 @@ def evaluate(
     if models:
         runnables = [(n, load_runnable(open_checkpoint(p), activation=activation))
                      for n, p in zip(_display_names(models), models)]
-        doc = evaluate_models(runnables, data, task=task, ensemble=ensemble, **opts)
+        members: bool | list[int] = ensemble
+        if ensemble_of:
+            try:
+                members = [int(i) for i in ensemble_of.split(",")]
+            except ValueError:
+                raise OtfuseError(f"--ensemble-of takes model indices like 0,1, got {ensemble_of!r}") from None
+        doc = evaluate_models(runnables, data, task=task, ensemble=members, **opts)
     curves = []
     if interpolate:
         from otfuse_cli.fuse import aligned_parent

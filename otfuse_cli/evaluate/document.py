@@ -49,8 +49,9 @@ def evaluate_models(models: list[tuple[str, Any]], data_path: str | Path, *, tas
     if dup is not None:
         raise OtfuseError(f"two models are named {dup!r}; give each a distinct name")
     if ensemble:
-        if len(models) < 2:
-            raise OtfuseError("--ensemble needs at least two models")
+        members = range(len(models)) if ensemble is True else list(ensemble)
+        if len(members) < 2 or any(not 0 <= i < len(models) for i in members):
+            raise OtfuseError("--ensemble needs at least two models (of those listed)")
         if tasks.ENSEMBLE in names:
             raise OtfuseError(f"a model may not be named {tasks.ENSEMBLE!r} together with --ensemble")
     if batch_size < 1:

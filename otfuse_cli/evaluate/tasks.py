@@ -208,6 +208,11 @@ def _softmax64(logits: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits.double(), dim=-1).cpu().numpy()
 
 
+def ensemble_members(ensemble, count: int) -> list[int]:
+    """`ensemble` is True (every model) or the indices of the models to ensemble (e.g. only the parents)."""
+    return list(range(count)) if ensemble is True else list(ensemble)
+
+
 def score_classification(models, data: EvalData, *, batch_size=32, max_length=256, ensemble=False, **_):
     ks = {name: m.num_labels for name, m in models}
     if len(set(ks.values())) > 1:
@@ -225,7 +230,8 @@ def score_classification(models, data: EvalData, *, batch_size=32, max_length=25
         all_probs.append(probs)
         rows.append({"model": name, **M.classification_metrics(probs, labels)})
     if ensemble:
-        rows.append({"model": ENSEMBLE, **M.classification_metrics(np.mean(all_probs, axis=0), labels)})
+        members = [all_probs[i] for i in ensemble_members(ensemble, len(models))]
+        rows.append({"model": ENSEMBLE, **M.classification_metrics(np.mean(members, axis=0), labels)})
     m0 = models[0][1]
     names = [n for n, _ in sorted(m0.label2id.items(), key=lambda kv: kv[1])]
     notes = {"ece_bins": M.ECE_BINS, "num_labels": int(ks[first])}
@@ -269,7 +275,7 @@ def score_lm(models, data: EvalData, *, batch_size=32, max_length=256, ensemble=
             if any(not np.array_equal(a[0], b[0]) for a, b in zip(ref, scored)):
                 raise OtfuseError(f"--ensemble needs identical tokenization; model {name!r} tokenizes the texts differently")
         # Averaging the full next-token distributions and reading the true token = averaging its probabilities.
-        lps = [np.concatenate([lp for _, lp in scored]) for scored in per_model]
+        lps = [np.concatenate([lp for _, lp in per_model[i]]) for i in ensemble_members(ensemble, len(models))]
         rows.append(_lm_row(ENSEMBLE, np.logaddexp.reduce(np.stack(lps), axis=0) - math.log(len(lps))))
     notes = {"perplexity": "exp of the token-weighted mean NLL over all texts; padding excluded",
              "max_length": int(max_length)}
