@@ -23,7 +23,7 @@ $OTFUSE evaluate $D/mlp_a.safetensors $D/mlp_b.safetensors $OUT/mlp_average.safe
 S=fixtures/sentiment
 if [ -d $S/bert_a ]; then
   echo "== the same for two BERT sentiment classifiers (real movie-review snippets), soft alignment"
-  $OTFUSE fuse $S/bert_a $S/bert_b -o $OUT/bert_ot --solver sinkhorn --reg 0.05
+  $OTFUSE fuse $S/bert_a $S/bert_b -o $OUT/bert_ot --solver sinkhorn --reg 0.02
   $OTFUSE fuse $S/bert_a $S/bert_b -o $OUT/bert_average --method average
   $OTFUSE evaluate $S/bert_a $S/bert_b $OUT/bert_average $OUT/bert_ot --data $S/test.jsonl --ensemble-of 0,1
 fi
