@@ -310,6 +310,46 @@ def evaluate(
         report.console.print(f"plot → {escape_path(plot)}")
 
 
+@app.command()
+def compress(
+    model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint to shrink (file or HF folder)."),
+    output: str = typer.Option(..., "-o", "--output", help="Compressed checkpoint (file or folder, like MODEL)."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Keep this fraction (0<R<1) of every compressible space."),
+    width: Optional[list[str]] = typer.Option(None, "--width", metavar="KIND=N",
+                                              help="Target width by space kind (hidden, channel, ffn, heads = KV "
+                                                   "groups) or space name (0.ffn); repeatable."),
+    method: str = typer.Option("ot", "--method", help="ot (merge clusters of neurons), magnitude or random (prune)."),
+    dtype: str = typer.Option("keep", "--dtype", help="keep, float32, float16 or bfloat16."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Shard folder outputs above this size."),
+    align_by: str = ALIGN_OPT, metric: str = METRIC_OPT, data: Optional[str] = DATA_OPT,
+    samples: int = SAMPLES_OPT, seed: int = typer.Option(0, "--seed", help="Seed for clustering, --method random "
+                                                                          "and sampling inputs."),
+    max_tokens: int = MAX_TOKENS_OPT,
+    standardize: str = typer.Option("none", "--standardize", help="Activation standardisation: none (merging "
+                                                                  "averages raw pre-activations), center or zscore."),
+    activation: Optional[str] = ACTIVATION_OPT, post_activation: bool = POST_ACT_OPT,
+    max_length: int = MAX_LENGTH_OPT, device: str = DEVICE_OPT, force: bool = FORCE_OPT,
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Shrink a model's hidden/channel/FFN/head widths by merging neurons with OT clustering (or pruning)."""
+    from otfuse_cli.compress import compress_checkpoint, compress_table
+
+    options = _align_options(align_by, "exact", 0.01, metric, "uniform", 0)
+    extra = _data_options(align_by, data, samples, seed, max_tokens, standardize, activation, post_activation,
+                          max_length, device) if method == "ot" else {}
+    command_options = {"model": model, "seed": seed, "device": device, "max_shard_size": max_shard_size,
+                       "activation": activation}
+    with report.SpaceProgress(None, enabled=not json_out) as progress:
+        result = compress_checkpoint(model, output, ratio=ratio, widths=width, method=method, options=options,
+                                     seed=seed, dtype=dtype, max_shard_size=max_shard_size, force=force,
+                                     command_options=command_options, on_space=progress,
+                                     **{k: v for k, v in extra.items() if k != "seed"})
+    if json_out:
+        report.print_json(result)
+    else:
+        report.console.print(compress_table(result))
+
+
 def escape_path(path: str) -> str:
     from rich.markup import escape
 

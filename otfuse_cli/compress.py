@@ -1,0 +1,379 @@
+"""Compression: the n units of a space transported onto k < n, behind `otfuse compress`.
+
+OT clustering is the free-support barycentre of a space's units with uniform masses and k support
+points: k-means on per-unit features (k-medoids on the head cost for attention heads, whose within-head
+dims must be matched). The plan P (n x k), P[i, c] = 1/n for unit i in cluster c, then goes through the
+same Transporter as fusion: "out" entries become the cluster mean (barycentre of incoming weights,
+biases, norm and BN parameters), "in" entries the sum of outgoing weights, so identical units merge
+without changing the function. Baselines prune instead: P keeps k units (largest incoming-weight norm,
+or random), dropped units get zero rows and contribute nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from otfuse_cli.align.cost import Features, unit_cost
+from otfuse_cli.align.engine import AlignOptions
+from otfuse_cli.align.transport import Plan, Transporter
+from otfuse_cli.align.weights import TensorSource, WeightFeatures, unit_slices
+from otfuse_cli.checkpoint import open_checkpoint, parse_size, provenance, write_checkpoint
+from otfuse_cli.errors import OtfuseError
+from otfuse_cli.fuse import DTYPES, feature_provider, refuse_existing, with_data_info
+from otfuse_cli.spec import build_spec
+from otfuse_cli.spec.model import Space, Spec
+
+METHODS = ("ot", "magnitude", "random")
+COMPRESSIBLE = ("hidden", "channel", "ffn", "heads")
+SKIP_REASONS = {
+    "residual": "shared by every layer and normalised by LayerNorm/RMSNorm; not compressed",
+    "stage": "shared by every block of a ResNet stage through its skip connections; not compressed",
+    "dense": "task-head space (pooler, classifier or LM transform); not compressed",
+}
+DERIVED_HEAD_DIM = "this family derives head size from hidden_size; heads cannot be compressed"
+HEAD_FAMILIES = ("llama",)  # config.json takes an explicit head_dim: head count and size are independent
+FFN_KEYS = {"bert": "intermediate_size", "vit": "intermediate_size", "llama": "intermediate_size",
+            "distilbert": "hidden_dim", "gpt2": "n_inner", "bart": "{stack}_ffn_dim"}
+
+
+# ---------------------------------------------------------------- which spaces shrink, to what
+
+def blocked(space: Space, family: str, hf: bool) -> str | None:
+    """Why this space cannot be compressed, or None."""
+    if space.kind not in COMPRESSIBLE:
+        return SKIP_REASONS.get(space.kind, f"{space.kind} space; not compressible")
+    if not space.compressible:
+        return space.note or "not compressible"
+    if space.kind == "heads" and hf and family not in HEAD_FAMILIES:
+        return DERIVED_HEAD_DIM
+    if space.size < 2:
+        return "width 1 cannot shrink"
+    return None
+
+
+def _choices(spec: Spec, hf: bool) -> str:
+    ok = [s for s in spec.spaces if blocked(s, spec.family, hf) is None]
+    if not ok:
+        return "none"
+    kinds = list(dict.fromkeys(s.kind for s in ok))
+    names = [s.name for s in ok]
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return f"{', '.join(kinds)} (spaces {shown})"
+
+
+def _parse_widths(widths) -> list[tuple[str, int]]:
+    if isinstance(widths, dict):
+        return [(str(k), int(v)) for k, v in widths.items()]
+    out = []
+    for item in widths:
+        key, sep, value = str(item).partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            out.append((key.strip(), int(value)))
+        except ValueError:
+            raise OtfuseError(f"--width takes KIND=N or SPACE=N (e.g. ffn=1536), got {item!r}") from None
+    return out
+
+
+def target_widths(spec: Spec, hf: bool, ratio: float | None, widths) -> tuple[dict[str, int], dict[str, str]]:
+    """(space -> new width, space -> why it keeps its width)."""
+    if (ratio is None) == (not widths):
+        raise OtfuseError("give either --ratio R or --width KIND=N (not both)")
+    reasons = {s.name: why for s in spec.spaces if (why := blocked(s, spec.family, hf))}
+    targets: dict[str, int] = {}
+    if ratio is not None:
+        if not 0 < ratio < 1:  # also false for NaN
+            raise OtfuseError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
+        for s in spec.spaces:
+            if s.name not in reasons:
+                targets[s.name] = min(s.size - 1, max(1, math.floor(s.size * ratio + 1e-9)))
+    else:
+        for key, k in _parse_widths(widths):
+            chosen = [s for s in spec.spaces if s.name == key] or [s for s in spec.spaces if s.kind == key]
+            if not chosen:
+                raise OtfuseError(f"unknown space kind {key!r}; compressible here: {_choices(spec, hf)}")
+            why = next((reasons[s.name] for s in chosen if s.name in reasons), None)
+            if why:
+                raise OtfuseError(f"--width {key}: {why}; compressible here: {_choices(spec, hf)}")
+            for s in chosen:
+                if not 1 <= k < s.size:
+                    raise OtfuseError(f"--width {key}={k}: must be at least 1 and below the width of space "
+                                      f"{s.name!r} ({s.size})")
+                targets[s.name] = k
+        reasons.update({s.name: "not selected by --width" for s in spec.spaces
+                        if s.name not in targets and s.name not in reasons})
+    if hf:
+        _check_uniform(spec, targets)
+    if not targets:
+        raise OtfuseError(f"nothing to compress in this {spec.family} model: {'; '.join(sorted(set(reasons.values())))}")
+    return targets, reasons
+
+
+def _config_group(spec: Spec, space: Space) -> str:
+    if space.kind == "ffn":
+        return FFN_KEYS.get(spec.family, "intermediate_size").format(stack=space.name.split(".")[0])
+    return "num_attention_heads"
+
+
+def _check_uniform(spec: Spec, targets: dict[str, int]) -> None:
+    """HF configs hold one FFN width and one head count for every layer."""
+    seen: dict[str, int] = {}
+    for s in spec.spaces:
+        if s.kind in ("ffn", "heads"):
+            key = _config_group(spec, s)
+            width = targets.get(s.name, s.size)
+            if seen.setdefault(key, width) != width:
+                raise OtfuseError(f"per-layer widths are not supported for {spec.family} checkpoints: config.json "
+                                  f"holds one {key} for every layer; use --width {s.kind}=N or --ratio")
+
+
+def config_overrides(spec: Spec, targets: dict[str, int]) -> dict:
+    out: dict = {}
+    for s in spec.spaces:
+        if s.name not in targets:
+            continue
+        if s.kind == "ffn":
+            out[_config_group(spec, s)] = targets[s.name]
+        elif s.kind == "heads":  # llama family: the space's units are KV groups of `group` query heads
+            group = max(e.rep for e in s.entries)
+            out.update(num_attention_heads=targets[s.name] * group, num_key_value_heads=targets[s.name],
+                       head_dim=s.entries[0].inner)
+    return out
+
+
+# ---------------------------------------------------------------- OT clustering
+
+def _plusplus(dist, weights: torch.Tensor, k: int, gen: torch.Generator) -> list[int]:
+    """Seeded k-means++ seeds; dist(i) = distances of every point to point i."""
+    picks = [int(torch.multinomial(weights, 1, generator=gen))]
+    d = dist(picks[0])
+    for _ in range(1, k):
+        p = weights * d
+        picks.append(int(torch.multinomial(p / p.sum(), 1, generator=gen)))
+        d = torch.minimum(d, dist(picks[-1]))
+    return picks
+
+
+def _kmeans(x: torch.Tensor, w: torch.Tensor, k: int, gen, restarts: int = 8, iters: int = 100):
+    """Weighted Lloyd: (labels, within-cluster cost)."""
+    best, sq = None, (x * x).sum(1)
+    for _ in range(restarts):
+        centers = x[_plusplus(lambda i: (sq - 2 * x @ x[i] + sq[i]).clamp_min(0), w, k, gen)]
+        for _ in range(iters):
+            d = torch.cdist(x, centers) ** 2
+            labels = d.argmin(1)
+            onehot = torch.nn.functional.one_hot(labels, k).double() * w[:, None]
+            mass = onehot.sum(0)[:, None]
+            new = torch.where(mass > 0, onehot.T @ x / mass.clamp_min(1e-300), centers)
+            if torch.equal(new, centers):
+                break
+            centers = new
+        d = torch.cdist(x, centers) ** 2
+        labels = d.argmin(1)
+        cost = float((w * d.gather(1, labels[:, None])[:, 0]).sum())
+        if best is None or cost < best[1]:
+            best = (labels, cost)
+    return best
+
+
+def _kmedoids(cost: torch.Tensor, w: torch.Tensor, k: int, gen, restarts: int = 8, iters: int = 100):
+    """Weighted k-medoids on a cost matrix: (labels, medoids, within-cluster cost)."""
+    best = None
+    for _ in range(restarts):
+        medoids = torch.tensor(_plusplus(lambda i: cost[:, i], w, k, gen))
+        for _ in range(iters):
+            labels = cost[:, medoids].argmin(1)
+            new = medoids.clone()
+            for c in range(k):
+                members = (labels == c).nonzero()[:, 0]
+                if len(members):
+                    new[c] = members[(w[members, None] * cost[members][:, members]).sum(0).argmin()]
+            if torch.equal(new, medoids):
+                break
+            medoids = new
+        labels = cost[:, medoids].argmin(1)
+        total = float((w * cost[torch.arange(len(w)), medoids[labels]]).sum())
+        if best is None or total < best[2]:
+            best = (labels, medoids, total)
+    return best
+
+
+@contextmanager
+def _threads(work: float):
+    """Small clustering problems are many tiny ops: one thread is faster than a contended pool."""
+    old = torch.get_num_threads()
+    if work < 1e9:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _cluster(features: Features, points, first, w, k: int, gen, metric: str, fixed_inner):
+    """Clusters of the distinct points: (labels, medoids or None, within cost, one-cluster cost, inner maps)."""
+    u = len(points)
+    if not features.channels:  # plain units: k-means, the free-support barycentre
+        labels, spread = _kmeans(points, w, k, gen) if u > k else (torch.arange(u), 0.0)
+        total = float((w * ((points - (w[:, None] * points).sum(0)) ** 2).sum(1)).sum())
+        return labels, None, spread, total, {}
+    # heads: the cost matches within-head dims, so cluster on it around medoid heads
+    full, maps = unit_cost(features, features, metric, fixed_inner)
+    cost = torch.from_numpy(full)[first][:, first].clamp_min(0)
+    labels, medoids, spread = _kmedoids(cost, w, k, gen) if u > k else (torch.arange(u), torch.arange(u), 0.0)
+    return labels, medoids, spread, float((w[:, None] * cost).sum(0).min()), maps
+
+
+def ot_clusters(features: Features, k: int, seed: int, metric: str, fixed_inner: tuple[str, ...] = ()):
+    """(labels (n,) with clusters numbered by their first unit, inner maps {channel: (n, k, d)}, distortion).
+
+    Identical units are one support point carrying their total mass, so they always share a cluster."""
+    x = torch.from_numpy(features.flat())
+    n = len(x)
+    points, inverse, counts = torch.unique(x, dim=0, return_inverse=True, return_counts=True)
+    w = counts.double() / n
+    first = torch.full((len(points),), n).scatter_reduce(0, inverse, torch.arange(n), "amin")
+    with _threads(float(len(points)) ** 2 * x.shape[1]):
+        labels, medoids, spread, total, maps = _cluster(features, points, first, w, k,
+                                                        torch.Generator().manual_seed(seed), metric, fixed_inner)
+    unit_labels = labels[inverse]
+    order = {int(c): i for i, c in enumerate(dict.fromkeys(unit_labels.tolist()))}  # clusters in unit order
+    relabel = torch.tensor([order.get(c, len(order)) for c in range(int(labels.max()) + 1)])
+    inner = {}
+    if medoids is not None:
+        heads = torch.zeros(k, dtype=torch.long)
+        for c, i in order.items():
+            heads[i] = first[medoids[c]]
+        inner = {ch: perm[:, heads] for ch, perm in maps.items()}  # member dims onto the medoid head's
+    return relabel[unit_labels], inner, (spread / total if total > 0 else 0.0)
+
+
+# ---------------------------------------------------------------- plans
+
+def keep_plan(keep: torch.Tensor, n: int) -> Plan:
+    """Pruning: unit keep[j] becomes unit j; every other unit has a zero row (moves nowhere)."""
+    coupling = torch.zeros(n, len(keep), dtype=torch.float64)
+    coupling[keep.sort().values, torch.arange(len(keep))] = 1.0 / len(keep)
+    return Plan(coupling)
+
+
+def incoming_norms(space: Space, src: TensorSource) -> torch.Tensor:
+    """L2 norm of each unit's incoming weights ("out" entries of weight matrices / kernels)."""
+    entries = [e for e in space.entries if e.role == "out"]
+    mats = [e for e in entries if src(e.tensor).dim() >= 2] or entries
+    slices = [unit_slices(src(e.tensor), e, space.size).reshape(space.size, -1) for e in mats]
+    return torch.cat(slices, 1).double().norm(dim=1)
+
+
+def space_plan(index: int, space: Space, k: int, method: str, src: TensorSource, provider, fallback,
+               options: AlignOptions, seed: int) -> tuple[Plan, dict]:
+    n = space.size
+    if method == "magnitude":
+        keep = incoming_norms(space, src).argsort(descending=True, stable=True)[:k]
+        return keep_plan(keep, n), {}
+    if method == "random":
+        return keep_plan(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k], n), {}
+    features, _ = provider.features(index, {}, False)
+    stats = {"features": options.align}
+    if features.empty() and provider is not fallback:  # no activation recorded for this space
+        features, _ = fallback.features(index, {}, False)
+        stats["features"] = "weights"
+    if features.empty():
+        raise OtfuseError(f"space {space.name!r} has no features to cluster")
+    labels, inner, distortion = ot_clusters(features, k, seed, options.metric, space.fixed_inner)
+    coupling = torch.zeros(n, k, dtype=torch.float64)
+    coupling[torch.arange(n), labels] = 1.0 / n
+    return Plan(coupling, inner), {**stats, "distortion": distortion}
+
+
+# ---------------------------------------------------------------- the command
+
+def compressed_tensors(ckpt, mover: Transporter, plans: dict[str, Plan], dtype: str, count: list[int]):
+    """Every tensor moved by the plans, streamed; count[0] sums the written parameters."""
+    for name in ckpt.keys():
+        x = ckpt.get(name)
+        if not x.is_floating_point():
+            yield name, x
+            continue
+        y = x.float()
+        if not bool(torch.isfinite(y).all()):
+            raise OtfuseError(f"{ckpt.path}: tensor {name} contains NaN or Inf")
+        y = mover.move(name, y, plans)
+        count[0] += y.numel()
+        yield name, y.to(x.dtype if dtype == "keep" else DTYPES[dtype])
+
+
+def compress_checkpoint(path: str, output: str, *, ratio: float | None = None, widths=None, method: str = "ot",
+                        options: AlignOptions | None = None, seed: int = 0, dtype: str = "keep",
+                        max_shard_size: int | str = 5 * 10**9, force: bool = False,
+                        command_options: dict | None = None, on_space=None, **data) -> dict:
+    """Write `path` with its compressible spaces shrunk; see the module docs for the methods."""
+    options = options or AlignOptions()
+    refuse_existing(output, force)
+    if method not in METHODS:
+        raise OtfuseError(f"unknown --method {method!r}; use {', '.join(METHODS)}")
+    if dtype != "keep" and dtype not in DTYPES:
+        raise OtfuseError(f"unknown --dtype {dtype!r}; use keep, float32, float16 or bfloat16")
+    parse_size(max_shard_size)
+    ckpt = open_checkpoint(path)
+    spec = build_spec(ckpt)
+    hf = bool(ckpt.config and ckpt.config.get("model_type"))
+    targets, reasons = target_widths(spec, hf, ratio, widths)
+    if method == "ot" and options.align == "activations":
+        data.setdefault("standardize", "none")  # a merged unit's pre-activation is the mean of raw ones
+        data.setdefault("seed", seed)
+    data = with_data_info(options, data) if method == "ot" else {}
+    src = TensorSource(ckpt, str(ckpt.path))
+    fallback = WeightFeatures(spec, spec, src, src)
+    provider = feature_provider(options, spec, spec, src, src, **data) if method == "ot" else None
+    plans, stats = {}, {}
+    for index, space in enumerate(spec.spaces):
+        if space.name in targets:
+            plans[space.name], stats[space.name] = space_plan(index, space, targets[space.name], method, src,
+                                                              provider, fallback, options, seed)
+            if on_space:
+                on_space(space.name)
+    src.cache.clear()
+    target = copy.deepcopy(spec)
+    for s in target.spaces:
+        s.size = targets.get(s.name, s.size)
+    record = provenance("compress", {**(command_options or {}), "method": method, "ratio": ratio,
+                                     "widths": targets, "seed": seed, "dtype": dtype,
+                                     "align": {"align": options.align, "metric": options.metric} if method == "ot" else None,
+                                     **({"data": data["data_info"]} if data.get("data_info") else {})}, [ckpt])
+    count = [0]
+    out = write_checkpoint(output, compressed_tensors(ckpt, Transporter(target, spec), plans, dtype, count),
+                           layout="folder" if ckpt.folder is not None else "file", source=ckpt,
+                           config_overrides=config_overrides(spec, targets) if hf else None, provenance=record,
+                           max_shard_size=max_shard_size, force=force)
+    spaces = [{"space": s.name, "kind": s.kind, "width": [s.size, targets.get(s.name, s.size)],
+               "compressed": s.name in targets, "reason": reasons.get(s.name), **stats.get(s.name, {})}
+              for s in spec.spaces]
+    return {"output": str(out), "family": spec.family, "method": method, "spaces": spaces,
+            "parameters": [ckpt.num_parameters(), count[0]]}
+
+
+def compress_table(result: dict):
+    """Per-space widths and why a space kept its width."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"compress ({result['method']}) → {escape(str(Path(result['output'])))}", title_justify="left")
+    for col in ("space", "kind", "width", "note"):
+        table.add_column(col, justify="right" if col == "width" else "left", overflow="fold")
+    for r in result["spaces"]:
+        n, k = r["width"]
+        if r["compressed"]:
+            note = f"distortion {r['distortion']:.3g}" if "distortion" in r else result["method"]
+        else:
+            note = f"[dim]{escape(r['reason'] or '')}[/]"
+        table.add_row(escape(r["space"]), r["kind"], f"{n}→{k}" if r["compressed"] else str(n), note)
+    before, after = result["parameters"]
+    table.caption = f"parameters {before:,} → {after:,} ({after / before:.1%})"
+    return table
