@@ -135,6 +135,7 @@ SOLVER_OPT = typer.Option("exact", "--solver", help="exact (assignment / network
 REG_OPT = typer.Option(0.01, "--reg", help="Sinkhorn regularisation, relative to the mean cost.")
 METRIC_OPT = typer.Option("sqeuclidean", "--metric", help="Ground metric: sqeuclidean or cosine.")
 MARGINALS_OPT = typer.Option("uniform", "--marginals", help="Support masses: uniform, l1 or l2 (neuron norm).")
+COST_NORM_OPT = typer.Option("mean", "--cost-norm", help="Scale costs by their mean or max (or none) before solving.")
 REFINE_OPT = typer.Option(5, "--refine", help="Extra passes over all spaces until plans stop changing.")
 ANCHOR_OPT = typer.Option(0, "--anchor", help="Index of the model whose basis and widths the result takes.")
 DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu or cuda (forward passes and costs).")
@@ -149,10 +150,11 @@ MAX_LENGTH_OPT = typer.Option(128, "--max-length", help="Token limit per text sa
 FORCE_OPT = typer.Option(False, "--force", help="Overwrite an existing output.")
 
 
-def _align_options(align, solver, reg, metric, marginals, refine):
+def _align_options(align, solver, reg, metric, marginals, refine, cost_norm="mean"):
     from otfuse_cli.align.engine import AlignOptions
 
-    return AlignOptions(align=align, solver=solver, reg=reg, metric=metric, marginals=marginals, refine=refine)
+    return AlignOptions(align=align, solver=solver, reg=reg, metric=metric, marginals=marginals, refine=refine,
+                        cost_norm=cost_norm)
 
 
 def _data_options(align, data, samples, seed, max_tokens, standardize, activation, post_activation, max_length,
@@ -171,7 +173,8 @@ def align(
     models: list[str] = MODELS_ARG,
     output: str = typer.Option(..., "-o", "--output", help="Plan file to write (.safetensors)."),
     align_by: str = ALIGN_OPT, solver: str = SOLVER_OPT, reg: float = REG_OPT, metric: str = METRIC_OPT,
-    marginals: str = MARGINALS_OPT, refine: int = REFINE_OPT, anchor: int = ANCHOR_OPT,
+    marginals: str = MARGINALS_OPT, refine: int = REFINE_OPT, cost_norm: str = COST_NORM_OPT,
+    anchor: int = ANCHOR_OPT,
     data: Optional[str] = DATA_OPT, samples: int = SAMPLES_OPT, seed: int = SEED_OPT,
     max_tokens: int = MAX_TOKENS_OPT, standardize: str = STANDARDIZE_OPT, activation: Optional[str] = ACTIVATION_OPT,
     post_activation: bool = POST_ACT_OPT, max_length: int = MAX_LENGTH_OPT, device: str = DEVICE_OPT,
@@ -180,7 +183,7 @@ def align(
     """Compute transport plans that map every model onto the anchor and write them to a plan file."""
     from otfuse_cli.fuse import align_checkpoints
 
-    options = _align_options(align_by, solver, reg, metric, marginals, refine)
+    options = _align_options(align_by, solver, reg, metric, marginals, refine, cost_norm)
     extra = _data_options(align_by, data, samples, seed, max_tokens, standardize, activation, post_activation,
                           max_length, device)
     with report.SpaceProgress(None, enabled=not json_out) as progress:
@@ -202,7 +205,8 @@ def fuse(
     dtype: str = typer.Option("keep", "--dtype", help="keep, float32, float16 or bfloat16."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Shard folder outputs above this size."),
     align_by: str = ALIGN_OPT, solver: str = SOLVER_OPT, reg: float = REG_OPT, metric: str = METRIC_OPT,
-    marginals: str = MARGINALS_OPT, refine: int = REFINE_OPT, anchor: int = ANCHOR_OPT,
+    marginals: str = MARGINALS_OPT, refine: int = REFINE_OPT, cost_norm: str = COST_NORM_OPT,
+    anchor: int = ANCHOR_OPT,
     data: Optional[str] = DATA_OPT, samples: int = SAMPLES_OPT, seed: int = SEED_OPT,
     max_tokens: int = MAX_TOKENS_OPT, standardize: str = STANDARDIZE_OPT, activation: Optional[str] = ACTIVATION_OPT,
     post_activation: bool = POST_ACT_OPT, max_length: int = MAX_LENGTH_OPT, device: str = DEVICE_OPT,
@@ -211,7 +215,7 @@ def fuse(
     """Fuse two or more models: align them onto the anchor with OT, then average with weights."""
     from otfuse_cli.fuse import fuse_checkpoints
 
-    options = _align_options(align_by, solver, reg, metric, marginals, refine)
+    options = _align_options(align_by, solver, reg, metric, marginals, refine, cost_norm)
     extra = _data_options(align_by, data, samples, seed, max_tokens, standardize, activation, post_activation,
                           max_length, device) if method == "ot" and not plan else {}
     command_options = {"models": models, "seed": seed, "device": device,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from otfuse_cli.align.cost import unit_cost
-from otfuse_cli.align.solvers import marginal, solve
+from otfuse_cli.align.solvers import marginal, normalize, solve
 from otfuse_cli.align.transport import Plan
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.spec.model import Spec
@@ -23,6 +23,7 @@ class AlignOptions:
     reg: float = 0.01
     metric: str = "sqeuclidean"
     marginals: str = "uniform"
+    cost_norm: str = "mean"  # cost scaling before solving (Sinkhorn's reg is relative to it)
     refine: int = 5  # extra passes over all spaces (weight matching); stops early once plans are stable
 
     def to_json(self) -> dict:
@@ -55,7 +56,7 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
         cost, inner = unit_cost(fp, fa, options.metric, sa.fixed_inner)
         a = marginal(fp.flat(), sp.size, options.marginals)
         b = marginal(fa.flat(), sa.size, options.marginals)
-        coupling, info = solve(cost, a, b, options.solver, options.reg)
+        coupling, info = solve(normalize(cost, options.cost_norm), a, b, options.solver, options.reg)
         return Plan(torch.from_numpy(coupling), inner, plan_stats(cost, coupling, info))
 
     for k, space in enumerate(anchor.spaces):

@@ -22,6 +22,16 @@ def marginal(features: np.ndarray | None, n: int, kind: str) -> np.ndarray:
     return mass / mass.sum()
 
 
+def normalize(cost: np.ndarray, how: str) -> np.ndarray:
+    """Cost scaling: makes --reg relative to the cost scale (mean by default) rather than absolute."""
+    if how == "none":
+        return cost
+    if how not in ("mean", "max"):
+        raise OtfuseError(f"unknown cost normalisation {how!r}; use mean, max or none")
+    scale = float(cost.mean() if how == "mean" else cost.max())
+    return cost / scale if scale > 0 else cost
+
+
 def solve(cost: np.ndarray, a: np.ndarray, b: np.ndarray, solver: str = "exact", reg: float = 0.01) -> tuple[np.ndarray, dict]:
     """Plan P (n x m) with marginals a, b minimising <P, cost>, plus solver diagnostics."""
     cost = np.asarray(cost, dtype=np.float64)
@@ -44,10 +54,9 @@ def solve(cost: np.ndarray, a: np.ndarray, b: np.ndarray, solver: str = "exact",
     if solver == "sinkhorn":
         if reg <= 0:
             raise OtfuseError("--reg must be positive for the sinkhorn solver")
-        scale = cost.mean() if cost.mean() > 0 else 1.0  # regularisation relative to the cost scale
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # log domain: stable at small reg where the plain kernel underflows
             warnings.simplefilter("ignore")
-            plan = ot.sinkhorn(a, b, cost / scale, reg, method="sinkhorn_log", numItermax=5000, stopThr=1e-9)
+            plan = ot.sinkhorn(a, b, cost, reg, method="sinkhorn_log", numItermax=5000, stopThr=1e-9)
         plan = np.asarray(plan)
         if not np.all(np.isfinite(plan)):
             raise OtfuseError("sinkhorn diverged; increase --reg")
