@@ -318,7 +318,8 @@ def evaluate(
 def compress(
     model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint to shrink (file or HF folder)."),
     output: str = typer.Option(..., "-o", "--output", help="Compressed checkpoint (file or folder, like MODEL)."),
-    ratio: Optional[float] = typer.Option(None, "--ratio", help="Keep this fraction (0<R<1) of every compressible space."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Keep this fraction (0<R<1) of every compressible "
+                                                                "space."),
     width: Optional[list[str]] = typer.Option(None, "--width", metavar="KIND=N",
                                               help="Target width by space kind (hidden, channel, ffn, heads = KV "
                                                    "groups) or space name (0.ffn); repeatable."),

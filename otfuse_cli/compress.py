@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
@@ -111,7 +110,8 @@ def target_widths(spec: Spec, hf: bool, ratio: float | None, widths) -> tuple[di
     if hf:
         _check_uniform(spec, targets)
     if not targets:
-        raise OtfuseError(f"nothing to compress in this {spec.family} model: {'; '.join(sorted(set(reasons.values())))}")
+        why = "; ".join(sorted(set(reasons.values())))
+        raise OtfuseError(f"nothing to compress in this {spec.family} model: {why}")
     return targets, reasons
 
 
@@ -345,7 +345,8 @@ def compress_checkpoint(path: str, output: str, *, ratio: float | None = None, w
         s.size = targets.get(s.name, s.size)
     record = provenance("compress", {**(command_options or {}), "method": method, "ratio": ratio,
                                      "widths": targets, "seed": seed, "dtype": dtype,
-                                     "align": {"align": options.align, "metric": options.metric} if method == "ot" else None,
+                                     "align": {"align": options.align, "metric": options.metric}
+                                     if method == "ot" else None,
                                      **({"data": data["data_info"]} if data.get("data_info") else {})}, [ckpt])
     count = [0]
     out = write_checkpoint(output, compressed_tensors(ckpt, Transporter(target, spec), plans, dtype, count),
@@ -364,7 +365,7 @@ def compress_table(result: dict):
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"compress ({result['method']}) → {escape(str(Path(result['output'])))}", title_justify="left")
+    table = Table(title=f"compress ({result['method']}) → {escape(result['output'])}", title_justify="left")
     for col in ("space", "kind", "width", "note"):
         table.add_column(col, justify="right" if col == "width" else "left", overflow="fold")
     for r in result["spaces"]:

@@ -13,12 +13,11 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import assert_one_line_error, cli
-from models import cnn, mlp
+from models import TinyResNet, cnn, mlp
 from tiny_transformers import logits, sample_inputs, tiny_model
 from otfuse_cli.align.engine import AlignOptions
-from otfuse_cli.align.transport import Transporter
 from otfuse_cli.checkpoint import open_checkpoint
-from otfuse_cli.compress import compress_checkpoint, keep_plan
+from otfuse_cli.compress import SKIP_REASONS, compress_checkpoint, keep_plan
 from otfuse_cli.fuse import fuse_checkpoints
 from otfuse_cli.runnable import load_runnable
 from otfuse_cli.spec import build_spec
@@ -58,13 +57,18 @@ def duplicate(sd: dict, spec, names, seed: int = 0, shuffle_inner: bool = False)
     return out
 
 
+BARE = {"mlp": lambda: (mlp((20, 16, 12, 5)), torch.randn(9, 20)), "cnn": lambda: (cnn(), torch.randn(5, 1, 8, 8)),
+        "resnet": lambda: (TinyResNet(), torch.randn(3, 3, 8, 8))}
+
+
 def bare_pair(tmp_path: Path, kind: str):
-    """(original module, original file, doubled file, inputs) for a bare MLP or CNN."""
-    net, x = (mlp((20, 16, 12, 5)), torch.randn(9, 20)) if kind == "mlp" else (cnn(), torch.randn(5, 1, 8, 8))
+    """(original module, original file, doubled file, inputs) for a bare MLP, CNN or ResNet (whose stage
+    spaces are tied by skip connections: only the block-inner channels double)."""
+    net, x = BARE[kind]()
     sd = {k: v.contiguous() for k, v in net.state_dict().items()}
     save_file(sd, tmp_path / "a.safetensors")
     spec = build_spec(open_checkpoint(tmp_path / "a.safetensors"))
-    save_file(duplicate(sd, spec, {s.name for s in spec.spaces}), tmp_path / "wide.safetensors")
+    save_file(duplicate(sd, spec, {s.name for s in spec.spaces if s.kind != "stage"}), tmp_path / "wide.safetensors")
     return net, tmp_path / "a.safetensors", tmp_path / "wide.safetensors", x
 
 
@@ -94,7 +98,7 @@ def llama_pair(tmp_path: Path, what: str, name: str = "llama", shuffle_inner: bo
 
 # ---------------------------------------------------------------- exact merging
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", sorted(BARE))
 def test_duplicated_neurons_merge_exactly(tmp_path, kind):
     net, _, wide, x = bare_pair(tmp_path, kind)
     with torch.no_grad():
@@ -102,9 +106,13 @@ def test_duplicated_neurons_merge_exactly(tmp_path, kind):
     assert rel_err(ref, run_bare(wide, x)) < 1e-5  # duplication itself preserves the function
     result = compress_checkpoint(str(wide), str(tmp_path / "c.safetensors"), ratio=0.5)
     assert rel_err(ref, run_bare(tmp_path / "c.safetensors", x)) < 1e-5
-    assert all(r["compressed"] and r["width"][1] * 2 == r["width"][0] for r in result["spaces"])
-    assert all(r["distortion"] < 1e-12 for r in result["spaces"])
-    assert result["parameters"] == [open_checkpoint(wide).num_parameters(), sum(p.numel() for p in net.state_dict().values() if p.is_floating_point())]
+    for r in result["spaces"]:
+        assert (r["compressed"], r["reason"]) == (True, None) if r["kind"] != "stage" else \
+            (r["compressed"], r["reason"]) == (False, SKIP_REASONS["stage"])
+        assert r["width"][1] * (2 if r["compressed"] else 1) == r["width"][0]
+        assert r.get("distortion", 0) < 1e-12
+    kept = sum(p.numel() for p in net.state_dict().values() if p.is_floating_point())
+    assert result["parameters"] == [open_checkpoint(wide).num_parameters(), kept]
 
 
 @pytest.mark.parametrize("what,name,shuffle", [("ffn", "llama", False), ("heads", "llama", False),
@@ -140,11 +148,11 @@ def test_pruning_plans_drop_units_without_nan():
 
 # ---------------------------------------------------------------- fusing parents of different widths
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "ffn", "heads"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet", "ffn", "heads"])
 def test_fuse_maps_a_wider_parent_onto_the_anchor_widths(tmp_path, kind):
     """Rectangular OT plans: a parent with every unit duplicated (twice the width) transported onto the
     anchor is the anchor itself, so even weight 0 on the anchor gives back its function."""
-    if kind in ("mlp", "cnn"):
+    if kind in BARE:
         net, a, wide, x = bare_pair(tmp_path, kind)
         fuse_checkpoints([str(a), str(wide)], str(tmp_path / "f.safetensors"), weights="0,1")
         with torch.no_grad():
