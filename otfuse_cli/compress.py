@@ -122,15 +122,15 @@ def _config_group(spec: Spec, space: Space) -> str:
 
 
 def _check_uniform(spec: Spec, targets: dict[str, int]) -> None:
-    """HF configs hold one FFN width and one head count for every layer."""
-    seen: dict[str, int] = {}
+    """HF configs hold one FFN width and one head count for every layer (of a stack)."""
+    groups: dict[str, list[Space]] = {}
     for s in spec.spaces:
         if s.kind in ("ffn", "heads"):
-            key = _config_group(spec, s)
-            width = targets.get(s.name, s.size)
-            if seen.setdefault(key, width) != width:
-                raise OtfuseError(f"per-layer widths are not supported for {spec.family} checkpoints: config.json "
-                                  f"holds one {key} for every layer; use --width {s.kind}=N or --ratio")
+            groups.setdefault(_config_group(spec, s), []).append(s)
+    for key, spaces in groups.items():
+        if any(s.name in targets for s in spaces) and len({targets.get(s.name, s.size) for s in spaces}) > 1:
+            raise OtfuseError(f"per-layer widths are not supported for {spec.family} checkpoints: config.json "
+                              f"holds one {key} for every layer; use --width {spaces[0].kind}=N or --ratio")
 
 
 def config_overrides(spec: Spec, targets: dict[str, int]) -> dict:
@@ -155,6 +155,9 @@ def _plusplus(dist, weights: torch.Tensor, k: int, gen: torch.Generator) -> list
     d = dist(picks[0])
     for _ in range(1, k):
         p = weights * d
+        if not p.sum() > 0:  # every point sits on a seed (zero-cost copies): any unpicked point will do
+            p = weights.clone()
+            p[picks] = 0
         picks.append(int(torch.multinomial(p / p.sum(), 1, generator=gen)))
         d = torch.minimum(d, dist(picks[-1]))
     return picks
