@@ -30,3 +30,19 @@ def permuted_state_dict(state_dict: dict, spec, seed: int = 0) -> dict:
     plans = random_plans(spec, seed)
     mover = Transporter(spec, spec)
     return {k: (mover.move(k, v, plans) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
+
+
+def save_permuted_copy(src, dst, seed: int):
+    """Copy an HF folder (config, tokenizer, ...) with its weights hidden behind random permutations."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from otfuse_cli.checkpoint import open_checkpoint
+    from otfuse_cli.spec import build_spec
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model*.safetensors*", "otfuse.json"))
+    ckpt = open_checkpoint(src)
+    save_file(permuted_state_dict(ckpt.state_dict(), build_spec(ckpt), seed), f"{dst}/model.safetensors",
+              metadata={"format": "pt"})
+    return dst

@@ -4,7 +4,6 @@ memory, recorded data provenance, and one-line errors for bad data."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import assert_one_line_error, cli
 from models import TinyResNet, cnn, mlp
-from permute import permuted_state_dict
+from permute import permuted_state_dict, save_permuted_copy
 from tiny_transformers import logits, sample_inputs, save_tokenizer, sentences, tiny_model
 from otfuse_cli.align.activations import ActivationFeatures
 from otfuse_cli.align.engine import AlignOptions
@@ -68,10 +67,7 @@ def test_transformers_recover_by_activations(tmp_path, name):
         save_tokenizer(tmp_path / "a")
         data = tmp_path / "text.jsonl"
         data.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences(40)))
-    ckpt = open_checkpoint(tmp_path / "a")
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    save_file(permuted_state_dict(ckpt.state_dict(), build_spec(ckpt), seed=4), tmp_path / "b" / "model.safetensors",
-              metadata={"format": "pt"})
+    save_permuted_copy(tmp_path / "a", tmp_path / "b", seed=4)
     fuse_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "f"), options=ACTS, data=str(data))
     x = sample_inputs(name, model)
     assert rel_err(logits(model, x), logits(type(model).from_pretrained(tmp_path / "f").eval(), x)) < 1e-5
@@ -82,12 +78,7 @@ def test_real_minilm_recovers_by_activations_on_real_sentences(tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
     src = Path(gt.__file__).parent / "model"
-    ckpt = open_checkpoint(src)
-    (tmp_path / "b").mkdir()
-    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(src / f, tmp_path / "b" / f)
-    save_file(permuted_state_dict(ckpt.state_dict(), build_spec(ckpt), seed=9), tmp_path / "b" / "model.safetensors",
-              metadata={"format": "pt"})
+    save_permuted_copy(src, tmp_path / "b", seed=9)
     text = ["Optimal transport aligns the neurons of two networks before they are averaged.",
             "The film was a quiet delight, warm and funny from start to finish.",
             "Parallel training on separate shards gives models that disagree on neuron order.",

@@ -3,14 +3,13 @@ permutation in every space gives back the original function, for every family.""
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from models import TinyResNet, cnn, mlp
-from permute import permuted_state_dict
+from permute import permuted_state_dict, save_permuted_copy
 from tiny_transformers import FAMILIES, logits, sample_inputs, tiny_model
 from otfuse_cli.align.engine import AlignOptions
 from otfuse_cli.align.plans import load_plans
@@ -103,11 +102,7 @@ def test_recovered_permutation_matches_the_hidden_one(tmp_path):
 def test_transformer_families_recover_hidden_permutation(tmp_path, name):
     model = tiny_model(name)
     model.save_pretrained(tmp_path / "a")
-    ckpt = open_checkpoint(tmp_path / "a")
-    spec = build_spec(ckpt)
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    save_file(permuted_state_dict(ckpt.state_dict(), spec, seed=7), tmp_path / "b" / "model.safetensors",
-              metadata={"format": "pt"})
+    save_permuted_copy(tmp_path / "a", tmp_path / "b", seed=7)
     cls = type(model)
     x = sample_inputs(name, model)
     ref = logits(model, x)
@@ -126,10 +121,7 @@ def test_soft_alignment_recovers_permutation_too(tmp_path, name):
     """Sinkhorn plans at small regularisation through the same head/residual structure."""
     model = tiny_model(name)
     model.save_pretrained(tmp_path / "a")
-    ckpt = open_checkpoint(tmp_path / "a")
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    save_file(permuted_state_dict(ckpt.state_dict(), build_spec(ckpt), seed=3), tmp_path / "b" / "model.safetensors",
-              metadata={"format": "pt"})
+    save_permuted_copy(tmp_path / "a", tmp_path / "b", seed=3)
     fuse_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "fused"),
                      options=AlignOptions(solver="sinkhorn", reg=0.001))
     x = sample_inputs(name, model)
@@ -146,11 +138,7 @@ def test_real_minilm_recovers_hidden_permutation(tmp_path):
     ckpt = open_checkpoint(src)
     spec = build_spec(ckpt)
     assert spec.family == "bert" and len(spec.spaces) == 1 + 2 * 6 + 1  # residual, heads+ffn per layer, pooler
-    (tmp_path / "b").mkdir()
-    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(src / f, tmp_path / "b" / f)
-    save_file(permuted_state_dict(ckpt.state_dict(), spec, seed=1), tmp_path / "b" / "model.safetensors",
-              metadata={"format": "pt"})
+    save_permuted_copy(src, tmp_path / "b", seed=1)
     fuse_checkpoints([str(src), str(tmp_path / "b")], str(tmp_path / "fused"), options=AlignOptions(refine=1))
     tok = AutoTokenizer.from_pretrained(tmp_path / "fused")
     batch = tok(["Optimal transport aligns neurons before averaging.", "The film was a quiet delight."],

@@ -63,7 +63,7 @@ BERT_LAYER = rf"encoder\.layer\.{L}"
 BERT = Family(
     "bert", ("bert", "roberta", "xlm-roberta", "camembert"),
     [
-        (rf"embeddings\.(?:word|position|token_type)_embeddings\.weight", [(1, "res", "out")]),
+        (r"embeddings\.(?:word|position|token_type)_embeddings\.weight", [(1, "res", "out")]),
         (r"embeddings\.position_ids", []),
         *norm(r"embeddings\.LayerNorm"),
         *attn(*(rf"{BERT_LAYER}\.attention\.self\.{m}" for m in ("query", "key", "value")),
