@@ -236,7 +236,8 @@ def _cluster(features: Features, points, first, w, k: int, gen, metric: str, fix
 def ot_clusters(features: Features, k: int, seed: int, metric: str, fixed_inner: tuple[str, ...] = ()):
     """(labels (n,) with clusters numbered by their first unit, inner maps {channel: (n, k, d)}, distortion).
 
-    Identical units are one support point carrying their total mass, so they always share a cluster."""
+    Identical units are one support point carrying their total mass, so they always share a cluster; with
+    fewer distinct units than k the spare units get no mass (zero weights)."""
     x = torch.from_numpy(features.flat())
     n = len(x)
     points, inverse, counts = torch.unique(x, dim=0, return_inverse=True, return_counts=True)

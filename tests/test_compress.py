@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import assert_one_line_error, cli
 from models import TinyResNet, cnn, mlp
@@ -204,6 +204,12 @@ def test_digits_mlp_half_width_ot_beats_magnitude_pruning(tmp_path):
         paths[name] = tmp_path / f"{name}.safetensors"
         result = compress_checkpoint(str(src), str(paths[name]), ratio=0.5, **kw)
         assert [r["width"] for r in result["spaces"]] == [[128, 64], [128, 64]]
+    # the command line with its defaults (standardize none, seed 0) writes the same weights
+    res = cli("compress", src, "-o", tmp_path / "cli.safetensors", "--ratio", "0.5", "--align", "activations",
+              "--data", digits / "calib.safetensors", "--json")
+    assert res.exit_code == 0, res.output
+    assert all(torch.equal(v, load_file(paths["ot_activations"])[k])
+               for k, v in load_file(tmp_path / "cli.safetensors").items())
     acc = _accuracies(paths, digits / "test.safetensors")
     # measured: original 0.921, ot 0.896, ot_activations 0.909, magnitude 0.811, random 0.414
     assert acc["ot"] >= acc["magnitude"] + 0.05
