@@ -150,7 +150,7 @@ class SpaceProgress:
 
         self.progress = Progress(TextColumn("[bold]aligning[/] {task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=err_console,
-                                 disable=not enabled, transient=True)
+                                 disable=not (enabled and err_console.is_terminal), transient=True)
         self.task = self.progress.add_task("", total=total)
 
     def __enter__(self):

@@ -147,3 +147,16 @@ def test_real_minilm_recovers_hidden_permutation(tmp_path):
         ref = AutoModel.from_pretrained(src).eval()(**batch).last_hidden_state
         out = AutoModel.from_pretrained(tmp_path / "fused").eval()(**batch).last_hidden_state
     assert rel_err(ref, out) < 1e-5
+
+
+def test_bare_model_rebuild_metadata_travels_to_the_output(tmp_path):
+    """A fused gelu MLP must be rebuilt with gelu: the source's otfuse.* header metadata is kept."""
+    meta = {"format": "pt", "otfuse.arch": "mlp", "otfuse.activation": "gelu"}
+    net, sd, paths = save_bare_parents(tmp_path, "mlp")
+    for p in paths:
+        save_file(load_file(p), p, metadata=meta)
+    fuse_checkpoints([str(p) for p in paths], str(tmp_path / "f.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "f.safetensors"), "pt") as f:
+        assert {k: v for k, v in f.metadata().items() if k != "otfuse"} == meta

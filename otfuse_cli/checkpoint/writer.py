@@ -208,6 +208,8 @@ def _write(target: Path, tensors, layout: str, source: Checkpoint | None, config
     target.parent.mkdir(parents=True, exist_ok=True)
     items = tensors.items() if isinstance(tensors, dict) else tensors
     metadata = {"format": "pt"}
+    if source is not None:  # how to rebuild a bare model (architecture, activation, input shape) travels along
+        metadata.update({k: v for k, v in (source.metadata or {}).items() if k.startswith("otfuse.")})
     if provenance is not None:
         metadata["otfuse"] = json.dumps(provenance, sort_keys=True, separators=(",", ":"))
     mode = 0o666 & ~_umask()
