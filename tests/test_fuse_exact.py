@@ -4,6 +4,8 @@ permutation in every space gives back the original function, for every family.""
 from __future__ import annotations
 
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -160,3 +162,18 @@ def test_bare_model_rebuild_metadata_travels_to_the_output(tmp_path):
 
     with safe_open(str(tmp_path / "f.safetensors"), "pt") as f:
         assert {k: v for k, v in f.metadata().items() if k != "otfuse"} == meta
+
+
+def test_vit_in_memory_names_of_transformers_5(tmp_path):
+    """transformers 5 renames ViT on load; a state_dict() export (layers.N.attention.q_proj) is understood."""
+    model = tiny_model("vit")
+    model.save_pretrained(tmp_path / "a")
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert any(".attention.q_proj." in k for k in sd)
+    spec_saved = build_spec(open_checkpoint(tmp_path / "a"))
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "config.json", tmp_path / "b" / "config.json")
+    save_file(sd, tmp_path / "b" / "model.safetensors", metadata={"format": "pt"})
+    spec_memory = build_spec(open_checkpoint(tmp_path / "b"))
+    assert [(s.name, s.size, len(s.entries)) for s in spec_saved.spaces] == \
+        [(s.name, s.size, len(s.entries)) for s in spec_memory.spaces]

@@ -116,7 +116,12 @@ DISTILBERT = Family(
     tied={"mlm": r"vocab_projector\.weight"},
 )
 
-VIT_LAYER = rf"encoder\.layer\.{L}"
+# ViT is saved in its legacy names (encoder.layer.N.attention.attention.query, ...) but transformers 5 holds
+# it as layers.N.attention.q_proj / mlp.fc1 in memory, which is what a bare state_dict() export carries.
+VIT_LAYER = rf"(?:encoder\.layer|layers)\.{L}"
+VIT_Q, VIT_K, VIT_V = (rf"{VIT_LAYER}\.attention\.(?:attention\.{a}|{b}_proj)" for a, b in
+                       (("query", "q"), ("key", "k"), ("value", "v")))
+VIT_O = rf"{VIT_LAYER}\.attention\.(?:output\.dense|o_proj)"
 VIT = Family(
     "vit", ("vit",),
     [
@@ -124,11 +129,10 @@ VIT = Family(
         (r"embeddings\.position_embeddings", [(2, "res", "out")]),
         (r"embeddings\.mask_token", [(2, "res", "out")]),
         *linear(r"embeddings\.patch_embeddings\.projection", "res", None),
-        *attn(*(rf"{VIT_LAYER}\.attention\.attention\.{m}" for m in ("query", "key", "value")),
-              rf"{VIT_LAYER}\.attention\.output\.dense"),
+        *attn(VIT_Q, VIT_K, VIT_V, VIT_O),
         *norm(rf"{VIT_LAYER}\.layernorm_(?:before|after)"),
-        *linear(rf"{VIT_LAYER}\.intermediate\.dense", "ffn", "res"),
-        *linear(rf"{VIT_LAYER}\.output\.dense", "res", "ffn"),
+        *linear(rf"{VIT_LAYER}\.(?:intermediate\.dense|mlp\.fc1)", "ffn", "res"),
+        *linear(rf"{VIT_LAYER}\.(?:output\.dense|mlp\.fc2)", "res", "ffn"),
         *norm(r"vit\.layernorm"),
         *linear(r"pooler\.dense", "pooler", "res"),
         (r"^classifier\.weight", [(1, "res", "in")]),
