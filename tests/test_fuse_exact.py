@@ -3,7 +3,6 @@ permutation in every space gives back the original function, for every family.""
 
 from __future__ import annotations
 
-
 import shutil
 
 import pytest
