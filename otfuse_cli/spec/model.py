@@ -15,7 +15,7 @@ Axes that no entry covers (classes, vocabulary, positions, image channels) never
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from otfuse_cli.errors import OtfuseError
 
@@ -59,7 +59,6 @@ class Space:
 class Spec:
     family: str
     spaces: list[Space]
-    tied: list[tuple[str, str]] = field(default_factory=list)  # (kept tensor, tied alias absent from file)
     fixed_note: str = "class outputs, input features"
 
     def space(self, name: str) -> Space:
