@@ -204,6 +204,8 @@ def fuse(
     plan: Optional[str] = typer.Option(None, "--plan", help="Reuse a plan file written by `otfuse align`."),
     dtype: str = typer.Option("keep", "--dtype", help="keep, float32, float16 or bfloat16."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Shard folder outputs above this size."),
+    repair_bn: bool = typer.Option(False, "--repair-bn", help="Re-estimate BatchNorm statistics of the fused "
+                                                              "model on --data (CNNs, ResNets)."),
     align_by: str = ALIGN_OPT, solver: str = SOLVER_OPT, reg: float = REG_OPT, metric: str = METRIC_OPT,
     marginals: str = MARGINALS_OPT, refine: int = REFINE_OPT, cost_norm: str = COST_NORM_OPT,
     anchor: int = ANCHOR_OPT,
@@ -223,7 +225,8 @@ def fuse(
     with report.SpaceProgress(None, enabled=not json_out) as progress:
         result = fuse_checkpoints(models, output, anchor=anchor, weights=weights, method=method, options=options,
                                   plan_file=plan, dtype=dtype, max_shard_size=max_shard_size, force=force,
-                                  command_options=command_options, on_space=progress, **extra)
+                                  command_options=command_options, on_space=progress, repair_bn=repair_bn,
+                                  repair_data=data, **extra)
     if json_out:
         report.print_json(result)
     else:

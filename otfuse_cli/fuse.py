@@ -128,9 +128,12 @@ def check_plans(plans, specs, anchor: int) -> None:
 def fuse_checkpoints(paths: list[str], output: str, *, anchor: int = 0, weights: str | None = None,
                      method: str = "ot", options: AlignOptions | None = None, plan_file: str | None = None,
                      dtype: str = "keep", max_shard_size: int | str = 5 * 10**9, force: bool = False,
-                     command_options: dict | None = None, on_space=None, **data) -> dict:
+                     command_options: dict | None = None, on_space=None, repair_bn: bool = False,
+                     repair_data: str | None = None, **data) -> dict:
     options = options or AlignOptions()
     refuse_existing(output, force)
+    if repair_bn and not repair_data:
+        raise OtfuseError("--repair-bn needs --data FILE with sample inputs")
     if method not in ("ot", "average"):
         raise OtfuseError(f"unknown --method {method!r}; use ot or average")
     if dtype != "keep" and dtype not in DTYPES:
@@ -148,8 +151,15 @@ def fuse_checkpoints(paths: list[str], output: str, *, anchor: int = 0, weights:
     layout = "folder" if ckpts[anchor].folder is not None else "file"
     record = provenance("fuse", {**(command_options or {}), "method": method, "anchor": anchor, "weights": w,
                                  "dtype": dtype, "align": options.to_json(), "plan_file": plan_file,
+                                 "repair_bn": str(repair_data) if repair_bn else None,
                                  **({"data": data["data_info"]} if data.get("data_info") else {})}, ckpts)
-    out = write_checkpoint(output, fused_tensors(ckpts, specs, plans, anchor, w, dtype), layout=layout,
+    tensors = fused_tensors(ckpts, specs, plans, anchor, w, dtype)
+    if repair_bn:  # needs the whole fused model in memory to run it
+        from otfuse_cli.repair import repair_batchnorm
+
+        tensors = repair_batchnorm(dict(tensors), ckpts[anchor], repair_data, seed=data.get("seed", 0),
+                                   activation=data.get("activation"))
+    out = write_checkpoint(output, tensors, layout=layout,
                            source=ckpts[anchor], provenance=record, max_shard_size=max_shard_size, force=force)
     return {"output": str(out), "family": specs[anchor].family, "method": method, "anchor": anchor,
             "weights": w, "spaces": plan_summary(plans, specs, anchor)}
