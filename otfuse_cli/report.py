@@ -128,7 +128,8 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def alignment_table(rows: list[dict], title: str) -> Table:
-    """Per-space alignment result: width, cost before/after, neurons kept in place, plan entropy."""
+    """Per-space alignment result: width, cost before/after, neurons kept in place, plan entropy, solver
+    (with Sinkhorn's marginal error)."""
     table = Table(title=title, title_justify="left")
     for col in ("model", "space", "kind", "width", "cost before", "cost after", "stay", "entropy", "solver"):
         table.add_column(col, justify="left" if col in ("space", "kind", "solver") else "right")
@@ -138,7 +139,7 @@ def alignment_table(rows: list[dict], title: str) -> Table:
                       f"{width[0]}→{width[1]}" if width[0] != width[1] else str(width[0]),
                       _fmt(r.get("cost_before")), _fmt(r.get("cost_after")),
                       f"{100 * r['stay']:.0f}%" if "stay" in r else "-", _fmt(r.get("entropy"), 3),
-                      r.get("solver", ""))
+                      r.get("solver", "") + (f" ±{r['marginal_error']:.0e}" if "marginal_error" in r else ""))
     return table
 
 
