@@ -48,7 +48,8 @@ def sample_batches(model, data: str, samples: int, seed: int, max_length: int, b
     batches = []
     for i in range(0, len(texts), batch_size):
         enc = tokenize_texts(tokenizer, texts[i:i + batch_size], max_length=max_length)
-        enc.pop("token_type_ids", None) if "token_type_ids" not in getattr(tokenizer, "model_input_names", []) else None
+        if "token_type_ids" not in getattr(tokenizer, "model_input_names", []):
+            enc.pop("token_type_ids", None)  # e.g. GPT-2 and Llama forwards reject them
         batches.append((enc, enc["attention_mask"].bool()))
     return batches
 
