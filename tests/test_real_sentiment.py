@@ -2,7 +2,7 @@
 snippets, different seeds), scored on 1,000 held-out reviews.
 
 Measured on the committed fixtures: parents 75.6% / 75.1%, vanilla average 68.2%, OT weights exact 76.3%,
-OT weights Sinkhorn (reg 0.02) 76.4%, OT activations (zscore) 75.3%, OT activations (center) 76.1%."""
+OT weights Sinkhorn (reg 0.02) 76.4%, OT activations (zscore) 75.6%, OT activations (center) 76.0%."""
 
 from __future__ import annotations
 
@@ -55,5 +55,5 @@ def test_ot_fusion_matches_the_parents(scores):
 
 def test_activation_plans_are_within_a_point_of_weight_plans(scores):
     assert scores["ot_act_center"] >= scores["ot_exact"] - 0.01, scores
-    assert scores["ot_act_zscore"] >= scores["ot_exact"] - 0.015, scores  # measured -1.0 point
+    assert scores["ot_act_zscore"] >= scores["ot_exact"] - 0.01, scores  # measured -0.7 points
     assert scores["ot_act_zscore"] > scores["average"] + 0.05, scores

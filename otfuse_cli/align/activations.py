@@ -75,12 +75,18 @@ def loaded_names(module: nn.Module, tensors: list[str]) -> dict[str, str]:
 
 
 class Recorder:
-    """Forward hooks that keep a fixed, seeded subset of rows of each producer's output."""
+    """Forward hooks that keep a seeded sample of at most max_tokens rows of each producer's output.
+
+    Sampling happens as batches arrive (each row gets a random key, the rows with the smallest keys are
+    kept), so memory stays at max_tokens + one batch per hook. Keys come from a generator seeded the same
+    way for every model and rows arrive in the same order, so all models keep the same rows."""
 
     def __init__(self, module: nn.Module, tensors: list[str], max_tokens: int, seed: int, post_fn=None):
         self.max_tokens, self.seed, self.post_fn = max_tokens, seed, post_fn
-        names = sorted({module_of(t) for t in tensors})
-        self.rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self.kept: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # rows, keys, row numbers
+        self.seen: dict[str, int] = {}
+        self.gens: dict[str, torch.Generator] = {}
+        self.peak_rows = 0
         self.mask: torch.Tensor | None = None
         self.handles = []
         modules = dict(module.named_modules())
@@ -105,22 +111,28 @@ class Recorder:
                 if tuple(out.shape[:2]) != tuple(self.mask.shape):
                     return  # e.g. position embeddings computed once per batch: not per-token rows
                 out = out[self.mask]
-            self.rows[name].append(out.reshape(-1, out.shape[-1]).detach().float())
+            self._keep(name, out.reshape(-1, out.shape[-1]).detach().float())
         return hook
+
+    def _keep(self, name: str, rows: torch.Tensor) -> None:
+        gen = self.gens.setdefault(name, torch.Generator().manual_seed(self.seed))
+        start = self.seen.get(name, 0)
+        self.seen[name] = start + len(rows)
+        keys, numbers = torch.rand(len(rows), generator=gen), torch.arange(start, start + len(rows))
+        if name in self.kept:
+            old_rows, old_keys, old_numbers = self.kept[name]
+            rows, keys, numbers = torch.cat([old_rows, rows]), torch.cat([old_keys, keys]), torch.cat([old_numbers, numbers])
+        self.peak_rows = max(self.peak_rows, len(rows))
+        if len(rows) > self.max_tokens:
+            pick = torch.topk(keys, self.max_tokens, largest=False).indices
+            rows, keys, numbers = rows[pick.to(rows.device)], keys[pick], numbers[pick]
+        self.kept[name] = (rows, keys, numbers)
 
     def close(self) -> dict[str, torch.Tensor]:
         for _, h in self.handles:
             h.remove()
-        gen = torch.Generator().manual_seed(self.seed)
-        result = {}
-        for name, chunks in self.rows.items():
-            if not chunks:
-                continue
-            x = torch.cat(chunks)
-            if len(x) > self.max_tokens:  # bounded memory: the same seeded rows for every model
-                x = x[torch.randperm(len(x), generator=gen)[: self.max_tokens].sort().values.to(x.device)]
-            result[name] = x
-        return result
+        # rows in the order they arrived, identical across models
+        return {name: rows[numbers.argsort().to(rows.device)] for name, (rows, _, numbers) in self.kept.items()}
 
 
 def module_of(tensor: str) -> str:
@@ -128,8 +140,9 @@ def module_of(tensor: str) -> str:
 
 
 def collect(ckpt, spec: Spec, *, data: str, samples: int, seed: int, max_tokens: int, activation: str | None,
-            post_activation: bool, max_length: int, device: str) -> dict[str, torch.Tensor]:
-    """Producer outputs on the sample inputs: {module name: (rows, features)}."""
+            post_activation: bool, max_length: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+    """Producer outputs on the sample inputs, {module name: (rows, features)}, and the most rows any hook
+    held at once (memory is bounded by max_tokens plus one batch)."""
     model = load_runnable(ckpt, activation=activation, device=resolve_device(device))
     names = sorted({e.tensor for s in spec.spaces for e in s.entries if e.role == "out"})
     post = None
@@ -147,7 +160,7 @@ def collect(ckpt, spec: Spec, *, data: str, samples: int, seed: int, max_tokens:
     except RuntimeError as exc:
         recorder.close()
         raise OtfuseError(f"the sample inputs do not fit the model: {str(exc).splitlines()[0]}") from None
-    return recorder.close()
+    return recorder.close(), recorder.peak_rows
 
 
 def data_info(data: str, samples: int = 256, seed: int = 0, max_tokens: int = 4096, standardize: str = "zscore",
@@ -180,9 +193,9 @@ class ActivationFeatures:
         cache = anchor.__dict__.setdefault("_activations", {})
         key = repr(sorted(collect_options.items()))
         if key not in cache:  # the anchor runs once however many parents there are
-            cache[key] = collect(anchor.ckpt, anchor_spec, **collect_options)
+            cache[key] = collect(anchor.ckpt, anchor_spec, **collect_options)[0]
         self.anchor_acts = cache[key]
-        self.parent_acts = collect(parent.ckpt, parent_spec, **collect_options)
+        self.parent_acts, self.peak_rows = collect(parent.ckpt, parent_spec, **collect_options)
         self.stored_bytes = sum(x.numel() * x.element_size() for x in self.parent_acts.values())
 
     def _unit_rows(self, acts, entry, size):
