@@ -176,3 +176,17 @@ def test_vit_in_memory_names_of_transformers_5(tmp_path):
     spec_memory = build_spec(open_checkpoint(tmp_path / "b"))
     assert [(s.name, s.size, len(s.entries)) for s in spec_saved.spaces] == \
         [(s.name, s.size, len(s.entries)) for s in spec_memory.spaces]
+
+
+def test_uncached_tensor_source_gives_the_same_plans(tmp_path):
+    """Large checkpoints are read on demand instead of cached: same plans either way."""
+    from otfuse_cli.align.engine import align_pair
+    from otfuse_cli.align.weights import TensorSource, WeightFeatures
+
+    _, _, paths = save_bare_parents(tmp_path, "cnn")
+    a, b = open_checkpoint(paths[0]), open_checkpoint(paths[1])
+    spec = build_spec(a)
+    plans = [align_pair(spec, spec, WeightFeatures(spec, spec, TensorSource(a, "a", cache=c), TensorSource(b, "b", cache=c)),
+                        AlignOptions()) for c in (True, False)]
+    for name in plans[0]:
+        assert torch.equal(plans[0][name].coupling, plans[1][name].coupling)

@@ -11,21 +11,29 @@ from otfuse_cli.errors import OtfuseError
 from otfuse_cli.spec.model import Entry, Spec
 
 
-class TensorSource:
-    """float32 view of a checkpoint's tensors, read lazily, cached, checked for NaN/Inf once."""
+CACHE_LIMIT = 4 * 10**9  # bytes on disk: smaller checkpoints keep float32 copies for the refinement sweeps
 
-    def __init__(self, ckpt, label: str):
+
+class TensorSource:
+    """float32 view of a checkpoint's tensors, read lazily and checked for NaN/Inf. Small checkpoints are
+    cached (refinement reads every tensor several times); large ones are re-read from the memory-mapped
+    file each time, so alignment never holds two large models in memory."""
+
+    def __init__(self, ckpt, label: str, cache: bool | None = None):
         self.ckpt, self.label, self.cache = ckpt, label, {}
+        self.caching = cache if cache is not None else ckpt.size_on_disk() < CACHE_LIMIT
 
     def __call__(self, name: str) -> torch.Tensor:
-        if name not in self.cache:
-            x = self.ckpt.get(name)
-            if x.is_floating_point():
-                if not bool(torch.isfinite(x).all()):
-                    raise OtfuseError(f"{self.label}: tensor {name} contains NaN or Inf")
-                x = x.float()
+        if name in self.cache:
+            return self.cache[name]
+        x = self.ckpt.get(name)
+        if x.is_floating_point():
+            if not bool(torch.isfinite(x).all()):
+                raise OtfuseError(f"{self.label}: tensor {name} contains NaN or Inf")
+            x = x.float()
+        if self.caching:
             self.cache[name] = x
-        return self.cache[name]
+        return x
 
 
 def unit_slices(x: torch.Tensor, entry: Entry, size: int) -> torch.Tensor:
