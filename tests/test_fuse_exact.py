@@ -190,3 +190,15 @@ def test_uncached_tensor_source_gives_the_same_plans(tmp_path):
                         AlignOptions()) for c in (True, False)]
     for name in plans[0]:
         assert torch.equal(plans[0][name].coupling, plans[1][name].coupling)
+
+
+def test_l2_marginals_are_the_neuron_norms(tmp_path):
+    """--marginals l2: support masses proportional to each neuron's incoming weight norm (emd path)."""
+    _, sd, paths = save_bare_parents(tmp_path, "mlp")
+    align_checkpoints([str(paths[1]), str(paths[0])], str(tmp_path / "p.safetensors"),
+                      options=AlignOptions(marginals="l2", refine=0))
+    plans, _ = load_plans(tmp_path / "p.safetensors")
+    coupling = plans[1]["0"].coupling
+    norms = torch.sqrt((sd["0.weight"].double() ** 2).sum(1) + sd["0.bias"].double() ** 2)
+    assert torch.allclose(coupling.sum(1), norms / norms.sum(), atol=1e-9)
+    assert plans[1]["0"].stats["solver"] == "emd"

@@ -31,9 +31,16 @@ class Features:
     def empty(self) -> bool:
         return not self.plain and not self.channels
 
+    def parts(self) -> list[torch.Tensor]:
+        return list(self.plain) + [x.reshape(x.shape[0], -1) for xs in self.channels.values() for x in xs]
+
     def flat(self) -> np.ndarray:
-        parts = list(self.plain) + [x.reshape(x.shape[0], -1) for xs in self.channels.values() for x in xs]
-        return torch.cat(parts, 1).double().cpu().numpy()
+        return torch.cat(self.parts(), 1).double().cpu().numpy()
+
+    def mass(self, order: int) -> np.ndarray:
+        """Per-unit L1 or L2 norm of all features, accumulated entry by entry (no concatenated copy)."""
+        total = sum(x.double().abs().pow(order).sum(1) for x in self.parts())
+        return total.pow(1.0 / order).cpu().numpy()
 
 
 def pairwise(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
@@ -48,11 +55,26 @@ def pairwise(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
     raise OtfuseError(f"unknown ground metric {metric!r}; use {' or '.join(METRICS)}")
 
 
+def plain_cost(xs: list[torch.Tensor], ys: list[torch.Tensor], metric: str) -> torch.Tensor:
+    """pairwise() over the concatenation of the entries, accumulated one entry at a time in float64, so a
+    residual stream touching every tensor never needs a concatenated copy of the model."""
+    if metric not in METRICS:
+        raise OtfuseError(f"unknown ground metric {metric!r}; use {' or '.join(METRICS)}")
+    dot = nx = ny = 0
+    for x, y in zip(xs, ys):
+        x, y = x.double(), y.double()
+        dot = dot + x @ y.T
+        nx, ny = nx + (x * x).sum(1), ny + (y * y).sum(1)
+    if metric == "sqeuclidean":
+        return (nx[:, None] + ny[None, :] - 2 * dot).clamp_min(0)
+    return 1.0 - dot / (nx.sqrt()[:, None] * ny.sqrt()[None, :]).clamp_min(1e-24)
+
+
 def unit_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tuple[str, ...] = ()):
     """(cost (n, m) numpy, inner maps {channel: (n, m, d) LongTensor})."""
     cost = None
     if parent.plain:
-        cost = pairwise(torch.cat(parent.plain, 1), torch.cat(anchor.plain, 1), metric)
+        cost = plain_cost(parent.plain, anchor.plain, metric)
     inner = {}
     for channel, xs in parent.channels.items():
         xp = torch.cat(xs, -1)  # (n, d, D)

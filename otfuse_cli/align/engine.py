@@ -54,8 +54,8 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
                 raise OtfuseError(f"space {sa.name!r} has no features to align widths {sp.size} and {sa.size}")
             return Plan.identity(sa.size)
         cost, inner = unit_cost(fp, fa, options.metric, sa.fixed_inner)
-        a = marginal(fp.flat(), sp.size, options.marginals)
-        b = marginal(fa.flat(), sa.size, options.marginals)
+        a = marginal(fp, sp.size, options.marginals)
+        b = marginal(fa, sa.size, options.marginals)
         coupling, info = solve(normalize(cost, options.cost_norm), a, b, options.solver, options.reg)
         return Plan(torch.from_numpy(coupling), inner, plan_stats(cost, coupling, info))
 

