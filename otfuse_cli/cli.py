@@ -340,7 +340,7 @@ def compress(
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Shrink a model's hidden/channel/FFN/head widths by merging neurons with OT clustering (or pruning)."""
-    from otfuse_cli.compress import compress_checkpoint, compress_table
+    from otfuse_cli.compress import compress_checkpoint
 
     options = _align_options(align_by, "exact", 0.01, metric, "uniform", 0)
     extra = _data_options(align_by, data, samples, seed, max_tokens, standardize, activation, post_activation,
@@ -355,7 +355,7 @@ def compress(
     if json_out:
         report.print_json(result)
     else:
-        report.console.print(compress_table(result))
+        report.console.print(report.compress_table(result))
 
 
 def escape_path(path: str) -> str:

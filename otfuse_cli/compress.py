@@ -20,10 +20,10 @@ import torch
 from otfuse_cli.align.cost import Features, unit_cost
 from otfuse_cli.align.engine import AlignOptions
 from otfuse_cli.align.transport import Plan, Transporter
-from otfuse_cli.align.weights import TensorSource, WeightFeatures, unit_slices
+from otfuse_cli.align.weights import TensorSource, WeightFeatures, checked_float, unit_slices
 from otfuse_cli.checkpoint import open_checkpoint, parse_size, provenance, write_checkpoint
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.fuse import DTYPES, feature_provider, refuse_existing, with_data_info
+from otfuse_cli.fuse import check_dtype, feature_provider, layout_of, output_dtype, refuse_existing, with_data_info
 from otfuse_cli.spec import build_spec
 from otfuse_cli.spec.model import Space, Spec
 
@@ -305,12 +305,9 @@ def compressed_tensors(ckpt, mover: Transporter, plans: dict[str, Plan], dtype: 
         if not x.is_floating_point():
             yield name, x
             continue
-        y = x.float()
-        if not bool(torch.isfinite(y).all()):
-            raise OtfuseError(f"{ckpt.path}: tensor {name} contains NaN or Inf")
-        y = mover.move(name, y, plans)
+        y = mover.move(name, checked_float(x, str(ckpt.path), name), plans)
         count[0] += y.numel()
-        yield name, y.to(x.dtype if dtype == "keep" else DTYPES[dtype])
+        yield name, y.to(output_dtype(x.dtype, dtype))
 
 
 def compress_checkpoint(path: str, output: str, *, ratio: float | None = None, widths=None, method: str = "ot",
@@ -322,8 +319,7 @@ def compress_checkpoint(path: str, output: str, *, ratio: float | None = None, w
     refuse_existing(output, force)
     if method not in METHODS:
         raise OtfuseError(f"unknown --method {method!r}; use {', '.join(METHODS)}")
-    if dtype != "keep" and dtype not in DTYPES:
-        raise OtfuseError(f"unknown --dtype {dtype!r}; use keep, float32, float16 or bfloat16")
+    check_dtype(dtype)
     parse_size(max_shard_size)
     ckpt = open_checkpoint(path)
     spec = build_spec(ckpt)
@@ -354,7 +350,7 @@ def compress_checkpoint(path: str, output: str, *, ratio: float | None = None, w
                                      **({"data": data["data_info"]} if data.get("data_info") else {})}, [ckpt])
     count = [0]
     out = write_checkpoint(output, compressed_tensors(ckpt, Transporter(target, spec), plans, dtype, count),
-                           layout="folder" if ckpt.folder is not None else "file", source=ckpt,
+                           layout=layout_of(ckpt), source=ckpt,
                            config_overrides=config_overrides(spec, targets) if hf else None, provenance=record,
                            max_shard_size=max_shard_size, force=force)
     spaces = [{"space": s.name, "kind": s.kind, "width": [s.size, targets.get(s.name, s.size)],
@@ -362,23 +358,3 @@ def compress_checkpoint(path: str, output: str, *, ratio: float | None = None, w
               for s in spec.spaces]
     return {"output": str(out), "family": spec.family, "method": method, "spaces": spaces,
             "parameters": [ckpt.num_parameters(), count[0]]}
-
-
-def compress_table(result: dict):
-    """Per-space widths and why a space kept its width."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=f"compress ({result['method']}) → {escape(result['output'])}", title_justify="left")
-    for col in ("space", "kind", "width", "note"):
-        table.add_column(col, justify="right" if col == "width" else "left", overflow="fold")
-    for r in result["spaces"]:
-        n, k = r["width"]
-        if r["compressed"]:
-            note = f"distortion {r['distortion']:.3g}" if "distortion" in r else result["method"]
-        else:
-            note = f"[dim]{escape(r['reason'] or '')}[/]"
-        table.add_row(escape(r["space"]), r["kind"], f"{n}→{k}" if r["compressed"] else str(n), note)
-    before, after = result["parameters"]
-    table.caption = f"parameters {before:,} → {after:,} ({after / before:.1%})"
-    return table

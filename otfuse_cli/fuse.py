@@ -11,13 +11,28 @@ import torch
 from otfuse_cli.align.engine import AlignOptions, align_pair
 from otfuse_cli.align.plans import load_plans, save_plans
 from otfuse_cli.align.transport import Plan, Transporter
-from otfuse_cli.align.weights import TensorSource, WeightFeatures
+from otfuse_cli.align.weights import TensorSource, WeightFeatures, checked_float
 from otfuse_cli.checkpoint import open_checkpoint, provenance, write_checkpoint
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.spec import build_spec, check_compatible
 from otfuse_cli.spec.model import Spec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype != "keep" and dtype not in DTYPES:
+        raise OtfuseError(f"unknown --dtype {dtype!r}; use keep, float32, float16 or bfloat16")
+
+
+def output_dtype(source: torch.dtype, dtype: str) -> torch.dtype:
+    """--dtype keep: the input tensor's own dtype."""
+    return source if dtype == "keep" else DTYPES[dtype]
+
+
+def layout_of(ckpt) -> str:
+    """Outputs take the input's form: a folder stays a folder, a file stays a file."""
+    return "folder" if ckpt.folder is not None else "file"
 
 
 def refuse_existing(output: str | Path, force: bool) -> None:
@@ -101,16 +116,14 @@ def fused_tensors(ckpts, specs, plans, anchor: int, weights: list[float],
             continue
         acc = torch.zeros(ref.shape, dtype=torch.float32)
         for k, ckpt in enumerate(ckpts):
-            x = ckpt.get(name).float()
-            if not bool(torch.isfinite(x).all()):
-                raise OtfuseError(f"{label(ckpt, k)}: tensor {name} contains NaN or Inf")
+            x = checked_float(ckpt.get(name), label(ckpt, k), name)
             if k != anchor:
                 x = movers[k].move(name, x, plans[k])
             if x.shape != acc.shape:
                 raise OtfuseError(f"{label(ckpt, k)}: {name} has shape {tuple(x.shape)}, anchor "
                                   f"{tuple(acc.shape)}; use --method ot to fuse different widths")
             acc += weights[k] * x
-        yield name, acc.to(ref.dtype if dtype == "keep" else DTYPES[dtype])
+        yield name, acc.to(output_dtype(ref.dtype, dtype))
 
 
 def check_plans(plans, specs, anchor: int) -> None:
@@ -136,8 +149,7 @@ def fuse_checkpoints(paths: list[str], output: str, *, anchor: int = 0, weights:
         raise OtfuseError("--repair-bn needs --data FILE with sample inputs")
     if method not in ("ot", "average"):
         raise OtfuseError(f"unknown --method {method!r}; use ot or average")
-    if dtype != "keep" and dtype not in DTYPES:
-        raise OtfuseError(f"unknown --dtype {dtype!r}; use keep, float32, float16 or bfloat16")
+    check_dtype(dtype)
     ckpts, specs = load_models(paths, anchor)
     w = parse_weights(weights, len(ckpts))
     if method == "average":
@@ -148,7 +160,6 @@ def fuse_checkpoints(paths: list[str], output: str, *, anchor: int = 0, weights:
     else:
         data = with_data_info(options, data)
         plans = compute_plans(ckpts, specs, anchor, options, on_space, **data)
-    layout = "folder" if ckpts[anchor].folder is not None else "file"
     record = provenance("fuse", {**(command_options or {}), "method": method, "anchor": anchor, "weights": w,
                                  "dtype": dtype, "align": options.to_json(), "plan_file": plan_file,
                                  "repair_bn": str(repair_data) if repair_bn else None,
@@ -159,7 +170,7 @@ def fuse_checkpoints(paths: list[str], output: str, *, anchor: int = 0, weights:
 
         tensors = repair_batchnorm(dict(tensors), ckpts[anchor], repair_data, seed=data.get("seed", 0),
                                    activation=data.get("activation"))
-    out = write_checkpoint(output, tensors, layout=layout,
+    out = write_checkpoint(output, tensors, layout=layout_of(ckpts[anchor]),
                            source=ckpts[anchor], provenance=record, max_shard_size=max_shard_size, force=force)
     return {"output": str(out), "family": specs[anchor].family, "method": method, "anchor": anchor,
             "weights": w, "spaces": plan_summary(plans, specs, anchor)}

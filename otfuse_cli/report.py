@@ -163,3 +163,20 @@ class SpaceProgress:
 
     def __call__(self, space: str) -> None:
         self.progress.update(self.task, advance=1, description=escape(space))
+
+
+def compress_table(result: dict):
+    """Per-space widths and why a space kept its width."""
+    table = Table(title=f"compress ({result['method']}) → {escape(result['output'])}", title_justify="left")
+    for col in ("space", "kind", "width", "note"):
+        table.add_column(col, justify="right" if col == "width" else "left", overflow="fold")
+    for r in result["spaces"]:
+        n, k = r["width"]
+        if r["compressed"]:
+            note = f"distortion {r['distortion']:.3g}" if "distortion" in r else result["method"]
+        else:
+            note = f"[dim]{escape(r['reason'] or '')}[/]"
+        table.add_row(escape(r["space"]), r["kind"], f"{n}→{k}" if r["compressed"] else str(n), note)
+    before, after = result["parameters"]
+    table.caption = f"parameters {before:,} → {after:,} ({after / before:.1%})"
+    return table

@@ -7,14 +7,13 @@ is bounded by max_tokens x total width. Costs are then built by the same code as
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from otfuse_cli.align.cost import Features
 from otfuse_cli.align.weights import TensorSource
+from otfuse_cli.checkpoint import sha256_file
 from otfuse_cli.data import is_tensor_file, load_records, load_tensors, tokenize_texts
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.runnable import load_runnable, resolve_device
@@ -23,10 +22,6 @@ from otfuse_cli.spec.model import Spec
 STANDARDIZE = ("none", "center", "zscore")
 CHANNEL_FIRST = (nn.Conv2d, nn.BatchNorm2d, nn.Conv1d, nn.BatchNorm1d)
 ACTIVATIONS = {"relu": torch.relu, "gelu": nn.functional.gelu, "tanh": torch.tanh}
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def sample_batches(model, data: str, samples: int, seed: int, max_length: int, batch_size: int = 32):
@@ -166,7 +161,7 @@ def collect(ckpt, spec: Spec, *, data: str, samples: int, seed: int, max_tokens:
 def data_info(data: str, samples: int = 256, seed: int = 0, max_tokens: int = 4096, standardize: str = "zscore",
               **_ignored) -> dict:
     """What produced activation-based plans (recorded in plan files and provenance)."""
-    return {"file": str(data), "sha256": file_sha256(data), "samples": samples, "seed": seed,
+    return {"file": str(data), "sha256": sha256_file(data), "samples": samples, "seed": seed,
             "max_tokens": max_tokens, "standardize": standardize}
 
 
@@ -196,7 +191,6 @@ class ActivationFeatures:
             cache[key] = collect(anchor.ckpt, anchor_spec, **collect_options)[0]
         self.anchor_acts = cache[key]
         self.parent_acts, self.peak_rows = collect(parent.ckpt, parent_spec, **collect_options)
-        self.stored_bytes = sum(x.numel() * x.element_size() for x in self.parent_acts.values())
 
     def _unit_rows(self, acts, entry, size):
         """An "out" entry's slice of its module's output features: (units, inner, rep*rows)."""
@@ -220,8 +214,8 @@ class ActivationFeatures:
             ua = self._unit_rows(self.anchor_acts, ea, sa.size)
             if up is None or ua is None or up.shape[1:] != ua.shape[1:]:
                 continue
-            fp.add(ep.channel if ep.inner > 1 else "", up if ep.inner > 1 else up[:, 0])
-            fa.add(ea.channel if ea.inner > 1 else "", ua if ea.inner > 1 else ua[:, 0])
+            fp.add(ep, up)
+            fa.add(ea, ua)
         for module, _ in seen:  # each space is solved once: release the parent's rows
             self.parent_acts.pop(module, None)
         return fp, fa
@@ -231,8 +225,6 @@ def activation_provider(anchor_spec, parent_spec, anchor_src, parent_src, *, dat
                         seed: int = 0, max_tokens: int = 4096, standardize: str = "zscore",
                         activation: str | None = None, post_activation: bool = False, max_length: int = 128,
                         device: str = "auto", **_ignored) -> ActivationFeatures:
-    if not Path(data).is_file():
-        raise OtfuseError(f"data file not found: {data}")
     if max_tokens < 1:
         raise OtfuseError(f"--max-tokens must be at least 1, got {max_tokens}")
     return ActivationFeatures(anchor_spec, parent_spec, anchor_src, parent_src, standardize=standardize,

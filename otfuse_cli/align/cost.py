@@ -22,9 +22,10 @@ class Features:
     plain: list[torch.Tensor] = field(default_factory=list)  # each (n, D)
     channels: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # each (n, d, D)
 
-    def add(self, channel: str, x: torch.Tensor) -> None:
-        if channel:
-            self.channels.setdefault(channel, []).append(x)
+    def add(self, entry, x: torch.Tensor) -> None:
+        """x: (units, inner, D) slices of one entry; within-unit dims go to the entry's channel."""
+        if entry.inner > 1:
+            self.channels.setdefault(entry.channel, []).append(x)
         else:
             self.plain.append(x.reshape(x.shape[0], -1))
 

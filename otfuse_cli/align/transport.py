@@ -24,14 +24,6 @@ class Plan:
     def identity(cls, n: int) -> "Plan":
         return cls(torch.eye(n, dtype=torch.float64) / n)
 
-    @property
-    def a(self) -> torch.Tensor:
-        return self.coupling.sum(1)
-
-    @property
-    def b(self) -> torch.Tensor:
-        return self.coupling.sum(0)
-
     def hard_index(self) -> torch.Tensor | None:
         """src[u] = the parent unit moved to anchor unit u, when the plan is a scaled permutation."""
         if "_hard" not in self.__dict__:
@@ -40,6 +32,14 @@ class Plan:
             ok = n == m and bool((nz.sum(0) == 1).all()) and bool((nz.sum(1) == 1).all())
             self.__dict__["_hard"] = self.coupling.argmax(0) if ok else None
         return self.__dict__["_hard"]
+
+    def is_identity(self) -> bool:
+        """A hard plan that moves nothing (the anchor's own basis): transport can skip it."""
+        if "_identity" not in self.__dict__:
+            src = self.hard_index()
+            self.__dict__["_identity"] = (src is not None and not self.inner
+                                          and bool((src == torch.arange(len(src))).all()))
+        return self.__dict__["_identity"]
 
     def weights(self, role: str) -> torch.Tensor:
         c = self.coupling
@@ -108,10 +108,8 @@ class Transporter:
                 if ep.start > pos:  # untouched gap, e.g. a slice of another role
                     pieces.append(y[..., pos:ep.start])
                 chunk = y[..., ep.start:ep.start + ep.span(n)]
-                if space != skip and space in plans:
-                    src = plans[space].hard_index()
-                    if not (src is not None and bool((src == torch.arange(m)).all()) and not plans[space].inner):
-                        chunk = _move_slice(chunk, ep, plans[space], n, m)
+                if space != skip and space in plans and not plans[space].is_identity():
+                    chunk = _move_slice(chunk, ep, plans[space], n, m)
                 pieces.append(chunk)
                 pos = ep.start + ep.span(n)
             if pos < y.shape[-1]:

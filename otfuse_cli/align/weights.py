@@ -14,6 +14,13 @@ from otfuse_cli.spec.model import Entry, Spec
 CACHE_LIMIT = 4 * 10**9  # bytes on disk: smaller checkpoints keep float32 copies for the refinement sweeps
 
 
+def checked_float(x: torch.Tensor, label: str, name: str) -> torch.Tensor:
+    """float32 copy of a floating tensor, refusing NaN/Inf so they are reported, not propagated."""
+    if not bool(torch.isfinite(x).all()):
+        raise OtfuseError(f"{label}: tensor {name} contains NaN or Inf")
+    return x.float()
+
+
 class TensorSource:
     """float32 view of a checkpoint's tensors, read lazily and checked for NaN/Inf. Small checkpoints are
     cached (refinement reads every tensor several times); large ones are re-read from the memory-mapped
@@ -28,9 +35,7 @@ class TensorSource:
             return self.cache[name]
         x = self.ckpt.get(name)
         if x.is_floating_point():
-            if not bool(torch.isfinite(x).all()):
-                raise OtfuseError(f"{self.label}: tensor {name} contains NaN or Inf")
-            x = x.float()
+            x = checked_float(x, self.label, name)
         if self.caching:
             self.cache[name] = x
         return x
@@ -62,6 +67,6 @@ class WeightFeatures:
             up, ua = unit_slices(xp, ep, sp.size), unit_slices(xa, ea, sa.size)
             if up.shape[1:] != ua.shape[1:]:
                 continue  # an unaligned axis of another width: no comparable signal yet
-            fp.add(ep.channel if ep.inner > 1 else "", up if ep.inner > 1 else up[:, 0])
-            fa.add(ea.channel if ea.inner > 1 else "", ua if ea.inner > 1 else ua[:, 0])
+            fp.add(ep, up)
+            fa.add(ea, ua)
         return fp, fa
