@@ -63,7 +63,7 @@ def fusion_row():
 
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.fuse import fuse_checkpoints
-    from otfuse_cli.spec import build_spec
+    from otfuse_cli.arch import build_spec
     from permute import permuted_state_dict
 
     src = Path(gt.__file__).parent / "model"

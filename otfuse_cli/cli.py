@@ -106,7 +106,7 @@ def inspect(
     """Summarise checkpoints; with two or more, say whether their layouts can be fused."""
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.inspect import compare, summarize
-    from otfuse_cli.spec import build_spec
+    from otfuse_cli.arch import build_spec
 
     ckpts = [open_checkpoint(m) for m in models]
     summaries = [summarize(c) for c in ckpts]

@@ -24,8 +24,8 @@ from otfuse_cli.align.weights import TensorSource, WeightFeatures, checked_float
 from otfuse_cli.checkpoint import open_checkpoint, parse_size, provenance, write_checkpoint
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.fuse import check_dtype, feature_provider, layout_of, output_dtype, refuse_existing, with_data_info
-from otfuse_cli.spec import build_spec
-from otfuse_cli.spec.model import Space, Spec
+from otfuse_cli.arch import build_spec
+from otfuse_cli.arch.model import Space, Spec
 
 METHODS = ("ot", "magnitude", "random")
 COMPRESSIBLE = ("hidden", "channel", "ffn", "heads")

@@ -14,8 +14,8 @@ from otfuse_cli.align.transport import Plan, Transporter
 from otfuse_cli.align.weights import TensorSource, WeightFeatures, checked_float
 from otfuse_cli.checkpoint import open_checkpoint, provenance, write_checkpoint
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.spec import build_spec, check_compatible
-from otfuse_cli.spec.model import Spec
+from otfuse_cli.arch import build_spec, check_compatible
+from otfuse_cli.arch.model import Spec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

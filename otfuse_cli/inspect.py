@@ -16,7 +16,7 @@ def model_type(ckpt: Checkpoint) -> str:
     if ckpt.config and ckpt.config.get("model_type"):
         return str(ckpt.config["model_type"])
     try:
-        from otfuse_cli.spec import detect_family
+        from otfuse_cli.arch import detect_family
 
         family = detect_family(ckpt)
     except Exception:  # ImportError, or the detector does not recognise this checkpoint

@@ -39,7 +39,7 @@ def save_permuted_copy(src, dst, seed: int):
     from safetensors.torch import save_file
 
     from otfuse_cli.checkpoint import open_checkpoint
-    from otfuse_cli.spec import build_spec
+    from otfuse_cli.arch import build_spec
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model*.safetensors*", "otfuse.json"))
     ckpt = open_checkpoint(src)

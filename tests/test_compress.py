@@ -20,7 +20,7 @@ from otfuse_cli.checkpoint import open_checkpoint
 from otfuse_cli.compress import SKIP_REASONS, compress_checkpoint, keep_plan
 from otfuse_cli.fuse import fuse_checkpoints
 from otfuse_cli.runnable import load_runnable
-from otfuse_cli.spec import build_spec
+from otfuse_cli.arch import build_spec
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

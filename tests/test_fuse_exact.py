@@ -16,7 +16,7 @@ from otfuse_cli.align.engine import AlignOptions
 from otfuse_cli.align.plans import load_plans
 from otfuse_cli.checkpoint import open_checkpoint
 from otfuse_cli.fuse import align_checkpoints, fuse_checkpoints
-from otfuse_cli.spec import build_spec
+from otfuse_cli.arch import build_spec
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

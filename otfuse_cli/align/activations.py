@@ -17,7 +17,7 @@ from otfuse_cli.checkpoint import sha256_file
 from otfuse_cli.data import is_tensor_file, load_records, load_tensors, tokenize_texts
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.runnable import load_runnable, resolve_device
-from otfuse_cli.spec.model import Spec
+from otfuse_cli.arch.model import Spec
 
 STANDARDIZE = ("none", "center", "zscore")
 CHANNEL_FIRST = (nn.Conv2d, nn.BatchNorm2d, nn.Conv1d, nn.BatchNorm1d)

@@ -13,7 +13,7 @@ from otfuse_cli.align.cost import unit_cost
 from otfuse_cli.align.solvers import marginal, normalize, solve
 from otfuse_cli.align.transport import Plan
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.spec.model import Spec
+from otfuse_cli.arch.model import Spec
 
 
 @dataclass

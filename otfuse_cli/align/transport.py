@@ -1,7 +1,7 @@
 """Transport plans and how they move tensors: the one place where a plan touches a weight.
 
 A hard plan between equal widths is applied as an exact index permutation (fast, bit-exact); soft or
-rectangular plans are applied as matrices normalised per role (see spec/model.py)."""
+rectangular plans are applied as matrices normalised per role (see arch/model.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from otfuse_cli.spec.model import Entry, Spec
+from otfuse_cli.arch.model import Entry, Spec
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from otfuse_cli.align.cost import Features
 from otfuse_cli.align.transport import Transporter
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.spec.model import Entry, Spec
+from otfuse_cli.arch.model import Entry, Spec
 
 
 CACHE_LIMIT = 4 * 10**9  # bytes on disk: smaller checkpoints keep float32 copies for the refinement sweeps

@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass, field
 
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.spec import HF_FAMILIES
-from otfuse_cli.spec.model import Entry, Space, Spec
+from otfuse_cli.arch import HF_FAMILIES
+from otfuse_cli.arch.model import Entry, Space, Spec
 
 W = r"(?:weight|gamma)"
 B = r"(?:bias|beta)"

@@ -8,7 +8,7 @@ import itertools
 import re
 
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.spec.model import Entry, Space, Spec
+from otfuse_cli.arch.model import Entry, Space, Spec
 
 BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
 

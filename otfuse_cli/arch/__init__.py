@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Callable
 
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.spec.model import Entry, Space, Spec, check_compatible, validate
-from otfuse_cli.spec.resnet import is_resnet, resnet_spec
-from otfuse_cli.spec.sequential import sequential_spec
+from otfuse_cli.arch.model import Entry, Space, Spec, check_compatible, validate
+from otfuse_cli.arch.resnet import is_resnet, resnet_spec
+from otfuse_cli.arch.sequential import sequential_spec
 
 # model_type -> builder(config, shapes) -> Spec. Transformer families add themselves in transformers.py.
 HF_FAMILIES: dict[str, Callable[[dict, dict], Spec]] = {}
@@ -17,7 +17,7 @@ __all__ = ["Entry", "Space", "Spec", "build_spec", "detect_family", "validate", 
 
 
 def _register_transformers() -> None:
-    from otfuse_cli.spec import transformers  # noqa: F401  (fills HF_FAMILIES)
+    from otfuse_cli.arch import transformers  # noqa: F401  (fills HF_FAMILIES)
 
 
 def shapes_of(ckpt) -> dict[str, tuple[int, ...]]:

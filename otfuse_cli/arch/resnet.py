@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 
-from otfuse_cli.spec.model import Entry, Space, Spec
-from otfuse_cli.spec.sequential import BN_PARAMS, natural_key
+from otfuse_cli.arch.model import Entry, Space, Spec
+from otfuse_cli.arch.sequential import BN_PARAMS, natural_key
 
 
 def is_resnet(shapes: dict) -> bool:
