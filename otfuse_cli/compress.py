@@ -222,7 +222,7 @@ def _threads(work: float):
 def _cluster(features: Features, points, first, w, k: int, gen, metric: str, fixed_inner):
     """Clusters of the distinct points: (labels, medoids or None, within cost, one-cluster cost, inner maps)."""
     u = len(points)
-    if not features.channels:  # plain units: k-means, the free-support barycentre
+    if not features.has_channels():  # plain units: k-means, the free-support barycentre
         labels, spread = _kmeans(points, w, k, gen) if u > k else (torch.arange(u), 0.0)
         total = float((w * ((points - (w[:, None] * points).sum(0)) ** 2).sum(1)).sum())
         return labels, None, spread, total, {}

@@ -193,13 +193,12 @@ class ActivationFeatures:
         self.parent_acts, self.peak_rows = collect(parent.ckpt, parent_spec, **collect_options)
 
     def _unit_rows(self, acts, entry, size):
-        """An "out" entry's slice of its module's output features: (units, inner, rep*rows)."""
+        """An "out" entry's slice of its module's output features: (units, rep, inner, rows)."""
         x = acts.get(module_of(entry.tensor))
         if x is None or x.shape[1] < entry.start + entry.span(size):
             return None
         x = standardize(x[:, entry.start:entry.start + entry.span(size)], self.how)
-        x = x.reshape(len(x), size, entry.rep, entry.inner).permute(1, 3, 2, 0)
-        return x.reshape(size, entry.inner, -1)
+        return x.reshape(len(x), size, entry.rep, entry.inner).permute(1, 2, 3, 0)
 
     def features(self, k: int, plans: dict, first_pass: bool) -> tuple[Features, Features]:
         sa, sp = self.anchor_spec.spaces[k], self.parent_spec.spaces[k]

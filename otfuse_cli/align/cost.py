@@ -21,19 +21,28 @@ METRICS = ("sqeuclidean", "cosine")
 class Features:
     plain: list[torch.Tensor] = field(default_factory=list)  # each (n, D)
     channels: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # each (n, d, D)
+    grouped: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # each (n, G, d, D): reorderable reps
 
     def add(self, entry, x: torch.Tensor) -> None:
-        """x: (units, inner, D) slices of one entry; within-unit dims go to the entry's channel."""
-        if entry.inner > 1:
-            self.channels.setdefault(entry.channel, []).append(x)
+        """x: (units, rep, inner, D) slices of one entry; within-unit dims go to the entry's channel, and rep
+        blocks stay apart where the entry's group map may reorder them."""
+        n = x.shape[0]
+        if entry.group:
+            self.grouped.setdefault(entry.channel, []).append(x)
+        elif entry.inner > 1:
+            self.channels.setdefault(entry.channel, []).append(x.transpose(1, 2).reshape(n, x.shape[2], -1))
         else:
-            self.plain.append(x.reshape(x.shape[0], -1))
+            self.plain.append(x.reshape(n, -1))
 
     def empty(self) -> bool:
-        return not self.plain and not self.channels
+        return not self.plain and not self.channels and not self.grouped
+
+    def has_channels(self) -> bool:
+        return bool(self.channels or self.grouped)
 
     def parts(self) -> list[torch.Tensor]:
-        return list(self.plain) + [x.reshape(x.shape[0], -1) for xs in self.channels.values() for x in xs]
+        return list(self.plain) + [x.reshape(x.shape[0], -1) for xs in (*self.channels.values(),
+                                                                          *self.grouped.values()) for x in xs]
 
     def flat(self) -> np.ndarray:
         return torch.cat(self.parts(), 1).double().cpu().numpy()
@@ -71,17 +80,19 @@ def plain_cost(xs: list[torch.Tensor], ys: list[torch.Tensor], metric: str) -> t
     return 1.0 - dot / (nx.sqrt()[:, None] * ny.sqrt()[None, :]).clamp_min(1e-24)
 
 
-def unit_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tuple[str, ...] = ()):
-    """(cost (n, m) numpy, inner maps {channel: (n, m, d) LongTensor})."""
+def unit_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tuple[str, ...] = (),
+              group: str = "query"):
+    """(cost (n, m) numpy, inner maps {channel or group: (n, m, d) LongTensor})."""
     cost = None
     if parent.plain:
         cost = plain_cost(parent.plain, anchor.plain, metric)
     inner = {}
+    if parent.grouped:
+        c, inner = grouped_cost(parent, anchor, metric, fixed_inner, group)
+        return (c if cost is None else cost + c).cpu().numpy(), inner
     for channel, xs in parent.channels.items():
-        xp = torch.cat(xs, -1)  # (n, d, D)
-        xa = torch.cat(anchor.channels[channel], -1)  # (m, d, D)
-        n, m, d = xp.shape[0], xa.shape[0], xp.shape[1]
-        dims = pairwise(xp[:, None], xa[None, :], metric)  # (n, m, d, d)
+        dims = _channel_dims(xs, anchor.channels[channel], metric)  # (n, m, d, d)
+        n, m, d = dims.shape[:3]
         if channel in fixed_inner:  # e.g. RoPE pairs: within-head order must stay
             c = dims.diagonal(dim1=-2, dim2=-1).sum(-1)
         else:
@@ -95,3 +106,72 @@ def unit_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tupl
             inner[channel] = perm_t.cpu()
         cost = c if cost is None else cost + c
     return cost.cpu().numpy(), inner
+
+
+def _channel_dims(xs: list[torch.Tensor], ys: list[torch.Tensor], metric: str) -> torch.Tensor:
+    """(n, m, d, d): cost of parent unit u's dim i against anchor unit v's dim j."""
+    xp, xa = torch.cat(xs, -1), torch.cat(ys, -1)  # (n, d, D), (m, d, D)
+    return pairwise(xp[:, None], xa[None, :], metric)
+
+
+def _grouped_dims(xs: list[torch.Tensor], ys: list[torch.Tensor], metric: str) -> torch.Tensor:
+    """(n, m, G, G, d, d): cost of parent unit u's rep g, dim i against anchor unit v's rep h, dim j."""
+    xp, xa = torch.cat(xs, -1), torch.cat(ys, -1)  # (n, G, d, D), (m, G, d, D)
+    n, g, d, _ = xp.shape
+    m = xa.shape[0]
+    flat = pairwise(xp.reshape(n * g * d, -1), xa.reshape(m * g * d, -1), metric)
+    return flat.reshape(n, g, d, m, g, d).permute(0, 3, 1, 4, 2, 5)
+
+
+def grouped_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tuple[str, ...], group: str,
+                 rounds: int = 10):
+    """Head cost when the rep blocks of a unit (the query heads of a KV group) may be reordered as well as
+    the dims inside each head. For every unit pair, alternate: the dim maps given the rep order, then the
+    rep order given the dim maps (each an exact assignment), until neither changes. The dim maps start from
+    the entries without reps (K for q/k, V for v/o), which do not depend on the rep order."""
+    channels = sorted(set(parent.channels) | set(parent.grouped))
+    single = {c: _channel_dims(parent.channels[c], anchor.channels[c], metric) for c in channels
+              if c in parent.channels}
+    multi = {c: _grouped_dims(parent.grouped[c], anchor.grouped[c], metric) for c in channels
+             if c in parent.grouped}
+    some = next(iter(multi.values()))
+    n, m, g, _, d, _ = some.shape
+    eye_g, eye_d = np.arange(g), np.arange(d)
+    s_np = {c: x.cpu().numpy() for c, x in single.items()}
+    m_np = {c: x.cpu().numpy() for c, x in multi.items()}
+    cost = np.zeros((n, m))
+    maps = {c: np.empty((n, m, d), dtype=np.int64) for c in channels if c not in fixed_inner}
+    reps = np.empty((n, m, g), dtype=np.int64)
+    for u in range(n):
+        for v in range(m):
+            sigma = {}
+            for c in channels:  # dims first, from the rep-free entries (or the identity rep order)
+                start = s_np[c][u, v] if c in s_np else m_np[c][u, v][eye_g, eye_g].sum(0)
+                sigma[c] = eye_d if c in fixed_inner else match(start)
+            pi = eye_g
+            for _ in range(rounds):
+                # rep order: C[p, h] = sum_c sum_j dims_c[p, h, sigma_c(j), j]
+                rep_cost = sum(x[u, v][:, :, sigma[c], eye_d].sum(-1) for c, x in m_np.items())
+                new_pi = match(rep_cost)
+                new_sigma = {}
+                for c in channels:
+                    if c in fixed_inner:
+                        new_sigma[c] = eye_d
+                        continue
+                    dims = s_np[c][u, v].copy() if c in s_np else np.zeros((d, d))
+                    if c in m_np:
+                        dims += m_np[c][u, v][new_pi, eye_g].sum(0)
+                    new_sigma[c] = match(dims)
+                stable = np.array_equal(new_pi, pi) and all(np.array_equal(new_sigma[c], sigma[c]) for c in channels)
+                pi, sigma = new_pi, new_sigma
+                if stable:
+                    break
+            total = sum(s_np[c][u, v][sigma[c], eye_d].sum() for c in s_np)
+            total += sum(x[u, v][pi, eye_g][:, sigma[c], eye_d].sum() for c, x in m_np.items())
+            cost[u, v] = total
+            reps[u, v] = pi
+            for c in maps:
+                maps[c][u, v] = sigma[c]
+    inner = {c: torch.from_numpy(p) for c, p in maps.items()}
+    inner[group] = torch.from_numpy(reps)
+    return torch.from_numpy(cost), inner

@@ -60,13 +60,19 @@ def _move_slice(y: torch.Tensor, entry: Entry, plan: Plan, n: int, m: int) -> to
     lead = y.shape[:-1]
     y = y.reshape(*lead, n, entry.rep, entry.inner)
     perm = plan.inner.get(entry.channel) if entry.inner > 1 else None
+    reps = plan.inner.get(entry.group) if entry.group else None
     src = plan.hard_index()
     if src is not None:
         y = y.index_select(-3, src)
+        cols = torch.arange(m)
+        if reps is not None:  # anchor unit v's rep h <- parent unit src[v]'s rep reps[src[v], v, h]
+            idx = reps[src, cols][:, :, None].expand(m, entry.rep, entry.inner)
+            y = torch.gather(y, -2, idx.expand(*lead, m, entry.rep, entry.inner))
         if perm is not None:
-            idx = perm[src, torch.arange(m)]  # (m, d)
-            idx = idx[:, None, :].expand(m, entry.rep, entry.inner).expand(*lead, m, entry.rep, entry.inner)
-            y = torch.gather(y, -1, idx)
+            idx = perm[src, cols][:, None, :].expand(m, entry.rep, entry.inner)
+            y = torch.gather(y, -1, idx.expand(*lead, m, entry.rep, entry.inner))
+    elif reps is not None:
+        y = _soft_grouped(y, plan.weights(entry.role).to(y.dtype), reps, perm)
     else:
         w = plan.weights(entry.role).to(y.dtype)
         if perm is None:
@@ -78,6 +84,19 @@ def _move_slice(y: torch.Tensor, entry: Entry, plan: Plan, n: int, m: int) -> to
             q[uu, perm, vv, jj] = w[:, :, None].expand(n, m, d)
             y = torch.einsum("...nri,nimj->...mrj", y, q)
     return y.reshape(*lead, m * entry.rep * entry.inner)
+
+
+def _soft_grouped(y: torch.Tensor, w: torch.Tensor, reps: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """Soft plan with reorderable reps: anchor unit v = sum_u w[u, v] * parent unit u with its reps and dims
+    put in v's order; one pair at a time (KV groups are few), only where the plan moves mass."""
+    n, m = w.shape
+    out = y.new_zeros(*y.shape[:-3], m, *y.shape[-2:])
+    for u, v in w.nonzero().tolist():
+        block = y[..., u, :, :].index_select(-2, reps[u, v])
+        if perm is not None:
+            block = block.index_select(-1, perm[u, v])
+        out[..., v, :, :] += w[u, v] * block
+    return out
 
 
 class Transporter:

@@ -42,10 +42,9 @@ class TensorSource:
 
 
 def unit_slices(x: torch.Tensor, entry: Entry, size: int) -> torch.Tensor:
-    """(size, inner, rep*rest) view of the units of `entry` in tensor x."""
+    """(size, rep, inner, rest) view of the units of `entry` in tensor x."""
     y = x.narrow(entry.axis, entry.start, entry.span(size)).movedim(entry.axis, 0)
-    y = y.reshape(size, entry.rep, entry.inner, -1).transpose(1, 2)
-    return y.reshape(size, entry.inner, -1)
+    return y.reshape(size, entry.rep, entry.inner, -1)
 
 
 class WeightFeatures:

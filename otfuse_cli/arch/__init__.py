@@ -1,23 +1,21 @@
-"""Spec detection: `model_type` from config.json for Hugging Face folders, names and shapes for bare
-state dicts. Families only declare axes; one engine aligns them all."""
+"""The architecture registry: which family a checkpoint is (`model_type` from config.json for Hugging Face
+folders; names and shapes for bare state dicts) and its Spec. Each family is declared once, in its own
+file (transformers.py, sequential.py, resnet.py); one engine aligns them all."""
 
 from __future__ import annotations
-
-from typing import Callable
 
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.arch.model import Entry, Space, Spec, check_compatible, validate
 from otfuse_cli.arch.resnet import is_resnet, resnet_spec
 from otfuse_cli.arch.sequential import sequential_spec
+from otfuse_cli.arch.transformers import FAMILIES, Family, build
 
-# model_type -> builder(config, shapes) -> Spec. Transformer families add themselves in transformers.py.
-HF_FAMILIES: dict[str, Callable[[dict, dict], Spec]] = {}
-
-__all__ = ["Entry", "Space", "Spec", "build_spec", "detect_family", "validate", "check_compatible", "HF_FAMILIES"]
+# model_type -> its declaration; an explicit table, not one filled as an import side effect
+HF_FAMILIES: dict[str, Family] = {t: family for family in FAMILIES for t in family.model_types}
 
 
-def _register_transformers() -> None:
-    from otfuse_cli.arch import transformers  # noqa: F401  (fills HF_FAMILIES)
+__all__ = ["Entry", "Space", "Spec", "build_spec", "detect_family", "validate", "check_compatible", "HF_FAMILIES",
+           "hf_family"]
 
 
 def shapes_of(ckpt) -> dict[str, tuple[int, ...]]:
@@ -27,23 +25,27 @@ def shapes_of(ckpt) -> dict[str, tuple[int, ...]]:
 def build_spec(ckpt) -> Spec:
     shapes = shapes_of(ckpt)
     config = getattr(ckpt, "config", None)
-    if config and config.get("model_type"):
-        try:
-            _register_transformers()
-        except ImportError:
-            pass
-        model_type = config["model_type"]
-        if model_type not in HF_FAMILIES:
-            raise OtfuseError(
-                f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(HF_FAMILIES)) or 'none'}, "
-                "and bare MLP/CNN/ResNet state dicts")
-        spec = HF_FAMILIES[model_type](config, shapes)
+    family = hf_family(ckpt)
+    if family is not None:
+        spec = build(family, config, shapes)
     elif is_resnet(shapes):
         spec = resnet_spec(shapes)
     else:
         spec = sequential_spec(shapes)
     validate(spec, shapes)
     return spec
+
+
+def hf_family(ckpt) -> Family | None:
+    """The declaration of a Hugging Face checkpoint's family; None for bare state dicts."""
+    config = getattr(ckpt, "config", None)
+    if not config or not config.get("model_type"):
+        return None
+    model_type = config["model_type"]
+    if not isinstance(model_type, str) or model_type not in HF_FAMILIES:
+        raise OtfuseError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(HF_FAMILIES))}, "
+                          "and bare MLP/CNN/ResNet state dicts")
+    return HF_FAMILIES[model_type]
 
 
 def detect_family(ckpt) -> str:

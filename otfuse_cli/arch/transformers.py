@@ -1,60 +1,120 @@
-"""Transformer families as declarations: regex rules that say which axes of which tensors belong to
-which neuron space. One residual-stream space per model (shared embeddings make encoder and decoder one
-stream), one head space per attention block (whole KV groups move; Q/K and V/O inner maps per head), one
-FFN space per layer (SwiGLU gate and up together). Vocabulary, positions and labels are never touched.
+"""Transformer families as declarations: each Family holds every fact otfuse knows about it — which axes of
+which tensors belong to which neuron space (rules), its config.json keys (hidden size, heads, KV heads, head
+size, FFN width), tied tensors, and what `compress` may shrink. One residual-stream space per model (shared
+embeddings make encoder and decoder one stream), one head space per attention block, one FFN space per layer
+(SwiGLU gate and up together). Vocabulary, positions and labels are never touched.
 
-A rule's axis spec is (axis, space, role[, slot[, part]]):
-  space  "res" | "heads" | "ffn" | any other name for a small dense space (pooler, MLM transform);
-         "heads"/"ffn" are per layer: the rule's regex groups name the layer;
-  slot   for heads: "q", "k" (channel qk), "v", "o" (channel vo); q and o repeat per query head of a KV group;
-  part   (index, count): the slice of a fused tensor (GPT-2's c_attn holds q, k and v).
-Tensors that match a rule with no axes never move; a tensor no rule matches is refused."""
+Head spaces: a unit is a KV group (a plain head without GQA). Within a unit, Q and K share one map of the
+head dims ("qk") and V and O's input share another ("vo"); with grouped-query attention the G query heads
+of a group can also be reordered (q rows and o columns together), one map per unit pair ("query").
+Symmetries deliberately left out: RoPE rotates fixed pairs of q/k dims at fixed frequencies, so q/k dims
+cannot be permuted (the "qk" map is fixed; a rotation within each frequency pair is a continuous symmetry,
+not a permutation); LayerNorm/RMSNorm gains and ReLU/GELU scalings are rescalings, not permutations."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 
-from otfuse_cli.errors import OtfuseError
-from otfuse_cli.arch import HF_FAMILIES
 from otfuse_cli.arch.model import Entry, Space, Spec
+from otfuse_cli.errors import OtfuseError
 
-W = r"(?:weight|gamma)"
-B = r"(?:bias|beta)"
 LN = r"(?:weight|bias|gamma|beta)"
 
 
-@dataclass
+@dataclass(frozen=True)
+class Axis:
+    """One tensor axis a rule moves. space: "res" | "heads" | "cross_heads" | "ffn" | a small dense space's
+    name (pooler, MLM transform); heads and ffn spaces are per layer (the rule's regex groups name the
+    layer). slot (head spaces): "q", "k" (channel qk), "v", "o" (channel vo); q and o repeat per query head
+    of a KV group. part: (index, count) slice of a fused tensor (GPT-2's c_attn holds q, k and v)."""
+
+    axis: int
+    space: str
+    role: str
+    slot: str = ""
+    part: tuple[int, int] = (0, 1)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Tensors matching `pattern` (anchored at the end) move on `axes`; no axes = never moves."""
+
+    pattern: str
+    axes: tuple[Axis, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConfigKeys:
+    """Where config.json states the widths (`{stack}` = encoder/decoder for seq2seq models)."""
+
+    hidden: str
+    heads: str
+    ffn: str
+    kv_heads: str = ""
+    head_dim: str = ""  # set where head size is independent of hidden_size / heads
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     model_types: tuple[str, ...]
-    rules: list[tuple[str, list[tuple]]]
-    heads: dict[str, str]  # config keys: "heads", "kv_heads" (optional), "head_dim" (optional), "hidden"
+    rules: tuple[Rule, ...]
+    config: ConfigKeys
     rope: bool = False  # RoPE: within-head q/k order stays fixed
     tied: dict[str, str] = field(default_factory=dict)  # dense space -> decoder tensor regex; absent = tied to embeddings
 
+    @property
+    def compress_heads(self) -> bool:
+        """Heads can shrink only where config.json states head_dim (else head size = hidden / heads)."""
+        return bool(self.config.head_dim)
 
-def attn(q: str, k: str, v: str, o: str, heads: str = "heads") -> list[tuple[str, list[tuple]]]:
+    def ffn_key(self, stack: str) -> str:
+        return self.config.ffn.format(stack=stack)
+
+    def head_overrides(self, kv_groups: int, group: int, head_dim: int) -> dict:
+        """config.json values for `kv_groups` KV groups of `group` query heads each."""
+        out = {self.config.heads: kv_groups * group, self.config.head_dim: head_dim}
+        if self.config.kv_heads:
+            out[self.config.kv_heads] = kv_groups
+        return out
+
+
+def produces(axis: int, space: str, slot: str = "", part: tuple[int, int] = (0, 1)) -> Axis:
+    """The axis indexes what the space's units produce (weight rows, biases, norm gains, embedding columns)."""
+    return Axis(axis, space, "out", slot, part)
+
+
+def reads(axis: int, space: str, slot: str = "") -> Axis:
+    """The axis indexes what the space's units feed (the next layer's input columns)."""
+    return Axis(axis, space, "in", slot)
+
+
+def rule(pattern: str, *axes: Axis) -> Rule:
+    return Rule(pattern, axes)
+
+
+def attn(q: str, k: str, v: str, o: str, heads: str = "heads") -> list[Rule]:
     """Separate q/k/v/o Linear layers (out, in) with optional biases; arguments are module regexes."""
     return [
-        (rf"{q}\.weight", [(0, heads, "out", "q"), (1, "res", "in")]),
-        (rf"{k}\.weight", [(0, heads, "out", "k"), (1, "res", "in")]),
-        (rf"{v}\.weight", [(0, heads, "out", "v"), (1, "res", "in")]),
-        (rf"{q}\.bias", [(0, heads, "out", "q")]),
-        (rf"{k}\.bias", [(0, heads, "out", "k")]),
-        (rf"{v}\.bias", [(0, heads, "out", "v")]),
-        (rf"{o}\.weight", [(0, "res", "out"), (1, heads, "in", "o")]),
-        (rf"{o}\.bias", [(0, "res", "out")]),
+        rule(rf"{q}\.weight", produces(0, heads, "q"), reads(1, "res")),
+        rule(rf"{k}\.weight", produces(0, heads, "k"), reads(1, "res")),
+        rule(rf"{v}\.weight", produces(0, heads, "v"), reads(1, "res")),
+        rule(rf"{q}\.bias", produces(0, heads, "q")),
+        rule(rf"{k}\.bias", produces(0, heads, "k")),
+        rule(rf"{v}\.bias", produces(0, heads, "v")),
+        rule(rf"{o}\.weight", produces(0, "res"), reads(1, heads, "o")),
+        rule(rf"{o}\.bias", produces(0, "res")),
     ]
 
 
-def linear(name: str, out_space: str | None, in_space: str | None) -> list[tuple[str, list[tuple]]]:
-    axes_w = ([(0, out_space, "out")] if out_space else []) + ([(1, in_space, "in")] if in_space else [])
-    return [(rf"{name}\.weight", axes_w), (rf"{name}\.bias", [(0, out_space, "out")] if out_space else [])]
+def linear(name: str, out_space: str | None, in_space: str | None) -> list[Rule]:
+    axes_w = ([produces(0, out_space)] if out_space else []) + ([reads(1, in_space)] if in_space else [])
+    return [rule(rf"{name}\.weight", *axes_w), rule(rf"{name}\.bias", *([produces(0, out_space)] if out_space else []))]
 
 
-def norm(name: str, space: str = "res") -> list[tuple[str, list[tuple]]]:
-    return [(rf"{name}\.{LN}", [(0, space, "out")])]
+def norm(name: str, space: str = "res") -> list[Rule]:
+    return [rule(rf"{name}\.{LN}", produces(0, space))]
 
 
 L = r"(\d+)"  # layer index group
@@ -62,9 +122,9 @@ L = r"(\d+)"  # layer index group
 BERT_LAYER = rf"encoder\.layer\.{L}"
 BERT = Family(
     "bert", ("bert", "roberta", "xlm-roberta", "camembert"),
-    [
-        (r"embeddings\.(?:word|position|token_type)_embeddings\.weight", [(1, "res", "out")]),
-        (r"embeddings\.position_ids", []),
+    (
+        rule(r"embeddings\.(?:word|position|token_type)_embeddings\.weight", produces(1, "res")),
+        rule(r"embeddings\.position_ids"),
         *norm(r"embeddings\.LayerNorm"),
         *attn(*(rf"{BERT_LAYER}\.attention\.self\.{m}" for m in ("query", "key", "value")),
               rf"{BERT_LAYER}\.attention\.output\.dense"),
@@ -74,30 +134,30 @@ BERT = Family(
         *norm(rf"{BERT_LAYER}\.output\.LayerNorm"),
         *linear(r"pooler\.dense", "pooler", "res"),
         # sequence classification: BERT's classifier reads the pooler, RoBERTa's head has its own dense
-        (r"^classifier\.weight", [(1, "pooler", "in")]),
+        rule(r"^classifier\.weight", reads(1, "pooler")),
         *linear(r"classifier\.dense", "cls_dense", "res"),
         *linear(r"classifier\.out_proj", None, "cls_dense"),
-        (r"classifier\.(?:out_proj\.)?bias", []),
+        rule(r"classifier\.(?:out_proj\.)?bias"),
         # MLM heads: the transform feeds the decoder, tied to the word embeddings unless stored apart
         *linear(r"cls\.predictions\.transform\.dense", "mlm", "res"),
         *norm(r"cls\.predictions\.transform\.LayerNorm", "mlm"),
-        (r"cls\.predictions\.decoder\.weight", [(1, "mlm", "in")]),
-        (r"cls\.predictions\.(?:decoder\.)?bias", []),
+        rule(r"cls\.predictions\.decoder\.weight", reads(1, "mlm")),
+        rule(r"cls\.predictions\.(?:decoder\.)?bias"),
         *linear(r"lm_head\.dense", "mlm", "res"),
         *norm(r"lm_head\.layer_norm", "mlm"),
-        (r"lm_head\.decoder\.weight", [(1, "mlm", "in")]),
-        (r"lm_head\.(?:decoder\.)?bias", []),
-    ],
-    {"heads": "num_attention_heads", "hidden": "hidden_size"},
+        rule(r"lm_head\.decoder\.weight", reads(1, "mlm")),
+        rule(r"lm_head\.(?:decoder\.)?bias"),
+    ),
+    ConfigKeys(hidden="hidden_size", heads="num_attention_heads", ffn="intermediate_size"),
     tied={"mlm": r"(?:cls\.predictions|lm_head)\.decoder\.weight"},
 )
 
 DISTIL_LAYER = rf"transformer\.layer\.{L}"
 DISTILBERT = Family(
     "distilbert", ("distilbert",),
-    [
-        (r"embeddings\.(?:word|position)_embeddings\.weight", [(1, "res", "out")]),
-        (r"embeddings\.position_ids", []),
+    (
+        rule(r"embeddings\.(?:word|position)_embeddings\.weight", produces(1, "res")),
+        rule(r"embeddings\.position_ids"),
         *norm(r"embeddings\.LayerNorm"),
         *attn(*(rf"{DISTIL_LAYER}\.attention\.{m}" for m in ("q_lin", "k_lin", "v_lin", "out_lin"))),
         *norm(rf"{DISTIL_LAYER}\.sa_layer_norm"),
@@ -105,14 +165,14 @@ DISTILBERT = Family(
         *linear(rf"{DISTIL_LAYER}\.ffn\.lin2", "res", "ffn"),
         *norm(rf"{DISTIL_LAYER}\.output_layer_norm"),
         *linear(r"pre_classifier", "pooler", "res"),
-        (r"^classifier\.weight", [(1, "pooler", "in")]),
-        (r"^classifier\.bias", []),
+        rule(r"^classifier\.weight", reads(1, "pooler")),
+        rule(r"^classifier\.bias"),
         *linear(r"vocab_transform", "mlm", "res"),
         *norm(r"vocab_layer_norm", "mlm"),
-        (r"vocab_projector\.weight", [(1, "mlm", "in")]),
-        (r"vocab_projector\.bias", []),
-    ],
-    {"heads": "n_heads", "hidden": "dim"},
+        rule(r"vocab_projector\.weight", reads(1, "mlm")),
+        rule(r"vocab_projector\.bias"),
+    ),
+    ConfigKeys(hidden="dim", heads="n_heads", ffn="hidden_dim"),
     tied={"mlm": r"vocab_projector\.weight"},
 )
 
@@ -124,10 +184,10 @@ VIT_Q, VIT_K, VIT_V = (rf"{VIT_LAYER}\.attention\.(?:attention\.{a}|{b}_proj)" f
 VIT_O = rf"{VIT_LAYER}\.attention\.(?:output\.dense|o_proj)"
 VIT = Family(
     "vit", ("vit",),
-    [
-        (r"embeddings\.cls_token", [(2, "res", "out")]),
-        (r"embeddings\.position_embeddings", [(2, "res", "out")]),
-        (r"embeddings\.mask_token", [(2, "res", "out")]),
+    (
+        rule(r"embeddings\.cls_token", produces(2, "res")),
+        rule(r"embeddings\.position_embeddings", produces(2, "res")),
+        rule(r"embeddings\.mask_token", produces(2, "res")),
         *linear(r"embeddings\.patch_embeddings\.projection", "res", None),
         *attn(VIT_Q, VIT_K, VIT_V, VIT_O),
         *norm(rf"{VIT_LAYER}\.layernorm_(?:before|after)"),
@@ -135,55 +195,54 @@ VIT = Family(
         *linear(rf"{VIT_LAYER}\.(?:output\.dense|mlp\.fc2)", "res", "ffn"),
         *norm(r"vit\.layernorm"),
         *linear(r"pooler\.dense", "pooler", "res"),
-        (r"^classifier\.weight", [(1, "res", "in")]),
-        (r"^classifier\.bias", []),
-    ],
-    {"heads": "num_attention_heads", "hidden": "hidden_size"},
+        rule(r"^classifier\.weight", reads(1, "res")),
+        rule(r"^classifier\.bias"),
+    ),
+    ConfigKeys(hidden="hidden_size", heads="num_attention_heads", ffn="intermediate_size"),
 )
 
 GPT2_LAYER = rf"h\.{L}"
 GPT2 = Family(
     "gpt2", ("gpt2",),
-    [
-        (r"wte\.weight", [(1, "res", "out")]),
-        (r"wpe\.weight", [(1, "res", "out")]),
+    (
+        rule(r"wte\.weight", produces(1, "res")),
+        rule(r"wpe\.weight", produces(1, "res")),
         # Conv1D stores (in, out); c_attn's output axis holds q, k and v one after another
-        (rf"{GPT2_LAYER}\.attn\.c_attn\.weight",
-         [(0, "res", "in"), (1, "heads", "out", "q", (0, 3)), (1, "heads", "out", "k", (1, 3)),
-          (1, "heads", "out", "v", (2, 3))]),
-        (rf"{GPT2_LAYER}\.attn\.c_attn\.bias",
-         [(0, "heads", "out", "q", (0, 3)), (0, "heads", "out", "k", (1, 3)), (0, "heads", "out", "v", (2, 3))]),
-        (rf"{GPT2_LAYER}\.attn\.c_proj\.weight", [(0, "heads", "in", "o"), (1, "res", "out")]),
-        (rf"{GPT2_LAYER}\.attn\.c_proj\.bias", [(0, "res", "out")]),
-        (rf"{GPT2_LAYER}\.attn\.(?:masked_)?bias", []),
-        (rf"{GPT2_LAYER}\.mlp\.c_fc\.weight", [(0, "res", "in"), (1, "ffn", "out")]),
-        (rf"{GPT2_LAYER}\.mlp\.c_fc\.bias", [(0, "ffn", "out")]),
-        (rf"{GPT2_LAYER}\.mlp\.c_proj\.weight", [(0, "ffn", "in"), (1, "res", "out")]),
-        (rf"{GPT2_LAYER}\.mlp\.c_proj\.bias", [(0, "res", "out")]),
+        rule(rf"{GPT2_LAYER}\.attn\.c_attn\.weight", reads(0, "res"), produces(1, "heads", "q", (0, 3)),
+             produces(1, "heads", "k", (1, 3)), produces(1, "heads", "v", (2, 3))),
+        rule(rf"{GPT2_LAYER}\.attn\.c_attn\.bias", produces(0, "heads", "q", (0, 3)),
+             produces(0, "heads", "k", (1, 3)), produces(0, "heads", "v", (2, 3))),
+        rule(rf"{GPT2_LAYER}\.attn\.c_proj\.weight", reads(0, "heads", "o"), produces(1, "res")),
+        rule(rf"{GPT2_LAYER}\.attn\.c_proj\.bias", produces(0, "res")),
+        rule(rf"{GPT2_LAYER}\.attn\.(?:masked_)?bias"),
+        rule(rf"{GPT2_LAYER}\.mlp\.c_fc\.weight", reads(0, "res"), produces(1, "ffn")),
+        rule(rf"{GPT2_LAYER}\.mlp\.c_fc\.bias", produces(0, "ffn")),
+        rule(rf"{GPT2_LAYER}\.mlp\.c_proj\.weight", reads(0, "ffn"), produces(1, "res")),
+        rule(rf"{GPT2_LAYER}\.mlp\.c_proj\.bias", produces(0, "res")),
         *norm(rf"{GPT2_LAYER}\.ln_[12]"),
         *norm(r"ln_f"),
-        (r"lm_head\.weight", [(1, "res", "in")]),
-        (r"score\.weight", [(1, "res", "in")]),
-    ],
-    {"heads": "n_head", "hidden": "n_embd"},
+        rule(r"lm_head\.weight", reads(1, "res")),
+        rule(r"score\.weight", reads(1, "res")),
+    ),
+    ConfigKeys(hidden="n_embd", heads="n_head", ffn="n_inner"),
 )
 
 LLAMA_LAYER = rf"layers\.{L}"
 LLAMA = Family(
     "llama", ("llama", "mistral", "qwen2"),
-    [
-        (r"embed_tokens\.weight", [(1, "res", "out")]),
+    (
+        rule(r"embed_tokens\.weight", produces(1, "res")),
         *attn(*(rf"{LLAMA_LAYER}\.self_attn\.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj"))),
         *norm(rf"{LLAMA_LAYER}\.(?:input|post_attention)_layernorm"),
         *linear(rf"{LLAMA_LAYER}\.mlp\.(?:gate|up)_proj", "ffn", "res"),
         *linear(rf"{LLAMA_LAYER}\.mlp\.down_proj", "res", "ffn"),
-        (rf"{LLAMA_LAYER}\.self_attn\.rotary_emb\.inv_freq", []),
+        rule(rf"{LLAMA_LAYER}\.self_attn\.rotary_emb\.inv_freq"),
         *norm(r"model\.norm"),
-        (r"lm_head\.weight", [(1, "res", "in")]),
-        (r"score\.weight", [(1, "res", "in")]),
-    ],
-    {"heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "head_dim": "head_dim",
-     "hidden": "hidden_size"},
+        rule(r"lm_head\.weight", reads(1, "res")),
+        rule(r"score\.weight", reads(1, "res")),
+    ),
+    ConfigKeys(hidden="hidden_size", heads="num_attention_heads", ffn="intermediate_size",
+               kv_heads="num_key_value_heads", head_dim="head_dim"),
     rope=True,
 )
 
@@ -193,9 +252,9 @@ BART = Family(
     # Marian is left out on purpose: its sinusoidal positions are regenerated at load time in the
     # standard basis, so its residual stream has no permutation symmetry to align.
     "bart", ("bart", "mbart"),
-    [
-        (r"(?:shared|embed_tokens)\.weight", [(1, "res", "out")]),
-        (r"embed_positions\.weight", [(1, "res", "out")]),
+    (
+        rule(r"(?:shared|embed_tokens)\.weight", produces(1, "res")),
+        rule(r"embed_positions\.weight", produces(1, "res")),
         *norm(r"layernorm_embedding"),
         *norm(rf"{S}\.layer_norm"),
         *attn(*(rf"{SEQ2SEQ_LAYER}\.self_attn\.{m}" for m in ("q_proj", "k_proj", "v_proj", "out_proj"))),
@@ -206,24 +265,37 @@ BART = Family(
         *norm(rf"{SEQ2SEQ_LAYER}\.(?:self_attn|encoder_attn|final)_layer_norm"),
         *linear(rf"{SEQ2SEQ_LAYER}\.fc1", "ffn", "res"),
         *linear(rf"{SEQ2SEQ_LAYER}\.fc2", "res", "ffn"),
-        (r"lm_head\.weight", [(1, "res", "in")]),
-        (r"final_logits_bias", []),
+        rule(r"lm_head\.weight", reads(1, "res")),
+        rule(r"final_logits_bias"),
         *linear(r"classification_head\.dense", "pooler", "res"),
         *linear(r"classification_head\.out_proj", None, "pooler"),
-    ],
-    {"heads": "encoder_attention_heads", "hidden": "d_model"},
+    ),
+    ConfigKeys(hidden="d_model", heads="encoder_attention_heads", ffn="{stack}_ffn_dim"),
 )
+
+FAMILIES: tuple[Family, ...] = (BERT, DISTILBERT, VIT, GPT2, LLAMA, BART)
 
 
 def _dims(family: Family, config: dict) -> tuple[int, int, int]:
+    """(query heads, KV heads, head size) from config.json, checked to be positive integers."""
     text = config.get("text_config") or config
-    heads = text.get(family.heads["heads"])
-    hidden = text.get(family.heads["hidden"])
-    if not heads or not hidden:
-        raise OtfuseError(f"config.json lacks {family.heads['heads']}/{family.heads['hidden']} for a {family.name} model")
-    kv = text.get(family.heads.get("kv_heads", ""), None) or heads
-    head_dim = text.get(family.heads.get("head_dim", ""), None) or hidden // heads
-    return heads, kv, head_dim
+    keys = family.config
+
+    def read(key: str, default=None):
+        value = text.get(key, None) if key else None
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OtfuseError(f"config.json: {key} must be a positive integer, got {value!r}")
+        return value
+
+    heads, hidden = read(keys.heads), read(keys.hidden)
+    if heads is None or hidden is None:
+        raise OtfuseError(f"config.json lacks {keys.heads}/{keys.hidden} for a {family.name} model")
+    kv = read(keys.kv_heads, heads)
+    if heads % kv:
+        raise OtfuseError(f"config.json: {keys.heads}={heads} is not a multiple of {keys.kv_heads}={kv}")
+    return heads, kv, read(keys.head_dim, hidden // heads)
 
 
 def _space_name(kind: str, groups: tuple[str, ...]) -> str:
@@ -239,7 +311,7 @@ def build(family: Family, config: dict, shapes: dict) -> Spec:
     group = heads // kv
     tied_to_embeddings = {space for space, rx in family.tied.items()
                           if not any(re.search(rx, n) for n in shapes)}
-    compiled = [(re.compile(rx + "$"), axes) for rx, axes in family.rules]
+    compiled = [(re.compile(r.pattern + "$"), r.axes) for r in family.rules]
     matched = {}
     for name in sorted(shapes):
         hit = next(((m, axes) for rx, axes in compiled if (m := rx.search(name))), None)
@@ -247,29 +319,28 @@ def build(family: Family, config: dict, shapes: dict) -> Spec:
             raise OtfuseError(f"tensor {name!r} is not part of the {family.name} layout otfuse knows")
         matched[name] = hit
     # a head read by a classifier whose pooler is absent reads the residual stream itself
-    produced = {a[1] for _, axes in matched.values() for a in axes if a[2] == "out"}
+    produced = {a.space for _, axes in matched.values() for a in axes if a.role == "out"}
     spaces: dict[str, Space] = {}
     order: dict[str, tuple] = {}
     for name, (m, axes) in matched.items():
         groups = tuple(g for g in m.groups() if g is not None)
-        for spec_axis in axes:
-            axis, kind, role = spec_axis[:3]
-            slot = spec_axis[3] if len(spec_axis) > 3 else ""
-            part = spec_axis[4] if len(spec_axis) > 4 else (0, 1)
+        for ax in axes:
+            kind = ax.space
             if kind in tied_to_embeddings or kind not in produced:
                 kind = "res"
-            length = shapes[name][axis] // part[1]
-            start = part[0] * length
+            length = shapes[name][ax.axis] // ax.part[1]
+            start = ax.part[0] * length
             layered = kind in ("heads", "cross_heads", "ffn")
             sname = _space_name(kind, groups if layered else ())
             if kind in ("heads", "cross_heads"):
-                rep = group if slot in ("q", "o") else 1
-                channel = "qk" if slot in ("q", "k") else "vo"
-                entry = Entry(name, axis, role, start, rep, head_dim, channel)
+                rep = group if ax.slot in ("q", "o") else 1
+                channel = "qk" if ax.slot in ("q", "k") else "vo"
+                # GQA: the query heads of a KV group may be reordered (q rows and o columns together)
+                entry = Entry(name, ax.axis, ax.role, start, rep, head_dim, channel, "query" if rep > 1 else "")
                 size = length // (rep * head_dim)
                 space_kind = "heads"
             else:
-                entry = Entry(name, axis, role, start)
+                entry = Entry(name, ax.axis, ax.role, start)
                 size = length
                 space_kind = {"res": "residual", "ffn": "ffn"}.get(kind, "dense")
             if sname not in spaces:
@@ -286,8 +357,3 @@ def build(family: Family, config: dict, shapes: dict) -> Spec:
         space.entries.sort(key=lambda e: (e.tensor, e.axis, e.start))
     ordered = [spaces[n] for n in sorted(spaces, key=lambda n: order[n])]
     return Spec(family.name, ordered, fixed_note="vocabulary, positions and labels")
-
-
-for _family in (BERT, DISTILBERT, VIT, GPT2, LLAMA, BART):
-    for _model_type in _family.model_types:
-        HF_FAMILIES[_model_type] = (lambda fam: lambda config, shapes: build(fam, config, shapes))(_family)
