@@ -4,6 +4,9 @@ A space has `size` units. Each entry names a slice of one tensor axis that the s
 is laid out as (unit, rep, inner): index = unit*rep*inner + r*inner + i. `rep` repeats a unit's block
 (a conv channel owning h*w flattened columns, a KV group owning G query heads), `inner` is a within-unit
 dimension moved by the space's per-unit-pair inner map of the entry's channel (e.g. head dims: "qk", "vo").
+When `group` names a map, the `rep` blocks of a unit may be reordered too, per unit pair (the query heads
+inside a KV group of grouped-query attention); otherwise rep blocks keep their order (a conv channel's h*w
+flattened columns).
 
 Roles decide how a (possibly rectangular or soft) plan is normalised on that axis:
   "out"  the axis indexes what the unit produces (weight rows, biases, norm gains, BN statistics,
@@ -31,13 +34,14 @@ class Entry:
     rep: int = 1
     inner: int = 1
     channel: str = ""
+    group: str = ""  # name of the within-unit map that reorders rep blocks; "" = rep order is fixed
 
     def span(self, size: int) -> int:
         return size * self.rep * self.inner
 
     def shape_key(self) -> tuple:
         """What must agree between two models for this entry to be fused (everything but widths)."""
-        return (self.tensor, self.axis, self.role, self.rep, self.inner, self.channel)
+        return (self.tensor, self.axis, self.role, self.rep, self.inner, self.channel, self.group)
 
 
 @dataclass
@@ -53,6 +57,11 @@ class Space:
     @property
     def channels(self) -> list[str]:
         return sorted({e.channel for e in self.entries if e.inner > 1})
+
+    @property
+    def groups(self) -> dict[str, int]:
+        """Within-unit maps that reorder rep blocks -> their length (query heads per KV group)."""
+        return {e.group: e.rep for e in self.entries if e.group}
 
 
 @dataclass
@@ -84,7 +93,7 @@ class Spec:
                 "compressible": s.compressible,
                 "entries": [
                     {"tensor": e.tensor, "axis": e.axis, "role": e.role, "start": e.start,
-                     "rep": e.rep, "inner": e.inner, "channel": e.channel}
+                     "rep": e.rep, "inner": e.inner, "channel": e.channel, "group": e.group}
                     for e in s.entries
                 ],
             }
@@ -109,28 +118,3 @@ def validate(spec: Spec, shapes: dict[str, tuple[int, ...]]) -> None:
                     f"(length {shape[axis]})")
             end = hi
 
-
-def check_compatible(anchor: Spec, parent: Spec, anchor_shapes: dict, parent_shapes: dict, label: str) -> None:
-    """Refuse pairs that cannot be fused: other family, depth, tensors, or a fixed axis that differs."""
-    if anchor.family != parent.family:
-        raise OtfuseError(f"{label} is a {parent.family} model but the anchor is a {anchor.family} model")
-    if [s.name for s in anchor.spaces] != [s.name for s in parent.spaces]:
-        raise OtfuseError(
-            f"{label} has a different structure from the anchor ({len(parent.spaces)} neuron spaces vs "
-            f"{len(anchor.spaces)}: depth or layer layout differs)")
-    if set(anchor_shapes) != set(parent_shapes):
-        only = sorted(set(anchor_shapes) ^ set(parent_shapes))
-        raise OtfuseError(f"{label} and the anchor hold different tensors (e.g. {only[0]!r})")
-    for sa, sp in zip(anchor.spaces, parent.spaces):
-        if [e.shape_key() for e in sa.entries] != [e.shape_key() for e in sp.entries]:
-            raise OtfuseError(f"{label}: space {sa.name!r} is laid out differently from the anchor's")
-    covered = anchor.axis_index()
-    for name, shape_a in anchor_shapes.items():
-        shape_p = parent_shapes[name]
-        if len(shape_a) != len(shape_p):
-            raise OtfuseError(f"{label}: tensor {name} has rank {len(shape_p)}, anchor has {len(shape_a)}")
-        for axis, (la, lp) in enumerate(zip(shape_a, shape_p)):
-            if la != lp and (name, axis) not in covered:
-                raise OtfuseError(
-                    f"{label}: {name} axis {axis} is {lp} but the anchor's is {la}, and that axis must not "
-                    f"move (class outputs, vocabulary, positions or input features differ)")
