@@ -24,7 +24,8 @@ from otfuse_cli.align.weights import TensorSource, WeightFeatures, checked_float
 from otfuse_cli.checkpoint import open_checkpoint, parse_size, provenance, write_checkpoint
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.fuse import check_dtype, feature_provider, layout_of, output_dtype, refuse_existing, with_data_info
-from otfuse_cli.arch import build_spec
+from otfuse_cli.arch import build_spec, hf_family
+from otfuse_cli.arch.transformers import Family
 from otfuse_cli.arch.model import Space, Spec
 
 METHODS = ("ot", "magnitude", "random")
@@ -35,28 +36,25 @@ SKIP_REASONS = {
     "dense": "task-head space (pooler, classifier or LM transform); not compressed",
 }
 DERIVED_HEAD_DIM = "this family derives head size from hidden_size; heads cannot be compressed"
-HEAD_FAMILIES = ("llama",)  # config.json takes an explicit head_dim: head count and size are independent
-FFN_KEYS = {"bert": "intermediate_size", "vit": "intermediate_size", "llama": "intermediate_size",
-            "distilbert": "hidden_dim", "gpt2": "n_inner", "bart": "{stack}_ffn_dim"}
 
 
 # ---------------------------------------------------------------- which spaces shrink, to what
 
-def blocked(space: Space, family: str, hf: bool) -> str | None:
+def blocked(space: Space, family: Family | None) -> str | None:
     """Why this space cannot be compressed, or None."""
     if space.kind not in COMPRESSIBLE:
         return SKIP_REASONS.get(space.kind, f"{space.kind} space; not compressible")
     if not space.compressible:
         return space.note or "not compressible"
-    if space.kind == "heads" and hf and family not in HEAD_FAMILIES:
+    if space.kind == "heads" and family is not None and not family.compress_heads:
         return DERIVED_HEAD_DIM
     if space.size < 2:
         return "width 1 cannot shrink"
     return None
 
 
-def _choices(spec: Spec, hf: bool) -> str:
-    ok = [s for s in spec.spaces if blocked(s, spec.family, hf) is None]
+def _choices(spec: Spec, family: Family | None) -> str:
+    ok = [s for s in spec.spaces if blocked(s, family) is None]
     if not ok:
         return "none"
     kinds = list(dict.fromkeys(s.kind for s in ok))
@@ -80,11 +78,11 @@ def _parse_widths(widths) -> list[tuple[str, int]]:
     return out
 
 
-def target_widths(spec: Spec, hf: bool, ratio: float | None, widths) -> tuple[dict[str, int], dict[str, str]]:
+def target_widths(spec: Spec, family: Family | None, ratio: float | None, widths) -> tuple[dict[str, int], dict[str, str]]:
     """(space -> new width, space -> why it keeps its width)."""
     if (ratio is None) == (not widths):
         raise OtfuseError("give either --ratio R or --width KIND=N (not both)")
-    reasons = {s.name: why for s in spec.spaces if (why := blocked(s, spec.family, hf))}
+    reasons = {s.name: why for s in spec.spaces if (why := blocked(s, family))}
     targets: dict[str, int] = {}
     if ratio is not None:
         if not 0 < ratio < 1:  # also false for NaN
@@ -96,10 +94,10 @@ def target_widths(spec: Spec, hf: bool, ratio: float | None, widths) -> tuple[di
         for key, k in _parse_widths(widths):
             chosen = [s for s in spec.spaces if s.name == key] or [s for s in spec.spaces if s.kind == key]
             if not chosen:
-                raise OtfuseError(f"unknown space kind {key!r}; compressible here: {_choices(spec, hf)}")
+                raise OtfuseError(f"unknown space kind {key!r}; compressible here: {_choices(spec, family)}")
             why = next((reasons[s.name] for s in chosen if s.name in reasons), None)
             if why:
-                raise OtfuseError(f"--width {key}: {why}; compressible here: {_choices(spec, hf)}")
+                raise OtfuseError(f"--width {key}: {why}; compressible here: {_choices(spec, family)}")
             for s in chosen:
                 if not 1 <= k < s.size:
                     raise OtfuseError(f"--width {key}={k}: must be at least 1 and below the width of space "
@@ -107,43 +105,42 @@ def target_widths(spec: Spec, hf: bool, ratio: float | None, widths) -> tuple[di
                 targets[s.name] = k
         reasons.update({s.name: "not selected by --width" for s in spec.spaces
                         if s.name not in targets and s.name not in reasons})
-    if hf:
-        _check_uniform(spec, targets)
+    if family is not None:
+        _check_uniform(spec, family, targets)
     if not targets:
         why = "; ".join(sorted(set(reasons.values())))
         raise OtfuseError(f"nothing to compress in this {spec.family} model: {why}")
     return targets, reasons
 
 
-def _config_group(spec: Spec, space: Space) -> str:
+def _config_group(family: Family, space: Space) -> str:
     if space.kind == "ffn":
-        return FFN_KEYS.get(spec.family, "intermediate_size").format(stack=space.name.split(".")[0])
-    return "num_attention_heads"
+        return family.ffn_key(stack=space.name.split(".")[0])
+    return family.config.heads
 
 
-def _check_uniform(spec: Spec, targets: dict[str, int]) -> None:
+def _check_uniform(spec: Spec, family: Family, targets: dict[str, int]) -> None:
     """HF configs hold one FFN width and one head count for every layer (of a stack)."""
     groups: dict[str, list[Space]] = {}
     for s in spec.spaces:
         if s.kind in ("ffn", "heads"):
-            groups.setdefault(_config_group(spec, s), []).append(s)
+            groups.setdefault(_config_group(family, s), []).append(s)
     for key, spaces in groups.items():
         if any(s.name in targets for s in spaces) and len({targets.get(s.name, s.size) for s in spaces}) > 1:
             raise OtfuseError(f"per-layer widths are not supported for {spec.family} checkpoints: config.json "
                               f"holds one {key} for every layer; use --width {spaces[0].kind}=N or --ratio")
 
 
-def config_overrides(spec: Spec, targets: dict[str, int]) -> dict:
+def config_overrides(spec: Spec, family: Family, targets: dict[str, int]) -> dict:
     out: dict = {}
     for s in spec.spaces:
         if s.name not in targets:
             continue
         if s.kind == "ffn":
-            out[_config_group(spec, s)] = targets[s.name]
-        elif s.kind == "heads":  # llama family: the space's units are KV groups of `group` query heads
+            out[_config_group(family, s)] = targets[s.name]
+        elif s.kind == "heads":  # the space's units are KV groups of `group` query heads: groups stay whole
             group = max(e.rep for e in s.entries)
-            out.update(num_attention_heads=targets[s.name] * group, num_key_value_heads=targets[s.name],
-                       head_dim=s.entries[0].inner)
+            out.update(family.head_overrides(targets[s.name], group, s.entries[0].inner))
     return out
 
 
@@ -323,8 +320,8 @@ def compress_checkpoint(path: str, output: str, *, ratio: float | None = None, w
     parse_size(max_shard_size)
     ckpt = open_checkpoint(path)
     spec = build_spec(ckpt)
-    hf = bool(ckpt.config and ckpt.config.get("model_type"))
-    targets, reasons = target_widths(spec, hf, ratio, widths)
+    family = hf_family(ckpt)
+    targets, reasons = target_widths(spec, family, ratio, widths)
     if method == "ot" and options.align == "activations":
         data.setdefault("standardize", "none")  # a merged unit's pre-activation is the mean of raw ones
         data.setdefault("seed", seed)
@@ -351,7 +348,7 @@ def compress_checkpoint(path: str, output: str, *, ratio: float | None = None, w
     count = [0]
     out = write_checkpoint(output, compressed_tensors(ckpt, Transporter(target, spec), plans, dtype, count),
                            layout=layout_of(ckpt), source=ckpt,
-                           config_overrides=config_overrides(spec, targets) if hf else None, provenance=record,
+                           config_overrides=config_overrides(spec, family, targets) if family else None, provenance=record,
                            max_shard_size=max_shard_size, force=force)
     spaces = [{"space": s.name, "kind": s.kind, "width": [s.size, targets.get(s.name, s.size)],
                "compressed": s.name in targets, "reason": reasons.get(s.name), **stats.get(s.name, {})}

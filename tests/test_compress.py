@@ -32,7 +32,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def duplicate(sd: dict, spec, names, seed: int = 0, shuffle_inner: bool = False) -> dict:
     """Every unit of the named spaces twice, in a shuffled order: "out" slices (incoming weights, biases,
     BN parameters, q/k/v rows of a whole KV group) copied, "in" slices (outgoing columns) copied and halved.
-    shuffle_inner: each copy's within-head dims also permuted (V rows with O columns; Q/K stay for RoPE)."""
+    shuffle_inner: each copy's within-head dims also permuted (V rows with O columns; Q/K stay for RoPE), and
+    the query heads inside each copied KV group reordered (Q rows with O columns)."""
     gen = torch.Generator().manual_seed(seed)
     out = dict(sd)
     for space in spec.spaces:
@@ -45,12 +46,17 @@ def duplicate(sd: dict, spec, names, seed: int = 0, shuffle_inner: bool = False)
             d = next(e.inner for e in space.entries if e.channel == ch)
             perms[ch] = torch.stack([torch.randperm(d, generator=gen) if shuffle_inner and ch not in
                                      space.fixed_inner else torch.arange(d) for _ in range(2 * n)])
+        for g, size in space.groups.items():
+            perms[g] = torch.stack([torch.randperm(size, generator=gen) if shuffle_inner else torch.arange(size)
+                                    for _ in range(2 * n)])
         for e in space.entries:
             y = out[e.tensor].movedim(e.axis, -1)
             lead, end = y.shape[:-1], e.start + e.span(n)
             chunk = y[..., e.start:end].reshape(*lead, n, e.rep, e.inner)[..., order, :, :]
             if e.inner > 1:
                 chunk = chunk.gather(-1, perms[e.channel][:, None, :].expand(chunk.shape))
+            if e.group:
+                chunk = chunk.gather(-2, perms[e.group][:, :, None].expand(chunk.shape))
             chunk = chunk / 2 if e.role == "in" else chunk
             y = torch.cat([y[..., :e.start], chunk.reshape(*lead, -1), y[..., end:]], -1)
             out[e.tensor] = y.movedim(-1, e.axis).contiguous()
