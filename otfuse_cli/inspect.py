@@ -42,11 +42,13 @@ def summarize(ckpt: Checkpoint) -> dict:
 
 
 def compare(ckpts: list[Checkpoint]) -> dict:
-    """Compare tensor layouts against model 0.
+    """Compare checkpoints against model 0.
 
-    Same names, same ranks, same shapes -> "identical layout"; same names and ranks but some widths differ ->
-    "heterogeneous widths" (fusable with rectangular plans); different names or ranks -> "incompatible".
+    compatible / heterogeneous / verdict / reason come from the one judgement fuse uses
+    (otfuse_cli.arch.compat.judge); the name, shape and dtype differences are listed for information only.
     """
+    from otfuse_cli.arch.compat import judge
+
     base = set(ckpts[0].keys()) if ckpts else set()
     missing: dict[int, list[str]] = {}
     extra: dict[int, list[str]] = {}
@@ -68,16 +70,15 @@ def compare(ckpts: list[Checkpoint]) -> dict:
         dtypes = [dtype_name(c.dtype(name)) for c in ckpts]
         if any(d != dtypes[0] for d in dtypes):
             dtype_mismatch.append({"name": name, "dtypes": dtypes})  # informational: math runs in float32
-    compatible = not missing and not extra and not rank_mismatch
-    heterogeneous = compatible and bool(shape_mismatch)
-    verdict = "incompatible" if not compatible else "heterogeneous widths" if heterogeneous else "identical layout"
+    verdict = judge(ckpts)
     return {
-        "compatible": compatible,
-        "heterogeneous": heterogeneous,
+        "compatible": verdict["compatible"],
+        "heterogeneous": verdict["heterogeneous"],
         "missing": missing,
         "extra": extra,
         "shape_mismatch": shape_mismatch,
         "rank_mismatch": [e["name"] for e in rank_mismatch],
         "dtype_mismatch": dtype_mismatch,
-        "verdict": verdict,
+        "verdict": verdict["verdict"],
+        "reason": verdict["reason"],
     }

@@ -75,6 +75,8 @@ def comparison_tables(comparison: dict, limit: int = 20) -> list:
     """A one-line verdict, then what differs (first `limit` rows of each kind)."""
     colour = {"identical layout": "green", "heterogeneous widths": "yellow", "incompatible": "red"}[comparison["verdict"]]
     out: list = [f"compatibility: [bold {colour}]{comparison['verdict']}[/]"]
+    if comparison.get("reason"):
+        out.append(f"  why: {escape(comparison['reason'])}")
     for kind in ("missing", "extra"):
         for i, names in comparison[kind].items():
             shown = ", ".join(escape(n) for n in names[:5]) + (f", … ({len(names)} in all)" if len(names) > 5 else "")

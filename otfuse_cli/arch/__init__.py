@@ -5,7 +5,8 @@ file (transformers.py, sequential.py, resnet.py); one engine aligns them all."""
 from __future__ import annotations
 
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.arch.model import Entry, Space, Spec, check_compatible, validate
+from otfuse_cli.arch.compat import check_compatible, judge
+from otfuse_cli.arch.model import Entry, Space, Spec, validate
 from otfuse_cli.arch.resnet import is_resnet, resnet_spec
 from otfuse_cli.arch.sequential import sequential_spec
 from otfuse_cli.arch.transformers import FAMILIES, Family, build
@@ -14,8 +15,8 @@ from otfuse_cli.arch.transformers import FAMILIES, Family, build
 HF_FAMILIES: dict[str, Family] = {t: family for family in FAMILIES for t in family.model_types}
 
 
-__all__ = ["Entry", "Space", "Spec", "build_spec", "detect_family", "validate", "check_compatible", "HF_FAMILIES",
-           "hf_family"]
+__all__ = ["Entry", "Space", "Spec", "build_spec", "detect_family", "validate", "check_compatible", "judge",
+           "HF_FAMILIES", "hf_family"]
 
 
 def shapes_of(ckpt) -> dict[str, tuple[int, ...]]:

@@ -19,14 +19,17 @@ from otfuse_cli.evaluate.metrics import HIGHER_IS_BETTER
 from otfuse_cli.runnable import resolve_device, runnable_from_state_dict
 
 
-def check_compatible(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+def require_same_layout(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+    """The arithmetic's own precondition, for state dicts whose configs are gone. Whether two checkpoints
+    may be interpolated at all (family, fixed axes, widths) is otfuse_cli.arch.compat.check_interpolatable's
+    call; callers holding checkpoints ask it first, so this only fires for direct library use."""
     if set(a) != set(b):
-        only = sorted(set(a) ^ set(b))
-        raise OtfuseError(f"the two models have different tensors (e.g. {only[0]!r}); interpolation needs the same keys")
+        raise OtfuseError(f"cannot interpolate: the two models hold different tensors "
+                          f"(e.g. {sorted(set(a) ^ set(b))[0]!r})")
     for k in a:
         if a[k].shape != b[k].shape:
-            raise OtfuseError(f"tensor {k!r} has shape {tuple(a[k].shape)} in A but {tuple(b[k].shape)} in B; "
-                              "interpolation needs equal shapes (align/fuse heterogeneous widths instead)")
+            raise OtfuseError(f"cannot interpolate: tensor {k!r} has shape {tuple(a[k].shape)} in A but "
+                              f"{tuple(b[k].shape)} in B")
 
 
 def interpolate_state_dicts(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
@@ -49,7 +52,7 @@ def interpolate(model_a_sd: Mapping[str, torch.Tensor], model_b_sd: Mapping[str,
     """Metrics at alpha in linspace(0, 1, steps); `like` is the checkpoint whose architecture both share."""
     if steps < 2:
         raise OtfuseError(f"steps must be at least 2, got {steps}")
-    check_compatible(model_a_sd, model_b_sd)
+    require_same_layout(model_a_sd, model_b_sd)
     dev = resolve_device(device)
     data = tasks.load_eval_data(data_path, max_samples=max_samples, seed=seed)
     # Build once, then swap weights per alpha: rebuilding an HF model from its config is the slow part.

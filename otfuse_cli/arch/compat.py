@@ -1,0 +1,95 @@
+"""The one compatibility judgement: can these checkpoints be fused (and interpolated)?
+
+`inspect`, `fuse`/`align` and `evaluate --interpolate` all decide through here, so a pair inspect calls
+fusable is a pair fuse accepts, with the same one-line reason when it is not. Raw tensor names and shapes
+are not enough: a different vocabulary or class count keeps every name and rank but changes an axis that
+no plan may move; only the Spec knows which axes move.
+"""
+
+from __future__ import annotations
+
+from otfuse_cli.arch.model import Spec
+from otfuse_cli.errors import OtfuseError
+
+
+def label(ckpt, k: int) -> str:
+    """How a model is named in messages (the same words fuse uses)."""
+    return f"model {k} ({ckpt.path})"
+
+
+def shapes_of(ckpt) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(ckpt.shape(name)) for name in ckpt.keys()}
+
+
+def check_compatible(anchor: Spec, parent: Spec, anchor_shapes: dict, parent_shapes: dict, label: str) -> None:
+    """Refuse pairs that cannot be fused: other family, depth, tensors, or a fixed axis that differs."""
+    if anchor.family != parent.family:
+        raise OtfuseError(f"{label} is a {parent.family} model but the anchor is a {anchor.family} model")
+    if [s.name for s in anchor.spaces] != [s.name for s in parent.spaces]:
+        raise OtfuseError(
+            f"{label} has a different structure from the anchor ({len(parent.spaces)} neuron spaces vs "
+            f"{len(anchor.spaces)}: depth or layer layout differs)")
+    if set(anchor_shapes) != set(parent_shapes):
+        only = sorted(set(anchor_shapes) ^ set(parent_shapes))
+        raise OtfuseError(f"{label} and the anchor hold different tensors (e.g. {only[0]!r})")
+    for sa, sp in zip(anchor.spaces, parent.spaces):
+        if [e.shape_key() for e in sa.entries] != [e.shape_key() for e in sp.entries]:
+            raise OtfuseError(f"{label}: space {sa.name!r} is laid out differently from the anchor's")
+    covered = anchor.axis_index()
+    for name, shape_a in anchor_shapes.items():
+        shape_p = parent_shapes[name]
+        if len(shape_a) != len(shape_p):
+            raise OtfuseError(f"{label}: tensor {name} has rank {len(shape_p)}, anchor has {len(shape_a)}")
+        for axis, (la, lp) in enumerate(zip(shape_a, shape_p)):
+            if la != lp and (name, axis) not in covered:
+                raise OtfuseError(
+                    f"{label}: {name} axis {axis} is {lp} but the anchor's is {la}, and that axis must not "
+                    f"move (class outputs, vocabulary, positions or input features differ)")
+
+
+def check_models(ckpts: list, anchor: int = 0) -> list[Spec]:
+    """Every model's Spec, after checking each parent against the anchor; raises the first one-line reason."""
+    from otfuse_cli.arch import build_spec  # the registry imports this module
+
+    specs = [build_spec(c) for c in ckpts]
+    shapes = [shapes_of(c) for c in ckpts]
+    for k, (ckpt, spec) in enumerate(zip(ckpts, specs)):
+        if k != anchor:
+            check_compatible(specs[anchor], spec, shapes[anchor], shapes[k], label(ckpt, k))
+    return specs
+
+
+def width_differences(specs: list[Spec]) -> list[str]:
+    """Neuron spaces whose width differs from model 0's, as 'name (w0/w1/...)'; specs must be compatible."""
+    return [f"{spaces[0].name} ({'/'.join(str(s.size) for s in spaces)})"
+            for spaces in zip(*(spec.spaces for spec in specs)) if any(s.size != spaces[0].size for s in spaces)]
+
+
+def judge(ckpts: list) -> dict:
+    """Judge opened checkpoints against model 0: {compatible, heterogeneous, verdict, reason}.
+
+    `reason` is the message `otfuse fuse` would fail with (None when compatible); heterogeneous means
+    compatible but some widths differ, so fusion needs rectangular plans and interpolation is impossible.
+    """
+    try:
+        specs = check_models(ckpts)
+    except OtfuseError as e:
+        return {"compatible": False, "heterogeneous": False, "verdict": "incompatible", "reason": str(e)}
+    shapes = [shapes_of(c) for c in ckpts]
+    # A tensor shape can differ where no space size does only if the Spec misses an axis; count it anyway.
+    heterogeneous = bool(width_differences(specs)) or any(s != shapes[0] for s in shapes[1:])
+    return {"compatible": True, "heterogeneous": heterogeneous,
+            "verdict": "heterogeneous widths" if heterogeneous else "identical layout", "reason": None}
+
+
+def check_interpolatable(a, b) -> None:
+    """Raise a one-line OtfuseError unless checkpoints A and B can be interpolated: fusable, same widths."""
+    try:
+        specs = check_models([a, b])
+    except OtfuseError as e:
+        raise OtfuseError(f"cannot interpolate: {e}") from None
+    widths = width_differences(specs)
+    if widths or shapes_of(a) != shapes_of(b):
+        where = f"; widths differ in {', '.join(widths[:3])}{' …' if len(widths) > 3 else ''}" if widths else ""
+        raise OtfuseError(f"cannot interpolate: the two models need the same widths{where} "
+                          "(otfuse fuse handles different widths)")

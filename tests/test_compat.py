@@ -1,0 +1,130 @@
+"""One compatibility judgement: `otfuse inspect` calls a pair fusable exactly when `otfuse fuse` accepts it,
+and when it does not, both give the same one-line reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import assert_one_line_error, cli
+from models import mlp
+from otfuse_cli.arch.compat import check_interpolatable, judge
+from otfuse_cli.checkpoint import open_checkpoint
+from otfuse_cli.errors import OtfuseError
+
+BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64)
+
+# name -> how to build it: ("bert", config overrides, seed) | ("distilbert"|"gpt2", seed) | ("mlp", widths, seed)
+MODELS = {
+    "bert": ("bert", {}, 0),
+    "bert_seed1": ("bert", {}, 1),
+    "bert_vocab": ("bert", {"vocab_size": 120}, 1),
+    "bert_deep": ("bert", {"num_hidden_layers": 3}, 1),
+    "bert_wide": ("bert", {"hidden_size": 48, "num_attention_heads": 3, "intermediate_size": 96}, 1),  # head_dim 16
+    "bert_cls2": ("bert", {"num_labels": 2}, 0),
+    "bert_cls3": ("bert", {"num_labels": 3}, 1),
+    "distilbert": ("distilbert", 1),
+    "gpt2": ("gpt2", 1),
+    "mlp": ("mlp", (20, 16, 12, 5), 0),
+    "mlp_seed1": ("mlp", (20, 16, 12, 5), 1),
+    "mlp_wide": ("mlp", (20, 24, 12, 5), 1),
+    "mlp_deep": ("mlp", (20, 16, 12, 8, 5), 1),
+    "mlp_classes": ("mlp", (20, 16, 12, 7), 1),
+    "mlp_inputs": ("mlp", (10, 16, 12, 5), 1),
+}
+
+# (A, B, compatible, verdict, fragment of the reason when incompatible)
+PAIRS = [
+    ("bert", "bert_seed1", True, "identical layout", None),
+    ("bert", "bert_wide", True, "heterogeneous widths", None),
+    ("bert_wide", "bert", True, "heterogeneous widths", None),
+    ("bert", "bert_vocab", False, "incompatible", "must not move"),
+    ("bert_cls2", "bert_cls3", False, "incompatible", "must not move"),
+    ("bert", "bert_deep", False, "incompatible", "structure"),
+    ("bert_cls2", "distilbert", False, "incompatible", "distilbert model"),
+    ("bert", "gpt2", False, "incompatible", "gpt2 model"),
+    ("mlp", "mlp_seed1", True, "identical layout", None),
+    ("mlp", "mlp_wide", True, "heterogeneous widths", None),
+    ("mlp", "mlp_deep", False, "incompatible", "structure"),
+    ("mlp", "mlp_classes", False, "incompatible", "must not move"),
+    ("mlp", "mlp_inputs", False, "incompatible", "must not move"),
+]
+
+
+def build(path, recipe):
+    import transformers as T
+
+    kind, *args = recipe
+    torch.manual_seed(args[-1])
+    if kind == "mlp":
+        path = path.with_suffix(".safetensors")
+        save_file({k: v.contiguous() for k, v in mlp(args[0], args[1]).state_dict().items()}, path)
+        return path
+    if kind == "bert":
+        config = T.BertConfig(**{**BERT, **args[0]})
+        cls = T.BertForSequenceClassification if "num_labels" in args[0] else T.BertModel
+    elif kind == "distilbert":
+        config, cls = T.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                         max_position_embeddings=64, num_labels=2), T.DistilBertForSequenceClassification
+    else:
+        config, cls = T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0,
+                                  eos_token_id=0), T.GPT2LMHeadModel
+    cls(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compat")
+    return {name: build(root / name, recipe) for name, recipe in MODELS.items()}
+
+
+@pytest.mark.parametrize("a, b, compatible, verdict, fragment", PAIRS, ids=[f"{a}-{b}" for a, b, *_ in PAIRS])
+def test_inspect_agrees_with_fuse(models, tmp_path, a, b, compatible, verdict, fragment):
+    r = cli("inspect", models[a], models[b], "--json")
+    assert r.exit_code == 0, r.stderr  # an incompatible pair is a finding, not an error
+    c = json.loads(r.stdout)["comparison"]
+    assert (c["compatible"], c["verdict"], c["heterogeneous"]) == (compatible, verdict, verdict == "heterogeneous widths")
+
+    out = tmp_path / ("out.safetensors" if a.startswith("mlp") else "out")
+    fused = cli("fuse", models[a], models[b], "-o", out)
+    if compatible:
+        assert fused.exit_code == 0, fused.stderr
+        assert out.exists() and c["reason"] is None
+    else:
+        assert fused.exit_code == 2, fused.stdout
+        assert_one_line_error(fused.stderr, fragment)
+        assert fused.stderr == f"error: {c['reason']}\n"  # the very message inspect reported
+        assert not out.exists()
+        human = " ".join(cli("inspect", models[a], models[b]).stdout.split())
+        assert "why: model 1 (" in human and fragment in human
+
+
+def test_judge_reports_first_incompatible_model_and_build_failures(models, tmp_path):
+    ckpts = [open_checkpoint(models[n]) for n in ("bert", "bert_wide", "bert_deep")]
+    v = judge(ckpts)
+    assert not v["compatible"] and v["reason"].startswith("model 2 ") and "structure" in v["reason"]
+    assert judge(ckpts[:2])["heterogeneous"] and judge(ckpts[:1])["verdict"] == "identical layout"
+
+    odd = tmp_path / "odd"  # a model_type no family declares: the Spec cannot be built
+    build(odd, MODELS["bert"])
+    cfg = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**cfg, "model_type": "no-such-type"}))
+    v = judge([ckpts[0], open_checkpoint(odd)])
+    assert v["verdict"] == "incompatible" and "unsupported model_type 'no-such-type'" in v["reason"]
+
+
+@pytest.mark.parametrize("b, fragment", [("bert_seed1", None), ("bert_wide", "same widths"),
+                                         ("bert_vocab", "must not move"), ("gpt2", "gpt2 model")])
+def test_check_interpolatable(models, b, fragment):
+    a, other = open_checkpoint(models["bert"]), open_checkpoint(models[b])
+    if fragment is None:
+        check_interpolatable(a, other)
+        return
+    with pytest.raises(OtfuseError, match=fragment) as err:
+        check_interpolatable(a, other)
+    assert str(err.value).startswith("cannot interpolate: ") and "\n" not in str(err.value)
