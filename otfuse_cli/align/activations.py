@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from otfuse_cli.align.cost import Features
+from otfuse_cli.align.metrics import STANDARDIZE
 from otfuse_cli.align.weights import TensorSource
 from otfuse_cli.checkpoint import sha256_file
 from otfuse_cli.data import is_tensor_file, load_records, load_tensors, tokenize_texts
@@ -19,7 +20,6 @@ from otfuse_cli.errors import OtfuseError
 from otfuse_cli.runnable import load_runnable, resolve_device
 from otfuse_cli.arch.model import Spec
 
-STANDARDIZE = ("none", "center", "zscore")
 CHANNEL_FIRST = (nn.Conv2d, nn.BatchNorm2d, nn.Conv1d, nn.BatchNorm1d)
 ACTIVATIONS = {"relu": torch.relu, "gelu": nn.functional.gelu, "tanh": torch.tanh}
 
@@ -165,16 +165,6 @@ def data_info(data: str, samples: int = 256, seed: int = 0, max_tokens: int = 40
             "max_tokens": max_tokens, "standardize": standardize}
 
 
-def standardize(x: torch.Tensor, how: str) -> torch.Tensor:
-    """x: (rows, features); per-feature standardisation over rows."""
-    if how == "none":
-        return x
-    x = x - x.mean(0, keepdim=True)
-    if how == "zscore":  # squared distance of z-scores = 2N(1 - correlation)
-        x = x / x.std(0, keepdim=True).clamp_min(1e-6)
-    return x
-
-
 class ActivationFeatures:
     """Feature provider for the engine; activations do not depend on other plans (no refinement)."""
 
@@ -182,8 +172,6 @@ class ActivationFeatures:
 
     def __init__(self, anchor_spec: Spec, parent_spec: Spec, anchor: TensorSource, parent: TensorSource,
                  standardize: str = "zscore", **collect_options):
-        if standardize not in STANDARDIZE:
-            raise OtfuseError(f"unknown --standardize {standardize!r}; use none, center or zscore")
         self.anchor_spec, self.parent_spec, self.how = anchor_spec, parent_spec, standardize
         cache = anchor.__dict__.setdefault("_activations", {})
         key = repr(sorted(collect_options.items()))
@@ -197,7 +185,7 @@ class ActivationFeatures:
         x = acts.get(module_of(entry.tensor))
         if x is None or x.shape[1] < entry.start + entry.span(size):
             return None
-        x = standardize(x[:, entry.start:entry.start + entry.span(size)], self.how)
+        x = STANDARDIZE[self.how](x[:, entry.start:entry.start + entry.span(size)])
         return x.reshape(len(x), size, entry.rep, entry.inner).permute(1, 2, 3, 0)
 
     def features(self, k: int, plans: dict, first_pass: bool) -> tuple[Features, Features]:

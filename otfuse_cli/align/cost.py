@@ -11,10 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from otfuse_cli.align.metrics import METRICS
 from otfuse_cli.align.solvers import match
-from otfuse_cli.errors import OtfuseError
-
-METRICS = ("sqeuclidean", "cosine")
 
 
 @dataclass
@@ -56,28 +54,18 @@ class Features:
 def pairwise(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
     """Cost between rows of x (..., n, D) and rows of y (..., m, D)."""
     x, y = x.double(), y.double()
-    if metric == "sqeuclidean":
-        return (torch.cdist(x, y) ** 2).clamp_min(0)
-    if metric == "cosine":
-        xn = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        yn = y / y.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return 1.0 - xn @ yn.transpose(-1, -2)
-    raise OtfuseError(f"unknown ground metric {metric!r}; use {' or '.join(METRICS)}")
+    return METRICS[metric](x @ y.transpose(-1, -2), (x * x).sum(-1), (y * y).sum(-1))
 
 
 def plain_cost(xs: list[torch.Tensor], ys: list[torch.Tensor], metric: str) -> torch.Tensor:
     """pairwise() over the concatenation of the entries, accumulated one entry at a time in float64, so a
     residual stream touching every tensor never needs a concatenated copy of the model."""
-    if metric not in METRICS:
-        raise OtfuseError(f"unknown ground metric {metric!r}; use {' or '.join(METRICS)}")
     dot = nx = ny = 0
     for x, y in zip(xs, ys):
         x, y = x.double(), y.double()
         dot = dot + x @ y.T
         nx, ny = nx + (x * x).sum(1), ny + (y * y).sum(1)
-    if metric == "sqeuclidean":
-        return (nx[:, None] + ny[None, :] - 2 * dot).clamp_min(0)
-    return 1.0 - dot / (nx.sqrt()[:, None] * ny.sqrt()[None, :]).clamp_min(1e-24)
+    return METRICS[metric](dot, nx, ny)
 
 
 def unit_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tuple[str, ...] = (),

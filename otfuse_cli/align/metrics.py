@@ -1,0 +1,34 @@
+"""Ground metrics and activation standardisations, one function each in a registry whose keys are the CLI's
+choices. They use tensor methods only, so this module loads without torch (the command line checks its
+options before anything heavy is imported)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+def sqeuclidean(dot, nx, ny):
+    """|x - y|^2 from x.y and the squared norms (float64: the expansion cancels no more than cdist)."""
+    return (nx[..., :, None] + ny[..., None, :] - 2 * dot).clamp_min(0)
+
+
+def cosine(dot, nx, ny):
+    return 1.0 - dot / (nx.sqrt()[..., :, None] * ny.sqrt()[..., None, :]).clamp_min(1e-24)
+
+
+# metric(x.y (..., n, m), |x|^2 (..., n), |y|^2 (..., m)) -> cost (..., n, m)
+METRICS: dict[str, Callable] = {"sqeuclidean": sqeuclidean, "cosine": cosine}
+
+
+def _center(x):
+    return x - x.mean(0, keepdim=True)
+
+
+def _zscore(x):
+    """Squared distance of z-scores = 2N(1 - correlation): correlation matching."""
+    x = _center(x)
+    return x / x.std(0, keepdim=True).clamp_min(1e-6)
+
+
+# per-feature standardisation of activations (rows = samples)
+STANDARDIZE: dict[str, Callable] = {"none": lambda x: x, "center": _center, "zscore": _zscore}

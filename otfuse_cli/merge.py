@@ -1,0 +1,18 @@
+"""Merge rules: how parents already moved into the anchor's basis combine into one tensor. One function per
+rule in a registry whose keys are `--merge` choices; a rule sees one tensor name at a time (streaming)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+def average(name: str, aligned: list, weights: list[float]):
+    """Weighted average: F = sum_k w_k * T_k(W_k)."""
+    out = aligned[0] * weights[0]
+    for x, w in zip(aligned[1:], weights[1:]):
+        out += w * x
+    return out
+
+
+# rule(tensor name, aligned float32 tensors (one per parent), normalised weights) -> fused tensor
+MERGES: dict[str, Callable] = {"average": average}
