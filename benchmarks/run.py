@@ -21,7 +21,7 @@ import ot
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from otfuse_cli.align.solvers import solve  # noqa: E402
+from otfuse_cli.alignment.solvers import solve  # noqa: E402
 
 
 def timed(fn):
@@ -62,7 +62,7 @@ def fusion_row():
     from safetensors.torch import save_file
 
     from otfuse_cli.checkpoint import open_checkpoint
-    from otfuse_cli.fuse import fuse_checkpoints
+    from otfuse_cli import fuse
     from otfuse_cli.arch import build_spec
     from permute import permuted_state_dict
 
@@ -72,7 +72,7 @@ def fusion_row():
     ckpt = open_checkpoint(src)
     save_file(permuted_state_dict(ckpt.state_dict(), build_spec(ckpt), 1), tmp / "b" / "model.safetensors",
               metadata={"format": "pt"})
-    _, seconds = timed(lambda: fuse_checkpoints([str(src), str(tmp / "b")], str(tmp / "fused")))
+    _, seconds = timed(lambda: fuse([str(src), str(tmp / "b")], str(tmp / "fused")))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     shutil.rmtree(tmp)
     return seconds, peak

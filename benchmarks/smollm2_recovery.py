@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from permute import save_permuted_copy  # noqa: E402
 
-from otfuse_cli.align.engine import AlignOptions  # noqa: E402
-from otfuse_cli.fuse import fuse_checkpoints  # noqa: E402
+from otfuse_cli import AlignOptions  # noqa: E402
+from otfuse_cli import fuse  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
     save_permuted_copy(tmp / "a", tmp / "b", seed=0)
     print(f"de-quantised and permuted in {time.perf_counter() - t0:.0f} s")
     t0 = time.perf_counter()
-    result = fuse_checkpoints([str(tmp / "a"), str(tmp / "b")], str(tmp / "fused"), options=AlignOptions(refine=1))
+    result = fuse([str(tmp / "a"), str(tmp / "b")], str(tmp / "fused"), options=AlignOptions(refine=1))
     seconds = time.perf_counter() - t0
     batch = tok(["Optimal transport aligns neurons", "The capital of France is"], return_tensors="pt", padding=True)
     with torch.no_grad():

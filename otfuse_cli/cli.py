@@ -11,6 +11,7 @@ OtfuseError anywhere in a command becomes `error: <message>` on stderr and exit 
 
 from __future__ import annotations
 
+import enum
 import sys
 from contextlib import contextmanager
 from typing import Optional
@@ -19,7 +20,10 @@ import typer
 from typer.core import TyperGroup
 
 from otfuse_cli import __version__, report
+from otfuse_cli.cli_options import with_options
 from otfuse_cli.errors import OtfuseError
+from otfuse_cli.merge import MERGES
+from otfuse_cli.options import ACTIVATIONS, AlignOptions, DataOptions, OutputOptions
 
 EXIT_INTERRUPTED = 130
 
@@ -128,67 +132,33 @@ def inspect(
             report.console.print(report.spaces_table(spec.to_json(), spec.family, spec.fixed_note))
 
 
-# Options shared by `align` and `fuse` (and `compress`): how plans are computed.
+# Options shared by `align`, `fuse` and `compress` come from the typed groups in options.py.
 MODELS_ARG = typer.Argument(..., metavar="MODEL...", help="Two or more checkpoints (files or HF folders).")
-ALIGN_OPT = typer.Option("weights", "--align", help="weights (no data) or activations (needs --data).")
-SOLVER_OPT = typer.Option("exact", "--solver", help="exact (assignment / network simplex) or sinkhorn (soft).")
-REG_OPT = typer.Option(0.01, "--reg", help="Sinkhorn regularisation, relative to the mean cost.")
-METRIC_OPT = typer.Option("sqeuclidean", "--metric", help="Ground metric: sqeuclidean or cosine.")
-MARGINALS_OPT = typer.Option("uniform", "--marginals", help="Support masses: uniform, l1 or l2 (neuron norm).")
-COST_NORM_OPT = typer.Option("mean", "--cost-norm", help="Scale costs by their mean or max (or none) before solving.")
-REFINE_OPT = typer.Option(5, "--refine", help="Extra passes over all spaces until plans stop changing.")
-ANCHOR_OPT = typer.Option(0, "--anchor", help="Index of the model whose basis and widths the result takes.")
-DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu or cuda (forward passes and costs).")
-DATA_OPT = typer.Option(None, "--data", help="Sample inputs for --align activations (jsonl/csv/tsv/txt/npz/safetensors).")
-SAMPLES_OPT = typer.Option(256, "--samples", help="Number of sample inputs for activations.")
-SEED_OPT = typer.Option(0, "--seed", help="Seed for sampling inputs and tokens.")
-MAX_TOKENS_OPT = typer.Option(4096, "--max-tokens", help="Cap on activation rows (tokens/positions) kept per space.")
-STANDARDIZE_OPT = typer.Option("zscore", "--standardize", help="Activation standardisation: none, center or zscore.")
-ACTIVATION_OPT = typer.Option(None, "--activation", help="relu, gelu or tanh for bare MLP/CNN/ResNet state dicts.")
-POST_ACT_OPT = typer.Option(False, "--post-activation", help="Match MLP/CNN units after the nonlinearity.")
-MAX_LENGTH_OPT = typer.Option(128, "--max-length", help="Token limit per text sample.")
+ANCHOR_OPT = typer.Option(0, "--anchor", min=0, help="Index of the model whose basis and widths the result takes.")
+ACTIVATION_OPT = typer.Option(None, "--activation", help="Nonlinearity of bare MLP/CNN/ResNet state dicts.")
+SEED_OPT = typer.Option(0, "--seed", min=0, help="Seed for sampling inputs.")
+DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu or cuda: where forward passes run.")
 FORCE_OPT = typer.Option(False, "--force", help="Overwrite an existing output.")
-
-
-def _align_options(align, solver, reg, metric, marginals, refine, cost_norm="mean"):
-    from otfuse_cli.align.engine import AlignOptions
-
-    return AlignOptions(align=align, solver=solver, reg=reg, metric=metric, marginals=marginals, refine=refine,
-                        cost_norm=cost_norm)
-
-
-def _data_options(align, data, samples, seed, max_tokens, standardize, activation, post_activation, max_length,
-                  device) -> dict:
-    if align == "activations" and not data:
-        raise OtfuseError("--align activations needs --data FILE with sample inputs")
-    if align != "activations":
-        return {}
-    return {"data": data, "samples": samples, "seed": seed, "max_tokens": max_tokens, "standardize": standardize,
-            "activation": activation, "post_activation": post_activation, "max_length": max_length,
-            "device": device}
+Method = enum.Enum("Method", {m: m for m in ("ot", "average")}, type=str)
+Merge = enum.Enum("Merge", {m: m for m in MERGES}, type=str)
+CompressMethod = enum.Enum("CompressMethod", {m: m for m in ("ot", "magnitude", "random")}, type=str)
+Activation = enum.Enum("Activation", {a: a for a in ACTIVATIONS}, type=str)
 
 
 @app.command()
+@with_options(options=AlignOptions, data=DataOptions, defaults={"standardize": "zscore"})
 def align(
     models: list[str] = MODELS_ARG,
     output: str = typer.Option(..., "-o", "--output", help="Plan file to write (.safetensors)."),
-    align_by: str = ALIGN_OPT, solver: str = SOLVER_OPT, reg: float = REG_OPT, metric: str = METRIC_OPT,
-    marginals: str = MARGINALS_OPT, refine: int = REFINE_OPT, cost_norm: str = COST_NORM_OPT,
-    anchor: int = ANCHOR_OPT,
-    data: Optional[str] = DATA_OPT, samples: int = SAMPLES_OPT, seed: int = SEED_OPT,
-    max_tokens: int = MAX_TOKENS_OPT, standardize: str = STANDARDIZE_OPT, activation: Optional[str] = ACTIVATION_OPT,
-    post_activation: bool = POST_ACT_OPT, max_length: int = MAX_LENGTH_OPT, device: str = DEVICE_OPT,
-    force: bool = FORCE_OPT, json_out: bool = JSON_OPTION,
+    anchor: int = ANCHOR_OPT, force: bool = FORCE_OPT, json_out: bool = JSON_OPTION,
+    options: AlignOptions = None, data: DataOptions = None,
 ) -> None:
     """Compute transport plans that map every model onto the anchor and write them to a plan file."""
-    from otfuse_cli.fuse import align_checkpoints
+    from otfuse_cli.pipeline import align as align_models
 
-    options = _align_options(align_by, solver, reg, metric, marginals, refine, cost_norm)
-    extra = _data_options(align_by, data, samples, seed, max_tokens, standardize, activation, post_activation,
-                          max_length, device)
     with report.SpaceProgress(None, enabled=not json_out) as progress:
-        result = align_checkpoints(models, output, anchor=anchor, options=options, force=force,
-                                   on_space=progress, **extra)
+        result = align_models(models, output, options=options, data=data, anchor=anchor, force=force,
+                              on_space=progress)
     if json_out:
         report.print_json(result)
     else:
@@ -196,37 +166,28 @@ def align(
 
 
 @app.command()
+@with_options(options=AlignOptions, data=DataOptions, write=OutputOptions, defaults={"standardize": "zscore"})
 def fuse(
     models: list[str] = MODELS_ARG,
     output: str = typer.Option(..., "-o", "--output", help="Fused checkpoint (file or folder, like the anchor)."),
-    method: str = typer.Option("ot", "--method", help="ot (align, then average) or average (vanilla baseline)."),
+    method: Method = typer.Option("ot", "--method", help="ot (align, then merge) or average (vanilla baseline)."),
+    merge: Merge = typer.Option("average", "--merge", help="Merge rule for the aligned parents."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Per-model weights, e.g. 0.5,0.5."),
     plan: Optional[str] = typer.Option(None, "--plan", help="Reuse a plan file written by `otfuse align`."),
-    dtype: str = typer.Option("keep", "--dtype", help="keep, float32, float16 or bfloat16."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Shard folder outputs above this size."),
     repair_bn: bool = typer.Option(False, "--repair-bn", help="Re-estimate BatchNorm statistics of the fused "
                                                               "model on --data (CNNs, ResNets)."),
-    align_by: str = ALIGN_OPT, solver: str = SOLVER_OPT, reg: float = REG_OPT, metric: str = METRIC_OPT,
-    marginals: str = MARGINALS_OPT, refine: int = REFINE_OPT, cost_norm: str = COST_NORM_OPT,
-    anchor: int = ANCHOR_OPT,
-    data: Optional[str] = DATA_OPT, samples: int = SAMPLES_OPT, seed: int = SEED_OPT,
-    max_tokens: int = MAX_TOKENS_OPT, standardize: str = STANDARDIZE_OPT, activation: Optional[str] = ACTIVATION_OPT,
-    post_activation: bool = POST_ACT_OPT, max_length: int = MAX_LENGTH_OPT, device: str = DEVICE_OPT,
-    force: bool = FORCE_OPT, json_out: bool = JSON_OPTION,
+    anchor: int = ANCHOR_OPT, json_out: bool = JSON_OPTION,
+    options: AlignOptions = None, data: DataOptions = None, write: OutputOptions = None,
 ) -> None:
-    """Fuse two or more models: align them onto the anchor with OT, then average with weights."""
-    from otfuse_cli.fuse import fuse_checkpoints
+    """Fuse two or more models: align them onto the anchor with OT, then merge them with weights."""
+    from otfuse_cli.fusion import fuse as fuse_models
 
-    options = _align_options(align_by, solver, reg, metric, marginals, refine, cost_norm)
-    extra = _data_options(align_by, data, samples, seed, max_tokens, standardize, activation, post_activation,
-                          max_length, device) if method == "ot" and not plan else {}
-    command_options = {"models": models, "seed": seed, "device": device,
-                       "max_shard_size": max_shard_size, "activation": activation}
+    command_options = {"models": models, "seed": data.seed, "device": data.device,
+                       "max_shard_size": write.max_shard_size, "activation": data.activation}
     with report.SpaceProgress(None, enabled=not json_out) as progress:
-        result = fuse_checkpoints(models, output, anchor=anchor, weights=weights, method=method, options=options,
-                                  plan_file=plan, dtype=dtype, max_shard_size=max_shard_size, force=force,
-                                  command_options=command_options, on_space=progress, repair_bn=repair_bn,
-                                  repair_data=data, **extra)
+        result = fuse_models(models, output, options=options, data=data, write=write, method=method.value,
+                             merge=merge.value, anchor=anchor, weights=weights, plan=plan, repair_bn=repair_bn,
+                             command_options=command_options, on_space=progress)
     if json_out:
         report.print_json(result)
     else:
@@ -262,17 +223,18 @@ def evaluate(
     plot: Optional[str] = typer.Option(None, "--plot", help="Draw the interpolation curves to a PNG."),
     num_beams: int = typer.Option(1, "--num-beams", help="Beam size for translation (1 = greedy)."),
     max_length: int = typer.Option(256, "--max-length", help="Token limit per text."),
-    activation: Optional[str] = ACTIVATION_OPT, seed: int = SEED_OPT, device: str = DEVICE_OPT,
+    activation: Optional[Activation] = ACTIVATION_OPT, seed: int = SEED_OPT, device: str = DEVICE_OPT,
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Metrics per model (classification: accuracy, weighted/macro F1, ECE with 15 equal-width confidence
     bins, NLL; lm: perplexity, or MLM accuracy and pseudo-perplexity; translation: BLEU and chrF)."""
     from otfuse_cli.checkpoint import open_checkpoint
-    from otfuse_cli.evaluate import (evaluate_models, interpolate as interpolate_line, plot_curve,
+    from otfuse_cli.evaluation import (evaluate_models, interpolate as interpolate_line, plot_curve,
                                      render_curve_table, render_table)
     from otfuse_cli.runnable import load_runnable
 
     models = list(models or [])
+    activation = activation.value if activation else None
     if not models and not interpolate:
         raise OtfuseError("give at least one MODEL, or --interpolate A B")
     opts = dict(batch_size=batch_size, max_samples=max_samples, device=device, seed=seed, num_beams=num_beams,
@@ -290,14 +252,14 @@ def evaluate(
         doc = evaluate_models(runnables, data, task=task, ensemble=members, **opts)
     curves = []
     if interpolate:
-        from otfuse_cli.fuse import aligned_parent
+        from otfuse_cli.pipeline import aligned_parent
 
         a = open_checkpoint(interpolate[0])
         b = open_checkpoint(interpolate[1])
         curves.append(interpolate_line(a.state_dict(), b.state_dict(), a, data, steps, name="naive", task=task,
                                        activation=activation, **opts))
         if aligned:
-            sa, sb, like = aligned_parent(list(interpolate))
+            sa, sb, like = aligned_parent(list(interpolate), data=DataOptions(activation=activation, seed=seed))
             curves.append(interpolate_line(sa, sb, like, data, steps, name="aligned", task=task,
                                            activation=activation, **opts))
         if plot:
@@ -318,6 +280,8 @@ def evaluate(
 
 
 @app.command()
+@with_options(options=AlignOptions, data=DataOptions, write=OutputOptions, only={"options": ("align", "metric")},
+              defaults={"standardize": "none"})
 def compress(
     model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint to shrink (file or HF folder)."),
     output: str = typer.Option(..., "-o", "--output", help="Compressed checkpoint (file or folder, like MODEL)."),
@@ -326,32 +290,19 @@ def compress(
     width: Optional[list[str]] = typer.Option(None, "--width", metavar="KIND=N",
                                               help="Target width by space kind (hidden, channel, ffn, heads = KV "
                                                    "groups) or space name (0.ffn); repeatable."),
-    method: str = typer.Option("ot", "--method", help="ot (merge clusters of neurons), magnitude or random (prune)."),
-    dtype: str = typer.Option("keep", "--dtype", help="keep, float32, float16 or bfloat16."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Shard folder outputs above this size."),
-    align_by: str = ALIGN_OPT, metric: str = METRIC_OPT, data: Optional[str] = DATA_OPT,
-    samples: int = SAMPLES_OPT, seed: int = typer.Option(0, "--seed", help="Seed for clustering, --method random "
-                                                                          "and sampling inputs."),
-    max_tokens: int = MAX_TOKENS_OPT,
-    standardize: str = typer.Option("none", "--standardize", help="Activation standardisation: none (merging "
-                                                                  "averages raw pre-activations), center or zscore."),
-    activation: Optional[str] = ACTIVATION_OPT, post_activation: bool = POST_ACT_OPT,
-    max_length: int = MAX_LENGTH_OPT, device: str = DEVICE_OPT, force: bool = FORCE_OPT,
+    method: CompressMethod = typer.Option("ot", "--method", help="ot (merge clusters of neurons), magnitude or "
+                                                                 "random (prune)."),
     json_out: bool = JSON_OPTION,
+    options: AlignOptions = None, data: DataOptions = None, write: OutputOptions = None,
 ) -> None:
     """Shrink a model's hidden/channel/FFN/head widths by merging neurons with OT clustering (or pruning)."""
-    from otfuse_cli.compress import compress_checkpoint
+    from otfuse_cli.compression import compress as compress_model
 
-    options = _align_options(align_by, "exact", 0.01, metric, "uniform", 0)
-    extra = _data_options(align_by, data, samples, seed, max_tokens, standardize, activation, post_activation,
-                          max_length, device) if method == "ot" else {}
-    command_options = {"model": model, "seed": seed, "device": device, "max_shard_size": max_shard_size,
-                       "activation": activation}
+    command_options = {"model": model, "seed": data.seed, "device": data.device,
+                       "max_shard_size": write.max_shard_size, "activation": data.activation}
     with report.SpaceProgress(None, enabled=not json_out) as progress:
-        result = compress_checkpoint(model, output, ratio=ratio, widths=width, method=method, options=options,
-                                     seed=seed, dtype=dtype, max_shard_size=max_shard_size, force=force,
-                                     command_options=command_options, on_space=progress,
-                                     **{k: v for k, v in extra.items() if k != "seed"})
+        result = compress_model(model, output, ratio=ratio, widths=width, method=method.value, options=options,
+                                data=data, write=write, command_options=command_options, on_space=progress)
     if json_out:
         report.print_json(result)
     else:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from otfuse_cli.errors import OtfuseError
+from otfuse_cli.options import DataOptions
 
 
 def batchnorm_modules(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -14,15 +15,14 @@ def batchnorm_modules(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm
 
 
 @torch.no_grad()
-def repair_batchnorm(state_dict: dict, like, data: str, *, samples: int = 256, seed: int = 0, max_length: int = 128,
-                     activation: str | None = None) -> dict:
-    """Fused weights with every BatchNorm's running mean/var re-estimated on the sample inputs in `data`
+def repair_batchnorm(state_dict: dict, like, data: DataOptions) -> dict:
+    """Fused weights with every BatchNorm's running mean/var re-estimated on the sample inputs in `data.data`
     (cumulative average, everything else in eval mode). `like` is the checkpoint whose architecture they have."""
-    from otfuse_cli.align.activations import sample_batches
+    from otfuse_cli.alignment.activations import sample_batches
     from otfuse_cli.runnable import runnable_from_state_dict
 
-    model = runnable_from_state_dict(state_dict, like, activation=activation)
-    batches = sample_batches(model, data, samples, seed, max_length)
+    model = runnable_from_state_dict(state_dict, like, activation=data.activation, device=data.device)
+    batches = sample_batches(model, data.data, data.samples, data.seed, data.max_length)
     norms = batchnorm_modules(model.module)
     if not norms:
         raise OtfuseError("--repair-bn: the model has no BatchNorm layers")

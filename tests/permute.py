@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from otfuse_cli.align.transport import Plan, Transporter
+from otfuse_cli.alignment.transport import Plan, Transporter
 
 
 def random_plans(spec, seed: int = 0) -> dict[str, Plan]:

@@ -14,12 +14,11 @@ from conftest import assert_one_line_error, cli
 from models import TinyResNet, cnn, mlp
 from permute import permuted_state_dict, save_permuted_copy
 from tiny_transformers import logits, sample_inputs, save_tokenizer, sentences, tiny_model
-from otfuse_cli.align.activations import ActivationFeatures
-from otfuse_cli.align.engine import AlignOptions
-from otfuse_cli.align.plans import load_plans
-from otfuse_cli.align.weights import TensorSource
+from otfuse_cli.alignment.activations import ActivationFeatures
+from otfuse_cli import AlignOptions, DataOptions, align, fuse
+from otfuse_cli.alignment.plans import load_plans
+from otfuse_cli.alignment.weights import TensorSource
 from otfuse_cli.checkpoint import open_checkpoint
-from otfuse_cli.fuse import align_checkpoints, fuse_checkpoints
 from otfuse_cli.arch import build_spec
 
 ACTS = AlignOptions(align="activations")
@@ -42,8 +41,9 @@ def test_bare_models_recover_by_activations(tmp_path, kind):
               tmp_path / "b.safetensors")
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     save_file({"x": x}, tmp_path / "x.safetensors")
-    fuse_checkpoints([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")],
-                     str(tmp_path / "f.safetensors"), options=ACTS, data=str(tmp_path / "x.safetensors"), samples=64)
+    fuse([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")],
+                     str(tmp_path / "f.safetensors"), options=ACTS,
+         data=DataOptions(data=str(tmp_path / "x.safetensors"), samples=64))
     fused = build()
     fused.load_state_dict(load_file(tmp_path / "f.safetensors"))
     fused.eval()
@@ -68,7 +68,7 @@ def test_transformers_recover_by_activations(tmp_path, name):
         data = tmp_path / "text.jsonl"
         data.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences(40)))
     save_permuted_copy(tmp_path / "a", tmp_path / "b", seed=4)
-    fuse_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "f"), options=ACTS, data=str(data))
+    fuse([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "f"), options=ACTS, data=DataOptions(data=str(data)))
     x = sample_inputs(name, model)
     assert rel_err(logits(model, x), logits(type(model).from_pretrained(tmp_path / "f").eval(), x)) < 1e-5
 
@@ -86,10 +86,10 @@ def test_real_minilm_recovers_by_activations_on_real_sentences(tmp_path):
             "Federated parties cannot share their data, but they can share their weights.",
             "The orchestra played the last movement faster than anyone expected."]
     (tmp_path / "s.txt").write_text("\n".join(text) + "\n")
-    result = align_checkpoints([str(src), str(tmp_path / "b")], str(tmp_path / "plans.safetensors"), options=ACTS,
-                               data=str(tmp_path / "s.txt"), max_tokens=2048)
+    result = align([str(src), str(tmp_path / "b")], str(tmp_path / "plans.safetensors"), options=ACTS,
+                               data=DataOptions(data=str(tmp_path / "s.txt"), max_tokens=2048))
     assert all(r.get("cost_after", 0) < 1e-3 for r in result["spaces"])
-    fuse_checkpoints([str(src), str(tmp_path / "b")], str(tmp_path / "f"), plan_file=str(tmp_path / "plans.safetensors"))
+    fuse([str(src), str(tmp_path / "b")], str(tmp_path / "f"), plan=str(tmp_path / "plans.safetensors"))
     tok = AutoTokenizer.from_pretrained(tmp_path / "f")
     batch = tok(text[:2], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -111,21 +111,21 @@ def test_collection_memory_is_bounded_by_max_tokens(tmp_path):
     src = TensorSource(open_checkpoint(tmp_path / "a"), "a")
     spec = build_spec(src.ckpt)
     for cap in (64, 512):
-        feats = ActivationFeatures(spec, spec, TensorSource(src.ckpt, "a"), src, data=str(tmp_path / "t.txt"),
-                                   samples=200, seed=0, max_tokens=cap, activation=None, post_activation=False,
-                                   max_length=32, device="cpu")
+        feats = ActivationFeatures(spec, spec, TensorSource(src.ckpt, "a"), src,
+                                   DataOptions(data=str(tmp_path / "t.txt"), samples=200, max_tokens=cap,
+                                               max_length=32, device="cpu"))
         assert all(len(x) == cap for x in feats.parent_acts.values())
         assert feats.peak_rows <= cap + 32 * 28  # never the 5,600 rows of the whole data
     # the kept rows are the same tokens for every model: a permuted copy gives permuted columns
     b = tmp_path / "b"
     save_permuted_copy(tmp_path / "a", b, seed=3)
     other = ActivationFeatures(spec, spec, TensorSource(src.ckpt, "a"), TensorSource(open_checkpoint(b), "b"),
-                               data=str(tmp_path / "t.txt"), samples=200, seed=0, max_tokens=64, activation=None,
-                               post_activation=False, max_length=32, device="cpu")
+                               DataOptions(data=str(tmp_path / "t.txt"), samples=200, max_tokens=64, max_length=32,
+                                           device="cpu"))
     emb = "transformer.wte"
-    first = ActivationFeatures(spec, spec, TensorSource(src.ckpt, "a"), src, data=str(tmp_path / "t.txt"),
-                               samples=200, seed=0, max_tokens=64, activation=None, post_activation=False,
-                               max_length=32, device="cpu")
+    first = ActivationFeatures(spec, spec, TensorSource(src.ckpt, "a"), src,
+                               DataOptions(data=str(tmp_path / "t.txt"), samples=200, max_tokens=64, max_length=32,
+                                           device="cpu"))
     assert torch.equal(first.parent_acts[emb].sort(1).values, other.parent_acts[emb].sort(1).values)
 
 
@@ -170,8 +170,8 @@ def test_cuda_path_gives_the_same_plans(tmp_path, mlp_pair):
     x = torch.randn(64, 20, generator=torch.Generator().manual_seed(0))
     save_file({"x": x}, tmp_path / "x.safetensors")
     for device in ("cpu", "cuda"):
-        align_checkpoints(mlp_pair, str(tmp_path / f"{device}.safetensors"), options=ACTS,
-                          data=str(tmp_path / "x.safetensors"), device=device)
+        align(mlp_pair, str(tmp_path / f"{device}.safetensors"), options=ACTS,
+                          data=DataOptions(data=str(tmp_path / "x.safetensors"), device=device))
     cpu, _ = load_plans(tmp_path / "cpu.safetensors")
     gpu, _ = load_plans(tmp_path / "cuda.safetensors")
     for space, plan in cpu[1].items():

@@ -15,10 +15,9 @@ from safetensors.torch import load_file, save_file
 from conftest import assert_one_line_error, cli
 from models import TinyResNet, cnn, mlp
 from tiny_transformers import logits, sample_inputs, tiny_model
-from otfuse_cli.align.engine import AlignOptions
+from otfuse_cli import AlignOptions, DataOptions, compress, fuse
 from otfuse_cli.checkpoint import open_checkpoint
-from otfuse_cli.compress import SKIP_REASONS, compress_checkpoint, keep_plan
-from otfuse_cli.fuse import fuse_checkpoints
+from otfuse_cli.compression import SKIP_REASONS, keep_plan
 from otfuse_cli.runnable import load_runnable
 from otfuse_cli.arch import build_spec
 
@@ -110,7 +109,7 @@ def test_duplicated_neurons_merge_exactly(tmp_path, kind):
     with torch.no_grad():
         ref = net(x)
     assert rel_err(ref, run_bare(wide, x)) < 1e-5  # duplication itself preserves the function
-    result = compress_checkpoint(str(wide), str(tmp_path / "c.safetensors"), ratio=0.5)
+    result = compress(str(wide), str(tmp_path / "c.safetensors"), ratio=0.5)
     assert rel_err(ref, run_bare(tmp_path / "c.safetensors", x)) < 1e-5
     for r in result["spaces"]:
         assert (r["compressed"], r["reason"]) == (True, None) if r["kind"] != "stage" else \
@@ -132,7 +131,7 @@ def test_duplicated_llama_ffn_and_kv_groups_merge_exactly(tmp_path, what, name, 
     cls = type(model)
     assert rel_err(ref, logits(cls.from_pretrained(wide).eval(), x)) < 1e-5
     size = model.config.intermediate_size if what == "ffn" else model.config.num_key_value_heads
-    compress_checkpoint(str(wide), str(tmp_path / "c"), widths={what: size})
+    compress(str(wide), str(tmp_path / "c"), widths={what: size})
     out = cls.from_pretrained(tmp_path / "c").eval()
     assert rel_err(ref, logits(out, x)) < 1e-5
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
@@ -160,12 +159,12 @@ def test_fuse_maps_a_wider_parent_onto_the_anchor_widths(tmp_path, kind):
     anchor is the anchor itself, so even weight 0 on the anchor gives back its function."""
     if kind in BARE:
         net, a, wide, x = bare_pair(tmp_path, kind)
-        fuse_checkpoints([str(a), str(wide)], str(tmp_path / "f.safetensors"), weights="0,1")
+        fuse([str(a), str(wide)], str(tmp_path / "f.safetensors"), weights="0,1")
         with torch.no_grad():
             assert rel_err(net(x), run_bare(tmp_path / "f.safetensors", x)) < 1e-5
         return
     model, a, wide = llama_pair(tmp_path, kind, shuffle_inner=True)
-    fuse_checkpoints([str(a), str(wide)], str(tmp_path / "f"), weights="0,1")
+    fuse([str(a), str(wide)], str(tmp_path / "f"), weights="0,1")
     x = sample_inputs("llama", model)
     assert rel_err(logits(model, x), logits(type(model).from_pretrained(tmp_path / "f").eval(), x)) < 1e-5
 
@@ -179,7 +178,7 @@ def test_fuse_llamas_of_different_ffn_widths_takes_the_anchor_width(tmp_path):
     x = sample_inputs("llama", small)
     for paths, width in (((tmp_path / "a24", tmp_path / "b32"), 24), ((tmp_path / "b32", tmp_path / "a24"), 32)):
         out = tmp_path / f"f{width}"
-        result = fuse_checkpoints([str(p) for p in paths], str(out))
+        result = fuse([str(p) for p in paths], str(out))
         assert {tuple(r["width"]) for r in result["spaces"] if r["kind"] == "ffn"} == {(56 - width, width)}
         fused = type(small).from_pretrained(out).eval()
         assert fused.config.intermediate_size == width
@@ -190,7 +189,7 @@ def test_fuse_llamas_of_different_ffn_widths_takes_the_anchor_width(tmp_path):
 # ---------------------------------------------------------------- real data
 
 def _accuracies(paths: dict, data: Path) -> dict:
-    from otfuse_cli.evaluate import evaluate_models, render_table
+    from otfuse_cli.evaluation import evaluate_models, render_table
     from rich.console import Console
 
     doc = evaluate_models([(n, load_runnable(open_checkpoint(p))) for n, p in paths.items()], str(data))
@@ -205,10 +204,10 @@ def test_digits_mlp_half_width_ot_beats_magnitude_pruning(tmp_path):
     src = digits / "mlp_a.safetensors"
     paths = {"original": src}
     for name, kw in {"ot": {}, "ot_activations": {"options": AlignOptions(align="activations"),
-                                                  "data": str(digits / "calib.safetensors")},
+                                                  "data": DataOptions(data=str(digits / "calib.safetensors"))},
                      "magnitude": {"method": "magnitude"}, "random": {"method": "random"}}.items():
         paths[name] = tmp_path / f"{name}.safetensors"
-        result = compress_checkpoint(str(src), str(paths[name]), ratio=0.5, **kw)
+        result = compress(str(src), str(paths[name]), ratio=0.5, **kw)
         assert [r["width"] for r in result["spaces"]] == [[128, 64], [128, 64]]
     # the command line with its defaults (standardize none, seed 0) writes the same weights
     res = cli("compress", src, "-o", tmp_path / "cli.safetensors", "--ratio", "0.5", "--align", "activations",
@@ -235,7 +234,7 @@ def test_sentiment_bert_half_ffn_ot_stays_closest_to_the_original(tmp_path):
     paths = {"original": src}
     for name in ("ot", "magnitude", "random"):
         paths[name] = tmp_path / name
-        compress_checkpoint(str(src), str(paths[name]), widths=["ffn=64"], method=name)
+        compress(str(src), str(paths[name]), widths=["ffn=64"], method=name)
         assert json.loads((paths[name] / "config.json").read_text())["intermediate_size"] == 64
     acc = _accuracies(paths, src.parent / "test.jsonl")
     texts = [r["text"] for r in load_records(str(src.parent / "test.jsonl"))[:300]]
@@ -291,7 +290,7 @@ def bad_inputs(tmp_path_factory):
     ("mlp.safetensors", ["--width", "hidden"], ["--width takes KIND=N"]),
     ("mlp.safetensors", [], ["give either --ratio R or --width KIND=N"]),
     ("mlp.safetensors", ["--ratio", "0.5", "--width", "0=4"], ["give either --ratio R or --width KIND=N"]),
-    ("mlp.safetensors", ["--ratio", "0.5", "--method", "prune"], ["unknown --method 'prune'"]),
+    ("mlp.safetensors", ["--ratio", "0.5", "--method", "prune"], ["'prune' is not one of 'ot', 'magnitude', 'random'"]),
     ("mlp.safetensors", ["--ratio", "0.5", "--align", "activations"], ["--align activations needs --data"]),
     ("bert", ["--width", "residual=8"], ["--width residual: shared by every layer", "compressible here: ffn"]),
     ("bert", ["--width", "heads=2"], ["derives head size from hidden_size; heads cannot be compressed"]),

@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 from models import TinyResNet, cnn, mlp
 from permute import permuted_state_dict, save_permuted_copy
 from tiny_transformers import FAMILIES, logits, sample_inputs, tiny_model
-from otfuse_cli.align.engine import AlignOptions
-from otfuse_cli.align.plans import load_plans
+from otfuse_cli import AlignOptions, align, fuse
+from otfuse_cli.alignment.plans import load_plans
 from otfuse_cli.checkpoint import open_checkpoint
-from otfuse_cli.fuse import align_checkpoints, fuse_checkpoints
+
 from otfuse_cli.arch import build_spec
 
 
@@ -53,14 +53,14 @@ def test_bare_models_recover_hidden_permutation(tmp_path, kind):
         assert rel_err(ref, permuted(x)) < 1e-5  # the hidden permutation preserves the function...
         assert not torch.equal(load_file(paths[1])[next(iter(sd))], next(iter(sd.values())))  # ...and moved weights
     # three parents: the anchor and two differently permuted copies
-    result = fuse_checkpoints([str(p) for p in paths], str(tmp_path / "fused.safetensors"))
+    result = fuse([str(p) for p in paths], str(tmp_path / "fused.safetensors"))
     fused = BARE[kind][0]()
     fused.load_state_dict(load_file(tmp_path / "fused.safetensors"))
     fused.eval()
     with torch.no_grad():
         assert rel_err(ref, fused(x)) < 1e-5
     # plain averaging of the same parents is NOT the original function: alignment did the work
-    fuse_checkpoints([str(p) for p in paths], str(tmp_path / "avg.safetensors"), method="average")
+    fuse([str(p) for p in paths], str(tmp_path / "avg.safetensors"), method="average")
     fused.load_state_dict(load_file(tmp_path / "avg.safetensors"))
     with torch.no_grad():
         assert rel_err(ref, fused(x)) > 1e-2
@@ -71,7 +71,7 @@ def test_align_reports_full_recovery_and_plans_reuse(tmp_path):
     net, sd, paths = save_bare_parents(tmp_path, "resnet")
     plans_path = tmp_path / "plans.safetensors"
     # align the permuted copy as anchor with the original as parent: the identity is what must be undone
-    summary = align_checkpoints([str(paths[0]), str(paths[1])], str(plans_path))
+    summary = align([str(paths[0]), str(paths[1])], str(plans_path))
     spec = build_spec(open_checkpoint(paths[0]))
     plans, meta = load_plans(plans_path)
     assert meta["anchor"] == 0 and len(plans) == 2 and plans[0] == {}
@@ -79,8 +79,8 @@ def test_align_reports_full_recovery_and_plans_reuse(tmp_path):
         assert plans[1][space.name].hard_index() is not None
     assert all(row["cost_after"] < 1e-8 for row in summary["spaces"])
     # reuse the plan file: same fused tensors as aligning again
-    fuse_checkpoints([str(p) for p in paths], str(tmp_path / "f1.safetensors"), plan_file=str(plans_path))
-    fuse_checkpoints([str(p) for p in paths], str(tmp_path / "f2.safetensors"))
+    fuse([str(p) for p in paths], str(tmp_path / "f1.safetensors"), plan=str(plans_path))
+    fuse([str(p) for p in paths], str(tmp_path / "f2.safetensors"))
     f1, f2 = load_file(tmp_path / "f1.safetensors"), load_file(tmp_path / "f2.safetensors")
     assert f1.keys() == f2.keys() and all(torch.equal(f1[k], f2[k]) for k in f1)
     assert load_file(tmp_path / "f1.safetensors")["fc.weight"].allclose(sd["fc.weight"], atol=1e-6)
@@ -88,7 +88,7 @@ def test_align_reports_full_recovery_and_plans_reuse(tmp_path):
 
 def test_recovered_permutation_matches_the_hidden_one(tmp_path):
     net, sd, paths = save_bare_parents(tmp_path, "mlp")
-    summary = align_checkpoints([str(paths[1]), str(paths[0])], str(tmp_path / "plans.safetensors"))
+    summary = align([str(paths[1]), str(paths[0])], str(tmp_path / "plans.safetensors"))
     from permute import random_plans
 
     spec = build_spec(open_checkpoint(paths[0]))
@@ -108,7 +108,7 @@ def test_transformer_families_recover_hidden_permutation(tmp_path, name):
     x = sample_inputs(name, model)
     ref = logits(model, x)
     assert rel_err(ref, logits(cls.from_pretrained(tmp_path / "b").eval(), x)) < 1e-5
-    fuse_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "fused"))
+    fuse([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "fused"))
     fused = cls.from_pretrained(tmp_path / "fused").eval()
     assert rel_err(ref, logits(fused, x)) < 1e-5
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(fused, "get_output_embeddings"):
@@ -123,7 +123,7 @@ def test_soft_alignment_recovers_permutation_too(tmp_path, name):
     model = tiny_model(name)
     model.save_pretrained(tmp_path / "a")
     save_permuted_copy(tmp_path / "a", tmp_path / "b", seed=3)
-    fuse_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "fused"),
+    fuse([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "fused"),
                      options=AlignOptions(solver="sinkhorn", reg=0.001))
     x = sample_inputs(name, model)
     assert rel_err(logits(model, x), logits(type(model).from_pretrained(tmp_path / "fused").eval(), x)) < 1e-3
@@ -140,7 +140,7 @@ def test_real_minilm_recovers_hidden_permutation(tmp_path):
     spec = build_spec(ckpt)
     assert spec.family == "bert" and len(spec.spaces) == 1 + 2 * 6 + 1  # residual, heads+ffn per layer, pooler
     save_permuted_copy(src, tmp_path / "b", seed=1)
-    fuse_checkpoints([str(src), str(tmp_path / "b")], str(tmp_path / "fused"), options=AlignOptions(refine=1))
+    fuse([str(src), str(tmp_path / "b")], str(tmp_path / "fused"), options=AlignOptions(refine=1))
     tok = AutoTokenizer.from_pretrained(tmp_path / "fused")
     batch = tok(["Optimal transport aligns neurons before averaging.", "The film was a quiet delight."],
                 padding=True, return_tensors="pt")
@@ -156,7 +156,7 @@ def test_bare_model_rebuild_metadata_travels_to_the_output(tmp_path):
     net, sd, paths = save_bare_parents(tmp_path, "mlp")
     for p in paths:
         save_file(load_file(p), p, metadata=meta)
-    fuse_checkpoints([str(p) for p in paths], str(tmp_path / "f.safetensors"))
+    fuse([str(p) for p in paths], str(tmp_path / "f.safetensors"))
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "f.safetensors"), "pt") as f:
@@ -180,8 +180,8 @@ def test_vit_in_memory_names_of_transformers_5(tmp_path):
 
 def test_uncached_tensor_source_gives_the_same_plans(tmp_path):
     """Large checkpoints are read on demand instead of cached: same plans either way."""
-    from otfuse_cli.align.engine import align_pair
-    from otfuse_cli.align.weights import TensorSource, WeightFeatures
+    from otfuse_cli.alignment.engine import align_pair
+    from otfuse_cli.alignment.weights import TensorSource, WeightFeatures
 
     _, _, paths = save_bare_parents(tmp_path, "cnn")
     a, b = open_checkpoint(paths[0]), open_checkpoint(paths[1])
@@ -195,7 +195,7 @@ def test_uncached_tensor_source_gives_the_same_plans(tmp_path):
 def test_l2_marginals_are_the_neuron_norms(tmp_path):
     """--marginals l2: support masses proportional to each neuron's incoming weight norm (emd path)."""
     _, sd, paths = save_bare_parents(tmp_path, "mlp")
-    align_checkpoints([str(paths[1]), str(paths[0])], str(tmp_path / "p.safetensors"),
+    align([str(paths[1]), str(paths[0])], str(tmp_path / "p.safetensors"),
                       options=AlignOptions(marginals="l2", refine=0))
     plans, _ = load_plans(tmp_path / "p.safetensors")
     coupling = plans[1]["0"].coupling

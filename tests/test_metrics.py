@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from otfuse_cli.evaluate import metrics as M
+from otfuse_cli.evaluation import metrics as M
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -82,7 +82,7 @@ def gpt2_folder(tmp_path_factory):
 
 def test_perplexity_matches_hf_loss(gpt2_folder, tmp_path):
     from otfuse_cli.checkpoint import open_checkpoint
-    from otfuse_cli.evaluate import evaluate_models
+    from otfuse_cli.evaluation import evaluate_models
     from otfuse_cli.runnable import load_runnable
     folder, model, tok = gpt2_folder
     texts = ["w1 w5 w9 w2 w7", "w3 w3 w40", "w10 w11 w12 w13 w14 w15 w16 w17"]
@@ -114,7 +114,7 @@ def test_lm_ensemble_and_tied_rebuild(gpt2_folder, tmp_path):
     from safetensors import safe_open
 
     from otfuse_cli.checkpoint import open_checkpoint
-    from otfuse_cli.evaluate import evaluate_models
+    from otfuse_cli.evaluation import evaluate_models
     from otfuse_cli.runnable import load_runnable, runnable_from_state_dict
     folder, model, tok = gpt2_folder
     ckpt = open_checkpoint(folder)

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from otfuse_cli.align.engine import AlignOptions
+from otfuse_cli import AlignOptions, DataOptions, fuse
 from otfuse_cli.checkpoint import open_checkpoint
-from otfuse_cli.evaluate import evaluate_models
-from otfuse_cli.fuse import fuse_checkpoints
+from otfuse_cli.evaluation import evaluate_models
 from otfuse_cli.runnable import load_runnable
 
 DIGITS = Path(__file__).resolve().parents[1] / "fixtures" / "digits"
@@ -30,13 +29,13 @@ def accuracy(*paths: str) -> list[float]:
 def fused(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     paths = {
-        "average": fuse_checkpoints([A, B], str(out / "avg.safetensors"), method="average"),
-        "ot_exact": fuse_checkpoints([A, B], str(out / "ot_exact.safetensors")),
-        "ot_sinkhorn": fuse_checkpoints([A, B], str(out / "ot_sinkhorn.safetensors"),
+        "average": fuse([A, B], str(out / "avg.safetensors"), method="average"),
+        "ot_exact": fuse([A, B], str(out / "ot_exact.safetensors")),
+        "ot_sinkhorn": fuse([A, B], str(out / "ot_sinkhorn.safetensors"),
                                         options=AlignOptions(solver="sinkhorn", reg=0.01)),
-        "ot_activations": fuse_checkpoints([A, B], str(out / "ot_act.safetensors"),
-                                           options=AlignOptions(align="activations"), data=CALIB,
-                                           post_activation=True),
+        "ot_activations": fuse([A, B], str(out / "ot_act.safetensors"),
+                                           options=AlignOptions(align="activations"),
+                                  data=DataOptions(data=CALIB, post_activation=True)),
     }
     names = list(paths)
     accs = dict(zip(["a", "b", *names], accuracy(A, B, *(paths[n]["output"] for n in names))))
@@ -64,7 +63,7 @@ def test_activation_plans_are_as_good_as_weight_plans(fused):
 
 
 def test_heterogeneous_wide_parent_fuses_into_anchor_width(tmp_path):
-    result = fuse_checkpoints([WIDE, A], str(tmp_path / "het.safetensors"), anchor=1)
+    result = fuse([WIDE, A], str(tmp_path / "het.safetensors"), anchor=1)
     ckpt = open_checkpoint(result["output"])
     assert ckpt.shape("0.weight") == (128, 784) and ckpt.shape("2.weight") == (128, 128)
     assert open_checkpoint(WIDE).shape("0.weight") == (256, 784)

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from otfuse_cli.align.engine import AlignOptions
+from otfuse_cli import AlignOptions, DataOptions, fuse
 from otfuse_cli.checkpoint import open_checkpoint
-from otfuse_cli.evaluate import evaluate_models, render_table
-from otfuse_cli.fuse import fuse_checkpoints
+from otfuse_cli.evaluation import evaluate_models, render_table
 from otfuse_cli.runnable import load_runnable
 
 S = Path(__file__).resolve().parents[1] / "fixtures" / "sentiment"
@@ -29,11 +28,12 @@ def scores(tmp_path_factory):
         "average": dict(method="average"),
         "ot_exact": dict(),
         "ot_soft": dict(options=AlignOptions(solver="sinkhorn", reg=0.02)),
-        "ot_act_zscore": dict(options=AlignOptions(align="activations"), data=calib),
-        "ot_act_center": dict(options=AlignOptions(align="activations"), data=calib, standardize="center"),
+        "ot_act_zscore": dict(options=AlignOptions(align="activations"), data=DataOptions(data=calib)),
+        "ot_act_center": dict(options=AlignOptions(align="activations"),
+                              data=DataOptions(data=calib, standardize="center")),
     }
     for name, kw in runs.items():
-        fuse_checkpoints([A, B], str(out / name), **kw)
+        fuse([A, B], str(out / name), **kw)
     models = [(n, load_runnable(open_checkpoint(p))) for n, p in [("bert_a", A), ("bert_b", B)]]
     models += [(n, load_runnable(open_checkpoint(out / n))) for n in runs]
     doc = evaluate_models(models, str(S / "test.jsonl"), ensemble=[0, 1])

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from conftest import assert_one_line_error, cli
 from models import cnn
 from otfuse_cli.checkpoint import open_checkpoint
-from otfuse_cli.evaluate import evaluate_models
-from otfuse_cli.fuse import fuse_checkpoints
+from otfuse_cli.evaluation import evaluate_models
+from otfuse_cli import DataOptions, fuse
 from otfuse_cli.runnable import load_runnable
 
 DIGITS = Path(__file__).resolve().parents[1] / "fixtures" / "digits"
@@ -23,8 +23,8 @@ def test_repaired_statistics_equal_a_direct_computation(tmp_path):
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / f"{i}.safetensors")
     x = torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # one batch
     save_file({"x": x}, tmp_path / "x.safetensors")
-    fuse_checkpoints([str(tmp_path / "0.safetensors"), str(tmp_path / "1.safetensors")], str(tmp_path / "f.safetensors"),
-                     repair_bn=True, repair_data=str(tmp_path / "x.safetensors"))
+    fuse([str(tmp_path / "0.safetensors"), str(tmp_path / "1.safetensors")], str(tmp_path / "f.safetensors"),
+                     repair_bn=True, data=DataOptions(data=str(tmp_path / "x.safetensors")))
     fused = cnn()
     fused.load_state_dict(load_file(tmp_path / "f.safetensors"))
     fused.eval()
@@ -40,9 +40,9 @@ def test_repaired_statistics_equal_a_direct_computation(tmp_path):
 def test_repair_improves_the_fused_digit_cnn(tmp_path):
     a, b = str(DIGITS / "cnn_a.safetensors"), str(DIGITS / "cnn_b.safetensors")
     calib = str(DIGITS / "calib.safetensors")
-    outs = {"average": dict(method="average"), "ot": {}, "ot_repaired": dict(repair_bn=True, repair_data=calib)}
+    outs = {"average": dict(method="average"), "ot": {}, "ot_repaired": dict(repair_bn=True, data=DataOptions(data=calib))}
     for name, kw in outs.items():
-        fuse_checkpoints([a, b], str(tmp_path / f"{name}.safetensors"), **kw)
+        fuse([a, b], str(tmp_path / f"{name}.safetensors"), **kw)
     models = [(n, load_runnable(open_checkpoint(p))) for n, p in [("a", a), ("b", b)]]
     models += [(n, load_runnable(open_checkpoint(tmp_path / f"{n}.safetensors"))) for n in outs]
     rows = {r["model"]: r for r in evaluate_models(models, str(DIGITS / "test.safetensors"))["rows"]}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from otfuse_cli.align.cost import Features
-from otfuse_cli.align.transport import Transporter
+from otfuse_cli.alignment.cost import Features
+from otfuse_cli.alignment.transport import Transporter
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.arch.model import Entry, Spec
 

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.evaluate import tasks
-from otfuse_cli.evaluate.metrics import HIGHER_IS_BETTER
+from otfuse_cli.evaluation import tasks
+from otfuse_cli.evaluation.metrics import HIGHER_IS_BETTER
 from otfuse_cli.runnable import resolve_device
 
 
@@ -67,3 +67,20 @@ def evaluate_models(models: list[tuple[str, Any]], data_path: str | Path, *, tas
     if max_samples is not None:
         notes["subsample_seed"] = int(seed)
     return build_document(task, data, rows, notes)
+
+
+def evaluate(models: list[str] | dict[str, str], data: str | Path, *, task: str = "auto",
+             ensemble: bool | list[int] = False, activation: str | None = None, batch_size: int = 32,
+             max_samples: int | None = None, device: str = "cpu", num_beams: int = 1, seed: int = 0,
+             max_length: int = 256) -> dict:
+    """Score checkpoints (paths, or {row name: path}) on a data file: the document `otfuse evaluate --json`
+    prints (task, metrics, rows, best, notes)."""
+    from otfuse_cli.checkpoint import open_checkpoint
+    from otfuse_cli.runnable import load_runnable
+
+    named = models.items() if isinstance(models, dict) else ((Path(str(p).rstrip("/")).stem or str(p), p)
+                                                              for p in models)
+    runnables = [(name, load_runnable(open_checkpoint(path), activation=activation)) for name, path in named]
+    return evaluate_models(runnables, data, task=task, ensemble=ensemble, batch_size=batch_size,
+                           max_samples=max_samples, device=device, num_beams=num_beams, seed=seed,
+                           max_length=max_length)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from otfuse_cli.align.cost import Features
-from otfuse_cli.align.metrics import STANDARDIZE
-from otfuse_cli.align.weights import TensorSource
+from otfuse_cli.alignment.cost import Features
+from otfuse_cli.alignment.metrics import STANDARDIZE
+from otfuse_cli.alignment.weights import TensorSource
 from otfuse_cli.checkpoint import sha256_file
 from otfuse_cli.data import is_tensor_file, load_records, load_tensors, tokenize_texts
 from otfuse_cli.errors import OtfuseError
+from otfuse_cli.options import DataOptions
 from otfuse_cli.runnable import load_runnable, resolve_device
 from otfuse_cli.arch.model import Spec
 
@@ -158,11 +159,10 @@ def collect(ckpt, spec: Spec, *, data: str, samples: int, seed: int, max_tokens:
     return recorder.close(), recorder.peak_rows
 
 
-def data_info(data: str, samples: int = 256, seed: int = 0, max_tokens: int = 4096, standardize: str = "zscore",
-              **_ignored) -> dict:
+def data_info(data: DataOptions) -> dict:
     """What produced activation-based plans (recorded in plan files and provenance)."""
-    return {"file": str(data), "sha256": sha256_file(data), "samples": samples, "seed": seed,
-            "max_tokens": max_tokens, "standardize": standardize}
+    return {"file": str(data.data), "sha256": sha256_file(data.data), "samples": data.samples, "seed": data.seed,
+            "max_tokens": data.max_tokens, "standardize": data.standardize or "zscore"}
 
 
 class ActivationFeatures:
@@ -171,8 +171,9 @@ class ActivationFeatures:
     needs_refinement = False
 
     def __init__(self, anchor_spec: Spec, parent_spec: Spec, anchor: TensorSource, parent: TensorSource,
-                 standardize: str = "zscore", **collect_options):
-        self.anchor_spec, self.parent_spec, self.how = anchor_spec, parent_spec, standardize
+                 data: DataOptions):
+        self.anchor_spec, self.parent_spec, self.how = anchor_spec, parent_spec, data.standardize or "zscore"
+        collect_options = data.collect()
         cache = anchor.__dict__.setdefault("_activations", {})
         key = repr(sorted(collect_options.items()))
         if key not in cache:  # the anchor runs once however many parents there are
@@ -206,14 +207,3 @@ class ActivationFeatures:
         for module, _ in seen:  # each space is solved once: release the parent's rows
             self.parent_acts.pop(module, None)
         return fp, fa
-
-
-def activation_provider(anchor_spec, parent_spec, anchor_src, parent_src, *, data: str, samples: int = 256,
-                        seed: int = 0, max_tokens: int = 4096, standardize: str = "zscore",
-                        activation: str | None = None, post_activation: bool = False, max_length: int = 128,
-                        device: str = "auto", **_ignored) -> ActivationFeatures:
-    if max_tokens < 1:
-        raise OtfuseError(f"--max-tokens must be at least 1, got {max_tokens}")
-    return ActivationFeatures(anchor_spec, parent_spec, anchor_src, parent_src, standardize=standardize,
-                              data=data, samples=samples, seed=seed, max_tokens=max_tokens, activation=activation,
-                              post_activation=post_activation, max_length=max_length, device=device)

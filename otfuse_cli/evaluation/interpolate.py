@@ -13,9 +13,9 @@ from typing import Mapping
 import torch
 
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.evaluate import tasks
-from otfuse_cli.evaluate.document import best_of
-from otfuse_cli.evaluate.metrics import HIGHER_IS_BETTER
+from otfuse_cli.evaluation import tasks
+from otfuse_cli.evaluation.document import best_of
+from otfuse_cli.evaluation.metrics import HIGHER_IS_BETTER
 from otfuse_cli.runnable import resolve_device, runnable_from_state_dict
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from otfuse_cli.align.metrics import METRICS
-from otfuse_cli.align.solvers import match
+from otfuse_cli.alignment.metrics import METRICS
+from otfuse_cli.alignment.solvers import match
 
 
 @dataclass

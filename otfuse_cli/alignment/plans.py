@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from otfuse_cli.align.transport import Plan
+from otfuse_cli.alignment.transport import Plan
 from otfuse_cli.errors import OtfuseError
 
 

@@ -14,16 +14,17 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 
-from otfuse_cli.align.cost import Features, unit_cost
-from otfuse_cli.align.engine import AlignOptions
-from otfuse_cli.align.transport import Plan, Transporter
-from otfuse_cli.align.weights import TensorSource, WeightFeatures, checked_float, unit_slices
-from otfuse_cli.checkpoint import open_checkpoint, parse_size, provenance, write_checkpoint
+from otfuse_cli.alignment.cost import Features, unit_cost
+from otfuse_cli.alignment.transport import Plan, Transporter
+from otfuse_cli.alignment.weights import TensorSource, WeightFeatures, checked_float, unit_slices
+from otfuse_cli.checkpoint import open_checkpoint, provenance, write_checkpoint
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.fuse import check_dtype, feature_provider, layout_of, output_dtype, refuse_existing, with_data_info
+from otfuse_cli.options import AlignOptions, DataOptions, OutputOptions
+from otfuse_cli.pipeline import check_output, data_record, feature_provider, layout_of, output_dtype
 from otfuse_cli.arch import build_spec, hf_family
 from otfuse_cli.arch.transformers import Family
 from otfuse_cli.arch.model import Space, Spec
@@ -295,7 +296,7 @@ def space_plan(index: int, space: Space, k: int, method: str, src: TensorSource,
 
 # ---------------------------------------------------------------- the command
 
-def compressed_tensors(ckpt, mover: Transporter, plans: dict[str, Plan], dtype: str, count: list[int]):
+def compressed_tensors(ckpt, mover: Transporter, plans: dict[str, Plan], write: OutputOptions, count: list[int]):
     """Every tensor moved by the plans, streamed; count[0] sums the written parameters."""
     for name in ckpt.keys():
         x = ckpt.get(name)
@@ -304,36 +305,33 @@ def compressed_tensors(ckpt, mover: Transporter, plans: dict[str, Plan], dtype: 
             continue
         y = mover.move(name, checked_float(x, str(ckpt.path), name), plans)
         count[0] += y.numel()
-        yield name, y.to(output_dtype(x.dtype, dtype))
+        yield name, y.to(output_dtype(x.dtype, write))
 
 
-def compress_checkpoint(path: str, output: str, *, ratio: float | None = None, widths=None, method: str = "ot",
-                        options: AlignOptions | None = None, seed: int = 0, dtype: str = "keep",
-                        max_shard_size: int | str = 5 * 10**9, force: bool = False,
-                        command_options: dict | None = None, on_space=None, **data) -> dict:
-    """Write `path` with its compressible spaces shrunk; see the module docs for the methods."""
-    options = options or AlignOptions()
-    refuse_existing(output, force)
+def compress(model: str, output: str, *, ratio: float | None = None, widths=None, method: str = "ot",
+             options: AlignOptions = AlignOptions(), data: DataOptions = DataOptions(),
+             write: OutputOptions = OutputOptions(), command_options: dict | None = None, on_space=None) -> dict:
+    """Write `model` with its compressible spaces shrunk; see the module docs for the methods. data.seed seeds
+    the clustering and --method random; activations are not standardised unless data.standardize says so
+    (a merged unit's pre-activation is the mean of the raw ones)."""
     if method not in METHODS:
-        raise OtfuseError(f"unknown --method {method!r}; use {', '.join(METHODS)}")
-    check_dtype(dtype)
-    parse_size(max_shard_size)
-    ckpt = open_checkpoint(path)
+        raise OtfuseError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
+    check_output(output, write)
+    if data.standardize is None:
+        data = replace(data, standardize="none")
+    ckpt = open_checkpoint(model)
     spec = build_spec(ckpt)
     family = hf_family(ckpt)
     targets, reasons = target_widths(spec, family, ratio, widths)
-    if method == "ot" and options.align == "activations":
-        data.setdefault("standardize", "none")  # a merged unit's pre-activation is the mean of raw ones
-        data.setdefault("seed", seed)
-    data = with_data_info(options, data) if method == "ot" else {}
+    info = data_record(options, data) if method == "ot" else None
     src = TensorSource(ckpt, str(ckpt.path))
     fallback = WeightFeatures(spec, spec, src, src)
-    provider = feature_provider(options, spec, spec, src, src, **data) if method == "ot" else None
+    provider = feature_provider(options, data, spec, spec, src, src) if method == "ot" else None
     plans, stats = {}, {}
     for index, space in enumerate(spec.spaces):
         if space.name in targets:
             plans[space.name], stats[space.name] = space_plan(index, space, targets[space.name], method, src,
-                                                              provider, fallback, options, seed)
+                                                              provider, fallback, options, data.seed)
             if on_space:
                 on_space(space.name)
     src.cache.clear()
@@ -341,15 +339,15 @@ def compress_checkpoint(path: str, output: str, *, ratio: float | None = None, w
     for s in target.spaces:
         s.size = targets.get(s.name, s.size)
     record = provenance("compress", {**(command_options or {}), "method": method, "ratio": ratio,
-                                     "widths": targets, "seed": seed, "dtype": dtype,
+                                     "widths": targets, "seed": data.seed, "dtype": write.dtype,
                                      "align": {"align": options.align, "metric": options.metric}
                                      if method == "ot" else None,
-                                     **({"data": data["data_info"]} if data.get("data_info") else {})}, [ckpt])
+                                     **({"data": info} if info else {})}, [ckpt])
     count = [0]
-    out = write_checkpoint(output, compressed_tensors(ckpt, Transporter(target, spec), plans, dtype, count),
+    out = write_checkpoint(output, compressed_tensors(ckpt, Transporter(target, spec), plans, write, count),
                            layout=layout_of(ckpt), source=ckpt,
-                           config_overrides=config_overrides(spec, family, targets) if family else None, provenance=record,
-                           max_shard_size=max_shard_size, force=force)
+                           config_overrides=config_overrides(spec, family, targets) if family else None,
+                           provenance=record, max_shard_size=write.max_shard_size, force=write.force)
     spaces = [{"space": s.name, "kind": s.kind, "width": [s.size, targets.get(s.name, s.size)],
                "compressed": s.name in targets, "reason": reasons.get(s.name), **stats.get(s.name, {})}
               for s in spec.spaces]

@@ -3,31 +3,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from otfuse_cli.align.cost import unit_cost
-from otfuse_cli.align.solvers import marginal, normalize, solve
-from otfuse_cli.align.transport import Plan
+from otfuse_cli.alignment.cost import unit_cost
+from otfuse_cli.alignment.solvers import marginal, normalize, solve
+from otfuse_cli.alignment.transport import Plan
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.arch.model import Spec
-
-
-@dataclass
-class AlignOptions:
-    align: str = "weights"
-    solver: str = "exact"
-    reg: float = 0.01
-    metric: str = "sqeuclidean"
-    marginals: str = "uniform"
-    cost_norm: str = "mean"  # cost scaling before solving (Sinkhorn's reg is relative to it)
-    refine: int = 5  # extra passes over all spaces (weight matching); stops early once plans are stable
-
-    def to_json(self) -> dict:
-        return asdict(self)
+from otfuse_cli.options import AlignOptions
 
 
 def plan_stats(cost: np.ndarray, coupling: np.ndarray, info: dict) -> dict:

@@ -18,7 +18,7 @@ import torch
 from otfuse_cli.data import (batched, fields_of, is_tensor_file, load_records, load_tensors, require_fields,
                              tokenize_texts)
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.evaluate import metrics as M
+from otfuse_cli.evaluation import metrics as M
 from otfuse_cli.runnable import quiet_transformers
 
 TASK_METRICS: dict[str, list[str]] = {

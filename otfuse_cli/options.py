@@ -1,0 +1,101 @@
+"""Typed, frozen option objects shared by the library and the command line.
+
+Each field carries its command-line flag and help; fields with a fixed set of values name the registry
+their choices come from, so a new solver, metric or merge rule shows up in `--help` and is checked at parse
+time. Building an object checks every value, so a library call with `solver="foo"` fails at once, before
+any model is read. This module stays light (no torch, POT or SciPy) so that the CLI's checks are instant."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from otfuse_cli.alignment.metrics import METRICS, STANDARDIZE
+from otfuse_cli.alignment.solvers import COST_NORMS, MARGINALS, SOLVERS
+from otfuse_cli.errors import OtfuseError
+
+# Feature providers (pipeline.PROVIDERS), output dtypes and bare-net activations need torch to build, so
+# their names are declared here; tests check they match those tables.
+ALIGN_BY = ("weights", "activations")
+DTYPES = ("keep", "float32", "float16", "bfloat16")
+ACTIVATIONS = ("relu", "gelu", "tanh")
+
+
+def option(default, flag: str, help: str, choices=None, minimum=None):
+    """A field with its CLI flag, help and (optional) allowed values or lower bound."""
+    meta = {"flag": flag, "help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if minimum is not None:
+        meta["minimum"] = minimum
+    return field(default=default, metadata=meta)
+
+
+class Options:
+    """Shared checks and serialisation for the option dataclasses."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None:
+                continue
+            if "choices" in meta and value not in meta["choices"]:
+                raise OtfuseError(f"unknown {meta['flag']} {value!r}; choose from {', '.join(meta['choices'])}")
+            if "minimum" in meta and not (isinstance(value, (int, float)) and value >= meta["minimum"]):
+                raise OtfuseError(f"{meta['flag']} must be at least {meta['minimum']}, got {value!r}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AlignOptions(Options):
+    """How transport plans are computed."""
+
+    align: str = option("weights", "--align", "weights (no data) or activations (needs --data).", ALIGN_BY)
+    solver: str = option("exact", "--solver", "exact (assignment / network simplex) or sinkhorn (soft).", SOLVERS)
+    reg: float = option(0.01, "--reg", "Sinkhorn regularisation, relative to the scaled cost.", minimum=1e-12)
+    metric: str = option("sqeuclidean", "--metric", "Ground metric between neurons.", METRICS)
+    marginals: str = option("uniform", "--marginals", "Support masses: uniform or neuron-norm importance.",
+                            MARGINALS)
+    cost_norm: str = option("mean", "--cost-norm", "Scale costs by their mean or max (or none) before solving.",
+                            COST_NORMS)
+    refine: int = option(5, "--refine", "Extra passes over all spaces until plans stop changing (weights).",
+                         minimum=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not math.isfinite(self.reg):
+            raise OtfuseError(f"--reg must be a finite number, got {self.reg!r}")
+
+
+@dataclass(frozen=True)
+class DataOptions(Options):
+    """Sample inputs and forward passes: activation alignment, BatchNorm repair, activation compression.
+    `device` runs the forward passes; weight-based costs are computed on the CPU."""
+
+    data: str | None = option(None, "--data", "Sample inputs (jsonl/csv/tsv/txt/npz/safetensors).")
+    samples: int = option(256, "--samples", "Number of sample inputs.", minimum=1)
+    seed: int = option(0, "--seed", "Seed for sampling inputs and tokens (and compress's clustering).", minimum=0)
+    max_tokens: int = option(4096, "--max-tokens", "Cap on activation rows (tokens/positions) kept per space.",
+                             minimum=1)
+    standardize: str | None = option(None, "--standardize", "Activation standardisation before matching "
+                                     "(default: zscore to align, none to compress).", STANDARDIZE)
+    activation: str | None = option(None, "--activation", "Nonlinearity of bare MLP/CNN/ResNet state dicts.",
+                                    ACTIVATIONS)
+    post_activation: bool = option(False, "--post-activation", "Match MLP/CNN units after the nonlinearity.")
+    max_length: int = option(128, "--max-length", "Token limit per text sample.", minimum=1)
+    device: str = option("auto", "--device", "auto, cpu or cuda: where forward passes run.")
+
+    def collect(self) -> dict:
+        """What activation collection needs (everything but the standardisation, applied afterwards)."""
+        return {k: v for k, v in self.to_json().items() if k != "standardize"}
+
+
+@dataclass(frozen=True)
+class OutputOptions(Options):
+    """How a checkpoint is written."""
+
+    dtype: str = option("keep", "--dtype", "Output dtype (keep = each input tensor's own).", DTYPES)
+    max_shard_size: str = option("5GB", "--max-shard-size", "Shard folder outputs above this size.")
+    force: bool = option(False, "--force", "Overwrite an existing output.")
