@@ -22,6 +22,7 @@ from otfuse_cli.alignment.cost import Features, unit_cost
 from otfuse_cli.alignment.transport import Plan, Transporter
 from otfuse_cli.alignment.weights import TensorSource, WeightFeatures, checked_float, unit_slices
 from otfuse_cli.checkpoint import open_checkpoint, provenance, write_checkpoint
+from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import AlignOptions, DataOptions, OutputOptions
 from otfuse_cli.pipeline import check_output, data_record, feature_provider, layout_of, output_dtype
@@ -320,6 +321,8 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
     if data.standardize is None:
         data = replace(data, standardize="none")
     ckpt = open_checkpoint(model)
+    refuse_overlap(output, input_paths([ckpt], [data.data if method == "ot" and options.align == "activations"
+                                                else None]))
     spec = build_spec(ckpt)
     family = hf_family(ckpt)
     targets, reasons = target_widths(spec, family, ratio, widths)

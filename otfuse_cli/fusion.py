@@ -11,6 +11,7 @@ from otfuse_cli.alignment.plans import load_plans
 from otfuse_cli.alignment.transport import Plan, Transporter
 from otfuse_cli.alignment.weights import checked_float
 from otfuse_cli.checkpoint import provenance, write_checkpoint
+from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.merge import MERGES
 from otfuse_cli.options import AlignOptions, DataOptions, OutputOptions
@@ -82,6 +83,8 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
     if repair_bn and not data.data:
         raise OtfuseError("--repair-bn needs --data FILE with sample inputs")
     parents = open_parents(models, anchor)
+    uses_data = repair_bn or (method == "ot" and not plan and options.align == "activations")
+    refuse_overlap(output, input_paths(parents.ckpts, [plan, data.data if uses_data else None]))
     w = parse_weights(weights, len(parents.ckpts))
     info = None
     if method == "average":

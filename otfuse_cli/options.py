@@ -21,13 +21,15 @@ DTYPES = ("keep", "float32", "float16", "bfloat16")
 ACTIVATIONS = ("relu", "gelu", "tanh")
 
 
-def option(default, flag: str, help: str, choices=None, minimum=None):
-    """A field with its CLI flag, help and (optional) allowed values or lower bound."""
+def option(default, flag: str, help: str, choices=None, minimum=None, maximum=None):
+    """A field with its CLI flag, help and (optional) allowed values or bounds."""
     meta = {"flag": flag, "help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
     if minimum is not None:
         meta["minimum"] = minimum
+    if maximum is not None:
+        meta["maximum"] = maximum
     return field(default=default, metadata=meta)
 
 
@@ -43,6 +45,8 @@ class Options:
                 raise OtfuseError(f"unknown {meta['flag']} {value!r}; choose from {', '.join(meta['choices'])}")
             if "minimum" in meta and not (isinstance(value, (int, float)) and value >= meta["minimum"]):
                 raise OtfuseError(f"{meta['flag']} must be at least {meta['minimum']}, got {value!r}")
+            if "maximum" in meta and not value <= meta["maximum"]:
+                raise OtfuseError(f"{meta['flag']} must be at most {meta['maximum']}, got {value!r}")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -54,7 +58,7 @@ class AlignOptions(Options):
 
     align: str = option("weights", "--align", "weights (no data) or activations (needs --data).", ALIGN_BY)
     solver: str = option("exact", "--solver", "exact (assignment / network simplex) or sinkhorn (soft).", SOLVERS)
-    reg: float = option(0.01, "--reg", "Sinkhorn regularisation, relative to the scaled cost.", minimum=1e-12)
+    reg: float = option(0.01, "--reg", "Sinkhorn regularisation, relative to the scaled cost.", minimum=1e-6)
     metric: str = option("sqeuclidean", "--metric", "Ground metric between neurons.", METRICS)
     marginals: str = option("uniform", "--marginals", "Support masses: uniform or neuron-norm importance.",
                             MARGINALS)
@@ -76,7 +80,8 @@ class DataOptions(Options):
 
     data: str | None = option(None, "--data", "Sample inputs (jsonl/csv/tsv/txt/npz/safetensors).")
     samples: int = option(256, "--samples", "Number of sample inputs.", minimum=1)
-    seed: int = option(0, "--seed", "Seed for sampling inputs and tokens (and compress's clustering).", minimum=0)
+    seed: int = option(0, "--seed", "Seed for sampling inputs and tokens (and compress's clustering).", minimum=0,
+                      maximum=2**63 - 1)
     max_tokens: int = option(4096, "--max-tokens", "Cap on activation rows (tokens/positions) kept per space.",
                              minimum=1)
     standardize: str | None = option(None, "--standardize", "Activation standardisation before matching "

@@ -17,6 +17,7 @@ from otfuse_cli.alignment.weights import TensorSource, WeightFeatures
 from otfuse_cli.arch.compat import check_models, label, width_differences
 from otfuse_cli.arch.model import Spec
 from otfuse_cli.checkpoint import open_checkpoint, parse_size
+from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import AlignOptions, DataOptions, OutputOptions
 
@@ -131,6 +132,7 @@ def align(models: list[str], output: str, *, options: AlignOptions = AlignOption
     out = Path(output)
     check_output(out, OutputOptions(force=force))
     parents = open_parents(models, anchor)
+    refuse_overlap(out, input_paths(parents.ckpts, [data.data if options.align == "activations" else None]))
     info = data_record(options, data)
     plans = compute_plans(parents, options, data, on_space)
     meta = {"anchor": anchor, "options": options.to_json(), "inputs": [str(c.path) for c in parents.ckpts],
