@@ -2,31 +2,25 @@
 
 * HF folders (config.json): the transformers Auto class picked from ``config.architectures``,
   loaded with ``from_pretrained(local_files_only=True)``; in-memory state dicts go through ``from_config``.
-* Bare state dicts (no config) are rebuilt from tensor names and shapes:
-  - MLP: 2-D Linear weights in natural key order, activation between them (input flattened).
-  - CNN (VGG-style): each 4-D conv (stride 1, padding k//2) + its BatchNorm (prefix with running_mean)
-    + activation + MaxPool2d(2); then flatten and the Linear chain. With a known input shape the number of
-    pools is chosen so the flatten size matches the first Linear (pools after the first p convs); a first
-    Linear whose input equals the last conv's channels means global average pooling instead.
-  - ResNet in torchvision naming (conv1, bn1, layerX.Y.*, fc); Basic or Bottleneck blocks from the keys.
-    Stem: a 7x7 conv1 is the ImageNet stem (stride 2, pad 3, max-pool 3/2/1); any other kernel is the
-    small-input (CIFAR-style) stem: stride 1, padding k//2, no max-pool. The first block of every stage
-    after the first has stride 2 when it has a downsample branch (on conv2 for Bottleneck, as torchvision v1.5).
-  Submodules sit at the saved key prefixes, so ``load_state_dict(strict=True)`` takes the file as it is.
+* Bare state dicts (no config) are rebuilt by their architecture family, from the same tensor-name and shape
+  inference as the family's Spec: MLPs and VGG-style CNNs in otfuse_cli/arch/sequential.py, torchvision-named
+  ResNets in otfuse_cli/arch/resnet.py (their docstrings say how). The saved keys load with strict=True.
 * Activation: ``--activation`` > header metadata ``otfuse.activation`` > relu.
-  Input shape: header metadata ``otfuse.input_shape`` ("C,H,W"), used to unflatten inputs for convnets.
+  Input shape: header metadata ``otfuse.input_shape`` ("C,H,W"), used to unflatten inputs for convnets and to
+  choose a CNN's pooling.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from otfuse_cli.arch.resnet import build_resnet, is_resnet
+from otfuse_cli.arch.sequential import build_chain
 from otfuse_cli.errors import OtfuseError
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
@@ -267,255 +261,12 @@ def _hf_from_state_dict(state_dict, like, device) -> RunnableModel:
 
 # --------------------------------------------------------------------------- bare state dicts
 
-def _natural_key(prefix: str):
-    # "10" after "2", "fc10" after "fc2": digit runs compare as numbers.
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", prefix)]
-
-
-def _prefixes(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in sd.items():
-        if "." not in key:
-            raise OtfuseError(f"cannot rebuild a model from tensor {key!r}: no module prefix "
-                              "(bare state dicts need names like '0.weight'; HF models need config.json)")
-        prefix, leaf = key.rsplit(".", 1)
-        groups.setdefault(prefix, {})[leaf] = t
-    return groups
-
-
-def _place(root: nn.Module, dotted: str, module: nn.Module) -> None:
-    """Register module at a dotted path, creating plain containers on the way (so keys match exactly)."""
-    *parents, last = dotted.split(".")
-    node = root
-    for part in parents:
-        if not hasattr(node, part):
-            node.add_module(part, nn.Module())
-        node = getattr(node, part)
-    node.add_module(last, module)
-
-
-def _shape_images(x: torch.Tensor, input_shape: tuple[int, ...] | None) -> torch.Tensor:
-    if x.dim() == 4:
-        return x
-    if x.dim() == 3:  # (N, H, W) greyscale
-        return x.unsqueeze(1)
-    if input_shape is not None and len(input_shape) == 3:
-        return x.reshape(x.shape[0], *input_shape)
-    raise OtfuseError(f"a convnet needs (N, C, H, W) inputs, got shape {tuple(x.shape)} "
-                      "and no otfuse.input_shape metadata to unflatten it")
-
-
-class _Chain(nn.Module):
-    """Layers at their saved key prefixes, run in ``steps`` order (prefix names and functional ops)."""
-
-    def __init__(self, input_shape: tuple[int, ...] | None):
-        super().__init__()
-        self.input_shape = input_shape
-        self.steps: list[str | Callable] = []
-        self.num_outputs = 0
-        self.is_conv = False
-
-    def extra_repr(self) -> str:
-        return "steps: " + " -> ".join(s if isinstance(s, str) else s.__name__.strip("_") for s in self.steps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _shape_images(x, self.input_shape) if self.is_conv else x.flatten(1)
-        for step in self.steps:
-            x = self.get_submodule(step)(x) if isinstance(step, str) else step(x)
-        return x
-
-
-def _classify(prefix: str, p: dict[str, torch.Tensor]) -> str:
-    w = p.get("weight")
-    if "running_mean" in p:
-        return "bn"
-    if w is not None and w.dim() == 4:
-        return "conv"
-    if w is not None and w.dim() == 2:
-        return "linear"
-    if w is not None and w.dim() == 1:
-        return "ln"
-    shapes = {k: tuple(v.shape) for k, v in p.items()}
-    raise OtfuseError(f"cannot rebuild layer {prefix!r} {shapes}: expected Linear, Conv2d, BatchNorm or LayerNorm "
-                      "weights (HF models need their config.json)")
-
-
-def _flatten_then_global(x: torch.Tensor) -> torch.Tensor:
-    return F.adaptive_avg_pool2d(x, 1).flatten(1)
-
-
-def _build_chain(sd: Mapping[str, torch.Tensor], act: Callable, input_shape) -> _Chain:
-    groups = _prefixes(sd)
-    order = sorted(groups, key=_natural_key)
-    kinds = [(_classify(p, groups[p]), p) for p in order]
-    chain = _Chain(input_shape)
-    convs = [p for k, p in kinds if k == "conv"]
-    linears = [p for k, p in kinds if k == "linear"]
-    if not linears:
-        raise OtfuseError("cannot rebuild the model: no Linear (2-D) weight for the output layer")
-    chain.is_conv = bool(convs)
-    pools = _choose_pools(groups, convs, linears[0], input_shape) if convs else None
-    blocks: list[list] = []  # each block: [layer prefixes...], closed by an activation (+pool)
-    for kind, prefix in kinds:
-        p = groups[prefix]
-        w = p.get("weight")
-        has_bias = "bias" in p
-        if kind == "conv":
-            kh, kw = w.shape[-2:]
-            mod = nn.Conv2d(w.shape[1], w.shape[0], (kh, kw), padding=(kh // 2, kw // 2), bias=has_bias)
-        elif kind == "linear":
-            mod = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
-        elif kind == "bn":
-            if not blocks:
-                raise OtfuseError(f"BatchNorm {prefix!r} comes before any Conv/Linear layer")
-            n = p["running_mean"].shape[0]
-            mod = (nn.BatchNorm2d if blocks[-1][0] == "conv" else nn.BatchNorm1d)(n, affine="weight" in p)
-        else:  # LayerNorm
-            if not blocks:
-                raise OtfuseError(f"norm layer {prefix!r} comes before any Conv/Linear layer")
-            mod = nn.LayerNorm(w.shape[0], elementwise_affine=True, bias=has_bias)
-        _place(chain, prefix, mod)
-        if kind in ("conv", "linear"):
-            blocks.append([kind, prefix])
-        else:
-            blocks[-1].append(prefix)
-    conv_i = 0
-    for i, (kind, *layers) in enumerate(blocks):
-        chain.steps.extend(layers)
-        if i == len(blocks) - 1:
-            break  # logits: no activation after the output layer
-        chain.steps.append(act)
-        if kind == "conv":
-            if pools[0][conv_i]:
-                chain.steps.append(_maxpool2)
-            conv_i += 1
-            if blocks[i + 1][0] == "linear":
-                chain.steps.append(_flatten_then_global if pools[1] else _flatten)
-    chain.num_outputs = groups[linears[-1]]["weight"].shape[0]
-    return chain
-
-
-def _maxpool2(x: torch.Tensor) -> torch.Tensor:
-    return F.max_pool2d(x, 2)
-
-
-def _flatten(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1)
-
-
-def _choose_pools(groups, convs: list[str], first_linear: str, input_shape) -> tuple[list[bool], bool]:
-    """(max-pool after conv i?, global average pool before the Linear chain?)."""
-    n = len(convs)
-    channels = groups[convs[-1]]["weight"].shape[0]
-    features = groups[first_linear]["weight"].shape[1]
-    if input_shape is None or len(input_shape) != 3:
-        return [True] * n, features == channels
-    _, h, w = input_shape
-    for p in range(n, -1, -1):
-        if channels * (h >> p) * (w >> p) == features:
-            return [i < p for i in range(n)], False
-    if features == channels:
-        return [True] * n, True
-    raise OtfuseError(f"cannot rebuild the convnet: first Linear takes {features} inputs, but {channels} channels "
-                      f"of a {h}x{w} input give {channels * (h >> n) * (w >> n)} after {n} max-pools")
-
-
-class _Block(nn.Module):
-    def __init__(self, act: Callable):
-        super().__init__()
-        self.act = act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if hasattr(self, "conv3"):
-            out = self.bn3(self.conv3(self.act(out)))
-        identity = self.downsample(x) if hasattr(self, "downsample") else x
-        return self.act(out + identity)
-
-
-class _ResNet(nn.Module):
-    def __init__(self, act: Callable, input_shape, imagenet_stem: bool):
-        super().__init__()
-        self.act = act
-        self.input_shape = input_shape
-        self.imagenet_stem = imagenet_stem
-        self.num_outputs = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.bn1(self.conv1(_shape_images(x, self.input_shape))))
-        if self.imagenet_stem:
-            x = F.max_pool2d(x, 3, 2, 1)
-        stage = 1
-        while hasattr(self, f"layer{stage}"):
-            x = getattr(self, f"layer{stage}")(x)
-            stage += 1
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
-def _conv(w: torch.Tensor, stride: int, bias: bool) -> nn.Conv2d:
-    kh, kw = w.shape[-2:]
-    return nn.Conv2d(w.shape[1], w.shape[0], (kh, kw), stride=stride, padding=(kh // 2, kw // 2), bias=bias)
-
-
-def _bn(p: dict[str, torch.Tensor]) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(p["running_mean"].shape[0], affine="weight" in p)
-
-
-def _build_resnet(sd: Mapping[str, torch.Tensor], act: Callable, input_shape) -> _ResNet:
-    g = _prefixes(sd)
-    for need in ("conv1", "bn1", "fc"):
-        if need not in g:
-            raise OtfuseError(f"cannot rebuild the ResNet: no {need!r} tensors")
-    stem = g["conv1"]["weight"]
-    net = _ResNet(act, input_shape, imagenet_stem=tuple(stem.shape[-2:]) == (7, 7))
-    net.conv1 = nn.Conv2d(stem.shape[1], stem.shape[0], tuple(stem.shape[-2:]), stride=2 if net.imagenet_stem else 1,
-                          padding=tuple(k // 2 for k in stem.shape[-2:]), bias="bias" in g["conv1"])
-    net.bn1 = _bn(g["bn1"])
-    blocks: dict[int, set[int]] = {}
-    for prefix in g:
-        m = re.fullmatch(r"layer(\d+)\.(\d+)\..*", prefix)
-        if m:
-            blocks.setdefault(int(m[1]), set()).add(int(m[2]))
-        elif prefix not in ("conv1", "bn1", "fc"):
-            raise OtfuseError(f"cannot rebuild the ResNet: unexpected tensors under {prefix!r}")
-    if sorted(blocks) != list(range(1, len(blocks) + 1)):
-        raise OtfuseError(f"cannot rebuild the ResNet: stages {sorted(blocks)} are not layer1..layerN")
-    for stage in sorted(blocks):
-        seq = nn.Sequential()
-        for b in sorted(blocks[stage]):
-            pre = f"layer{stage}.{b}"
-            block = _Block(act)
-            down = f"{pre}.downsample.0" in g
-            stride = 2 if down and stage > 1 and b == 0 else 1
-            bottleneck = f"{pre}.conv3" in g
-            for i in (1, 2, 3) if bottleneck else (1, 2):
-                if f"{pre}.conv{i}" not in g or f"{pre}.bn{i}" not in g:
-                    raise OtfuseError(f"cannot rebuild the ResNet: {pre} has no conv{i}/bn{i}")
-                conv_stride = stride if i == (2 if bottleneck else 1) else 1
-                cp = g[f"{pre}.conv{i}"]
-                block.add_module(f"conv{i}", _conv(cp["weight"], conv_stride, "bias" in cp))
-                block.add_module(f"bn{i}", _bn(g[f"{pre}.bn{i}"]))
-            if down:
-                dp = g[f"{pre}.downsample.0"]
-                block.downsample = nn.Sequential(nn.Conv2d(dp["weight"].shape[1], dp["weight"].shape[0], 1,
-                                                           stride=stride, bias="bias" in dp),
-                                                 _bn(g[f"{pre}.downsample.1"]))
-            seq.add_module(str(b), block)
-        net.add_module(f"layer{stage}", seq)
-    fc = g["fc"]["weight"]
-    net.fc = nn.Linear(fc.shape[1], fc.shape[0], bias="bias" in g["fc"])
-    net.num_outputs = fc.shape[0]
-    return net
-
-
 def build_bare_module(sd: Mapping[str, torch.Tensor], activation: str = "relu",
                       input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, str]:
-    """(module with random weights and the saved key layout, kind) for a bare state dict."""
+    """(module with random weights and the saved key layout, kind) for a bare state dict, built by its family
+    in otfuse_cli.arch from the same layer inference as the family's Spec (so what fuses also runs)."""
     if not sd:
         raise OtfuseError("cannot rebuild a model from an empty state dict")
-    act = ACTIVATIONS[activation]
-    if any(k.startswith("layer1.") for k in sd) and "conv1.weight" in sd:
-        return _build_resnet(sd, act, input_shape), "resnet"
-    chain = _build_chain(sd, act, input_shape)
-    return chain, "cnn" if chain.is_conv else "mlp"
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    build = build_resnet if is_resnet(shapes) else build_chain
+    return build(shapes, ACTIVATIONS[activation], input_shape)
