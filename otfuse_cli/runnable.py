@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from otfuse_cli.arch.resnet import build_resnet, is_resnet
-from otfuse_cli.arch.sequential import build_chain
+from otfuse_cli.arch import bare_family
 from otfuse_cli.errors import OtfuseError
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
@@ -268,5 +267,4 @@ def build_bare_module(sd: Mapping[str, torch.Tensor], activation: str = "relu",
     if not sd:
         raise OtfuseError("cannot rebuild a model from an empty state dict")
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    build = build_resnet if is_resnet(shapes) else build_chain
-    return build(shapes, ACTIVATIONS[activation], input_shape)
+    return bare_family(shapes).build(shapes, ACTIVATIONS[activation], input_shape)

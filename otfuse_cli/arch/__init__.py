@@ -4,19 +4,42 @@ file (transformers.py, sequential.py, resnet.py); one engine aligns them all."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.arch.compat import check_compatible, judge
 from otfuse_cli.arch.model import Entry, Space, Spec, validate
-from otfuse_cli.arch.resnet import is_resnet, resnet_spec
-from otfuse_cli.arch.sequential import sequential_spec
+from otfuse_cli.arch.resnet import build_resnet, is_resnet, resnet_spec
+from otfuse_cli.arch.sequential import build_chain, sequential_spec
 from otfuse_cli.arch.transformers import FAMILIES, Family, build
 
 # model_type -> its declaration; an explicit table, not one filled as an import side effect
 HF_FAMILIES: dict[str, Family] = {t: family for family in FAMILIES for t in family.model_types}
 
 
+@dataclass(frozen=True)
+class BareFamily:
+    """A family of state dicts without config.json: recognised, described and rebuilt from names and shapes."""
+
+    name: str
+    matches: Callable[[dict], bool]
+    spec: Callable[[dict], Spec]
+    build: Callable  # (shapes, activation function, input shape) -> (nn.Module, kind)
+
+
+# tried in order; the layer chain (MLP / VGG-style CNN) takes whatever is left
+BARE_FAMILIES = (BareFamily("resnet", is_resnet, resnet_spec, build_resnet),
+                 BareFamily("chain", lambda shapes: True, sequential_spec, build_chain))
+
+
+def bare_family(shapes: dict) -> BareFamily:
+    return next(f for f in BARE_FAMILIES if f.matches(shapes))
+
+
 __all__ = ["Entry", "Space", "Spec", "build_spec", "detect_family", "validate", "check_compatible", "judge",
-           "HF_FAMILIES", "hf_family"]
+           "HF_FAMILIES", "hf_family",
+           "BARE_FAMILIES", "bare_family"]
 
 
 def shapes_of(ckpt) -> dict[str, tuple[int, ...]]:
@@ -27,12 +50,7 @@ def build_spec(ckpt) -> Spec:
     shapes = shapes_of(ckpt)
     config = getattr(ckpt, "config", None)
     family = hf_family(ckpt)
-    if family is not None:
-        spec = build(family, config, shapes)
-    elif is_resnet(shapes):
-        spec = resnet_spec(shapes)
-    else:
-        spec = sequential_spec(shapes)
+    spec = build(family, config, shapes) if family is not None else bare_family(shapes).spec(shapes)
     validate(spec, shapes)
     return spec
 
