@@ -22,8 +22,7 @@ from typer.core import TyperGroup
 from otfuse_cli import __version__, report
 from otfuse_cli.cli_options import with_options
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.merge import MERGES
-from otfuse_cli.options import ACTIVATIONS, AlignOptions, DataOptions, OutputOptions
+from otfuse_cli.options import ACTIVATIONS, AlignOptions, DataOptions, MergeOptions, OutputOptions
 
 EXIT_INTERRUPTED = 130
 
@@ -139,10 +138,9 @@ ACTIVATION_OPT = typer.Option(None, "--activation", help="Nonlinearity of bare M
 SEED_OPT = typer.Option(0, "--seed", min=0, help="Seed for sampling inputs.")
 DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu or cuda: where forward passes run.")
 FORCE_OPT = typer.Option(False, "--force", help="Overwrite an existing output.")
-Method = enum.Enum("Method", {m: m for m in ("ot", "average")}, type=str)
-Merge = enum.Enum("Merge", {m: m for m in MERGES}, type=str)
 CompressMethod = enum.Enum("CompressMethod", {m: m for m in ("ot", "magnitude", "random")}, type=str)
 Activation = enum.Enum("Activation", {a: a for a in ACTIVATIONS}, type=str)
+StatKind = enum.Enum("StatKind", {k: k for k in ("gram", "fisher")}, type=str)
 
 
 @app.command()
@@ -166,27 +164,33 @@ def align(
 
 
 @app.command()
-@with_options(options=AlignOptions, data=DataOptions, write=OutputOptions, defaults={"standardize": "zscore"})
+@with_options(options=AlignOptions, merge=MergeOptions, data=DataOptions, write=OutputOptions,
+              defaults={"standardize": "zscore"})
 def fuse(
     models: list[str] = MODELS_ARG,
     output: str = typer.Option(..., "-o", "--output", help="Fused checkpoint (file or folder, like the anchor)."),
-    method: Method = typer.Option("ot", "--method", help="ot (align, then merge) or average (vanilla baseline)."),
-    merge: Merge = typer.Option("average", "--merge", help="Merge rule for the aligned parents."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Per-model weights, e.g. 0.5,0.5."),
     plan: Optional[str] = typer.Option(None, "--plan", help="Reuse a plan file written by `otfuse align`."),
+    stats: Optional[list[str]] = typer.Option(None, "--stats", metavar="FILE",
+                                              help="Statistics of each model on its own data (`otfuse stats`), "
+                                                   "one per model in order: --merge regmean/fisher read only "
+                                                   "these, no data."),
     repair_bn: bool = typer.Option(False, "--repair-bn", help="Re-estimate BatchNorm statistics of the fused "
                                                               "model on --data (CNNs, ResNets)."),
     anchor: int = ANCHOR_OPT, json_out: bool = JSON_OPTION,
-    options: AlignOptions = None, data: DataOptions = None, write: OutputOptions = None,
+    options: AlignOptions = None, merge: MergeOptions = None, data: DataOptions = None,
+    write: OutputOptions = None,
 ) -> None:
-    """Fuse two or more models: align them onto the anchor with OT, then merge them with weights."""
+    """Fuse two or more models: align them onto the anchor with OT, then merge them (weighted average,
+    RegMean or Fisher). Activation alignment runs every model on the same --data; the merge statistics can
+    come from each party's own data through --stats files instead."""
     from otfuse_cli.fusion import fuse as fuse_models
 
     command_options = {"models": models, "seed": data.seed, "device": data.device,
                        "max_shard_size": write.max_shard_size, "activation": data.activation}
     with report.SpaceProgress(None, enabled=not json_out) as progress:
-        result = fuse_models(models, output, options=options, data=data, write=write, method=method.value,
-                             merge=merge.value, anchor=anchor, weights=weights, plan=plan, repair_bn=repair_bn,
+        result = fuse_models(models, output, options=options, data=data, merge=merge, write=write, anchor=anchor,
+                             weights=weights, plan=plan, stats=stats, repair_bn=repair_bn,
                              command_options=command_options, on_space=progress)
     if json_out:
         report.print_json(result)
@@ -194,7 +198,7 @@ def fuse(
         if result["spaces"]:
             report.console.print(report.alignment_table(result["spaces"], "alignment"))
         report.console.print(f"[bold green]fused[/] {len(models)} {result['family']} models "
-                             f"({result['method']}) → {escape_path(result['output'])}")
+                             f"(align {result['align']}, merge {result['merge']}) → {escape_path(result['output'])}")
 
 
 def _display_names(paths: list[str]) -> list[str]:
@@ -307,6 +311,36 @@ def compress(
         report.print_json(result)
     else:
         report.console.print(report.compress_table(result))
+
+
+@app.command()
+@with_options(data=DataOptions, only={"data": ("data", "samples", "seed", "activation", "max_length", "device")})
+def stats(
+    model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint whose statistics to compute."),
+    output: str = typer.Option(..., "-o", "--output", help="Statistics file to write (.safetensors)."),
+    kind: Optional[list[StatKind]] = typer.Option(None, "--kind", help="Which statistics (repeatable; default: "
+                                                                       "all): gram (RegMean), fisher."),
+    force: bool = FORCE_OPT, json_out: bool = JSON_OPTION, data: DataOptions = None,
+) -> None:
+    """Compute, on this party's own data, the statistics merge rules need (Gram matrices of every linear
+    layer's inputs, diagonal Fisher), in the model's own basis, to share instead of the data."""
+    from otfuse_cli.checkpoint import open_checkpoint
+    from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
+    from otfuse_cli.pipeline import check_output
+    from otfuse_cli.stats import KINDS, compute_stats, save_stats
+
+    check_output(output, OutputOptions(force=force))
+    ckpt = open_checkpoint(model)
+    refuse_overlap(output, input_paths([ckpt], [data.data]))
+    result = compute_stats(ckpt, data, tuple(k.value for k in kind) if kind else KINDS)
+    out = save_stats(output, result, ckpt, force=force)
+    summary = {"output": str(out), "model": model, "data": result.info["data"], "linear_layers": len(result.grams),
+               "fisher_tensors": len(result.fisher), "rows": max(result.counts.values(), default=0)}
+    if json_out:
+        report.print_json(summary)
+    else:
+        report.console.print(f"[bold green]stats[/] {len(result.grams)} Gram matrices, {len(result.fisher)} Fisher "
+                             f"tensors on {result.info['data']['samples']} samples → {escape_path(str(out))}")
 
 
 def escape_path(path: str) -> str:

@@ -14,11 +14,9 @@ from otfuse_cli.checkpoint import provenance, write_checkpoint
 from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.merge import MERGES
-from otfuse_cli.options import AlignOptions, DataOptions, OutputOptions
+from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOptions
 from otfuse_cli.pipeline import (Parents, check_output, compute_plans, data_record, layout_of, open_parents,
                                  output_dtype, plan_summary)
-
-METHODS = ("ot", "average")
 
 
 def parse_weights(text: str | None, count: int) -> list[float]:
@@ -33,11 +31,25 @@ def parse_weights(text: str | None, count: int) -> list[float]:
     return [w / sum(weights) for w in weights]
 
 
-def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[float], merge: str,
-                  write: OutputOptions) -> Iterator[tuple[str, torch.Tensor]]:
+def _statistic(rule, parents: Parents, movers, plans, stats, name: str, k: int):
+    """Parent k's statistic for tensor `name`, moved into the anchor's basis; None when it has none."""
+    if rule.needs == "gram":
+        gram = stats[k].grams.get(name)
+        if gram is None:
+            return None
+        axis = stats[k].in_axis[name]
+        return (gram if k == parents.anchor else movers[k].move_gram(name, axis, gram, plans[k]), axis)
+    fisher = stats[k].fisher.get(name)
+    if fisher is None:
+        return None
+    return fisher if k == parents.anchor else movers[k].move(name, fisher, plans[k])
+
+
+def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[float], merge: MergeOptions,
+                  write: OutputOptions, stats: list | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     anchor = parents.anchor
     movers = [Transporter(parents.specs[anchor], s) for s in parents.specs]
-    rule = MERGES[merge]
+    rule = MERGES[merge.merge]
     for name in parents.ckpts[anchor].keys():
         ref = parents.ckpts[anchor].get(name)
         if not ref.is_floating_point():  # integer buffers (BatchNorm's num_batches_tracked) stay the anchor's
@@ -50,9 +62,49 @@ def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[
                 x = movers[k].move(name, x, plans[k])
             if x.shape != ref.shape:
                 raise OtfuseError(f"{parents.label(k)}: {name} has shape {tuple(x.shape)}, anchor "
-                                  f"{tuple(ref.shape)}; use --method ot to fuse different widths")
+                                  f"{tuple(ref.shape)}; align the parents to fuse different widths")
             aligned.append(x)
-        yield name, rule(name, aligned, weights).to(output_dtype(ref.dtype, write))
+        extra = None
+        if rule.needs:
+            extra = [_statistic(rule, parents, movers, plans, stats, name, k) for k in range(len(aligned))]
+            extra = None if any(e is None for e in extra) else extra
+        yield name, rule(name, aligned, weights, extra, merge.regmean_alpha).to(output_dtype(ref.dtype, write))
+
+
+def parent_stats(parents: Parents, merge: MergeOptions, data: DataOptions, stats_files: list[str] | None):
+    """The statistics the merge rule needs, one per parent: read from --stats files (each party's own), or
+    computed for every parent on --data (one party holding all the data)."""
+    rule = MERGES[merge.merge]
+    if not rule.needs:
+        if stats_files:
+            raise OtfuseError(f"--stats is read by --merge regmean or fisher, not {merge.merge}")
+        return None
+    from otfuse_cli.stats import compute_stats, load_stats
+
+    if stats_files:
+        if len(stats_files) != len(parents.ckpts):
+            raise OtfuseError(f"--stats needs one file per model: {len(stats_files)} for {len(parents.ckpts)} models")
+        stats = [load_stats(p) for p in stats_files]
+        for k, (s, ckpt) in enumerate(zip(stats, parents.ckpts)):
+            check_stats_source(s, ckpt, stats_files[k], parents.label(k))
+    elif data.data:
+        stats = [compute_stats(ckpt, data, (rule.needs,)) for ckpt in parents.ckpts]
+    else:
+        raise OtfuseError(f"--merge {merge.merge} needs statistics: --stats FILE per model (otfuse stats) "
+                          "or --data FILE")
+    if not any(getattr(s, "grams" if rule.needs == "gram" else "fisher") for s in stats):
+        raise OtfuseError(f"the statistics hold no {rule.needs} data for --merge {merge.merge}")
+    return stats
+
+
+def check_stats_source(stats, ckpt, path: str, label: str) -> None:
+    """A stats file must come from this very model: its recorded weight files' hashes must match."""
+    from otfuse_cli.checkpoint import sha256_file
+
+    recorded = {f for entry in stats.info.get("inputs", []) for f in entry.get("files", {}).values()}
+    weights = [f for f in ckpt.files() if f.suffix in (".safetensors", ".bin", ".pt")]
+    if not weights or any(sha256_file(f) not in recorded for f in weights):
+        raise OtfuseError(f"{path} was not computed from {label}: its weights differ from the stats' source")
 
 
 def check_plans(plans, parents: Parents) -> None:
@@ -69,42 +121,40 @@ def check_plans(plans, parents: Parents) -> None:
 
 
 def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions(),
-         data: DataOptions = DataOptions(), write: OutputOptions = OutputOptions(), method: str = "ot",
-         merge: str = "average", anchor: int = 0, weights: str | None = None, plan: str | None = None,
-         repair_bn: bool = False, command_options: dict | None = None,
-         on_space: Callable[[str], None] | None = None) -> dict:
-    """Fuse `models` into `output`: align onto the anchor (or reuse `plan`), then merge. method "average"
-    skips alignment (the vanilla baseline). repair_bn re-estimates BatchNorm statistics on `data.data`."""
-    if method not in METHODS:
-        raise OtfuseError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
-    if merge not in MERGES:
-        raise OtfuseError(f"unknown --merge {merge!r}; choose from {', '.join(MERGES)}")
+         data: DataOptions = DataOptions(), merge: MergeOptions = MergeOptions(),
+         write: OutputOptions = OutputOptions(), anchor: int = 0, weights: str | None = None,
+         plan: str | None = None, stats: list[str] | None = None, repair_bn: bool = False,
+         command_options: dict | None = None, on_space: Callable[[str], None] | None = None) -> dict:
+    """Fuse `models` into `output`: align onto the anchor (or reuse `plan`; options.align "none" keeps every
+    parent in its own basis, the vanilla baseline), then merge by `merge.merge`, reading `stats` files (one
+    per model) or computing them on `data.data`. repair_bn re-estimates BatchNorm statistics on `data.data`."""
     check_output(output, write)
     if repair_bn and not data.data:
         raise OtfuseError("--repair-bn needs --data FILE with sample inputs")
     parents = open_parents(models, anchor)
-    uses_data = repair_bn or (method == "ot" and not plan and options.align == "activations")
-    refuse_overlap(output, input_paths(parents.ckpts, [plan, data.data if uses_data else None]))
+    uses_data = repair_bn or (not plan and options.align == "activations") or \
+        (MERGES[merge.merge].needs and not stats)
+    refuse_overlap(output, input_paths(parents.ckpts, [plan, *(stats or []), data.data if uses_data else None]))
     w = parse_weights(weights, len(parents.ckpts))
     info = None
-    if method == "average":
-        plans = [{} for _ in parents.ckpts]
-    elif plan:
+    if plan:
         plans = load_plans(plan)[0]
         check_plans(plans, parents)
     else:
         info = data_record(options, data)
         plans = compute_plans(parents, options, data, on_space)
-    record = provenance("fuse", {**(command_options or {}), "method": method, "merge": merge, "anchor": anchor,
+    parent_statistics = parent_stats(parents, merge, data, stats)
+    record = provenance("fuse", {**(command_options or {}), "merge": merge.to_json(), "anchor": anchor,
                                  "weights": w, "dtype": write.dtype, "align": options.to_json(), "plan_file": plan,
-                                 "repair_bn": str(data.data) if repair_bn else None,
+                                 "stats_files": stats, "repair_bn": str(data.data) if repair_bn else None,
                                  **({"data": info} if info else {})}, parents.ckpts)
-    tensors = fused_tensors(parents, plans, w, merge, write)
+    tensors = fused_tensors(parents, plans, w, merge, write, parent_statistics)
     if repair_bn:  # needs the whole fused model in memory to run it
         from otfuse_cli.repair import repair_batchnorm
 
         tensors = repair_batchnorm(dict(tensors), parents.ckpts[anchor], data)
     out = write_checkpoint(output, tensors, layout=layout_of(parents.ckpts[anchor]), source=parents.ckpts[anchor],
                            provenance=record, max_shard_size=write.max_shard_size, force=write.force)
-    return {"output": str(out), "family": parents.specs[anchor].family, "method": method, "anchor": anchor,
-            "weights": w, "spaces": plan_summary(plans, parents.specs, anchor)}
+    return {"output": str(out), "family": parents.specs[anchor].family, "align": options.align,
+            "merge": merge.merge, "anchor": anchor, "weights": w,
+            "spaces": plan_summary(plans, parents.specs, anchor)}

@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field, fields
 from otfuse_cli.alignment.metrics import METRICS, STANDARDIZE
 from otfuse_cli.alignment.solvers import COST_NORMS, MARGINALS, SOLVERS
 from otfuse_cli.errors import OtfuseError
+from otfuse_cli.merge import MERGES
 
 # Feature providers (pipeline.PROVIDERS), output dtypes and bare-net activations need torch to build, so
 # their names are declared here; tests check they match those tables.
-ALIGN_BY = ("weights", "activations")
+ALIGN_BY = ("weights", "activations", "none")
 DTYPES = ("keep", "float32", "float16", "bfloat16")
 ACTIVATIONS = ("relu", "gelu", "tanh")
 
@@ -56,7 +57,8 @@ class Options:
 class AlignOptions(Options):
     """How transport plans are computed."""
 
-    align: str = option("weights", "--align", "weights (no data) or activations (needs --data).", ALIGN_BY)
+    align: str = option("weights", "--align", "weights (no data), activations (needs --data; every model runs "
+                        "on the same inputs) or none (vanilla merging, the baseline).", ALIGN_BY)
     solver: str = option("exact", "--solver", "exact (assignment / network simplex) or sinkhorn (soft).", SOLVERS)
     reg: float = option(0.01, "--reg", "Sinkhorn regularisation, relative to the scaled cost.", minimum=1e-6)
     metric: str = option("sqeuclidean", "--metric", "Ground metric between neurons.", METRICS)
@@ -104,3 +106,13 @@ class OutputOptions(Options):
     dtype: str = option("keep", "--dtype", "Output dtype (keep = each input tensor's own).", DTYPES)
     max_shard_size: str = option("5GB", "--max-shard-size", "Shard folder outputs above this size.")
     force: bool = option(False, "--force", "Overwrite an existing output.")
+
+
+@dataclass(frozen=True)
+class MergeOptions(Options):
+    """How the aligned parents combine; regmean and fisher read statistics (--stats files, or --data)."""
+
+    merge: str = option("average", "--merge", "average, regmean (Gram matrices of each linear layer's inputs) "
+                        "or fisher (diagonal Fisher).", MERGES)
+    regmean_alpha: float = option(0.9, "--regmean-alpha", "RegMean: weight of the off-diagonal Gram entries "
+                                  "(1 = exact least squares, 0 = diagonal).", minimum=0.0, maximum=1.0)

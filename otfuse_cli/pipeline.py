@@ -60,7 +60,8 @@ def _activation_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOp
     return ActivationFeatures(anchor_spec, spec, anchor_src, parent_src, data)
 
 
-# --align choice -> provider(anchor spec, parent spec, anchor tensors, parent tensors, data options)
+# --align choice -> provider(anchor spec, parent spec, anchor tensors, parent tensors, data options);
+# "none" needs no features (compute_plans returns no plans)
 PROVIDERS: dict[str, Callable] = {"weights": _weight_provider, "activations": _activation_provider}
 
 
@@ -84,6 +85,8 @@ def data_record(options: AlignOptions, data: DataOptions) -> dict | None:
 def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
                   on_space: Callable[[str], None] | None = None) -> list[dict[str, Plan]]:
     """plans[k] maps parent k onto the anchor, one Plan per space (the anchor's own entry is empty)."""
+    if options.align == "none":  # vanilla merging: every parent taken in its own basis
+        return [{} for _ in parents.ckpts]
     anchor_src = parents.source(parents.anchor)
     plans: list[dict[str, Plan]] = []
     for k, spec in enumerate(parents.specs):

@@ -92,6 +92,10 @@ class RunnableModel:
     @torch.no_grad()
     def predict_logits(self, batch: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Logits (float32) for a tensor batch (bare models, HF image models) or a tokenized dict batch."""
+        return self.logits_with_grad(batch)
+
+    def logits_with_grad(self, batch: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """predict_logits inside whatever grad mode the caller set (Fisher statistics need gradients)."""
         if isinstance(batch, torch.Tensor):
             x = batch.to(self.device, torch.float32)
             out = self.module(pixel_values=x) if self.kind == "hf" else self.module(x)

@@ -14,7 +14,7 @@ $OTFUSE inspect $D/mlp_a.safetensors $D/mlp_b.safetensors
 
 echo "== otfuse fuse: weight-based OT (no data needed), and the vanilla-average baseline"
 $OTFUSE fuse $D/mlp_a.safetensors $D/mlp_b.safetensors -o $OUT/mlp_ot.safetensors
-$OTFUSE fuse $D/mlp_a.safetensors $D/mlp_b.safetensors -o $OUT/mlp_average.safetensors --method average
+$OTFUSE fuse $D/mlp_a.safetensors $D/mlp_b.safetensors -o $OUT/mlp_average.safetensors --align none
 
 echo "== otfuse evaluate: parents, vanilla average, OT fusion and the ensemble on 1,000 held-out digits"
 $OTFUSE evaluate $D/mlp_a.safetensors $D/mlp_b.safetensors $OUT/mlp_average.safetensors $OUT/mlp_ot.safetensors \
@@ -24,7 +24,7 @@ S=fixtures/sentiment
 if [ -d $S/bert_a ]; then
   echo "== the same for two BERT sentiment classifiers (real movie-review snippets), soft alignment"
   $OTFUSE fuse $S/bert_a $S/bert_b -o $OUT/bert_ot --solver sinkhorn --reg 0.02
-  $OTFUSE fuse $S/bert_a $S/bert_b -o $OUT/bert_average --method average
+  $OTFUSE fuse $S/bert_a $S/bert_b -o $OUT/bert_average --align none
   $OTFUSE evaluate $S/bert_a $S/bert_b $OUT/bert_average $OUT/bert_ot --data $S/test.jsonl --ensemble-of 0,1
 fi
 echo "outputs in $OUT/"

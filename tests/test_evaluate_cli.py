@@ -15,7 +15,7 @@ KEYS = ["task", "data", "metrics", "higher_is_better", "rows", "best", "notes"]
 def test_json_lets_a_script_gate_fusion_on_its_parents(tmp_path):
     a, b = DIGITS / "mlp_a.safetensors", DIGITS / "mlp_b.safetensors"
     assert cli("fuse", a, b, "-o", tmp_path / "ot.safetensors", "--json").exit_code == 0
-    assert cli("fuse", a, b, "-o", tmp_path / "avg.safetensors", "--method", "average").exit_code == 0
+    assert cli("fuse", a, b, "-o", tmp_path / "avg.safetensors", "--align", "none").exit_code == 0
     run = cli_subprocess("evaluate", a, b, tmp_path / "avg.safetensors", tmp_path / "ot.safetensors",
                          "--data", DIGITS / "test.safetensors", "--ensemble-of", "0,1", "--json")
     assert run.returncode == 0, run.stderr

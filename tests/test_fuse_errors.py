@@ -45,7 +45,7 @@ def test_nan_in_a_parent_is_reported(tmp_path):
     sd["2.weight"][0, 0] = float("nan")
     save_file(sd, tmp_path / "b.safetensors")
     refuse(tmp_path, a, tmp_path / "b.safetensors", fragment="NaN")
-    result = cli("fuse", a, tmp_path / "b.safetensors", "-o", tmp_path / "avg", "--method", "average")
+    result = cli("fuse", a, tmp_path / "b.safetensors", "-o", tmp_path / "avg", "--align", "none")
     assert result.exit_code == 2 and "NaN" in result.stderr
 
 
@@ -85,7 +85,7 @@ def test_unknown_model_type_names_what_is_supported(tmp_path):
     (["--weights", "1,2,3"], "--weights"),
     (["--solver", "magic"], "solver"),
     (["--anchor", "5"], "--anchor"),
-    (["--method", "median"], "method"),
+    (["--merge", "median"], "merge"),
     (["--dtype", "int8"], "dtype"),
 ])
 def test_bad_options_are_refused(tmp_path, args, fragment):

@@ -80,7 +80,7 @@ def test_options_are_frozen_and_checked_when_built():
 def test_declared_choices_match_the_tables_they_name():
     from otfuse_cli import options, pipeline, runnable
 
-    assert options.ALIGN_BY == tuple(pipeline.PROVIDERS)
+    assert options.ALIGN_BY == (*pipeline.PROVIDERS, "none")
     assert set(options.DTYPES) == {"keep", *pipeline.TORCH_DTYPES}
     assert options.ACTIVATIONS == tuple(runnable.ACTIVATIONS)
 
@@ -89,8 +89,8 @@ def test_declared_choices_match_the_tables_they_name():
     ("fuse", "--solver", "'exact', 'sinkhorn'"), ("fuse", "--metric", "'sqeuclidean', 'cosine'"),
     ("fuse", "--align", "'weights', 'activations'"), ("fuse", "--marginals", "'uniform', 'l1', 'l2'"),
     ("fuse", "--cost-norm", "'mean', 'max', 'none'"), ("fuse", "--standardize", "'none', 'center', 'zscore'"),
-    ("fuse", "--dtype", "'keep', 'float32'"), ("fuse", "--method", "'ot', 'average'"),
-    ("fuse", "--merge", "'average'"), ("align", "--solver", "'exact', 'sinkhorn'"),
+    ("fuse", "--dtype", "'keep', 'float32'"), ("stats", "--kind", "'gram', 'fisher'"),
+    ("fuse", "--merge", "'average', 'regmean', 'fisher'"), ("align", "--solver", "'exact', 'sinkhorn'"),
     ("compress", "--metric", "'sqeuclidean', 'cosine'"), ("compress", "--method", "'ot', 'magnitude', 'random'"),
     ("evaluate", "--activation", "'relu', 'gelu', 'tanh'"),
 ])
@@ -98,6 +98,7 @@ def test_bad_choices_fail_while_parsing(tmp_path, command, flag, choices):
     """Models that do not exist are never opened: the option is refused first, with its choices listed."""
     models = ["missing_a", "missing_b"] if command in ("fuse", "align") else ["missing_a"]
     extra = ["--data", "x.npz"] if command == "evaluate" else ["-o", str(tmp_path / "out")]
+    extra += ["--data", "x.npz"] if command == "stats" else []
     res = cli_subprocess(command, *models, *extra, flag, "foo")
     assert res.returncode == 2
     assert_one_line_error(res.stderr, flag, choices)

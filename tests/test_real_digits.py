@@ -29,7 +29,7 @@ def accuracy(*paths: str) -> list[float]:
 def fused(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     paths = {
-        "average": fuse([A, B], str(out / "avg.safetensors"), method="average"),
+        "average": fuse([A, B], str(out / "avg.safetensors"), options=AlignOptions(align="none")),
         "ot_exact": fuse([A, B], str(out / "ot_exact.safetensors")),
         "ot_sinkhorn": fuse([A, B], str(out / "ot_sinkhorn.safetensors"),
                                         options=AlignOptions(solver="sinkhorn", reg=0.01)),

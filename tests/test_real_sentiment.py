@@ -25,7 +25,7 @@ def scores(tmp_path_factory):
     out = tmp_path_factory.mktemp("sentiment")
     calib = str(S / "calib.jsonl")
     runs = {
-        "average": dict(method="average"),
+        "average": dict(options=AlignOptions(align="none")),
         "ot_exact": dict(),
         "ot_soft": dict(options=AlignOptions(solver="sinkhorn", reg=0.02)),
         "ot_act_zscore": dict(options=AlignOptions(align="activations"), data=DataOptions(data=calib)),

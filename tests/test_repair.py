@@ -11,7 +11,7 @@ from conftest import assert_one_line_error, cli
 from models import cnn
 from otfuse_cli.checkpoint import open_checkpoint
 from otfuse_cli.evaluation import evaluate_models
-from otfuse_cli import DataOptions, fuse
+from otfuse_cli import AlignOptions, DataOptions, fuse
 from otfuse_cli.runnable import load_runnable
 
 DIGITS = Path(__file__).resolve().parents[1] / "fixtures" / "digits"
@@ -40,7 +40,7 @@ def test_repaired_statistics_equal_a_direct_computation(tmp_path):
 def test_repair_improves_the_fused_digit_cnn(tmp_path):
     a, b = str(DIGITS / "cnn_a.safetensors"), str(DIGITS / "cnn_b.safetensors")
     calib = str(DIGITS / "calib.safetensors")
-    outs = {"average": dict(method="average"), "ot": {}, "ot_repaired": dict(repair_bn=True, data=DataOptions(data=calib))}
+    outs = {"average": dict(options=AlignOptions(align="none")), "ot": {}, "ot_repaired": dict(repair_bn=True, data=DataOptions(data=calib))}
     for name, kw in outs.items():
         fuse([a, b], str(tmp_path / f"{name}.safetensors"), **kw)
     models = [(n, load_runnable(open_checkpoint(p))) for n, p in [("a", a), ("b", b)]]

@@ -5,7 +5,7 @@ rectangular plans are applied as matrices normalised per role (see arch/model.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -118,20 +118,33 @@ class Transporter:
     def move(self, name: str, x: torch.Tensor, plans: dict[str, Plan], skip: str | None = None) -> torch.Tensor:
         """Transport every axis of `name` whose space has a plan (a space named `skip` stays put)."""
         for axis, items in self.axes.get(name, []):
-            active = [it for it in items if it[0] != skip and it[0] in plans]
-            if not active:
-                continue
-            y = x.movedim(axis, -1)
-            pieces, pos = [], 0
-            for space, ep, ea, n, m in items:
-                if ep.start > pos:  # untouched gap, e.g. a slice of another role
-                    pieces.append(y[..., pos:ep.start])
-                chunk = y[..., ep.start:ep.start + ep.span(n)]
-                if space != skip and space in plans and not plans[space].is_identity():
-                    chunk = _move_slice(chunk, ep, plans[space], n, m)
-                pieces.append(chunk)
-                pos = ep.start + ep.span(n)
-            if pos < y.shape[-1]:
-                pieces.append(y[..., pos:])
-            x = torch.cat(pieces, dim=-1).movedim(-1, axis)
+            x = self._move_axis(x, axis, items, plans, skip)
         return x
+
+    def move_gram(self, name: str, axis: int, gram: torch.Tensor, plans: dict[str, Plan]) -> torch.Tensor:
+        """A Gram matrix of the inputs that axis `axis` of tensor `name` reads, moved on both sides into the
+        anchor's basis. Inputs are what the previous units produce, so both sides move with the "out" role
+        (an anchor unit's input is the barycentre of its parent units')."""
+        items = [(space, replace(ep, role="out"), ea, n, m) for ax, its in self.axes.get(name, []) if ax == axis
+                 for space, ep, ea, n, m in its]
+        for side in (0, 1):
+            gram = self._move_axis(gram, side, items, plans)
+        return gram
+
+    @staticmethod
+    def _move_axis(x: torch.Tensor, axis: int, items: list, plans: dict[str, Plan], skip: str | None = None):
+        if not any(it[0] != skip and it[0] in plans for it in items):
+            return x
+        y = x.movedim(axis, -1)
+        pieces, pos = [], 0
+        for space, ep, ea, n, m in items:
+            if ep.start > pos:  # untouched gap, e.g. a slice of another role
+                pieces.append(y[..., pos:ep.start])
+            chunk = y[..., ep.start:ep.start + ep.span(n)]
+            if space != skip and space in plans and not plans[space].is_identity():
+                chunk = _move_slice(chunk, ep, plans[space], n, m)
+            pieces.append(chunk)
+            pos = ep.start + ep.span(n)
+        if pos < y.shape[-1]:
+            pieces.append(y[..., pos:])
+        return torch.cat(pieces, dim=-1).movedim(-1, axis)

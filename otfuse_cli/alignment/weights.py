@@ -15,10 +15,11 @@ CACHE_LIMIT = 4 * 10**9  # bytes on disk: smaller checkpoints keep float32 copie
 
 
 def checked_float(x: torch.Tensor, label: str, name: str) -> torch.Tensor:
-    """float32 copy of a floating tensor, refusing NaN/Inf so they are reported, not propagated."""
+    """float32 copy of a floating tensor (float64 stays float64), refusing NaN/Inf so they are reported,
+    not propagated."""
     if not bool(torch.isfinite(x).all()):
         raise OtfuseError(f"{label}: tensor {name} contains NaN or Inf")
-    return x.float()
+    return x if x.dtype == torch.float64 else x.float()
 
 
 class TensorSource:

@@ -1,0 +1,183 @@
+"""Shareable statistics: what the merge rules need from a party's data, computed in the model's own basis so
+the data never leaves the party (`otfuse stats MODEL --data FILE -o STATS`).
+
+  gram    for every linear map (nn.Linear, GPT-2's Conv1D) the Gram matrix G = XᵀX of its inputs, summed
+          over tokens (padding excluded) or samples, in float64 — RegMean (Jin et al., 2023);
+  fisher  every parameter's diagonal Fisher information, the mean squared gradient of log p(y|x) with y
+          drawn from the model's own prediction (no labels needed) — Fisher-weighted averaging.
+
+Convolutions have no Gram here: RegMean falls back to the weighted average for them (documented)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from otfuse_cli.errors import OtfuseError
+from otfuse_cli.options import DataOptions
+
+KINDS = ("gram", "fisher")
+
+
+@dataclass
+class Stats:
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)  # weight name -> (in, in) sum of x xᵀ
+    in_axis: dict[str, int] = field(default_factory=dict)  # weight name -> the axis its inputs index
+    counts: dict[str, int] = field(default_factory=dict)  # weight name -> rows summed into its Gram
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name -> diagonal Fisher
+    info: dict = field(default_factory=dict)  # provenance: model, data, samples
+
+
+def _linear_modules(module: nn.Module, tensors: list[str]) -> dict[str, tuple[str, int]]:
+    """Loaded module name -> (checkpoint weight name, input axis) for every linear map in the checkpoint."""
+    from transformers.pytorch_utils import Conv1D
+
+    from otfuse_cli.alignment.activations import loaded_names
+
+    by_loaded = {loaded: saved for saved, loaded in loaded_names(module, tensors).items()}
+    out = {}
+    for name, mod in module.named_modules():
+        axis = 1 if isinstance(mod, nn.Linear) else 0 if isinstance(mod, Conv1D) else None
+        saved = by_loaded.get(f"{name}.weight")
+        if axis is not None and saved is not None:
+            out[name] = (saved, axis)
+    return out
+
+
+def _gram_hooks(model, tensors: list[str], stats: Stats, state: dict) -> list:
+    modules = dict(model.module.named_modules())
+    handles = []
+    for name, (saved, axis) in _linear_modules(model.module, tensors).items():
+        stats.in_axis[saved] = axis
+
+        def hook(_mod, args, saved=saved):
+            x = args[0]
+            mask = state.get("mask")
+            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask]  # padding tokens are not data
+            x = x.reshape(-1, x.shape[-1]).double()
+            stats.grams[saved] = stats.grams.get(saved, 0) + (x.T @ x).cpu()
+            stats.counts[saved] = stats.counts.get(saved, 0) + len(x)
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    return handles
+
+
+def _log_likelihood_of_own_sample(logits: torch.Tensor, mask, gen: torch.Generator) -> torch.Tensor:
+    """log p(y|x) with y drawn from the model's prediction at every output position (valid tokens only)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    y = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]), 1, generator=gen)
+    picked = logp.reshape(-1, logp.shape[-1]).gather(1, y.to(logp.device)).reshape(logp.shape[:-1])
+    if mask is not None and picked.shape == mask.shape:
+        picked = picked[mask]
+    return picked.sum()
+
+
+def _fisher(model, batches, tensors: list[str], seed: int) -> dict[str, torch.Tensor]:
+    """Mean over samples of the squared per-sample gradient of log p(y|x), y ~ the model's prediction."""
+    from otfuse_cli.alignment.activations import loaded_names
+
+    if "translation" in model.task_heads or "mlm" in model.task_heads:
+        raise OtfuseError("Fisher statistics support classifiers and causal language models")
+    by_loaded = {loaded: saved for saved, loaded in loaded_names(model.module, tensors).items()}
+    params = {by_loaded[n]: p for n, p in model.module.named_parameters() if n in by_loaded}
+    total = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    for batch, mask in batches:
+        size = len(batch) if isinstance(batch, torch.Tensor) else len(mask)
+        for i in range(size):  # per-sample gradients: the Fisher is a mean of squares, not a square of means
+            one = batch[i:i + 1] if isinstance(batch, torch.Tensor) else {k: v[i:i + 1] for k, v in batch.items()}
+            model.module.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                logits = model.logits_with_grad(one)
+                _log_likelihood_of_own_sample(logits, None if mask is None else mask[i:i + 1].to(logits.device),
+                                              gen).backward()
+            for name, p in params.items():
+                if p.grad is not None:
+                    total[name] += p.grad.detach().double().cpu() ** 2
+            count += 1
+    model.module.zero_grad(set_to_none=True)
+    return {name: t / max(count, 1) for name, t in total.items()}
+
+
+def compute_stats(ckpt, data: DataOptions, kinds: tuple[str, ...] = KINDS) -> Stats:
+    """The statistics of `ckpt` on its party's data file (`data.data`)."""
+    from otfuse_cli.alignment.activations import sample_batches
+    from otfuse_cli.checkpoint import sha256_file
+    from otfuse_cli.runnable import load_runnable, resolve_device
+
+    if not data.data:
+        raise OtfuseError("statistics need --data FILE with the party's inputs")
+    if not Path(data.data).is_file():
+        raise OtfuseError(f"data file not found: {data.data}")
+    if unknown := set(kinds) - set(KINDS):
+        raise OtfuseError(f"unknown statistics {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    model = load_runnable(ckpt, activation=data.activation, device=resolve_device(data.device))
+    tensors = list(ckpt.keys())
+    batches = sample_batches(model, data.data, data.samples, data.seed, data.max_length)
+    stats = Stats(info={"data": {"file": str(data.data), "sha256": sha256_file(data.data),
+                                 "samples": data.samples, "seed": data.seed, "max_length": data.max_length},
+                        "kinds": list(kinds)})
+    if "gram" in kinds:
+        state: dict = {}
+        handles = _gram_hooks(model, tensors, stats, state)
+        try:
+            with torch.no_grad():
+                for batch, mask in batches:
+                    state["mask"] = mask.to(model.device) if mask is not None else None
+                    model.predict_logits(batch)
+        except RuntimeError as exc:
+            raise OtfuseError(f"the data does not fit the model: {str(exc).splitlines()[0]}") from None
+        finally:
+            for h in handles:
+                h.remove()
+    if "fisher" in kinds:
+        stats.fisher = _fisher(model, batches, tensors, data.seed)
+    return stats
+
+
+# ---------------------------------------------------------------- stats files
+
+def save_stats(path: str | Path, stats: Stats, ckpt, force: bool = False) -> Path:
+    from otfuse_cli.checkpoint import provenance, write_checkpoint
+
+    tensors = {f"gram/{n}": g for n, g in sorted(stats.grams.items())}
+    tensors.update({f"fisher/{n}": f for n, f in sorted(stats.fisher.items())})
+    if not tensors:
+        raise OtfuseError("no statistics to write (the model has no linear layers the data reached)")
+    record = provenance("stats", {**stats.info, "in_axis": stats.in_axis, "counts": stats.counts}, [ckpt])
+    return write_checkpoint(path, tensors, layout="file", provenance=record, force=force)
+
+
+def load_stats(path: str | Path) -> Stats:
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise OtfuseError(f"stats file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            record = json.loads((f.metadata() or {})["otfuse"])
+            if record.get("command") != "stats":
+                raise KeyError("command")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        opts = record["options"]
+        stats = Stats(in_axis={k: int(v) for k, v in opts["in_axis"].items()},
+                      counts={k: int(v) for k, v in opts["counts"].items()},
+                      info={**{k: v for k, v in opts.items() if k not in ("in_axis", "counts")},
+                            "inputs": record["inputs"]})
+    except (SafetensorError, KeyError, ValueError, TypeError, AttributeError, OSError) as exc:
+        raise OtfuseError(f"{path} is not an otfuse stats file ({exc.__class__.__name__})") from None
+    for key, t in tensors.items():
+        kind, _, name = key.partition("/")
+        if kind == "gram" and name in stats.in_axis:
+            stats.grams[name] = t.double()
+        elif kind == "fisher":
+            stats.fisher[name] = t.double()
+        else:
+            raise OtfuseError(f"{path} is not an otfuse stats file (unexpected tensor {key!r})")
+    return stats
