@@ -175,8 +175,9 @@ def fuse(
                                               help="Statistics of each model on its own data (`otfuse stats`), "
                                                    "one per model in order: --merge regmean/fisher read only "
                                                    "these, no data."),
-    repair_bn: bool = typer.Option(False, "--repair-bn", help="Re-estimate BatchNorm statistics of the fused "
-                                                              "model on --data (CNNs, ResNets)."),
+    repair: bool = typer.Option(False, "--repair", "--repair-bn",
+                                help="REPAIR on --data: reset every fused unit's mean/std to its parents' (MLPs, "
+                                     "CNNs); BatchNorm nets get their statistics re-estimated."),
     anchor: int = ANCHOR_OPT, json_out: bool = JSON_OPTION,
     options: AlignOptions = None, merge: MergeOptions = None, data: DataOptions = None,
     write: OutputOptions = None,
@@ -190,7 +191,7 @@ def fuse(
                        "max_shard_size": write.max_shard_size, "activation": data.activation}
     with report.SpaceProgress(None, enabled=not json_out) as progress:
         result = fuse_models(models, output, options=options, data=data, merge=merge, write=write, anchor=anchor,
-                             weights=weights, plan=plan, stats=stats, repair_bn=repair_bn,
+                             weights=weights, plan=plan, stats=stats, repair=repair,
                              command_options=command_options, on_space=progress)
     if json_out:
         report.print_json(result)

@@ -38,7 +38,7 @@ def _statistic(rule, parents: Parents, movers, plans, stats, name: str, k: int):
         if gram is None:
             return None
         axis = stats[k].in_axis[name]
-        return (gram if k == parents.anchor else movers[k].move_gram(name, axis, gram, plans[k]), axis)
+        return (gram if k == parents.anchor else movers[k].move_like(name, axis, gram, plans[k], (0, 1)), axis)
     fisher = stats[k].fisher.get(name)
     if fisher is None:
         return None
@@ -123,16 +123,17 @@ def check_plans(plans, parents: Parents) -> None:
 def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions(),
          data: DataOptions = DataOptions(), merge: MergeOptions = MergeOptions(),
          write: OutputOptions = OutputOptions(), anchor: int = 0, weights: str | None = None,
-         plan: str | None = None, stats: list[str] | None = None, repair_bn: bool = False,
+         plan: str | None = None, stats: list[str] | None = None, repair: bool = False,
          command_options: dict | None = None, on_space: Callable[[str], None] | None = None) -> dict:
     """Fuse `models` into `output`: align onto the anchor (or reuse `plan`; options.align "none" keeps every
     parent in its own basis, the vanilla baseline), then merge by `merge.merge`, reading `stats` files (one
-    per model) or computing them on `data.data`. repair_bn re-estimates BatchNorm statistics on `data.data`."""
+    per model) or computing them on `data.data`. repair renormalises the fused units on `data.data` (REPAIR;
+    BatchNorm nets: their statistics re-estimated)."""
     check_output(output, write)
-    if repair_bn and not data.data:
-        raise OtfuseError("--repair-bn needs --data FILE with sample inputs")
+    if repair and not data.data:
+        raise OtfuseError("--repair needs --data FILE with sample inputs")
     parents = open_parents(models, anchor)
-    uses_data = repair_bn or (not plan and options.align == "activations") or \
+    uses_data = repair or (not plan and options.align == "activations") or \
         (MERGES[merge.merge].needs and not stats)
     refuse_overlap(output, input_paths(parents.ckpts, [plan, *(stats or []), data.data if uses_data else None]))
     w = parse_weights(weights, len(parents.ckpts))
@@ -146,13 +147,13 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
     parent_statistics = parent_stats(parents, merge, data, stats)
     record = provenance("fuse", {**(command_options or {}), "merge": merge.to_json(), "anchor": anchor,
                                  "weights": w, "dtype": write.dtype, "align": options.to_json(), "plan_file": plan,
-                                 "stats_files": stats, "repair_bn": str(data.data) if repair_bn else None,
+                                 "stats_files": stats, "repair": str(data.data) if repair else None,
                                  **({"data": info} if info else {})}, parents.ckpts)
     tensors = fused_tensors(parents, plans, w, merge, write, parent_statistics)
-    if repair_bn:  # needs the whole fused model in memory to run it
-        from otfuse_cli.repair import repair_batchnorm
+    if repair:  # needs the whole fused model in memory to run it
+        from otfuse_cli.repair import repair_fused
 
-        tensors = repair_batchnorm(dict(tensors), parents.ckpts[anchor], data)
+        tensors = repair_fused(dict(tensors), parents, plans, w, data)
     out = write_checkpoint(output, tensors, layout=layout_of(parents.ckpts[anchor]), source=parents.ckpts[anchor],
                            provenance=record, max_shard_size=write.max_shard_size, force=write.force)
     return {"output": str(out), "family": parents.specs[anchor].family, "align": options.align,

@@ -41,3 +41,96 @@ def repair_batchnorm(state_dict: dict, like, data: DataOptions) -> dict:
         repaired[name] = new.to(tensor.dtype).cpu() if new is not None and name.endswith(("running_mean", "running_var")) \
             else tensor
     return repaired
+
+
+# ---------------------------------------------------------------- REPAIR (Jordan et al., 2022)
+
+def repaired_layers(spec) -> list[str]:
+    """Layers whose units REPAIR renormalises: the producers of a bare chain's hidden spaces (MLP, VGG-style
+    CNN without BatchNorm). BatchNorm nets are repaired by resetting their statistics instead."""
+    if spec.family not in ("mlp", "cnn"):
+        return []
+    return [space.entries[0].tensor.rsplit(".", 1)[0] for space in spec.spaces]
+
+
+def unit_statistics(model, layers: list[str], data: DataOptions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-unit mean and std of each layer's output (pre-activation) over samples and spatial positions."""
+    from otfuse_cli.alignment.activations import sample_batches
+
+    modules = dict(model.module.named_modules())
+    sums: dict[str, list] = {}
+
+    def hook(name):
+        def record(_mod, _inp, out):
+            x = out.detach().double()
+            x = x.movedim(1, -1).reshape(-1, x.shape[1])  # rows = samples (x positions), columns = units
+            acc = sums.setdefault(name, [0, 0, 0])
+            acc[0] += len(x)
+            acc[1] = acc[1] + x.sum(0)
+            acc[2] = acc[2] + (x * x).sum(0)
+        return record
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
+    try:
+        with torch.no_grad():
+            for batch, _ in sample_batches(model, data.data, data.samples, data.seed, data.max_length):
+                model.predict_logits(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {}
+    for name, (n, s, sq) in sums.items():
+        mean = s / n
+        stats[name] = (mean, (sq / n - mean * mean).clamp_min(0).sqrt())
+    return stats
+
+
+@torch.no_grad()
+def repair_units(state_dict: dict, like, targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 data: DataOptions) -> dict:
+    """REPAIR: each repaired layer's units get the target mean and std on the data, folded into the layer's
+    weight and bias (W <- W s_t/s_f, b <- (b - m_f) s_t/s_f + m_t), layer by layer in forward order so every
+    layer is measured after the ones before it were repaired."""
+    from otfuse_cli.runnable import runnable_from_state_dict
+
+    out = dict(state_dict)
+    for name, (mean_t, std_t) in targets.items():
+        model = runnable_from_state_dict(out, like, activation=data.activation, device=data.device)
+        mean_f, std_f = unit_statistics(model, [name], data)[name]
+        scale = torch.where(std_f > 1e-12, std_t / std_f.clamp_min(1e-12), torch.ones_like(std_f))
+        weight = out[f"{name}.weight"]
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        out[f"{name}.weight"] = (weight.double() * scale.reshape(shape)).to(weight.dtype)
+        bias = out.get(f"{name}.bias")
+        if bias is not None:  # without a bias only the spread can be set (the layout stays the parents')
+            out[f"{name}.bias"] = ((bias.double() - mean_f) * scale + mean_t).to(bias.dtype)
+    return out
+
+
+def repair_fused(state_dict: dict, parents, plans: list, weights: list[float], data: DataOptions) -> dict:
+    """`fuse --repair`: BatchNorm nets get their statistics re-estimated; BatchNorm-free MLPs and CNNs get
+    REPAIR, every hidden unit's mean and std set to the weighted average of its aligned parent units'."""
+    from otfuse_cli.alignment.transport import Transporter
+    from otfuse_cli.runnable import load_runnable, runnable_from_state_dict
+
+    like = parents.ckpts[parents.anchor]
+    fused = runnable_from_state_dict(state_dict, like, activation=data.activation)
+    if batchnorm_modules(fused.module):
+        return repair_batchnorm(state_dict, like, data)
+    anchor_spec = parents.specs[parents.anchor]
+    layers = repaired_layers(anchor_spec)
+    if not layers:
+        raise OtfuseError(f"--repair applies to MLPs and CNNs (and resets BatchNorm statistics), not to "
+                          f"{anchor_spec.family} models")
+    targets: dict[str, list] = {}
+    for k, (ckpt, spec) in enumerate(zip(parents.ckpts, parents.specs)):
+        parent_layers = repaired_layers(spec)
+        measured = unit_statistics(load_runnable(ckpt, activation=data.activation), parent_layers, data)
+        mover = Transporter(anchor_spec, spec)
+        for layer, parent_layer in zip(layers, parent_layers):
+            mean, std = measured[parent_layer]
+            if k != parents.anchor:
+                mean, std = (mover.move_like(f"{parent_layer}.weight", 0, v, plans[k]) for v in (mean, std))
+            acc = targets.setdefault(layer, [0, 0])
+            acc[0], acc[1] = acc[0] + weights[k] * mean, acc[1] + weights[k] * std
+    return repair_units(state_dict, like, {layer: tuple(v) for layer, v in targets.items()}, data)

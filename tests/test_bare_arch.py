@@ -112,7 +112,7 @@ def test_vgg_fuses_by_activations(tmp_path, vgg_files):
 def test_vgg_repair_bn_changes_running_stats(tmp_path, vgg_files):
     a, b, x = vgg_files
     fuse([a, b], str(tmp_path / "plain.safetensors"))
-    fuse([a, b], str(tmp_path / "repaired.safetensors"), repair_bn=True, data=DataOptions(data=x))
+    fuse([a, b], str(tmp_path / "repaired.safetensors"), repair=True, data=DataOptions(data=x))
     plain, repaired = load_file(tmp_path / "plain.safetensors"), load_file(tmp_path / "repaired.safetensors")
     for name in plain:
         stat = name.endswith(("running_mean", "running_var"))

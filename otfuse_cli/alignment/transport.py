@@ -121,15 +121,16 @@ class Transporter:
             x = self._move_axis(x, axis, items, plans, skip)
         return x
 
-    def move_gram(self, name: str, axis: int, gram: torch.Tensor, plans: dict[str, Plan]) -> torch.Tensor:
-        """A Gram matrix of the inputs that axis `axis` of tensor `name` reads, moved on both sides into the
-        anchor's basis. Inputs are what the previous units produce, so both sides move with the "out" role
-        (an anchor unit's input is the barycentre of its parent units')."""
+    def move_like(self, name: str, axis: int, x: torch.Tensor, plans: dict[str, Plan],
+                  sides: tuple[int, ...] = (0,)) -> torch.Tensor:
+        """Move the `sides` axes of x the way axis `axis` of tensor `name` moves, as unit statistics (the
+        "out" role: an anchor unit's value is the barycentre of its parent units'). For a Gram matrix of the
+        inputs that a weight's input axis reads, sides=(0, 1); for a per-unit mean, sides=(0,)."""
         items = [(space, replace(ep, role="out"), ea, n, m) for ax, its in self.axes.get(name, []) if ax == axis
                  for space, ep, ea, n, m in its]
-        for side in (0, 1):
-            gram = self._move_axis(gram, side, items, plans)
-        return gram
+        for side in sides:
+            x = self._move_axis(x, side, items, plans)
+        return x
 
     @staticmethod
     def _move_axis(x: torch.Tensor, axis: int, items: list, plans: dict[str, Plan], skip: str | None = None):
