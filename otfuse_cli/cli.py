@@ -12,6 +12,7 @@ OtfuseError anywhere in a command becomes `error: <message>` on stderr and exit 
 from __future__ import annotations
 
 import enum
+import signal
 import sys
 from contextlib import contextmanager
 from typing import Optional
@@ -36,24 +37,68 @@ except ImportError:  # pragma: no cover
     pass
 
 
+# Set when SIGINT/SIGTERM arrived: a library may swallow the KeyboardInterrupt and raise something else
+# instead (torch/safetensors: "could not determine the shape of object type 'UntypedStorage'"), which must
+# still be reported as "interrupted".
+_interrupted = False
+
+
+def _on_signal(signum, frame) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt  # unwinds through every writer's cleanup (temporaries removed)
+
+
 @contextmanager
-def _one_line_errors():
-    """OtfuseError / usage errors / Ctrl-C -> one `error: ...` line on stderr and an exit code."""
+def _interrupt_signals():
+    """SIGINT and SIGTERM both raise KeyboardInterrupt while the CLI runs; the outermost use installs them."""
+    global _interrupted
+    try:
+        if signal.getsignal(signal.SIGINT) is _on_signal:
+            previous = {}  # an outer level (main) already handles them and owns the flag
+        else:
+            previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            _interrupted = False
+    except ValueError:  # not the main thread (e.g. a test runner's worker): signals stay as they are
+        previous = {}
     try:
         yield
-    except OtfuseError as e:
-        report.error_line(str(e))
-        raise typer.Exit(e.exit_code) from None
-    except _USAGE_ERRORS as e:
-        if type(e).__name__ == "NoArgsIsHelpError":
-            raise  # the framework prints the help
-        sub = getattr(e, "ctx", None)
-        hint = f" (see '{sub.command_path} --help')" if sub is not None else ""
-        report.error_line(e.format_message() + hint)
-        raise typer.Exit(getattr(e, "exit_code", 2)) from None
-    except KeyboardInterrupt:
-        report.error_line("interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _interrupted_exit() -> typer.Exit:
+    report.error_line("interrupted")
+    return typer.Exit(EXIT_INTERRUPTED)
+
+
+@contextmanager
+def _one_line_errors():
+    """OtfuseError / usage errors / Ctrl-C / SIGTERM -> one `error: ...` line on stderr and an exit code."""
+    with _interrupt_signals():
+        try:
+            yield
+        except KeyboardInterrupt:
+            raise _interrupted_exit() from None
+        except OtfuseError as e:
+            if _interrupted:
+                raise _interrupted_exit() from None
+            report.error_line(str(e))
+            raise typer.Exit(e.exit_code) from None
+        except _USAGE_ERRORS as e:
+            if type(e).__name__ == "NoArgsIsHelpError":
+                raise  # the framework prints the help
+            sub = getattr(e, "ctx", None)
+            hint = f" (see '{sub.command_path} --help')" if sub is not None else ""
+            report.error_line(e.format_message() + hint)
+            raise typer.Exit(getattr(e, "exit_code", 2)) from None
+        except Exception:
+            if _interrupted:  # whatever a library made of the KeyboardInterrupt
+                raise _interrupted_exit() from None
+            raise
+        if _interrupted:  # the interrupt was swallowed and the command ran on: still say so
+            raise _interrupted_exit()
 
 
 class _Group(TyperGroup):
@@ -144,7 +189,7 @@ StatKind = enum.Enum("StatKind", {k: k for k in ("gram", "fisher")}, type=str)
 
 
 @app.command()
-@with_options(options=AlignOptions, data=DataOptions, defaults={"standardize": "zscore"})
+@with_options(options=AlignOptions, data=DataOptions)
 def align(
     models: list[str] = MODELS_ARG,
     output: str = typer.Option(..., "-o", "--output", help="Plan file to write (.safetensors)."),
@@ -164,8 +209,7 @@ def align(
 
 
 @app.command()
-@with_options(options=AlignOptions, merge=MergeOptions, data=DataOptions, write=OutputOptions,
-              defaults={"standardize": "zscore"})
+@with_options(options=AlignOptions, merge=MergeOptions, data=DataOptions, write=OutputOptions)
 def fuse(
     models: list[str] = MODELS_ARG,
     output: str = typer.Option(..., "-o", "--output", help="Fused checkpoint (file or folder, like the anchor)."),
@@ -226,6 +270,7 @@ def evaluate(
     steps: int = typer.Option(11, "--steps", help="Points on the interpolation line."),
     aligned: bool = typer.Option(False, "--aligned", help="Also the line after aligning B onto A (weights)."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Draw the interpolation curves to a PNG."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --plot file."),
     num_beams: int = typer.Option(1, "--num-beams", help="Beam size for translation (1 = greedy)."),
     max_length: int = typer.Option(256, "--max-length", help="Token limit per text."),
     activation: Optional[Activation] = ACTIVATION_OPT, seed: int = SEED_OPT, device: str = DEVICE_OPT,
@@ -242,6 +287,8 @@ def evaluate(
     activation = activation.value if activation else None
     if not models and not interpolate:
         raise OtfuseError("give at least one MODEL, or --interpolate A B")
+    if plot:
+        _check_plot(plot, force, interpolate, models, data)
     opts = dict(batch_size=batch_size, max_samples=max_samples, device=device, seed=seed, num_beams=num_beams,
                 max_length=max_length)
     doc: dict = {}
@@ -268,7 +315,7 @@ def evaluate(
             curves.append(interpolate_line(sa, sb, like, data, steps, name="aligned", task=task,
                                            activation=activation, **opts))
         if plot:
-            plot_curve(curves, plot)
+            plot_curve(curves, plot, force=force)
     if json_out:
         report.print_json({**doc, **({"interpolation": curves} if curves else {})} if doc else
                           {"interpolation": curves})
@@ -284,9 +331,26 @@ def evaluate(
         report.console.print(f"plot → {escape_path(plot)}")
 
 
+def _check_plot(plot: str, force: bool, interpolate: tuple[str, str] | None, models: list[str], data: str) -> None:
+    """Before any work: --plot draws --interpolate curves into a new file (an existing one only with --force,
+    a folder never) that is none of the inputs."""
+    from pathlib import Path
+
+    from otfuse_cli.checkpoint import open_checkpoint
+    from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
+
+    if not interpolate:
+        raise OtfuseError("--plot draws the --interpolate curves; add --interpolate A B")
+    refuse_overlap(plot, input_paths([open_checkpoint(p) for p in (*interpolate, *models)], [data]), what="--plot")
+    if Path(plot).is_dir():
+        raise OtfuseError(f"--plot {plot} is a folder; give a file name such as curve.png")
+    if Path(plot).exists() and not force:
+        raise OtfuseError(f"{plot} exists; use --force to overwrite")
+
+
 @app.command()
 @with_options(options=AlignOptions, data=DataOptions, write=OutputOptions, only={"options": ("align", "metric")},
-              defaults={"standardize": "none"})
+              defaults={"standardize": "none", "post_activation": False})
 def compress(
     model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint to shrink (file or HF folder)."),
     output: str = typer.Option(..., "-o", "--output", help="Compressed checkpoint (file or folder, like MODEL)."),
@@ -352,14 +416,15 @@ def escape_path(path: str) -> str:
 
 def main() -> None:
     """Console-script entry point (`otfuse`) and `python -m otfuse_cli`."""
-    try:
-        app(prog_name="otfuse")
-    except OtfuseError as e:  # raised outside a command (e.g. while parsing): same contract
-        report.error_line(str(e))
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        report.error_line("interrupted")
-        sys.exit(EXIT_INTERRUPTED)
+    with _interrupt_signals():  # from here on, also between parsing and the command
+        try:
+            app(prog_name="otfuse")
+        except KeyboardInterrupt:
+            report.error_line("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+        except OtfuseError as e:  # raised outside a command (e.g. while parsing): same contract
+            report.error_line("interrupted" if _interrupted else str(e))
+            sys.exit(EXIT_INTERRUPTED if _interrupted else e.exit_code)
 
 
 if __name__ == "__main__":

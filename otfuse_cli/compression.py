@@ -318,8 +318,7 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
     if method not in METHODS:
         raise OtfuseError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
     check_output(output, write)
-    if data.standardize is None:
-        data = replace(data, standardize="none")
+    data = replace(data, standardize=data.standardize or "none", post_activation=bool(data.post_activation))
     ckpt = open_checkpoint(model)
     refuse_overlap(output, input_paths([ckpt], [data.data if method == "ot" and options.align == "activations"
                                                 else None]))

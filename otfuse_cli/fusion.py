@@ -137,6 +137,7 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
         (MERGES[merge.merge].needs and not stats)
     refuse_overlap(output, input_paths(parents.ckpts, [plan, *(stats or []), data.data if uses_data else None]))
     w = parse_weights(weights, len(parents.ckpts))
+    data = data.for_family(parents.specs[anchor].family)
     info = None
     if plan:
         plans = load_plans(plan)[0]

@@ -8,7 +8,7 @@ any model is read. This module stays light (no torch, POT or SciPy) so that the 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from otfuse_cli.alignment.metrics import METRICS, STANDARDIZE
 from otfuse_cli.alignment.solvers import COST_NORMS, MARGINALS, SOLVERS
@@ -87,12 +87,22 @@ class DataOptions(Options):
     max_tokens: int = option(4096, "--max-tokens", "Cap on activation rows (tokens/positions) kept per space.",
                              minimum=1)
     standardize: str | None = option(None, "--standardize", "Activation standardisation before matching "
-                                     "(default: zscore to align, none to compress).", STANDARDIZE)
+                                     "(default: per family, measured; none to compress).", STANDARDIZE)
     activation: str | None = option(None, "--activation", "Nonlinearity of bare MLP/CNN/ResNet state dicts.",
                                     ACTIVATIONS)
-    post_activation: bool = option(False, "--post-activation", "Match MLP/CNN units after the nonlinearity.")
+    post_activation: bool | None = option(None, "--post-activation/--pre-activation",
+                                          "Match bare MLP/CNN units after (or before) the nonlinearity "
+                                          "(default: per family, measured).")
     max_length: int = option(128, "--max-length", "Token limit per text sample.", minimum=1)
     device: str = option("auto", "--device", "auto, cpu or cuda: where forward passes run.")
+
+    def for_family(self, family: str) -> "DataOptions":
+        """Unset activation choices filled with the family's measured defaults (arch.activation_defaults)."""
+        from otfuse_cli.arch import activation_defaults
+
+        standardize, post = activation_defaults(family)
+        return replace(self, standardize=self.standardize or standardize,
+                       post_activation=post if self.post_activation is None else self.post_activation)
 
     def collect(self) -> dict:
         """What activation collection needs (everything but the standardisation, applied afterwards)."""

@@ -136,6 +136,7 @@ def align(models: list[str], output: str, *, options: AlignOptions = AlignOption
     check_output(out, OutputOptions(force=force))
     parents = open_parents(models, anchor)
     refuse_overlap(out, input_paths(parents.ckpts, [data.data if options.align == "activations" else None]))
+    data = data.for_family(parents.specs[anchor].family)
     info = data_record(options, data)
     plans = compute_plans(parents, options, data, on_space)
     meta = {"anchor": anchor, "options": options.to_json(), "inputs": [str(c.path) for c in parents.ckpts],
@@ -150,6 +151,7 @@ def aligned_parent(models: list[str], options: AlignOptions = AlignOptions(),
     """(anchor state dict, parent state dict moved into the anchor's basis, anchor checkpoint): the two
     endpoints of the aligned interpolation line."""
     parents = open_parents(models, 0)
+    data = data.for_family(parents.specs[0].family)
     if differ := width_differences(parents.specs):
         raise OtfuseError(f"interpolation needs two models of the same widths; widths differ in {', '.join(differ)}")
     data_record(options, data)

@@ -162,7 +162,8 @@ def collect(ckpt, spec: Spec, *, data: str, samples: int, seed: int, max_tokens:
 def data_info(data: DataOptions) -> dict:
     """What produced activation-based plans (recorded in plan files and provenance)."""
     return {"file": str(data.data), "sha256": sha256_file(data.data), "samples": data.samples, "seed": data.seed,
-            "max_tokens": data.max_tokens, "standardize": data.standardize or "zscore"}
+            "max_tokens": data.max_tokens, "standardize": data.standardize or "zscore",
+            "post_activation": bool(data.post_activation)}
 
 
 class ActivationFeatures:

@@ -11,7 +11,7 @@ from otfuse_cli.errors import OtfuseError
 from otfuse_cli.arch.compat import check_compatible, judge
 from otfuse_cli.arch.model import Entry, Space, Spec, validate
 from otfuse_cli.arch.resnet import build_resnet, is_resnet, resnet_spec
-from otfuse_cli.arch.sequential import build_chain, sequential_spec
+from otfuse_cli.arch.sequential import ACTIVATION_DEFAULTS, build_chain, sequential_spec
 from otfuse_cli.arch.transformers import FAMILIES, Family, build
 
 # model_type -> its declaration; an explicit table, not one filled as an import side effect
@@ -65,6 +65,11 @@ def hf_family(ckpt) -> Family | None:
         raise OtfuseError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(HF_FAMILIES))}, "
                           "and bare MLP/CNN/ResNet state dicts")
     return HF_FAMILIES[model_type]
+
+
+def activation_defaults(family: str) -> tuple[str, bool]:
+    """(standardize, post_activation) for activation alignment of this family when the user says nothing."""
+    return ACTIVATION_DEFAULTS.get(family, ("zscore", False))
 
 
 def detect_family(ckpt) -> str:
