@@ -66,13 +66,22 @@ class AlignOptions(Options):
                             MARGINALS)
     cost_norm: str = option("mean", "--cost-norm", "Scale costs by their mean or max (or none) before solving.",
                             COST_NORMS)
-    refine: int = option(5, "--refine", "Extra passes over all spaces until plans stop changing (weights).",
-                         minimum=0)
+    refine: int | None = option(None, "--refine", "Extra passes over all spaces until plans stop changing "
+                                "(weights; default 5 for exact plans, 1 for sinkhorn, measured).", minimum=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not math.isfinite(self.reg):
             raise OtfuseError(f"--reg must be a finite number, got {self.reg!r}")
+
+    @property
+    def sweeps(self) -> int:
+        """Refinement passes. Hard plans stop early once stable; soft plans keep drifting, so every sweep runs:
+        on the BERT pair's validation half one sweep gave 76.8% (refine 0: 72.6%, 5: 76.6%) at a fifth of
+        five sweeps' CPU time, and on the digit MLPs more sweeps changed nothing but the time."""
+        if self.refine is not None:
+            return self.refine
+        return 1 if self.solver == "sinkhorn" else 5
 
 
 @dataclass(frozen=True)

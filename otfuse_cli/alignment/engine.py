@@ -49,7 +49,7 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
         plans[space.name] = solve_space(k, True)
         if on_space:
             on_space(space.name)
-    sweeps = options.refine if getattr(provider, "needs_refinement", True) else 0
+    sweeps = options.sweeps if getattr(provider, "needs_refinement", True) else 0
     for sweep in range(sweeps):
         changed = False
         for k, space in enumerate(anchor.spaces):
