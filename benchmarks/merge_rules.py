@@ -84,10 +84,11 @@ def run_pair(name: str, tmp: Path) -> dict:
                 continue
             val_scores[alpha] = score({"m": path}, val)["m"]["nll"]
         chosen[prefix] = min(val_scores, key=val_scores.get)
-    variants = {"pre_zscore": otf.DataOptions(data=party, samples=10_000)}
+    variants = {"pre_zscore": otf.DataOptions(data=party, samples=10_000, standardize="zscore", post_activation=False)}
     if bare:
-        variants["post_zscore"] = otf.DataOptions(data=party, samples=10_000, post_activation=True)
-    variants["pre_center"] = otf.DataOptions(data=party, samples=10_000, standardize="center")
+        variants["post_zscore"] = otf.DataOptions(data=party, samples=10_000, standardize="zscore",
+                                                  post_activation=True)
+    variants["pre_center"] = otf.DataOptions(data=party, samples=10_000, standardize="center", post_activation=False)
     val_nll = {}
     for v, opts in variants.items():
         path = make(f"acts_{v}", options=otf.AlignOptions(align="activations"), data=opts)
