@@ -72,7 +72,8 @@ def test_regmean_equals_closed_form_on_an_mlp(tmp_path, mlp_pair, alpha):
         assert torch.allclose(fused[name], (sds[0][name] + sds[1][name]) / 2)
 
 
-def test_regmean_equals_closed_form_on_a_bert_layer(tmp_path):
+@pytest.mark.parametrize("alpha", [1.0, 0.9])
+def test_regmean_equals_closed_form_on_a_bert_layer(tmp_path, alpha):
     """One BERT layer's FFN input projection: Gram of its inputs captured with torch hooks on transformers'
     own model (padding excluded), solved in numpy."""
     from transformers import AutoTokenizer
@@ -86,7 +87,7 @@ def test_regmean_equals_closed_form_on_a_bert_layer(tmp_path):
     texts = sentences(24)
     (tmp_path / "d.jsonl").write_text("".join(f'{{"text": "{t}"}}\n' for t in texts))
     fuse([str(tmp_path / "m0"), str(tmp_path / "m1")], str(tmp_path / "f"), options=NONE,
-         merge=MergeOptions(merge="regmean", regmean_alpha=0.9), data=DataOptions(data=str(tmp_path / "d.jsonl")))
+         merge=MergeOptions(merge="regmean", regmean_alpha=alpha), data=DataOptions(data=str(tmp_path / "d.jsonl")))
     name = "bert.encoder.layer.0.intermediate.dense.weight"
     tok = AutoTokenizer.from_pretrained(tmp_path / "m0")
     grams, weights = [], []
@@ -108,7 +109,7 @@ def test_regmean_equals_closed_form_on_a_bert_layer(tmp_path):
 
     with safe_open(str(tmp_path / "f" / "model.safetensors"), "pt") as f:
         fused = f.get_tensor(name).numpy()
-    assert rel(fused, regmean_closed_form(weights, grams, 0.9)) < 1e-6
+    assert rel(fused, regmean_closed_form(weights, grams, alpha)) < 1e-6
 
 
 def test_regmean_merges_least_squares_halves_into_the_union_fit(tmp_path):
