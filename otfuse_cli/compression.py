@@ -25,7 +25,8 @@ from otfuse_cli.checkpoint import open_checkpoint, provenance, write_checkpoint
 from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import AlignOptions, DataOptions, OutputOptions
-from otfuse_cli.pipeline import check_output, data_record, feature_provider, layout_of, output_dtype
+from otfuse_cli.pipeline import (check_output, check_shard_size, data_record, dtype_overrides, feature_provider,
+                                 layout_of, output_dtype)
 from otfuse_cli.arch import build_spec, hf_family
 from otfuse_cli.arch.transformers import Family
 from otfuse_cli.arch.model import Space, Spec
@@ -322,6 +323,9 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
     ckpt = open_checkpoint(model)
     refuse_overlap(output, input_paths([ckpt], [data.data if method == "ot" and options.align == "activations"
                                                 else None]))
+    check_shard_size(ckpt, write)
+    if data.data and not (method == "ot" and options.align == "activations"):
+        raise OtfuseError("--data is read by --align activations (with --method ot); not chosen here")
     spec = build_spec(ckpt)
     family = hf_family(ckpt)
     targets, reasons = target_widths(spec, family, ratio, widths)
@@ -348,7 +352,8 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
     count = [0]
     out = write_checkpoint(output, compressed_tensors(ckpt, Transporter(target, spec), plans, write, count),
                            layout=layout_of(ckpt), source=ckpt,
-                           config_overrides=config_overrides(spec, family, targets) if family else None,
+                           config_overrides={**dtype_overrides(ckpt, write),
+                                             **config_overrides(spec, family, targets)} if family else None,
                            provenance=record, max_shard_size=write.max_shard_size, force=write.force)
     spaces = [{"space": s.name, "kind": s.kind, "width": [s.size, targets.get(s.name, s.size)],
                "compressed": s.name in targets, "reason": reasons.get(s.name), **stats.get(s.name, {})}

@@ -15,8 +15,8 @@ from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.merge import MERGES
 from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOptions
-from otfuse_cli.pipeline import (Parents, check_output, compute_plans, data_record, layout_of, open_parents,
-                                 output_dtype, plan_summary)
+from otfuse_cli.pipeline import (Parents, check_output, check_shard_size, compute_plans, data_record, dtype_overrides,
+                                 layout_of, open_parents, output_dtype, plan_summary)
 
 
 def parse_weights(text: str | None, count: int) -> list[float]:
@@ -137,6 +137,10 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
         (MERGES[merge.merge].needs and not stats)
     refuse_overlap(output, input_paths(parents.ckpts, [plan, *(stats or []), data.data if uses_data else None]))
     w = parse_weights(weights, len(parents.ckpts))
+    check_shard_size(parents.ckpts[anchor], write)
+    if data.data and not uses_data:
+        raise OtfuseError("--data is read by --align activations, --merge regmean/fisher (without --stats) or "
+                          "--repair; none of them is chosen here")
     data = data.for_family(parents.specs[anchor].family)
     info = None
     if plan:
@@ -156,6 +160,7 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
 
         tensors = repair_fused(dict(tensors), parents, plans, w, data)
     out = write_checkpoint(output, tensors, layout=layout_of(parents.ckpts[anchor]), source=parents.ckpts[anchor],
+                           config_overrides=dtype_overrides(parents.ckpts[anchor], write) or None,
                            provenance=record, max_shard_size=write.max_shard_size, force=write.force)
     return {"output": str(out), "family": parents.specs[anchor].family, "align": options.align,
             "merge": merge.merge, "anchor": anchor, "weights": w,

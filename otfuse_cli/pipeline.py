@@ -121,6 +121,21 @@ def output_dtype(source: torch.dtype, write: OutputOptions) -> torch.dtype:
     return source if write.dtype == "keep" else TORCH_DTYPES[write.dtype]
 
 
+def dtype_overrides(ckpt, write: OutputOptions) -> dict:
+    """config.json's dtype follows --dtype, so `from_pretrained(dtype="auto")` loads what was written (the key
+    the source uses: "dtype" in transformers 5, "torch_dtype" before)."""
+    if write.dtype == "keep" or not ckpt.config:
+        return {}
+    keys = [k for k in ("dtype", "torch_dtype") if k in ckpt.config] or ["dtype"]
+    return {k: write.dtype for k in keys}
+
+
+def check_shard_size(ckpt, write: OutputOptions) -> None:
+    """--max-shard-size only shapes folder outputs; given for a file output it would be silently ignored."""
+    if ckpt.folder is None and parse_size(write.max_shard_size) != parse_size(OutputOptions().max_shard_size):
+        raise OtfuseError("--max-shard-size applies to folder outputs; this output is a single .safetensors file")
+
+
 def layout_of(ckpt) -> str:
     """Outputs take the input's form: a folder stays a folder, a file stays a file."""
     return "folder" if ckpt.folder is not None else "file"
@@ -136,6 +151,8 @@ def align(models: list[str], output: str, *, options: AlignOptions = AlignOption
     check_output(out, OutputOptions(force=force))
     parents = open_parents(models, anchor)
     refuse_overlap(out, input_paths(parents.ckpts, [data.data if options.align == "activations" else None]))
+    if data.data and options.align != "activations":
+        raise OtfuseError("--data is read by --align activations; plans by weights need no data")
     data = data.for_family(parents.specs[anchor].family)
     info = data_record(options, data)
     plans = compute_plans(parents, options, data, on_space)

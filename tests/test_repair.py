@@ -84,7 +84,7 @@ def test_repair_sets_every_unit_to_its_aligned_parents_statistics(tmp_path):
          repair=True, data=data)
     save_file(sd_b, tmp_path / "b.safetensors")
     fuse([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")], str(tmp_path / "p.safetensors"),
-         options=AlignOptions(), data=data)  # plain OT fusion of A and B: its basis matches r's
+         options=AlignOptions())  # plain OT fusion of A and B: its basis matches r's
 
     def pre_activations(sd):
         h, out = x.double(), []
