@@ -4,6 +4,7 @@ typer enums, so `--solver foo` is refused while parsing, with the choices listed
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import functools
 import inspect
@@ -14,6 +15,8 @@ from typing import Optional
 import typer
 
 _ENUMS: dict[tuple[str, tuple], type[enum.Enum]] = {}
+CTX = "_typer_context"  # the click context typer injects, read for which flags were typed
+_GIVEN: contextvars.ContextVar[frozenset] = contextvars.ContextVar("otfuse_given_flags", default=frozenset())
 
 
 def _choice_type(flag: str, choices: tuple) -> type[enum.Enum]:
@@ -61,6 +64,9 @@ def with_options(defaults: dict | None = None, only: dict | None = None, **group
 
         @functools.wraps(func)
         def command(**kwargs):
+            ctx = kwargs.pop(CTX)
+            _GIVEN.set(frozenset(p.opts[0] for p in ctx.command.params
+                                 if p.opts and ctx.get_parameter_source(p.name) in _TYPED(ctx)))
             for group, cls in groups.items():
                 values = {f.name: defaults[f.name] for f in fields(cls) if f.name in defaults}
                 for f in fields(cls):
@@ -71,10 +77,30 @@ def with_options(defaults: dict | None = None, only: dict | None = None, **group
                 kwargs[group] = cls(**values)
             return func(**kwargs)
 
-        params = kept + added
+        params = kept + added + [inspect.Parameter(CTX, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
         command.__signature__ = sig.replace(parameters=params)
         command.__annotations__ = {p.name: p.annotation for p in params}
         del command.__wrapped__  # typer must read the new signature, not the function's own
         return command
 
     return decorate
+
+
+def _TYPED(ctx) -> set:
+    """Parameter sources that mean the user gave the value (typer may vendor its own click)."""
+    source = type(ctx.get_parameter_source(next(p.name for p in ctx.command.params)))
+    return {source.COMMANDLINE, source.ENVIRONMENT}
+
+
+def explicit_flags() -> set[str]:
+    """The flags the user typed on this command line (not defaults), e.g. {"--solver", "--data"}."""
+    return set(_GIVEN.get())
+
+
+def refuse_unused(given: set[str], flags: tuple[str, ...], why: str) -> None:
+    """One line for options that would be silently ignored in the chosen mode."""
+    from otfuse_cli.errors import OtfuseError
+
+    unused = [f for f in flags if f in given]
+    if unused:
+        raise OtfuseError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply: {why}")
