@@ -41,6 +41,7 @@ def sample_batches(model, data: str, samples: int, seed: int, max_length: int, b
         raise OtfuseError(f"{data}: no 'text' field in every record; fields present: {', '.join(records[0]) or 'none'}")
     tokenizer = model.require_tokenizer()
     texts = [str(r[field]) for r in records]
+    max_length = model.token_limit(max_length)  # GPT-2 with 64 positions must not see 128 tokens
     batches = []
     for i in range(0, len(texts), batch_size):
         enc = tokenize_texts(tokenizer, texts[i:i + batch_size], max_length=max_length)

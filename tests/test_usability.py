@@ -1,0 +1,70 @@
+"""Usability: CI gates, recipes, and activation alignment within the model's position limit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import assert_one_line_error, cli, cli_subprocess
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures"
+A, B = FIX / "digits" / "mlp_a.safetensors", FIX / "digits" / "mlp_b.safetensors"
+
+
+def test_inspect_check_is_a_ci_gate(tmp_path):
+    ok = cli_subprocess("inspect", A, B, "--check")
+    assert ok.returncode == 0, ok.stderr
+    bad = cli_subprocess("inspect", A, FIX / "digits" / "cnn_a.safetensors", "--check")
+    assert bad.returncode == 3
+    assert_one_line_error(bad.stderr, "cannot be fused", "cnn")
+
+
+def test_recipe_reproduces_the_command(tmp_path):
+    (tmp_path / "job.yaml").write_text(
+        f"command: fuse\nmodels: [{A}, {B}]\noutput: out.safetensors\n"
+        "options: {solver: sinkhorn, reg: 0.02}\nwrite: {dtype: float16}\n")
+    res = cli("run", tmp_path / "job.yaml", "--json")
+    assert res.exit_code == 0, res.output
+    assert cli("fuse", A, B, "-o", tmp_path / "cli.safetensors", "--solver", "sinkhorn", "--reg", "0.02",
+               "--dtype", "float16").exit_code == 0
+    a, b = load_file(tmp_path / "out.safetensors"), load_file(tmp_path / "cli.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.float16 for k in a)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:  # the recipe travels in the provenance
+        assert json.loads(f.metadata()["otfuse"])["options"]["recipe"]["options"]["solver"] == "sinkhorn"
+
+
+def test_bad_recipes_are_one_line(tmp_path):
+    cases = {"command: blend\n": "command: align | fuse | compress",
+             f"command: fuse\nmodels: [{A}, {B}]\noutput: o\nsolverr: 1\n": "unknown key(s) solverr",
+             f"command: fuse\nmodels: [{A}, {B}]\noutput: o\noptions: {{solver: foo}}\n": "unknown --solver 'foo'",
+             f"command: fuse\nmodels: [{A}, {B}]\noutput: o\ndata: {{sample: 3}}\n": "unknown data field(s) sample",
+             "command: [fuse\n": "not valid YAML"}
+    for i, (text, words) in enumerate(cases.items()):
+        (tmp_path / f"r{i}.yaml").write_text(text)
+        res = cli("run", tmp_path / f"r{i}.yaml")
+        assert res.exit_code == 2, (text, res.output)
+        assert_one_line_error(res.stderr, words)
+
+
+def test_activation_alignment_respects_the_position_limit(tmp_path):
+    """GPT-2 with 16 positions aligned on texts far longer than that: tokens are capped, no IndexError."""
+    import transformers as T
+
+    from tiny_transformers import save_tokenizer, sentences
+    import otfuse_cli as otf
+
+    for k in (0, 1):
+        torch.manual_seed(k)
+        model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                                               bos_token_id=0, eos_token_id=0)).eval()
+        model.save_pretrained(tmp_path / f"g{k}")
+        save_tokenizer(tmp_path / f"g{k}")
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps({"text": " ".join([s] * 5)}) + "\n" for s in sentences(8)))
+    otf.fuse([str(tmp_path / "g0"), str(tmp_path / "g1")], str(tmp_path / "f"),
+             options=otf.AlignOptions(align="activations"), data=otf.DataOptions(data=str(tmp_path / "long.jsonl")))
+    assert (tmp_path / "f" / "model.safetensors").is_file()
