@@ -21,11 +21,12 @@ import typer
 from typer.core import TyperGroup
 
 from otfuse_cli import __version__, report
-from otfuse_cli.cli_options import with_options
+from otfuse_cli.cli_options import explicit_flags, refuse_unused, with_options
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import ACTIVATIONS, AlignOptions, DataOptions, MergeOptions, OutputOptions
 
 EXIT_INTERRUPTED = 130
+EXIT_GATE = 3  # a CI gate failed (inspect --check, evaluate --fail-under): the inputs were fine
 
 # Usage errors: typer >= 0.24 vendors click (typer.TyperException); older typer raises click's own.
 _USAGE_ERRORS: tuple[type[BaseException], ...] = (typer.TyperException,) if hasattr(typer, "TyperException") else ()
@@ -149,9 +150,13 @@ def inspect(
                                        help="Checkpoints: .safetensors, sharded index, HF folder, .bin/.pt."),
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor with its shape and dtype."),
     spaces: bool = typer.Option(False, "--spaces", help="Show the neuron spaces (Spec) that alignment moves."),
+    check: bool = typer.Option(False, "--check", help="Exit 3 when the models cannot be fused (for CI)."),
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Summarise checkpoints; with two or more, say whether their layouts can be fused."""
+    """Summarise checkpoints; with two or more, say whether their layouts can be fused.
+
+    Examples:  otfuse inspect fused/ --spaces   ·   otfuse inspect a/ b/ --check --json
+    """
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.inspect import compare, summarize
     from otfuse_cli.arch import build_spec
@@ -174,13 +179,19 @@ def inspect(
         report.inspect_tables(summaries, comparison, tensors=tensors)
         for spec in specs:
             report.console.print(report.spaces_table(spec.to_json(), spec.family, spec.fixed_note))
+    if check and comparison is not None and not comparison["compatible"]:
+        report.error_line(f"cannot be fused: {comparison['reason']}")
+        raise typer.Exit(EXIT_GATE)
 
 
 # Options shared by `align`, `fuse` and `compress` come from the typed groups in options.py.
+ALIGN_FLAGS = ("--align", "--solver", "--reg", "--metric", "--marginals", "--cost-norm", "--refine")
+SAMPLE_FLAGS = ("--samples", "--max-tokens", "--standardize", "--post-activation", "--max-length", "--device",
+                "--activation", "--seed")
 MODELS_ARG = typer.Argument(..., metavar="MODEL...", help="Two or more checkpoints (files or HF folders).")
 ANCHOR_OPT = typer.Option(0, "--anchor", min=0, help="Index of the model whose basis and widths the result takes.")
 ACTIVATION_OPT = typer.Option(None, "--activation", help="Nonlinearity of bare MLP/CNN/ResNet state dicts.")
-SEED_OPT = typer.Option(0, "--seed", min=0, help="Seed for sampling inputs.")
+SEED_OPT = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed for sampling inputs.")
 DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu or cuda: where forward passes run.")
 FORCE_OPT = typer.Option(False, "--force", help="Overwrite an existing output.")
 CompressMethod = enum.Enum("CompressMethod", {m: m for m in ("ot", "magnitude", "random")}, type=str)
@@ -198,6 +209,10 @@ def align(
 ) -> None:
     """Compute transport plans that map every model onto the anchor and write them to a plan file."""
     from otfuse_cli.pipeline import align as align_models
+
+    given = explicit_flags()
+    if options.align != "activations":
+        refuse_unused(given, SAMPLE_FLAGS, "they shape activation alignment (--align activations)")
 
     with report.SpaceProgress(None, enabled=not json_out) as progress:
         result = align_models(models, output, options=options, data=data, anchor=anchor, force=force,
@@ -231,6 +246,17 @@ def fuse(
     come from each party's own data through --stats files instead."""
     from otfuse_cli.fusion import fuse as fuse_models
 
+    given = explicit_flags()
+    if plan:
+        refuse_unused(given, ALIGN_FLAGS, "the plan file fixes the alignment (--plan)")
+    reads_data = (options.align == "activations" and not plan) or repair or (merge.merge != "average" and not stats)
+    if not reads_data:
+        refuse_unused(given, SAMPLE_FLAGS, "no step reads --data here (activations, regmean/fisher, --repair)")
+    elif options.align != "activations" or plan:
+        refuse_unused(given, ("--max-tokens", "--standardize", "--post-activation"),
+                      "they shape activation alignment (--align activations)")
+    if merge.merge != "regmean":
+        refuse_unused(given, ("--regmean-alpha",), "it is read by --merge regmean")
     command_options = {"models": models, "seed": data.seed, "device": data.device,
                        "max_shard_size": write.max_shard_size, "activation": data.activation}
     with report.SpaceProgress(None, enabled=not json_out) as progress:
@@ -260,19 +286,19 @@ def evaluate(
     data: str = typer.Option(..., "--data", help="Evaluation data: jsonl/csv/tsv (text[, text_pair], label | "
                                                  "source, target | text) or npz/safetensors (x, y)."),
     task: str = typer.Option("auto", "--task", help="auto, classification, lm or translation."),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Seeded subsample of the data."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Inputs per forward pass."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Seeded subsample of the data."),
     ensemble: bool = typer.Option(False, "--ensemble", help="Add the prediction ensemble (averaged probabilities)."),
     ensemble_of: Optional[str] = typer.Option(None, "--ensemble-of", metavar="I,J",
                                               help="Ensemble only these models (indices), e.g. the parents 0,1."),
     interpolate: Optional[tuple[str, str]] = typer.Option(None, "--interpolate", metavar="A B",
                                                           help="Score the straight line between two parents."),
-    steps: int = typer.Option(11, "--steps", help="Points on the interpolation line."),
+    steps: int = typer.Option(11, "--steps", min=2, help="Points on the interpolation line."),
     aligned: bool = typer.Option(False, "--aligned", help="Also the line after aligning B onto A (weights)."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Draw the interpolation curves to a PNG."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --plot file."),
-    num_beams: int = typer.Option(1, "--num-beams", help="Beam size for translation (1 = greedy)."),
-    max_length: int = typer.Option(256, "--max-length", help="Token limit per text."),
+    num_beams: int = typer.Option(1, "--num-beams", min=1, help="Beam size for translation (1 = greedy)."),
+    max_length: int = typer.Option(256, "--max-length", min=1, help="Token limit per text."),
     activation: Optional[Activation] = ACTIVATION_OPT, seed: int = SEED_OPT, device: str = DEVICE_OPT,
     json_out: bool = JSON_OPTION,
 ) -> None:
@@ -367,6 +393,10 @@ def compress(
     """Shrink a model's hidden/channel/FFN/head widths by merging neurons with OT clustering (or pruning)."""
     from otfuse_cli.compression import compress as compress_model
 
+    if method.value != "ot" or options.align != "activations":
+        refuse_unused(explicit_flags(), tuple(f for f in SAMPLE_FLAGS if f != "--seed"),
+                      "they shape activation features (--method ot --align activations)")
+
     command_options = {"model": model, "seed": data.seed, "device": data.device,
                        "max_shard_size": write.max_shard_size, "activation": data.activation}
     with report.SpaceProgress(None, enabled=not json_out) as progress:
@@ -406,6 +436,29 @@ def stats(
     else:
         report.console.print(f"[bold green]stats[/] {len(result.grams)} Gram matrices, {len(result.fisher)} Fisher "
                              f"tensors on {result.info['data']['samples']} samples → {escape_path(str(out))}")
+
+
+@app.command("run")
+def run_recipe_command(
+    recipe: str = typer.Argument(..., metavar="RECIPE", help="YAML recipe (see otfuse_cli/recipe.py)."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Run an align, fuse or compress job described by a YAML recipe (one file per CI job).
+
+    Example recipe:  command: fuse / models: [a/, b/] / output: fused/ / options: {solver: sinkhorn, reg: 0.02}
+    """
+    from otfuse_cli.recipe import run_recipe
+
+    with report.SpaceProgress(None, enabled=not json_out) as progress:
+        result = run_recipe(recipe, on_space=progress)
+    if json_out:
+        report.print_json(result)
+    elif "parameters" in result:
+        report.console.print(report.compress_table(result))
+    else:
+        if result["spaces"]:
+            report.console.print(report.alignment_table(result["spaces"], "alignment"))
+        report.console.print(f"[bold green]done[/] → {escape_path(result['output'])}")
 
 
 def escape_path(path: str) -> str:

@@ -123,14 +123,27 @@ def load_tensors(path: str | Path, *, max_samples: int | None = None, seed: int 
     if "x" not in out:
         raise OtfuseError(f"{path}: missing array 'x'; arrays present: {', '.join(sorted(out)) or 'none'}")
     n = out["x"].shape[0] if out["x"].dim() else 0
-    if n == 0:
+    if n == 0 or out["x"].numel() == 0:
         raise OtfuseError(f"{path}: array 'x' holds no samples")
     if "y" in out and (out["y"].dim() != 1 or out["y"].shape[0] != n):
         raise OtfuseError(f"{path}: 'y' has shape {tuple(out['y'].shape)}, expected ({n},) to match 'x'")
+    for name in ("x", "y"):
+        if name in out:
+            check_finite(out[name], f"{path}: array {name!r}")
     if max_samples is not None:
         idx = torch.tensor(subsample(list(range(n)), max_samples, seed))
         out = {k: (v[idx] if v.dim() and v.shape[0] == n else v) for k, v in out.items()}
     return out
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """NaN/Inf inputs would give NaN activations and metrics, silently: refused, naming the first sample."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        sample = int(bad.reshape(len(t), -1).any(1).nonzero()[0, 0]) if t.dim() else 0
+        raise OtfuseError(f"{what} holds NaN or Inf values (first in sample {sample}, {int(bad.sum())} in all)")
 
 
 def tokenize_texts(tokenizer, texts: Sequence[str], text_pairs: Sequence[str] | None = None,

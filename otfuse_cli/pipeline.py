@@ -112,6 +112,9 @@ def plan_summary(plans: list[dict[str, Plan]], specs: list[Spec], anchor: int) -
 def check_output(output: str | Path, write: OutputOptions) -> None:
     """Fail before any work when the output exists (the writer checks again at the end) or its options are bad."""
     parse_size(write.max_shard_size)
+    from otfuse_cli.checkpoint.writer import recover
+
+    recover(Path(output))  # a replace interrupted by a kill is put back before "exists" is judged
     if Path(output).exists() and not write.force:
         raise OtfuseError(f"{output} exists; use --force to overwrite")
 
@@ -158,7 +161,7 @@ def align(models: list[str], output: str, *, options: AlignOptions = AlignOption
     plans = compute_plans(parents, options, data, on_space)
     meta = {"anchor": anchor, "options": options.to_json(), "inputs": [str(c.path) for c in parents.ckpts],
             "spaces": parents.specs[anchor].to_json(), **({"data": info} if info else {})}
-    save_plans(out, plans, meta)
+    save_plans(out, plans, meta, force=force)
     return {"output": str(out), "family": parents.specs[anchor].family, "anchor": anchor,
             "spaces": plan_summary(plans, parents.specs, anchor)}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from rich.console import Console
@@ -14,9 +15,23 @@ err_console = Console(stderr=True, highlight=False)  # stderr: progress, warning
 
 
 def print_json(obj) -> None:
-    """One JSON document on stdout (plain write: rich would wrap and colour it)."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """One strict JSON document on stdout (plain write: rich would wrap and colour it). NaN and Infinity are
+    not JSON: non-finite numbers become null."""
+    sys.stdout.write(json.dumps(finite_or_null(obj), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def finite_or_null(obj):
+    """obj with every non-finite float (also numpy's) replaced by None, in dicts, lists and tuples."""
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    if hasattr(obj, "dtype") and getattr(obj, "shape", None) == ():  # numpy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def error_line(message: str) -> None:

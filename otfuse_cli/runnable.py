@@ -31,14 +31,20 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
 
 
 def resolve_device(device: str | torch.device = "cpu") -> torch.device:
+    """The torch device for --device (auto, cpu, cuda, cuda:N), checked against what this machine has."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise OtfuseError(f"unknown device {device!r} (expected auto, cpu or cuda)") from None
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):  # torch knows meta, xla, mps...: not ours to run on
+        raise OtfuseError(f"unknown device {str(device)!r} (expected auto, cpu or cuda)")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OtfuseError("device 'cuda' requested but CUDA is not available")
+        raise OtfuseError(f"device {str(device)!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise OtfuseError(f"device {str(device)!r} requested but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -84,6 +90,20 @@ class RunnableModel:
             return {}
         return {str(k): int(v) for k, v in (getattr(self.config, "label2id", None) or {}).items()}
 
+    def token_limit(self, max_length: int) -> int:
+        """max_length capped by the model's position table and the tokenizer's own limit (RoBERTa: 514 vs 512):
+        the one rule for alignment, statistics and evaluation."""
+        limits = [max_length]
+        for attr in ("n_positions", "max_position_embeddings"):
+            value = getattr(self.config, attr, None)
+            if isinstance(value, int) and value > 0:
+                limits.append(value)
+                break
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:  # "unset" is a huge sentinel
+            limits.append(tok_max)
+        return min(limits)
+
     def require_tokenizer(self):
         if self.tokenizer is None:
             raise OtfuseError(self.tokenizer_error or "the model has no tokenizer files; text data needs one")
@@ -96,13 +116,27 @@ class RunnableModel:
 
     def logits_with_grad(self, batch: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
         """predict_logits inside whatever grad mode the caller set (Fisher statistics need gradients)."""
-        if isinstance(batch, torch.Tensor):
-            x = batch.to(self.device, torch.float32)
-            out = self.module(pixel_values=x) if self.kind == "hf" else self.module(x)
-        else:
-            out = self.module(**{k: v.to(self.device) for k, v in batch.items()})
+        self.check_input(batch)
+        try:
+            if isinstance(batch, torch.Tensor):
+                x = batch.to(self.device, torch.float32)
+                out = self.module(pixel_values=x) if self.kind == "hf" else self.module(x)
+            else:
+                out = self.module(**{k: v.to(self.device) for k, v in batch.items()})
+        except (RuntimeError, ValueError, IndexError) as e:  # shapes that do not fit this model, token ids...
+            raise OtfuseError(f"the inputs do not fit the model: {str(e).splitlines()[0]}") from None
         logits = out.logits if hasattr(out, "logits") else out
         return logits.float()
+
+    def check_input(self, batch) -> None:
+        """Tensor data (x) feeds bare nets and image models, tokenized text the HF text models."""
+        image = self.kind != "hf" or getattr(self.module, "main_input_name", "input_ids") == "pixel_values"
+        if isinstance(batch, torch.Tensor) and not image:
+            raise OtfuseError("a text model cannot run on tensor data (x): give it text records "
+                              "(.jsonl/.csv/.tsv/.txt)")
+        if not isinstance(batch, torch.Tensor) and self.kind != "hf":
+            raise OtfuseError(f"a bare {self.kind} state dict cannot run on text: give it tensor data "
+                              "(.npz/.safetensors with x)")
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Replace the weights in place (same keys as the checkpoint; tied copies may be absent)."""
@@ -214,8 +248,9 @@ def _hf_config(ckpt):
                 return T.AutoConfig.from_pretrained(str(ckpt.folder), local_files_only=True)
             cfg = dict(ckpt.config)
             return T.AutoConfig.for_model(cfg.pop("model_type", None), **cfg)
-        except (ValueError, KeyError, OSError) as e:
-            raise OtfuseError(f"cannot read the model config of {ckpt.path}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # ValueError, OSError, huggingface_hub's StrictDataclassError (a field's type)...
+            raise OtfuseError(f"cannot read the model config of {ckpt.path}: "
+                              f"{' '.join(str(e).split()) or type(e).__name__}") from None
 
 
 def _hf_tokenizer(folder) -> tuple[Any, str | None]:
@@ -234,18 +269,34 @@ def _hf_from_pretrained(ckpt, device) -> RunnableModel:
     cls, heads = hf_auto_class(config)
     with quiet_transformers():
         try:
+            # mismatches are reported below, by name (transformers' own error points at a log we silence)
             model, info = cls.from_pretrained(str(ckpt.folder), config=config, local_files_only=True,
-                                              dtype=torch.float32, output_loading_info=True)
+                                              dtype=torch.float32, output_loading_info=True,
+                                              ignore_mismatched_sizes=True)
         except (ValueError, OSError, KeyError, RuntimeError) as e:
             raise OtfuseError(f"cannot load {ckpt.folder} with transformers: {str(e).splitlines()[0]}") from None
-    # from_pretrained silently random-initialises missing weights: refuse, the scores would be noise.
-    if info.get("missing_keys"):
-        keys = sorted(info["missing_keys"])
-        raise OtfuseError(f"{ckpt.folder} lacks weights for its {type(model).__name__} head/body: "
-                          f"{', '.join(keys[:4])}" + (" ..." if len(keys) > 4 else ""))
+    _check_loading_info(ckpt.folder, type(model).__name__, info)
     tok, tok_err = _hf_tokenizer(ckpt.folder)
     return RunnableModel(model, "hf", tokenizer=tok, config=config, task_heads=heads, device=device,
                          tokenizer_error=tok_err)
+
+
+def _names(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
+
+
+def _check_loading_info(folder, arch: str, info: dict) -> None:
+    """from_pretrained silently random-initialises missing or mis-shaped weights and drops unknown ones: the
+    scores would be those of another model, so each is refused."""
+    if info.get("missing_keys"):
+        raise OtfuseError(f"{folder} lacks weights for its {arch} head/body: {_names(info['missing_keys'])}")
+    if info.get("unexpected_keys"):
+        raise OtfuseError(f"{folder} holds tensors that its {arch} does not use: {_names(info['unexpected_keys'])}")
+    if info.get("mismatched_keys"):
+        name, saved, built = sorted(info["mismatched_keys"], key=lambda t: t[0])[0]
+        raise OtfuseError(f"{folder}: tensor {name!r} has shape {tuple(saved)} but its config.json builds "
+                          f"{tuple(built)} for {arch}")
 
 
 def _hf_from_state_dict(state_dict, like, device) -> RunnableModel:

@@ -3,37 +3,36 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from otfuse_cli.alignment.transport import Plan
+from otfuse_cli.checkpoint.writer import write_tensors
 from otfuse_cli.errors import OtfuseError
 
 
-def save_plans(path: str | Path, plans: list[dict[str, Plan]], meta: dict) -> None:
-    """plans[k] maps model k onto the anchor (the anchor's own entry is empty)."""
+def save_plans(path: str | Path, plans: list[dict[str, Plan]], meta: dict, *, force: bool = False) -> Path:
+    """plans[k] maps model k onto the anchor (the anchor's own entry is empty). Written through the one
+    atomic writer: refused if the file exists unless force, never half-written, loaded back first."""
     tensors = {}
     stats = {}
     for k, model_plans in enumerate(plans):
         for space, plan in model_plans.items():
-            tensors[f"{k}/{space}/coupling"] = plan.coupling.contiguous()
+            tensors[f"{k}/{space}/coupling"] = plan.coupling
             for channel, perm in plan.inner.items():
-                tensors[f"{k}/{space}/inner/{channel}"] = perm.contiguous()
+                tensors[f"{k}/{space}/inner/{channel}"] = perm
             stats[f"{k}/{space}"] = plan.stats
     metadata = {"otfuse.plans": json.dumps({**meta, "models": len(plans), "stats": stats}, sort_keys=True)}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return write_tensors(path, tensors, metadata, force=force)
 
 
 def load_plans(path: str | Path) -> tuple[list[dict[str, Plan]], dict]:
+    """Plans and metadata of a plan file, checked against the schema save_plans writes (OtfuseError naming
+    the first thing wrong): a hand-edited or foreign file fails here, not deep inside the transport."""
     path = Path(path)
     if not path.is_file():
         raise OtfuseError(f"plan file not found: {path}")
@@ -44,15 +43,63 @@ def load_plans(path: str | Path) -> tuple[list[dict[str, Plan]], dict]:
             meta = json.loads((f.metadata() or {})["otfuse.plans"])
     except (SafetensorError, KeyError, ValueError, OSError) as exc:
         raise OtfuseError(f"{path} is not an otfuse plan file ({exc.__class__.__name__})") from None
-    plans: list[dict[str, Plan]] = [{} for _ in range(meta["models"])]
+    models, stats = _plan_meta(meta, path)
+    plans: list[dict[str, Plan]] = [{} for _ in range(models)]
+    inner = []
     for key, tensor in sorted(tensors.items()):
-        k, rest = key.split("/", 1)
-        space, kind = rest.rsplit("/coupling", 1)[0], "coupling" if rest.endswith("/coupling") else "inner"
-        if kind == "coupling":
-            plans[int(k)].setdefault(space, Plan(tensor.double()))
-            plans[int(k)][space].coupling = tensor.double()
-            plans[int(k)][space].stats = meta["stats"].get(f"{k}/{space}", {})
+        m = PLAN_KEY.match(key)
+        if m is None or int(m["model"]) >= models:
+            raise OtfuseError(f"{path}: unexpected tensor {key!r} (expected MODEL/SPACE/coupling or "
+                              f"MODEL/SPACE/inner/CHANNEL with MODEL < {models})")
+        k, space = int(m["model"]), m["space"]
+        if m["channel"] is None:
+            plans[k][space] = Plan(_coupling(tensor, key, path), stats=stats.get(f"{k}/{space}", {}))
         else:
-            space, channel = rest.split("/inner/")
-            plans[int(k)].setdefault(space, Plan(torch.zeros(0))).inner[channel] = tensor
+            inner.append((k, space, m["channel"], tensor, key))
+    for k, space, channel, tensor, key in inner:  # after the couplings: each map must fit its coupling's shape
+        if space not in plans[k]:
+            raise OtfuseError(f"{path}: {key!r} has no coupling {k}/{space}/coupling")
+        plans[k][space].inner[channel] = _inner_map(tensor, tuple(plans[k][space].coupling.shape), key, path)
     return plans, meta
+
+
+PLAN_KEY = re.compile(r"^(?P<model>\d{1,6})/(?P<space>[^/].*?)/(?:coupling|inner/(?P<channel>[^/]+))$")
+MAX_PLAN_MODELS = 10_000  # a bound on the list built from the metadata, far above any real fusion
+
+
+def _plan_meta(meta, path: Path) -> tuple[int, dict]:
+    """(number of models, per-space stats) from the metadata, type-checked."""
+    if not isinstance(meta, dict):
+        raise OtfuseError(f"{path}: plan metadata must be a JSON object")
+    models, stats = meta.get("models"), meta.get("stats", {})
+    if isinstance(models, bool) or not isinstance(models, int) or not 1 <= models <= MAX_PLAN_MODELS:
+        raise OtfuseError(f"{path}: plan metadata 'models' must be a positive model count, got {models!r}")
+    anchor = meta.get("anchor", 0)
+    if isinstance(anchor, bool) or not isinstance(anchor, int) or not 0 <= anchor < models:
+        raise OtfuseError(f"{path}: plan metadata 'anchor' must be a model index below {models}, got {anchor!r}")
+    if not isinstance(stats, dict) or not all(isinstance(v, dict) for v in stats.values()):
+        raise OtfuseError(f"{path}: plan metadata 'stats' must map MODEL/SPACE to objects")
+    return models, stats
+
+
+def _coupling(tensor: torch.Tensor, key: str, path: Path) -> torch.Tensor:
+    """A coupling is a 2-D matrix of finite, non-negative masses with a positive total."""
+    if tensor.dim() != 2 or not tensor.is_floating_point() or 0 in tensor.shape:
+        raise OtfuseError(f"{path}: {key!r} must be a non-empty 2-D float matrix, got "
+                          f"{tuple(tensor.shape)} {tensor.dtype}")
+    c = tensor.double()
+    if not torch.isfinite(c).all() or (c < 0).any() or not c.sum() > 0:
+        raise OtfuseError(f"{path}: {key!r} must hold finite, non-negative masses with a positive sum")
+    return c
+
+
+def _inner_map(tensor: torch.Tensor, coupling: tuple[int, int], key: str, path: Path) -> torch.Tensor:
+    """An inner map is (n, m, d) integers: for each unit pair a permutation of 0..d-1."""
+    if tensor.dim() != 3 or tensor.is_floating_point() or tensor.dtype == torch.bool \
+            or tuple(tensor.shape[:2]) != coupling:
+        raise OtfuseError(f"{path}: {key!r} must be integer maps of shape {coupling} x d, got "
+                          f"{tuple(tensor.shape)} {tensor.dtype}")
+    d = tensor.shape[2]
+    if not torch.equal(tensor.sort(-1).values, torch.arange(d, dtype=tensor.dtype).expand_as(tensor)):
+        raise OtfuseError(f"{path}: {key!r} must hold a permutation of 0..{d - 1} for every unit pair")
+    return tensor.long()

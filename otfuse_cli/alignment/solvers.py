@@ -74,19 +74,46 @@ def exact(cost: np.ndarray, a: np.ndarray, b: np.ndarray, reg: float) -> tuple[n
     return np.asarray(plan), {"solver": "emd"}
 
 
+# Sinkhorn's budget: it stops when a marginal is met to SINKHORN_STOP (L2, POT's criterion) or when the
+# iterations or seconds run out; a plan whose marginals are then still off by more than SINKHORN_TOL (L1 over
+# both) did not converge and is refused. Small --reg converges slowly; a too small one never does.
+SINKHORN_MAX_ITER = 5000
+SINKHORN_MAX_SECONDS = 600.0
+SINKHORN_CHUNK = 100  # iterations per POT call between clock checks (a multiple of POT's 10-step error check)
+SINKHORN_STOP = 1e-9
+SINKHORN_TOL = 1e-3
+
+
 def sinkhorn(cost: np.ndarray, a: np.ndarray, b: np.ndarray, reg: float) -> tuple[np.ndarray, dict]:
-    """Soft plans: entropic OT in the log domain, stable at small reg where the plain kernel underflows."""
+    """Soft plans: entropic OT in the log domain, stable at small reg where the plain kernel underflows. Run
+    in chunks that resume from the last dual potentials (the same iterates as one long run), so that the
+    time budget is checked as it goes."""
+    import time
+
     import ot
 
-    if reg <= 0:
-        raise OtfuseError("--reg must be positive for the sinkhorn solver")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        plan = ot.sinkhorn(a, b, cost, reg, method="sinkhorn_log", numItermax=5000, stopThr=1e-9)
+    if not (reg > 0 and np.isfinite(reg)):
+        raise OtfuseError(f"--reg must be a positive finite number for the sinkhorn solver, got {reg!r}")
+    start, done, warm = time.monotonic(), 0, None
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # non-convergence is judged below, by the marginals
+            plan, log = ot.sinkhorn(a, b, cost, reg, method="sinkhorn_log", numItermax=SINKHORN_CHUNK,
+                                    stopThr=SINKHORN_STOP, log=True, warmstart=warm)
+        done += log["niter"] + 1
+        warm = (log["log_u"], log["log_v"])
+        converged = log["err"] and log["err"][-1] < SINKHORN_STOP
+        elapsed = time.monotonic() - start
+        if converged or done >= SINKHORN_MAX_ITER or elapsed >= SINKHORN_MAX_SECONDS:
+            break
     plan = np.asarray(plan)
     if not np.all(np.isfinite(plan)):
-        raise OtfuseError("sinkhorn diverged; increase --reg")
+        raise OtfuseError(f"sinkhorn diverged at --reg {reg:g}; use a larger --reg (e.g. 0.01)")
     err = float(np.abs(plan.sum(1) - a).sum() + np.abs(plan.sum(0) - b).sum())
+    if err > SINKHORN_TOL:
+        budget = f"{done} iterations" + (f" and {SINKHORN_MAX_SECONDS:g} s" if elapsed >= SINKHORN_MAX_SECONDS else "")
+        raise OtfuseError(f"sinkhorn did not converge on a {cost.shape[0]}x{cost.shape[1]} problem within {budget} "
+                          f"(marginal error {err:.1e}) at --reg {reg:g}; use a larger --reg (e.g. 0.01)")
     return plan, {"solver": "sinkhorn", "marginal_error": err}
 
 

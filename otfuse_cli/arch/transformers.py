@@ -277,8 +277,10 @@ FAMILIES: tuple[Family, ...] = (BERT, DISTILBERT, VIT, GPT2, LLAMA, BART)
 
 
 def _dims(family: Family, config: dict) -> tuple[int, int, int]:
-    """(query heads, KV heads, head size) from config.json, checked to be positive integers."""
+    """(query heads, KV heads, head size) from config.json, checked to be positive integers that divide."""
     text = config.get("text_config") or config
+    if not isinstance(text, dict):
+        raise OtfuseError(f"config.json: text_config must be an object, got {type(text).__name__}")
     keys = family.config
 
     def read(key: str, default=None):
@@ -295,7 +297,49 @@ def _dims(family: Family, config: dict) -> tuple[int, int, int]:
     kv = read(keys.kv_heads, heads)
     if heads % kv:
         raise OtfuseError(f"config.json: {keys.heads}={heads} is not a multiple of {keys.kv_heads}={kv}")
-    return heads, kv, read(keys.head_dim, hidden // heads)
+    head_dim = read(keys.head_dim)
+    if head_dim is None:  # head size derived from the width: it must split evenly, as transformers requires
+        if hidden % heads:
+            raise OtfuseError(f"config.json: {keys.hidden}={hidden} is not a multiple of {keys.heads}={heads}")
+        head_dim = hidden // heads
+    return heads, kv, head_dim
+
+
+# Where config.json states the layer count: the first key present (seq2seq stacks: `{stack}_layers`).
+LAYER_KEYS = ("num_hidden_layers", "n_layers", "n_layer")
+
+
+def layer_indices(family: Family, names) -> dict[str, set[int]]:
+    """stack ("" or encoder/decoder) -> the layer indices the tensor names hold (the rules' layer groups)."""
+    compiled = [re.compile(r.pattern + "$") for r in family.rules]
+    found: dict[str, set[int]] = {}
+    for name in names:
+        m = next((m for rx in compiled if (m := rx.search(name))), None)
+        groups = [g for g in m.groups() if g is not None] if m else []
+        layers = [int(g) for g in groups if g.isdigit()]
+        if layers:
+            stack = "".join(g for g in groups if not g.isdigit())
+            found.setdefault(stack, set()).add(layers[0])
+    return found
+
+
+def check_layers(family: Family, config: dict, names) -> None:
+    """The layer count config.json states must be the layers the tensors hold (0..N-1): transformers builds
+    what the config says, silently dropping extra layers or leaving missing ones random."""
+    text = config.get("text_config") or config
+    found = layer_indices(family, names)
+    stacks = ("encoder", "decoder") if "{stack}" in family.config.ffn else ("",)
+    for stack in stacks:
+        keys = (f"{stack}_layers",) if stack else LAYER_KEYS
+        key = next((k for k in keys if text.get(k) is not None), None)
+        if key is None:
+            continue
+        have = found.get(stack, set())
+        if have != set(range(text[key])):
+            held = f"layers {min(have)}..{max(have)}" if have else "no layers"
+            where = f" of the {stack}" if stack else ""
+            raise OtfuseError(f"config.json states {key} = {text[key]} but the tensors{where} hold {held} "
+                              f"({len(have)} in all); the config does not describe these weights")
 
 
 def _space_name(kind: str, groups: tuple[str, ...]) -> str:

@@ -3,18 +3,27 @@
 Supported: a single ``.safetensors`` file, a folder holding ``model.safetensors``, a sharded set
 (``model.safetensors.index.json``), an HF model folder (config.json + either layout), and
 ``.bin/.pt/.pth`` state dicts loaded with ``torch.load(weights_only=True)`` only.
+
+Opening checks what every command relies on: at least one tensor, no zero-size axis, some floating-point
+weights, and a config.json that is well typed and describes these tensors (config.py).
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path, PurePosixPath
+from typing import Callable, TypeVar
 
 import torch
 from safetensors import safe_open
 
+from otfuse_cli.arch import HF_FAMILIES
+from otfuse_cli.checkpoint.config import ModelConfig, check_loads, check_weights, parse_config
 from otfuse_cli.errors import OtfuseError
+
+T = TypeVar("T")
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -76,6 +85,7 @@ class Checkpoint:
         self.format = format
         self.folder = folder
         self.config = config
+        self.model_config: ModelConfig | None = None  # the typed, checked config (set by open_checkpoint)
         self.metadata = metadata
         self._weight_files = weight_files
         self._st_map = st_map or {}        # safetensors: tensor name -> file
@@ -143,10 +153,8 @@ class Checkpoint:
         if self._tensors is not None:
             return self._tensors[name]
         file = self._st_map[name]
-        try:
-            return self._handle(file).get_tensor(name)
-        except Exception as e:  # data region damaged after the header was read
-            raise OtfuseError(f"cannot read tensor {name!r} from {file}: {e}") from None
+        return _read_or_interrupted(lambda: self._handle(file).get_tensor(name),
+                                    lambda e: OtfuseError(f"cannot read tensor {name!r} from {file}: {e}"))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: self.get(k) for k in self.keys()}
@@ -176,13 +184,28 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _safe_open(file: Path):
+def _read_or_interrupted(read: Callable[[], T], error: Callable[[Exception], OtfuseError]) -> T:
+    """read(), with its failure reported as error(e). torch can turn a Ctrl-C that lands inside storage
+    creation into a ValueError ("could not determine the shape of object type 'UntypedStorage'"), so a read
+    that fails once and then succeeds was interrupted, not damaged: that is reported as KeyboardInterrupt."""
     try:
-        return safe_open(str(file), framework="pt")
-    except FileNotFoundError:
-        raise OtfuseError(f"missing weight file: {file}") from None
-    except Exception as e:  # SafetensorError: truncated, corrupted, not safetensors at all
-        raise OtfuseError(f"{file} is not a valid safetensors file ({e})") from None
+        return read()
+    except Exception as first:
+        try:
+            read()
+        except Exception:
+            raise error(first) from None
+        raise KeyboardInterrupt from None
+
+
+def _open_error(file: Path, e: Exception) -> OtfuseError:
+    if isinstance(e, FileNotFoundError):
+        return OtfuseError(f"missing weight file: {file}")
+    return OtfuseError(f"{file} is not a valid safetensors file ({e})")  # truncated, corrupted, not safetensors
+
+
+def _safe_open(file: Path):
+    return _read_or_interrupted(lambda: safe_open(str(file), framework="pt"), lambda e: _open_error(file, e))
 
 
 def _read_json(path: Path) -> dict:
@@ -229,16 +252,23 @@ def _read_index(index: Path) -> dict[str, Path]:
     return out
 
 
-def _load_torch(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+def _torch_load(file: Path):
+    with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below is the one line
+        warnings.simplefilter("ignore")
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _torch_error(file: Path, e: Exception) -> OtfuseError:
+    if isinstance(e, pickle.UnpicklingError):
         # weights_only refuses globals it does not allow: the file would run code when unpickled.
-        raise OtfuseError(f"refusing to load {file}: the pickle contains code/objects that are not plain tensors") from None
-    except FileNotFoundError:
-        raise OtfuseError(f"missing weight file: {file}") from None
-    except Exception as e:  # truncated zip, not a torch file, ...
-        raise OtfuseError(f"cannot read {file} as a PyTorch state dict ({type(e).__name__}: {e})") from None
+        return OtfuseError(f"refusing to load {file}: the pickle contains code/objects that are not plain tensors")
+    if isinstance(e, FileNotFoundError):
+        return OtfuseError(f"missing weight file: {file}")
+    return OtfuseError(f"cannot read {file} as a PyTorch state dict ({type(e).__name__}: {e})")  # truncated, ...
+
+
+def _load_torch(file: Path) -> dict[str, torch.Tensor]:
+    obj = _read_or_interrupted(lambda: _torch_load(file), lambda e: _torch_error(file, e))
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model"):  # training checkpoints wrap the weights
             inner = obj.get(key)
@@ -259,7 +289,10 @@ def _from_safetensors(path: Path, fmt: str, folder: Path | None, config: dict | 
 
 
 def _single_map(file: Path) -> dict[str, Path]:
-    return {k: file for k in _safe_open(file).keys()}
+    names = _safe_open(file).keys()
+    if not names:  # a header of `{}`: nothing to read, fuse or run
+        raise OtfuseError(f"{file} holds no tensors")
+    return {k: file for k in names}
 
 
 def _from_torch(path: Path, folder: Path | None, config: dict | None, files: list[Path]) -> Checkpoint:
@@ -276,9 +309,33 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint (file, folder or index) for lazy reading; OtfuseError on any bad input."""
     path = Path(path)
     try:
-        return _open(path)
+        ckpt = _open(path)
     except OSError as e:  # permissions, I/O errors: still bad input, still one line
         raise OtfuseError(f"cannot read {e.filename or path}: {e.strerror or e}") from None
+    _check_tensors(ckpt)
+    if ckpt.config is not None:
+        _check_config(ckpt)
+    return ckpt
+
+
+def _check_config(ckpt: Checkpoint) -> None:
+    """The typed config: its fields by type and range, then against the tensors; a supported family's config
+    must also load with transformers (which checks the fields otfuse does not read)."""
+    ckpt.model_config = parse_config(ckpt.config, ckpt.folder)
+    check_weights(ckpt.model_config, ckpt.config, {k: ckpt.shape(k) for k in ckpt.keys()}, ckpt.folder)
+    if ckpt.model_config.model_type in HF_FAMILIES:
+        check_loads(ckpt.folder, ckpt.folder)
+
+
+def _check_tensors(ckpt: Checkpoint) -> None:
+    """A model has no empty layers and something to compute with: zero-size tensors and integer-only files
+    would fuse into unchanged copies or fail deep inside the math."""
+    for name in ckpt.keys():
+        if 0 in ckpt.shape(name):
+            raise OtfuseError(f"{ckpt.path}: tensor {name!r} has shape {tuple(ckpt.shape(name))}, with an axis of "
+                              "size 0 (an empty layer)")
+    if not any(ckpt.dtype(n).is_floating_point for n in ckpt.keys()):
+        raise OtfuseError(f"{ckpt.path} holds no floating-point tensors: no weights to fuse, compress or evaluate")
 
 
 def _open(path: Path) -> Checkpoint:

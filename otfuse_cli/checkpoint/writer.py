@@ -7,20 +7,27 @@ files are byte-identical for identical inputs and load with ``safetensors`` and 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import enum
+import errno
+import functools
 import hashlib
 import json
 import math
 import os
 import re
+import secrets
 import shutil
 import struct
-import tempfile
-from collections.abc import Iterable
+import sys
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 import otfuse_cli
 from otfuse_cli.checkpoint.reader import (
@@ -29,6 +36,7 @@ from otfuse_cli.checkpoint.reader import (
     ST_DTYPES,
     Checkpoint,
     asset_files,
+    open_checkpoint,
 )
 from otfuse_cli.errors import OtfuseError
 
@@ -140,11 +148,26 @@ def _write_safetensors(file: Path, tensors: list[tuple[str, torch.Tensor]], meta
 
 
 # ---------------------------------------------------------------- atomic placement
+#
+# Every output is written to a temporary sibling `.NAME.otfuse-tmp-<pid>-*`, loaded back, then moved to NAME
+# in one step. A replace (--force) swaps the two names atomically where the OS can (Linux renameat2
+# RENAME_EXCHANGE); elsewhere the old output is first set aside as `.NAME.otfuse-old-<pid>-*`. The pid lets
+# a later run tell leftovers of a dead process (SIGKILL, power loss) from a concurrent writer's files.
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+# what follows `.NAME.` in a temporary's name: kind, owner pid, random part, optional suffix
+_SCRATCH = re.compile(r"otfuse-(?P<kind>tmp|old)-(?P<pid>\d+)-[a-z0-9_]+(\.[a-z0-9]+)?")
+
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
 
 
 def _remove(path: Path) -> None:
@@ -157,30 +180,207 @@ def _remove(path: Path) -> None:
             pass
 
 
-def _place(tmp: Path, target: Path, force: bool) -> None:
-    """Move the finished temp output to target; with force, the old target goes only once the new is in."""
-    if not (target.exists() or target.is_symlink()):
-        os.replace(tmp, target)  # replace() on a file; a fresh name for a folder
-        return
-    if not force:
-        raise OtfuseError(f"{target} exists; use --force to overwrite")
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.otfuse-old-", dir=target.parent))
-    aside = old / "old"
-    os.rename(target, aside)
+def _exists_message(target: Path) -> str:
+    return f"{target} exists; use --force to overwrite"
+
+
+def _scratch_prefix(target: Path, kind: str) -> str:
+    return f".{target.name}.otfuse-{kind}-{os.getpid()}-"
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(aside, target)  # put the old one back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.5
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2(2). False where the OS or the file system lacks it, so the caller falls back."""
+    fn = _libc_renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0 or os.name == "nt":  # os.kill(pid, 0) would signal a group / terminate on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, belongs to another user
+        return True
+    return True
+
+
+def recover(target: str | Path) -> None:
+    """Tidy what dead processes left next to target: their temporaries are removed, and an old output that
+    a replace had set aside when it was killed comes back to target if target is missing."""
+    target = Path(target)
+    prefix = f".{target.name}."
+    try:
+        names = sorted(n for n in os.listdir(target.parent) if n.startswith(prefix))
+    except OSError:  # no parent folder yet: nothing to tidy
+        return
+    for name in names:
+        m = _SCRATCH.fullmatch(name[len(prefix):])
+        if m is None or _alive(int(m["pid"])):
+            continue
+        entry = target.parent / name
+        if m["kind"] == "old" and not _exists(target):
+            os.rename(entry, target)
+        else:
+            _remove(entry)
 
 
 def _check_target(target: Path, force: bool) -> None:
-    if (target.exists() or target.is_symlink()) and not force:
-        raise OtfuseError(f"{target} exists; use --force to overwrite")
+    if _exists(target) and not force:
+        raise OtfuseError(_exists_message(target))
+
+
+@contextlib.contextmanager
+def _temporary(target: Path, folder: bool, suffix: str = ""):
+    """A pid-tagged temporary file or folder next to target; removed if anything fails before it is placed."""
+    # The name is chosen before the entry exists, so an interrupt at any point, even right after it is
+    # created, finds it below. (An entry already there with our pid and this random part could only be a dead
+    # process's leftover.)
+    tmp = target.parent / (_scratch_prefix(target, "tmp") + secrets.token_hex(4) + suffix)
+    try:
+        if folder:
+            os.mkdir(tmp, 0o700)
+        else:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _place(tmp: Path, target: Path, force: bool) -> None:
+    """Move the finished temporary to target. A replace never leaves target missing or half-written."""
+    if not _exists(target):
+        try:  # NOREPLACE: a target that appeared meanwhile (a concurrent run) is not clobbered
+            if not _renameat2(tmp, target, _RENAME_NOREPLACE):
+                os.rename(tmp, target)
+        except FileExistsError:
+            raise OtfuseError(_exists_message(target)) from None
+        return
+    if not force:
+        raise OtfuseError(_exists_message(target))
+    if not tmp.is_dir() and not target.is_dir():
+        os.replace(tmp, target)  # a file replacing a file: atomic everywhere
+    elif _renameat2(tmp, target, _RENAME_EXCHANGE):
+        _remove(tmp)  # now holds the old output; if killed here, the next run removes it as stale
+    else:
+        _keep_then_swap(tmp, target)
+
+
+def _keep_then_swap(tmp: Path, target: Path) -> None:
+    """Without an atomic exchange: set the old output aside, move the new one in, drop the old. A process
+    killed between the two renames leaves `.NAME.otfuse-old-<pid>-*`, which recover() puts back."""
+    old = target.with_name(_scratch_prefix(target, "old") + secrets.token_hex(4))
+    os.rename(target, old)  # fails as a whole (e.g. EBUSY on a mount point): nothing is left behind
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    _remove(old)
+
+
+def _load_back(tmp: Path, target: Path, count: int) -> None:
+    """Open the written checkpoint as a reader would (every safetensors header, the index, config.json also
+    with transformers' AutoConfig; no tensor data), so an output its own loader would refuse is never
+    published."""
+    try:
+        with open_checkpoint(tmp) as ckpt:  # closed again: no memory map outlives the check
+            if len(ckpt) != count:
+                raise OtfuseError(f"it holds {len(ckpt)} tensors, {count} were written")
+            if ckpt.folder is not None and "model_type" in (ckpt.config or {}):
+                _check_hf_config(tmp)
+    except OtfuseError as e:
+        raise _unloadable(tmp, target, str(e)) from None
+
+
+def _load_back_tensors(tmp: Path, target: Path, count: int) -> None:
+    """A plain safetensors file (plans): its header parses and lists every tensor written."""
+    try:
+        with safe_open(str(tmp), framework="pt") as f:
+            found = len(list(f.keys()))
+    except Exception as e:  # SafetensorError: the header does not parse
+        raise _unloadable(tmp, target, f"not a valid safetensors file ({e})") from None
+    if found != count:
+        raise _unloadable(tmp, target, f"it holds {found} tensors, {count} were written")
+
+
+def _unloadable(tmp: Path, target: Path, reason: str) -> OtfuseError:
+    reason = reason.replace(str(tmp), target.name)  # the user knows the output's name, not the temporary's
+    return OtfuseError(f"the output would not load, nothing written: {reason}")
+
+
+def _check_hf_config(folder: Path) -> None:
+    # Only configs that name a model_type: without one, AutoConfig guesses from the folder name.
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its warnings would break the one-line error contract
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # ValueError, TypeError, KeyError...: transformers would refuse it the same way
+        raise OtfuseError(f"config.json: {' '.join(str(e).split())}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 # ---------------------------------------------------------------- public API
+
+def write_file(target: str | Path, write: Callable[[Path], None], *, force: bool = False,
+               check: Callable[[Path], None] | None = None, suffix: str = "") -> Path:
+    """Write one file atomically under the --force rule: ``write(tmp)`` fills a temporary sibling,
+    ``check(tmp)`` may refuse it (OtfuseError), then it takes target's place in one step."""
+    target = Path(target)
+    try:
+        recover(target)
+        if target.is_dir():
+            raise OtfuseError(f"{target} is a folder; give a file name")
+        _check_target(target, force)
+        if not target.parent.is_dir():
+            raise OtfuseError(f"cannot write {target}: {target.parent} is not an existing folder")
+        with _temporary(target, folder=False, suffix=suffix) as tmp:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())
+            if check is not None:
+                check(tmp)
+            _place(tmp, target, force)
+    except OSError as e:  # unwritable folder, disk full...: the temporary is already gone
+        raise OtfuseError(f"cannot write {target}: {e.strerror or e}") from None
+    return target
+
+
+def write_tensors(target: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                  *, force: bool = False) -> Path:
+    """One deterministic .safetensors file with the given header metadata (plan files), written atomically."""
+    seen: set[str] = set()
+    items = [(k, _prepare(k, v, seen)) for k, v in tensors.items()]  # none is fine: metadata only
+    return write_file(target, lambda tmp: _write_safetensors(tmp, items, dict(metadata or {})), force=force,
+                      check=lambda tmp: _load_back_tensors(tmp, Path(target), len(items)), suffix=".safetensors")
+
 
 def write_checkpoint(target: str | Path, tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor], *,
                      layout: str, source: Checkpoint | None = None, config_overrides: dict | None = None,
@@ -192,6 +392,7 @@ def write_checkpoint(target: str | Path, tensors: Iterable[tuple[str, torch.Tens
     ``model-0000i-of-0000N.safetensors`` shards + ``model.safetensors.index.json``, the source's config
     (with ``config_overrides`` applied; ignored when the source has no config.json) and tokenizer/asset
     files, and ``otfuse.json``. Tensors may come from a generator: a shard's worth is buffered at a time.
+    The output is loaded back (headers, index, config) before it is published.
     """
     if layout not in ("file", "folder"):
         raise ValueError(f"layout must be 'file' or 'folder', not {layout!r}")
@@ -204,6 +405,7 @@ def write_checkpoint(target: str | Path, tensors: Iterable[tuple[str, torch.Tens
 def _write(target: Path, tensors, layout: str, source: Checkpoint | None, config_overrides: dict | None,
            provenance: dict | None, max_shard_size: int | str, force: bool) -> Path:
     max_shard_size = parse_size(max_shard_size)
+    recover(target)
     _check_target(target, force)  # fail before doing any work
     target.parent.mkdir(parents=True, exist_ok=True)
     items = tensors.items() if isinstance(tensors, dict) else tensors
@@ -212,45 +414,32 @@ def _write(target: Path, tensors, layout: str, source: Checkpoint | None, config
         metadata.update({k: v for k, v in (source.metadata or {}).items() if k.startswith("otfuse.")})
     if provenance is not None:
         metadata["otfuse"] = json.dumps(provenance, sort_keys=True, separators=(",", ":"))
-    mode = 0o666 & ~_umask()
+    seen: set[str] = set()
 
     if layout == "file":
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.otfuse-tmp-", suffix=".safetensors", dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
-        try:
-            seen: set[str] = set()
-            buf = [(k, _prepare(k, v, seen)) for k, v in items]
-            if not buf:
-                raise OtfuseError("no tensors to write")
-            _write_safetensors(tmp, buf, metadata)
-            os.chmod(tmp, mode)
-            _place(tmp, target, force)
-        except BaseException:
-            _remove(tmp)
-            raise
-        return target
+        buf = [(k, _prepare(k, v, seen)) for k, v in items]
+        if not buf:
+            raise OtfuseError("no tensors to write")
+        return write_file(target, lambda tmp: _write_safetensors(tmp, buf, metadata), force=force,
+                          check=lambda tmp: _load_back(tmp, target, len(buf)), suffix=".safetensors")
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.otfuse-tmp-", dir=target.parent))
-    try:
-        shards = _write_shards(tmp, items, metadata, max_shard_size)
+    with _temporary(target, folder=True) as tmp:
+        shards = _write_shards(tmp, items, metadata, max_shard_size, seen)
         for f in shards:
-            os.chmod(f, mode)
+            os.chmod(f, 0o666 & ~_umask())
         if source is not None and source.folder is not None:
             _copy_assets(source, tmp, config_overrides)
         if provenance is not None:
             (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, sort_keys=True, indent=2) + "\n",
                                                encoding="utf-8")
         os.chmod(tmp, 0o777 & ~_umask())
+        _load_back(tmp, target, len(seen))
         _place(tmp, target, force)
-    except BaseException:
-        _remove(tmp)
-        raise
     return target
 
 
-def _write_shards(tmp: Path, items: Iterable, metadata: dict[str, str], max_shard_size: int) -> list[Path]:
-    seen: set[str] = set()
+def _write_shards(tmp: Path, items: Iterable, metadata: dict[str, str], max_shard_size: int,
+                  seen: set[str]) -> list[Path]:
     buf: list[tuple[str, torch.Tensor]] = []
     size = 0
     written: list[tuple[Path, list[tuple[str, int]]]] = []  # (file, [(name, nbytes)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,17 @@ def best_of(rows: list[dict], metrics: list[str], key: str = "model") -> dict[st
     return out
 
 
+def non_finite_note(rows: list[dict], metrics: list[str], key: str = "model") -> dict[str, str]:
+    """A note naming every metric that is not a finite number (a perplexity can overflow to inf), so that
+    the table's inf and the JSON's null are never silent."""
+    bad = [f"{r[key]}: {m}" for r in rows for m in metrics
+           if isinstance(r.get(m), float) and not math.isfinite(r[m])]
+    return {"non_finite": "not a finite number (null in --json): " + ", ".join(bad)} if bad else {}
+
+
 def build_document(task: str, data: tasks.EvalData, rows: list[dict], notes: dict) -> dict:
     metrics = tasks.TASK_METRICS[task]
+    notes = {**notes, **non_finite_note(rows, metrics)}
     return {
         "task": task,
         "data": {"path": str(data.path), "samples": data.samples},
@@ -54,8 +64,9 @@ def evaluate_models(models: list[tuple[str, Any]], data_path: str | Path, *, tas
             raise OtfuseError("--ensemble needs at least two models (of those listed)")
         if tasks.ENSEMBLE in names:
             raise OtfuseError(f"a model may not be named {tasks.ENSEMBLE!r} together with --ensemble")
-    if batch_size < 1:
-        raise OtfuseError(f"batch size must be at least 1, got {batch_size}")
+    for flag, value in (("--batch-size", batch_size), ("--num-beams", num_beams), ("--max-length", max_length)):
+        if value < 1:  # the command line refuses these while parsing; library calls land here
+            raise OtfuseError(f"{flag} must be at least 1, got {value}")
     dev = resolve_device(device)
     data = tasks.load_eval_data(data_path, max_samples=max_samples, seed=seed)
     task = tasks.resolve_task(task, data, models)

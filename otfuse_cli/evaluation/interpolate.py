@@ -5,16 +5,15 @@ The "aligned" curve is the same call with B already mapped into A's basis by the
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from otfuse_cli.checkpoint.writer import write_file
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.evaluation import tasks
-from otfuse_cli.evaluation.document import best_of
+from otfuse_cli.evaluation.document import best_of, non_finite_note
 from otfuse_cli.evaluation.metrics import HIGHER_IS_BETTER
 from otfuse_cli.runnable import resolve_device, runnable_from_state_dict
 
@@ -77,7 +76,8 @@ def interpolate(model_a_sd: Mapping[str, torch.Tensor], model_b_sd: Mapping[str,
         "best": best_of(rows, metrics, key="alpha"),
         "barrier": barrier(rows, metrics),
         "notes": {**notes, "device": str(dev), "steps": steps,
-                  "method": "theta(alpha) = (1-alpha)*theta_A + alpha*theta_B on float tensors; integer buffers from A"},
+                  "method": "theta(alpha) = (1-alpha)*theta_A + alpha*theta_B on float tensors; integer buffers from A",
+                  **non_finite_note(rows, metrics, key="alpha")},
     }
 
 
@@ -94,8 +94,10 @@ def barrier(rows: list[dict], metrics: list[str]) -> dict[str, float]:
     return out
 
 
-def plot_curve(result: dict | list[dict], path: str | Path, metric: str | None = None) -> Path:
-    """PNG of metric vs alpha, one line per interpolation result (e.g. naive and aligned); written atomically."""
+def plot_curve(result: dict | list[dict], path: str | Path, metric: str | None = None, *,
+               force: bool = False) -> Path:
+    """PNG of metric vs alpha, one line per interpolation result (e.g. naive and aligned). Written through the
+    one atomic writer: an existing file is replaced only with force, a folder never."""
     results = [result] if isinstance(result, dict) else list(result)
     if not results:
         raise OtfuseError("nothing to plot")
@@ -107,9 +109,6 @@ def plot_curve(result: dict | list[dict], path: str | Path, metric: str | None =
         from matplotlib.figure import Figure
     except ImportError:
         raise OtfuseError("plotting needs matplotlib: pip install 'otfuse-cli[plot]'") from None
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise OtfuseError(f"cannot write the plot: folder {path.parent} does not exist")
     fig = Figure(figsize=(6, 4), dpi=100)  # no pyplot: no global state, no display backend
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -122,12 +121,5 @@ def plot_curve(result: dict | list[dict], path: str | Path, metric: str | None =
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", metadata={"Software": None})  # no version stamp: reproducible bytes
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # no version stamp: reproducible bytes
+    return write_file(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": None}), force=force)

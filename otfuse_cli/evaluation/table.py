@@ -52,8 +52,12 @@ def render_table(doc: dict, title: str | None = None) -> Table:
             is_best = m in best and row.get(m) == best[m]
             cells.append(Text(format_metric(m, row.get(m)), style=BEST_STYLE if is_best else ""))
         table.add_row(*cells)
+    captions = []
     if curve and doc.get("barrier"):
-        table.caption = "barrier: " + ", ".join(f"{m} {format_metric(m, v)}" for m, v in doc["barrier"].items())
+        captions.append("barrier: " + ", ".join(f"{m} {format_metric(m, v)}" for m, v in doc["barrier"].items()))
+    if doc.get("notes", {}).get("non_finite"):  # an inf or nan cell is explained, never silent
+        captions.append(doc["notes"]["non_finite"])
+    table.caption = "\n".join(captions) or None
     return table
 
 

@@ -199,9 +199,13 @@ def class_probs(m, data: EvalData, *, batch_size: int, max_length: int, name: st
 
 def _run(name: str, m, batch) -> torch.Tensor:
     try:
-        return m.predict_logits(batch)
-    except RuntimeError as e:  # shape errors: wrong input size for this model
-        raise OtfuseError(f"model {name!r} cannot run on this data: {str(e).splitlines()[0]}") from None
+        logits = m.predict_logits(batch)
+    except OtfuseError as e:  # the runnable's own line (inputs that do not fit), with the row's name
+        raise OtfuseError(f"model {name!r} cannot run on this data: {e}") from None
+    if not torch.isfinite(logits).all():  # every metric would be NaN: say why instead of printing it
+        raise OtfuseError(f"model {name!r} gives NaN or Inf outputs on this data (its weights hold non-finite "
+                          "values or overflow)")
+    return logits
 
 
 def _softmax64(logits: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,163 @@
+"""Kill tests: SIGINT, SIGTERM and SIGKILL at several points of a real `python -m otfuse_cli fuse` of two wide
+bare MLPs (~25 MB each, made here with a fixed seed). Afterwards the final path is absent, the old output, or
+byte-identical to an uninterrupted run's output (the writer is deterministic); SIGINT/SIGTERM exit 130 with
+exactly `error: interrupted` and leave no temporary; after one rerun no temporary is left at all."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import REPO, cli
+from otfuse_cli.errors import OtfuseError
+
+IN, HIDDEN, OUT = 8000, 768, 10  # 6.2M parameters: 25 MB per model, a fuse of a few seconds
+NAME = "fused.safetensors"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _scratch(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".otfuse-tmp-" in p.name or ".otfuse-old-" in p.name)
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> dict:
+    """The pair, an output of an uninterrupted run (what a complete output is, byte for byte), and an older
+    output (what a --force replace starts from)."""
+    root = tmp_path_factory.mktemp("kill")
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        save_file({"0.weight": torch.randn(HIDDEN, IN, generator=g), "0.bias": torch.randn(HIDDEN, generator=g),
+                   "2.weight": torch.randn(OUT, HIDDEN, generator=g), "2.bias": torch.randn(OUT, generator=g)},
+                  root / f"big_{seed}.safetensors")
+    ref = root / "ref" / NAME
+    result = cli("fuse", root / "big_0.safetensors", root / "big_1.safetensors", "-o", ref)
+    assert result.exit_code == 0, result.output
+    fused = load_file(ref)
+    assert set(fused) == {"0.weight", "0.bias", "2.weight", "2.bias"} and all(t.isfinite().all() for t in fused.values())
+    old = root / "old" / NAME
+    old.parent.mkdir()
+    shutil.copyfile(root / "big_0.safetensors", old)
+    return {"pair": [root / "big_0.safetensors", root / "big_1.safetensors"], "new": _sha(ref), "old": old,
+            "old_sha": _sha(old)}
+
+
+def _start(big: dict, out: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "otfuse_cli", "fuse", *map(str, big["pair"]), "-o", str(out),
+                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 60, step: float = 0.0005) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if condition():
+            return True
+        time.sleep(step)
+    return False
+
+
+def _mapped(proc: subprocess.Popen, path: Path) -> bool:
+    """The process has memory-mapped this input (safetensors reads through mmap)."""
+    try:
+        return path.name in Path(f"/proc/{proc.pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def _signal_at(point: str, proc: subprocess.Popen, big: dict, out: Path, sig: int) -> None:
+    """opening: the first parent was just opened; computing: both are open and the plans are being computed;
+    writing: the temporary output has just appeared."""
+    if point == "writing":
+        assert _wait_for(lambda: bool(_scratch(out.parent)), proc), "no temporary output ever appeared"
+    elif Path(f"/proc/{proc.pid}").exists():
+        parent = big["pair"][0 if point == "opening" else 1]
+        assert _wait_for(lambda: _mapped(proc, parent), proc, step=0.002), "the fuse never opened its inputs"
+        time.sleep(0.3 if point == "computing" else 0)
+    else:  # no /proc: about when a fuse of this size is past start-up
+        time.sleep(1.5 if point == "opening" else 2.5)
+    proc.send_signal(sig)
+
+
+def _kill_and_rerun(big: dict, tmp_path: Path, sig: int, point: str, replace: bool, rerun: bool) -> None:
+    out = tmp_path / NAME
+    if replace:
+        shutil.copyfile(big["old"], out)
+    proc = _start(big, out, *(["--force"] if replace else []))
+    try:
+        _signal_at(point, proc, big, out, sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    allowed = {big["new"], big["old_sha"]} if replace else {big["new"]}
+    assert (out.is_file() and _sha(out) in allowed) or (not replace and not out.exists()), \
+        f"final path neither absent nor complete (exit {proc.returncode}): {err}"
+    if proc.returncode == 0:  # finished before the signal landed
+        assert _sha(out) == big["new"] and _scratch(tmp_path) == []
+    elif sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, err
+    else:
+        assert (proc.returncode, err.strip()) == (130, "error: interrupted")
+        assert _scratch(tmp_path) == [], "an interrupted run left temporaries"
+    if rerun:
+        result = cli("fuse", *big["pair"], "-o", out, "--force")
+        assert result.exit_code == 0, result.output
+        assert _sha(out) == big["new"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [NAME], "a temporary survived the rerun"
+
+
+@pytest.mark.parametrize("sig, point, replace, rerun", [
+    (signal.SIGINT, "computing", False, False),
+    (signal.SIGTERM, "computing", False, False),
+    (signal.SIGINT, "writing", False, False),
+    (signal.SIGTERM, "writing", True, False),
+    (signal.SIGKILL, "writing", True, True),
+], ids=["SIGINT-computing", "SIGTERM-computing", "SIGINT-writing", "SIGTERM-replacing",
+        "SIGKILL-replacing"])
+def test_kill(big, tmp_path, sig, point, replace, rerun):
+    _kill_and_rerun(big, tmp_path, sig, point, replace, rerun)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replace", [False, True], ids=["fresh", "replace"])
+@pytest.mark.parametrize("point", ["opening", "computing", "writing"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_kill_every_point(big, tmp_path, sig, point, replace):
+    _kill_and_rerun(big, tmp_path, sig, point, replace, rerun=True)
+
+
+@pytest.mark.parametrize("swallowed_as", [ValueError, OtfuseError], ids=["ValueError", "OtfuseError"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_a_library_turned_into_another_error_still_says_interrupted(capsys, sig, swallowed_as):
+    """torch can turn a Ctrl-C inside storage creation into "ValueError: could not determine the shape of object
+    type 'torch.storage.UntypedStorage'", which the reader reports as "cannot read tensor ...": the CLI knows a
+    signal came and says "interrupted" (exit 130) instead."""
+    import typer
+
+    from otfuse_cli.cli import _one_line_errors
+
+    with pytest.raises(typer.Exit) as exit_:
+        with _one_line_errors():
+            try:
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # the handler raises KeyboardInterrupt long before this ends
+            except KeyboardInterrupt:
+                raise swallowed_as("cannot read tensor '0.bias': could not determine the shape of object type "
+                                   "'torch.storage.UntypedStorage'") from None
+            pytest.fail(f"{sig!r} raised nothing")
+    assert exit_.value.exit_code == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers are put back afterwards
