@@ -59,6 +59,7 @@ def with_options(defaults: dict | None = None, only: dict | None = None, **group
                 added.append(inspect.Parameter(f"{group}__{f.name}", inspect.Parameter.KEYWORD_ONLY, annotation=ann,
                                                default=typer.Option(shown, f.metadata["flag"],
                                                                     help=f.metadata["help"],
+                                                                    metavar=f.metadata.get("metavar"),
                                                                     min=f.metadata.get("minimum"),
                                                                     max=f.metadata.get("maximum"))))
 

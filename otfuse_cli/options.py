@@ -22,9 +22,11 @@ DTYPES = ("keep", "float32", "float16", "bfloat16")
 ACTIVATIONS = ("relu", "gelu", "tanh")
 
 
-def option(default, flag: str, help: str, choices=None, minimum=None, maximum=None):
-    """A field with its CLI flag, help and (optional) allowed values or bounds."""
+def option(default, flag: str, help: str, choices=None, minimum=None, maximum=None, metavar=None):
+    """A field with its CLI flag, help and (optional) allowed values, bounds and placeholder."""
     meta = {"flag": flag, "help": help}
+    if metavar is not None:
+        meta["metavar"] = metavar
     if choices is not None:
         meta["choices"] = tuple(choices)
     if minimum is not None:
@@ -89,7 +91,7 @@ class DataOptions(Options):
     """Sample inputs and forward passes: activation alignment, BatchNorm repair, activation compression.
     `device` runs the forward passes; weight-based costs are computed on the CPU."""
 
-    data: str | None = option(None, "--data", "Sample inputs (jsonl/csv/tsv/txt/npz/safetensors).")
+    data: str | None = option(None, "--data", "Sample inputs (jsonl/csv/tsv/txt/npz/safetensors).", metavar="FILE")
     samples: int = option(256, "--samples", "Number of sample inputs.", minimum=1)
     seed: int = option(0, "--seed", "Seed for sampling inputs and tokens (and compress's clustering).", minimum=0,
                       maximum=2**63 - 1)
@@ -103,7 +105,7 @@ class DataOptions(Options):
                                           "Match bare MLP/CNN units after (or before) the nonlinearity "
                                           "(default: per family, measured).")
     max_length: int = option(128, "--max-length", "Token limit per text sample.", minimum=1)
-    device: str = option("auto", "--device", "auto, cpu or cuda: where forward passes run.")
+    device: str = option("auto", "--device", "auto, cpu or cuda: where forward passes run.", metavar="DEVICE")
 
     def for_family(self, family: str) -> "DataOptions":
         """Unset activation choices filled with the family's measured defaults (arch.activation_defaults)."""
@@ -123,7 +125,7 @@ class OutputOptions(Options):
     """How a checkpoint is written."""
 
     dtype: str = option("keep", "--dtype", "Output dtype (keep = each input tensor's own).", DTYPES)
-    max_shard_size: str = option("5GB", "--max-shard-size", "Shard folder outputs above this size.")
+    max_shard_size: str = option("5GB", "--max-shard-size", "Shard folder outputs above this size.", metavar="SIZE")
     force: bool = option(False, "--force", "Overwrite an existing output.")
 
 
