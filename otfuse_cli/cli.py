@@ -203,14 +203,18 @@ StatKind = enum.Enum("StatKind", {k: k for k in ("gram", "fisher")}, type=str)
 @with_options(options=AlignOptions, data=DataOptions)
 def align(
     models: list[str] = MODELS_ARG,
-    output: str = typer.Option(..., "-o", "--output", help="Plan file to write (.safetensors)."),
+    output: str = typer.Option(..., "-o", "--output", metavar="PATH", help="Plan file to write (.safetensors)."),
     anchor: int = ANCHOR_OPT, force: bool = FORCE_OPT, json_out: bool = JSON_OPTION,
     options: AlignOptions = None, data: DataOptions = None,
 ) -> None:
-    """Compute transport plans that map every model onto the anchor and write them to a plan file."""
+    """Compute transport plans that map every model onto the anchor and write them to a plan file.
+
+    Examples:  otfuse align a/ b/ -o plans.safetensors   ·   otfuse fuse a/ b/ -o fused/ --plan plans.safetensors
+    """
     from otfuse_cli.pipeline import align as align_models
 
     given = explicit_flags()
+    check_device(data)
     if options.align != "activations":
         refuse_unused(given, SAMPLE_FLAGS, "they shape activation alignment (--align activations)")
 
@@ -227,9 +231,10 @@ def align(
 @with_options(options=AlignOptions, merge=MergeOptions, data=DataOptions, write=OutputOptions)
 def fuse(
     models: list[str] = MODELS_ARG,
-    output: str = typer.Option(..., "-o", "--output", help="Fused checkpoint (file or folder, like the anchor)."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Per-model weights, e.g. 0.5,0.5."),
-    plan: Optional[str] = typer.Option(None, "--plan", help="Reuse a plan file written by `otfuse align`."),
+    output: str = typer.Option(..., "-o", "--output", metavar="PATH",
+                               help="Fused checkpoint (file or folder, like the anchor)."),
+    weights: Optional[str] = typer.Option(None, "--weights", metavar="W,W", help="Per-model weights, e.g. 0.5,0.5."),
+    plan: Optional[str] = typer.Option(None, "--plan", metavar="FILE", help="Reuse a plan file written by `otfuse align`."),
     stats: Optional[list[str]] = typer.Option(None, "--stats", metavar="FILE",
                                               help="Statistics of each model on its own data (`otfuse stats`), "
                                                    "one per model in order: --merge regmean/fisher read only "
@@ -243,10 +248,15 @@ def fuse(
 ) -> None:
     """Fuse two or more models: align them onto the anchor with OT, then merge them (weighted average,
     RegMean or Fisher). Activation alignment runs every model on the same --data; the merge statistics can
-    come from each party's own data through --stats files instead."""
+    come from each party's own data through --stats files instead.
+
+    Examples:  otfuse fuse a/ b/ -o fused/   ·   otfuse fuse a/ b/ -o fused/ --solver sinkhorn --reg 0.02
+    ·   otfuse fuse a/ b/ -o fused/ --merge regmean --stats a.stats.safetensors --stats b.stats.safetensors
+    """
     from otfuse_cli.fusion import fuse as fuse_models
 
     given = explicit_flags()
+    check_device(data)
     if plan:
         refuse_unused(given, ALIGN_FLAGS, "the plan file fixes the alignment (--plan)")
     reads_data = (options.align == "activations" and not plan) or repair or (merge.merge != "average" and not stats)
@@ -393,6 +403,7 @@ def compress(
     """Shrink a model's hidden/channel/FFN/head widths by merging neurons with OT clustering (or pruning)."""
     from otfuse_cli.compression import compress as compress_model
 
+    check_device(data)
     if method.value != "ot" or options.align != "activations":
         refuse_unused(explicit_flags(), tuple(f for f in SAMPLE_FLAGS if f != "--seed"),
                       "they shape activation features (--method ot --align activations)")
@@ -418,7 +429,10 @@ def stats(
     force: bool = FORCE_OPT, json_out: bool = JSON_OPTION, data: DataOptions = None,
 ) -> None:
     """Compute, on this party's own data, the statistics merge rules need (Gram matrices of every linear
-    layer's inputs, diagonal Fisher), in the model's own basis, to share instead of the data."""
+    layer's inputs, diagonal Fisher), in the model's own basis, to share instead of the data.
+
+    Example:  otfuse stats party_a/ --data private.jsonl -o a.stats.safetensors
+    """
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
     from otfuse_cli.pipeline import check_output
@@ -459,6 +473,13 @@ def run_recipe_command(
         if result["spaces"]:
             report.console.print(report.alignment_table(result["spaces"], "alignment"))
         report.console.print(f"[bold green]done[/] → {escape_path(result['output'])}")
+
+
+def check_device(data: DataOptions) -> None:
+    """A device the machine does not have is refused as such, before asking whether it applies."""
+    from otfuse_cli.runnable import resolve_device
+
+    resolve_device(data.device)
 
 
 def escape_path(path: str) -> str:

@@ -173,6 +173,8 @@ def load_stats(path: str | Path) -> Stats:
     except (SafetensorError, KeyError, ValueError, TypeError, AttributeError, OSError) as exc:
         raise OtfuseError(f"{path} is not an otfuse stats file ({exc.__class__.__name__})") from None
     for key, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise OtfuseError(f"{path}: statistic {key} contains NaN or Inf")
         kind, _, name = key.partition("/")
         if kind == "gram" and name in stats.in_axis:
             stats.grams[name] = t.double()

@@ -1,7 +1,8 @@
 """The keys of config.json that otfuse reads, as one typed model checked when a checkpoint is opened: each key
-by type and range, then against the tensors (layer count, vocabulary rows, label rows). A config that does
-not describe its weights is refused, never re-interpreted: transformers would build what the config says
-and silently drop or randomly initialise the rest."""
+by type and range, then against the tensors (layer count, axes, residual and FFN widths, vocabulary and label
+rows), and, for a supported family, transformers' own load of the whole file. A config that does not
+describe its weights is refused, never re-interpreted: transformers would build what the config says and
+silently drop or randomly initialise the rest."""
 
 from __future__ import annotations
 
@@ -13,12 +14,10 @@ from otfuse_cli.arch.transformers import LAYER_KEYS, check_layers
 from otfuse_cli.errors import OtfuseError
 
 STACKS = ("encoder", "decoder")
-# Positive integers when present (null = absent, as transformers writes e.g. GPT-2's n_inner): the counts
-# every family reads, plus the width, head and FFN keys its declaration names (ConfigKeys).
+# Positive integers when present: the counts every family reads, plus the width, head and FFN keys its
+# declaration names (ConfigKeys).
 COUNT_KEYS = (*LAYER_KEYS, *(f"{s}_layers" for s in STACKS), "vocab_size", "max_position_embeddings",
               "n_positions", "num_labels")
-
-
 # Keys transformers lets be null (defaults: KV heads = heads, head size = hidden / heads, GPT-2's FFN = 4 x
 # hidden); any other size key, when present, is a positive integer.
 NULLABLE = ("n_inner",)
