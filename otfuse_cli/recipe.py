@@ -27,6 +27,24 @@ COMMANDS = {
     "compress": {"model", "output", "ratio", "widths", "method", "options", "data", "write"},
 }
 PATH_KEYS = ("models", "output", "plan", "stats", "model")
+REQUIRED = {"align": ("models", "output"), "fuse": ("models", "output"), "compress": ("model", "output")}
+# key -> (check, what it must be)
+TYPES = {
+    "models": (lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(p, str) for p in v),
+               "a list of at least two paths"),
+    "stats": (lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v), "a list of paths"),
+    "model": (lambda v: isinstance(v, str), "a path"),
+    "output": (lambda v: isinstance(v, str) and v != "", "a path"),
+    "plan": (lambda v: isinstance(v, str), "a path"),
+    "anchor": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+    "weights": (lambda v: isinstance(v, str), "comma-separated numbers, e.g. \"0.5,0.5\""),
+    "repair": (lambda v: isinstance(v, bool), "true or false"),
+    "ratio": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number between 0 and 1"),
+    "widths": (lambda v: isinstance(v, (list, dict)), "a list like [ffn=64] or a mapping"),
+    "method": (lambda v: isinstance(v, str), "ot, magnitude or random"),
+}
+# option fields whose type the dataclasses do not check themselves
+BOOL_FIELDS = ("force", "post_activation")
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -45,6 +63,11 @@ def load_recipe(path: str | Path) -> dict:
     if unknown:
         raise OtfuseError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} for {recipe['command']}; "
                           f"allowed: {', '.join(sorted(COMMANDS[recipe['command']]))}")
+    if missing := [k for k in REQUIRED[recipe["command"]] if recipe.get(k) is None]:
+        raise OtfuseError(f"{path}: {recipe['command']} needs {', '.join(missing)}")
+    for key, value in recipe.items():
+        if key in TYPES and value is not None and not TYPES[key][0](value):
+            raise OtfuseError(f"{path}: {key} must be {TYPES[key][1]}, got {value!r}")
     return recipe
 
 
@@ -58,6 +81,9 @@ def _group(name: str, section, where: Path):
     if unknown := set(section) - allowed:
         raise OtfuseError(f"{where}: unknown {name} field(s) {', '.join(sorted(unknown))}; "
                           f"allowed: {', '.join(sorted(allowed))}")
+    for key in BOOL_FIELDS:
+        if key in section and section[key] is not None and not isinstance(section[key], bool):
+            raise OtfuseError(f"{where}: {name}.{key} must be true or false, got {section[key]!r}")
     if name == "data" and section.get("data"):
         section = {**section, "data": str(where.parent / section["data"])}
     return cls(**section)
@@ -79,6 +105,9 @@ def run_recipe(path: str | Path, on_space=None) -> dict:
     path = Path(path)
     recipe = load_recipe(path)
     args = _paths(recipe, path.parent)
+    from otfuse_cli.checkpoint.guard import refuse_overlap
+
+    refuse_overlap(args["output"], [path])  # the recipe is an input too
     groups = {name: _group(name, recipe.get(name), path) for name in GROUPS if name in COMMANDS[recipe["command"]]}
     command = recipe["command"]
     record = {"recipe": recipe}

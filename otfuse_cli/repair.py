@@ -40,7 +40,15 @@ def repair_batchnorm(state_dict: dict, like, data: DataOptions) -> dict:
         new = state.get(name)
         repaired[name] = new.to(tensor.dtype).cpu() if new is not None and name.endswith(("running_mean", "running_var")) \
             else tensor
-    return repaired
+    return finite(repaired)
+
+
+def finite(state_dict: dict) -> dict:
+    """A repair measured on data far out of range (1e30 inputs) overflows: refuse rather than publish inf."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise OtfuseError(f"--repair: {name} became NaN or Inf on this data (values out of range?)")
+    return state_dict
 
 
 # ---------------------------------------------------------------- REPAIR (Jordan et al., 2022)
@@ -104,7 +112,7 @@ def repair_units(state_dict: dict, like, targets: dict[str, tuple[torch.Tensor, 
         bias = out.get(f"{name}.bias")
         if bias is not None:  # without a bias only the spread can be set (the layout stays the parents')
             out[f"{name}.bias"] = ((bias.double() - mean_f) * scale + mean_t).to(bias.dtype)
-    return out
+    return finite(out)
 
 
 def repair_fused(state_dict: dict, parents, plans: list, weights: list[float], data: DataOptions) -> dict:

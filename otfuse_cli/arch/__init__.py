@@ -51,6 +51,10 @@ def build_spec(ckpt) -> Spec:
     config = getattr(ckpt, "config", None)
     family = hf_family(ckpt)
     spec = build(family, config, shapes) if family is not None else bare_family(shapes).spec(shapes)
+    for tensor in {e.tensor for s in spec.spaces for e in s.entries}:
+        if not ckpt.dtype(tensor).is_floating_point:  # an integer weight would pass through unmerged
+            raise OtfuseError(f"tensor {tensor!r} is {str(ckpt.dtype(tensor)).removeprefix('torch.')}; "
+                              "weights must be floating point")
     validate(spec, shapes)
     return spec
 

@@ -82,6 +82,10 @@ def _layers(prefixes: list[str], shapes: dict) -> list[dict] | None:
             layers.append({"prefix": p, "kind": kind, "out": w[0], "in": w[1], "norms": []})
         elif kind in ("bn", "ln"):
             # a norm normalises the outputs of the layer before it (LayerNorm: the features of a Linear)
+            params = [k for k in NORM_PARAMS if f"{p}.{k}" in shapes]
+            if any(len(shapes[f"{p}.{k}"]) != 1 for k in params):
+                raise OtfuseError(f"norm layer {p!r}: its parameters must be vectors, got shapes "
+                                  f"{ {k: shapes[f'{p}.{k}'] for k in params} }")
             size = shapes[f"{p}.running_mean" if kind == "bn" else f"{p}.weight"][0]
             if not layers or layers[-1]["out"] != size or (kind == "ln" and layers[-1]["kind"] != "linear"):
                 return None
