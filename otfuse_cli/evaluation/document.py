@@ -60,7 +60,10 @@ def evaluate_models(models: list[tuple[str, Any]], data_path: str | Path, *, tas
         raise OtfuseError(f"two models are named {dup!r}; give each a distinct name")
     if ensemble:
         members = range(len(models)) if ensemble is True else list(ensemble)
-        if len(members) < 2 or any(not 0 <= i < len(models) for i in members):
+        if bad := [i for i in members if not 0 <= i < len(models)]:
+            raise OtfuseError(f"--ensemble-of: index {bad[0]} is out of range for {len(models)} models "
+                              f"(0 to {len(models) - 1})")
+        if len(set(members)) < 2:
             raise OtfuseError("--ensemble needs at least two models (of those listed)")
         if tasks.ENSEMBLE in names:
             raise OtfuseError(f"a model may not be named {tasks.ENSEMBLE!r} together with --ensemble")
