@@ -140,8 +140,15 @@ def _version(value: bool) -> None:
 def _root(
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
                                            help="Show the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no tables: only errors (and the "
+                                                            "JSON document with --json)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also a timed line per step on stderr "
+                                                                "(e.g. each space's solve)."),
 ) -> None:
     """Fuse neural-network checkpoints with optimal transport."""
+    if quiet and verbose:
+        raise OtfuseError("--quiet and --verbose exclude each other; give one")
+    report.set_verbosity(quiet=quiet, verbose=verbose)  # every invocation resets it (tests reuse the app)
 
 
 @app.command()
@@ -218,7 +225,7 @@ def align(
     if options.align != "activations":
         refuse_unused(given, SAMPLE_FLAGS, "they shape activation alignment (--align activations)")
 
-    with report.SpaceProgress(None, enabled=not json_out) as progress:
+    with report.Progress(enabled=not json_out) as progress:
         result = align_models(models, output, options=options, data=data, anchor=anchor, force=force,
                               on_space=progress)
     if json_out:
@@ -269,7 +276,7 @@ def fuse(
         refuse_unused(given, ("--regmean-alpha",), "it is read by --merge regmean")
     command_options = {"models": models, "seed": data.seed, "device": data.device,
                        "max_shard_size": write.max_shard_size, "activation": data.activation}
-    with report.SpaceProgress(None, enabled=not json_out) as progress:
+    with report.Progress(enabled=not json_out) as progress:
         result = fuse_models(models, output, options=options, data=data, merge=merge, write=write, anchor=anchor,
                              weights=weights, plan=plan, stats=stats, repair=repair,
                              command_options=command_options, on_space=progress)
@@ -291,6 +298,7 @@ def _display_names(paths: list[str]) -> list[str]:
 
 
 @app.command()
+@with_options(options=AlignOptions)
 def evaluate(
     models: list[str] = typer.Argument(None, metavar="MODEL...", help="Checkpoints to score, one row each."),
     data: str = typer.Option(..., "--data", help="Evaluation data: jsonl/csv/tsv (text[, text_pair], label | "
@@ -304,16 +312,33 @@ def evaluate(
     interpolate: Optional[tuple[str, str]] = typer.Option(None, "--interpolate", metavar="A B",
                                                           help="Score the straight line between two parents."),
     steps: int = typer.Option(11, "--steps", min=2, help="Points on the interpolation line."),
-    aligned: bool = typer.Option(False, "--aligned", help="Also the line after aligning B onto A (weights)."),
+    aligned: bool = typer.Option(False, "--aligned", help="Also the line after aligning B onto A (by --align, "
+                                                          "--solver, ... as in fuse)."),
+    align_data: Optional[str] = typer.Option(None, "--align-data", metavar="FILE",
+                                             help="Sample inputs for --aligned --align activations."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Draw the interpolation curves to a PNG."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --plot file."),
     num_beams: int = typer.Option(1, "--num-beams", min=1, help="Beam size for translation (1 = greedy)."),
     max_length: int = typer.Option(256, "--max-length", min=1, help="Token limit per text."),
     activation: Optional[Activation] = ACTIVATION_OPT, seed: int = SEED_OPT, device: str = DEVICE_OPT,
-    json_out: bool = JSON_OPTION,
+    fail_under: Optional[list[str]] = typer.Option(
+        None, "--fail-under", metavar="[MODEL:]METRIC=V",
+        help="CI gate for a higher-is-better metric (accuracy, f1_*, mlm_accuracy, bleu, chrf): exit 3 when any "
+             "row (or the row named MODEL) scores below V; repeatable."),
+    fail_over: Optional[list[str]] = typer.Option(
+        None, "--fail-over", metavar="[MODEL:]METRIC=V",
+        help="CI gate for a lower-is-better metric (nll, ece, perplexity, pseudo_perplexity): exit 3 when any "
+             "row (or MODEL) scores above V; repeatable."),
+    json_out: bool = JSON_OPTION, options: AlignOptions = None,
 ) -> None:
     """Metrics per model (classification: accuracy, weighted/macro F1, ECE with 15 equal-width confidence
-    bins, NLL; lm: perplexity, or MLM accuracy and pseudo-perplexity; translation: BLEU and chrF)."""
+    bins, NLL; lm: perplexity, or MLM accuracy and pseudo-perplexity; translation: BLEU and chrF).
+
+    Gates exit 3 after printing the results: `--fail-under accuracy=0.9` (every row),
+    `--fail-under fused:accuracy=0.9` (the row named fused), `--fail-over nll=0.5` (lower-is-better metrics).
+
+    Examples:  otfuse evaluate a/ b/ fused/ --data test.jsonl --ensemble-of 0,1
+    ·   otfuse evaluate fused/ --data test.jsonl --fail-under accuracy=0.9 --fail-over ece=0.1"""
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.evaluation import (evaluate_models, interpolate as interpolate_line, plot_curve,
                                      render_curve_table, render_table)
@@ -325,6 +350,19 @@ def evaluate(
         raise OtfuseError("give at least one MODEL, or --interpolate A B")
     if plot:
         _check_plot(plot, force, interpolate, models, data)
+    if not aligned:
+        refuse_unused(explicit_flags(), (*ALIGN_FLAGS, "--align-data"), "they shape the --aligned line")
+    elif options.align == "none":
+        raise OtfuseError("--aligned --align none is the naive line again; use --align weights or activations")
+    elif (options.align == "activations") != bool(align_data):  # activations read samples, weights none
+        raise OtfuseError("--aligned --align activations needs --align-data FILE (sample inputs to align on); "
+                          "--align-data is read by --align activations only")
+    from otfuse_cli.evaluation.gates import check_applicable, missed, parse_gate
+
+    gates = [parse_gate(g, upper=False) for g in fail_under or []] + \
+        [parse_gate(g, upper=True) for g in fail_over or []]
+    if gates and not models:
+        raise OtfuseError("--fail-under/--fail-over gate the MODEL rows; give the models to score")
     opts = dict(batch_size=batch_size, max_samples=max_samples, device=device, seed=seed, num_beams=num_beams,
                 max_length=max_length)
     doc: dict = {}
@@ -337,34 +375,42 @@ def evaluate(
                 members = [int(i) for i in ensemble_of.split(",")]
             except ValueError:
                 raise OtfuseError(f"--ensemble-of takes model indices like 0,1, got {ensemble_of!r}") from None
-        doc = evaluate_models(runnables, data, task=task, ensemble=members, **opts)
+        with report.Progress(enabled=not json_out) as progress:
+            doc = evaluate_models(runnables, data, task=task, ensemble=members, progress=progress, **opts)
+        check_applicable(gates, doc)
     curves = []
     if interpolate:
         from otfuse_cli.pipeline import aligned_parent
 
         a = open_checkpoint(interpolate[0])
         b = open_checkpoint(interpolate[1])
-        curves.append(interpolate_line(a.state_dict(), b.state_dict(), a, data, steps, name="naive", task=task,
-                                       activation=activation, **opts))
-        if aligned:
-            sa, sb, like = aligned_parent(list(interpolate), data=DataOptions(activation=activation, seed=seed))
-            curves.append(interpolate_line(sa, sb, like, data, steps, name="aligned", task=task,
-                                           activation=activation, **opts))
+        with report.Progress(enabled=not json_out) as progress:
+            curves.append(interpolate_line(a.state_dict(), b.state_dict(), a, data, steps, name="naive", task=task,
+                                           activation=activation, progress=progress, **opts))
+            if aligned:
+                samples = DataOptions(data=align_data, activation=activation, seed=seed, max_length=max_length,
+                                      device=device)
+                sa, sb, like = aligned_parent(list(interpolate), options, samples, on_space=progress)
+                curves.append(interpolate_line(sa, sb, like, data, steps, name="aligned", task=task,
+                                               activation=activation, progress=progress, **opts))
         if plot:
             plot_curve(curves, plot, force=force)
     if json_out:
         report.print_json({**doc, **({"interpolation": curves} if curves else {})} if doc else
                           {"interpolation": curves})
-        return
-    if doc:
-        report.console.print(render_table(doc))
-        for key, note in doc.get("notes", {}).items():
-            if "signature" in key:
-                report.console.print(f"[dim]{key}: {escape_path(str(note))}[/]")
-    for curve in curves:
-        report.console.print(render_curve_table(curve))
-    if plot and curves:
-        report.console.print(f"plot → {escape_path(plot)}")
+    else:
+        if doc:
+            report.console.print(render_table(doc))
+            for key, note in doc.get("notes", {}).items():
+                if "signature" in key:
+                    report.console.print(f"[dim]{key}: {escape_path(str(note))}[/]")
+        for curve in curves:
+            report.console.print(render_curve_table(curve))
+        if plot and curves:
+            report.console.print(f"plot → {escape_path(plot)}")
+    if failures := missed(gates, doc):  # after the results: CI logs show the scores behind the failure
+        report.error_line("gate failed: " + "; ".join(failures))
+        raise typer.Exit(EXIT_GATE)
 
 
 def _check_plot(plot: str, force: bool, interpolate: tuple[str, str] | None, models: list[str], data: str) -> None:
@@ -397,22 +443,30 @@ def compress(
                                                    "groups) or space name (0.ffn); repeatable."),
     method: CompressMethod = typer.Option("ot", "--method", help="ot (merge clusters of neurons), magnitude or "
                                                                  "random (prune)."),
+    repair: bool = typer.Option(False, "--repair", help="Re-estimate BatchNorm statistics on --data after "
+                                                        "compression (bare CNN/ResNet state dicts)."),
     json_out: bool = JSON_OPTION,
     options: AlignOptions = None, data: DataOptions = None, write: OutputOptions = None,
 ) -> None:
-    """Shrink a model's hidden/channel/FFN/head widths by merging neurons with OT clustering (or pruning)."""
+    """Shrink a model's hidden/channel/FFN/head widths by merging neurons with OT clustering (or pruning).
+
+    Examples:  otfuse compress model/ -o small/ --ratio 0.5
+    ·   otfuse compress cnn.safetensors -o small.safetensors --ratio 0.5 --repair --data calib.safetensors"""
     from otfuse_cli.compression import compress as compress_model
 
     check_device(data)
     if method.value != "ot" or options.align != "activations":
-        refuse_unused(explicit_flags(), tuple(f for f in SAMPLE_FLAGS if f != "--seed"),
+        # --repair runs the model on --data too: only the activation-feature flags stay unused then
+        unused = ("--max-tokens", "--standardize", "--post-activation") if repair else SAMPLE_FLAGS
+        refuse_unused(explicit_flags(), tuple(f for f in unused if f != "--seed"),
                       "they shape activation features (--method ot --align activations)")
 
     command_options = {"model": model, "seed": data.seed, "device": data.device,
                        "max_shard_size": write.max_shard_size, "activation": data.activation}
-    with report.SpaceProgress(None, enabled=not json_out) as progress:
+    with report.Progress(enabled=not json_out) as progress:
         result = compress_model(model, output, ratio=ratio, widths=width, method=method.value, options=options,
-                                data=data, write=write, command_options=command_options, on_space=progress)
+                                data=data, write=write, command_options=command_options, on_space=progress,
+                                repair=repair)
     if json_out:
         report.print_json(result)
     else:
@@ -441,7 +495,8 @@ def stats(
     check_output(output, OutputOptions(force=force))
     ckpt = open_checkpoint(model)
     refuse_overlap(output, input_paths([ckpt], [data.data]))
-    result = compute_stats(ckpt, data, tuple(k.value for k in kind) if kind else KINDS)
+    with report.Progress(enabled=not json_out) as progress:
+        result = compute_stats(ckpt, data, tuple(k.value for k in kind) if kind else KINDS, progress=progress)
     out = save_stats(output, result, ckpt, force=force)
     summary = {"output": str(out), "model": model, "data": result.info["data"], "linear_layers": len(result.grams),
                "fisher_tensors": len(result.fisher), "rows": max(result.counts.values(), default=0)}
@@ -463,7 +518,7 @@ def run_recipe_command(
     """
     from otfuse_cli.recipe import run_recipe
 
-    with report.SpaceProgress(None, enabled=not json_out) as progress:
+    with report.Progress(enabled=not json_out) as progress:
         result = run_recipe(recipe, on_space=progress)
     if json_out:
         report.print_json(result)

@@ -21,6 +21,7 @@ import torch
 from otfuse_cli.alignment.cost import Features, unit_cost
 from otfuse_cli.alignment.transport import Plan, Transporter
 from otfuse_cli.alignment.weights import TensorSource, WeightFeatures, checked_float, unit_slices
+from otfuse_cli.card import card_for
 from otfuse_cli.checkpoint import open_checkpoint, provenance, write_checkpoint
 from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
 from otfuse_cli.errors import OtfuseError
@@ -296,6 +297,16 @@ def space_plan(index: int, space: Space, k: int, method: str, src: TensorSource,
     return Plan(coupling, inner), {**stats, "distortion": distortion}
 
 
+def check_repairable(ckpt) -> None:
+    """compress --repair re-estimates BatchNorm statistics of bare nets (rebuilt from their state dict's shapes);
+    an HF model would be rebuilt from its original, wider config, and a net without BatchNorm has nothing to fix."""
+    if ckpt.config is not None:
+        raise OtfuseError("compress --repair re-estimates BatchNorm statistics of bare MLP/CNN/ResNet state dicts; "
+                          f"{ckpt.path} is a Hugging Face model")
+    if not any(name.endswith("running_mean") for name in ckpt.keys()):
+        raise OtfuseError(f"compress --repair re-estimates BatchNorm statistics; {ckpt.path} has no BatchNorm layers")
+
+
 # ---------------------------------------------------------------- the command
 
 def compressed_tensors(ckpt, mover: Transporter, plans: dict[str, Plan], write: OutputOptions, count: list[int]):
@@ -312,20 +323,28 @@ def compressed_tensors(ckpt, mover: Transporter, plans: dict[str, Plan], write: 
 
 def compress(model: str, output: str, *, ratio: float | None = None, widths=None, method: str = "ot",
              options: AlignOptions = AlignOptions(), data: DataOptions = DataOptions(),
-             write: OutputOptions = OutputOptions(), command_options: dict | None = None, on_space=None) -> dict:
+             write: OutputOptions = OutputOptions(), command_options: dict | None = None, on_space=None,
+             repair: bool = False) -> dict:
     """Write `model` with its compressible spaces shrunk; see the module docs for the methods. data.seed seeds
     the clustering and --method random; activations are not standardised unless data.standardize says so
-    (a merged unit's pre-activation is the mean of the raw ones)."""
+    (a merged unit's pre-activation is the mean of the raw ones). repair re-estimates every BatchNorm's
+    running statistics on data.data afterwards (merged channels no longer have their parents' statistics)."""
     if method not in METHODS:
         raise OtfuseError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
     check_output(output, write)
+    if repair and not data.data:
+        raise OtfuseError("--repair needs --data FILE with sample inputs")
     data = replace(data, standardize=data.standardize or "none", post_activation=bool(data.post_activation))
     ckpt = open_checkpoint(model)
-    refuse_overlap(output, input_paths([ckpt], [data.data if method == "ot" and options.align == "activations"
-                                                else None]))
-    check_shard_size(ckpt, write)
-    if data.data and not (method == "ot" and options.align == "activations"):
-        raise OtfuseError("--data is read by --align activations (with --method ot); not chosen here")
+    uses_data = repair or (method == "ot" and options.align == "activations")
+    refuse_overlap(output, input_paths([ckpt], [data.data if uses_data else None]))
+    if repair:
+        check_repairable(ckpt)
+    layout = layout_of(ckpt, output)
+    check_shard_size(layout, write)
+    if data.data and not uses_data:
+        raise OtfuseError("--data is read by --align activations (with --method ot) or --repair; neither is "
+                          "chosen here")
     spec = build_spec(ckpt)
     family = hf_family(ckpt)
     targets, reasons = target_widths(spec, family, ratio, widths)
@@ -347,14 +366,20 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
     record = provenance("compress", {**(command_options or {}), "method": method, "ratio": ratio,
                                      "widths": targets, "seed": data.seed, "dtype": write.dtype,
                                      "align": {"align": options.align, "metric": options.metric}
-                                     if method == "ot" else None,
+                                     if method == "ot" else None, "repair": str(data.data) if repair else None,
                                      **({"data": info} if info else {})}, [ckpt])
     count = [0]
-    out = write_checkpoint(output, compressed_tensors(ckpt, Transporter(target, spec), plans, write, count),
-                           layout=layout_of(ckpt), source=ckpt,
+    tensors = compressed_tensors(ckpt, Transporter(target, spec), plans, write, count)
+    if repair:  # the whole compressed model in memory, to run it
+        from otfuse_cli.repair import repair_batchnorm
+
+        tensors = repair_batchnorm(dict(tensors), ckpt, data)
+    out = write_checkpoint(output, tensors,
+                           layout=layout, source=ckpt,
                            config_overrides={**dtype_overrides(ckpt, write),
                                              **config_overrides(spec, family, targets)} if family else None,
-                           provenance=record, max_shard_size=write.max_shard_size, force=write.force)
+                           provenance=record, max_shard_size=write.max_shard_size, force=write.force,
+                           card=card_for(layout, record, [ckpt]))
     spaces = [{"space": s.name, "kind": s.kind, "width": [s.size, targets.get(s.name, s.size)],
                "compressed": s.name in targets, "reason": reasons.get(s.name), **stats.get(s.name, {})}
               for s in spec.spaces]

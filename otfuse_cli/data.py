@@ -127,6 +127,9 @@ def load_tensors(path: str | Path, *, max_samples: int | None = None, seed: int 
         raise OtfuseError(f"{path}: array 'x' holds no samples")
     if "y" in out and (out["y"].dim() != 1 or out["y"].shape[0] != n):
         raise OtfuseError(f"{path}: 'y' has shape {tuple(out['y'].shape)}, expected ({n},) to match 'x'")
+    if "y" in out and (out["y"].dtype == torch.bool or out["y"].is_complex()):
+        raise OtfuseError(f"{path}: 'y' holds {str(out['y'].dtype).removeprefix('torch.')} values; labels are "
+                          "integer class indices")
     for name in ("x", "y"):
         if name in out:
             check_finite(out[name], f"{path}: array {name!r}")

@@ -7,10 +7,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from otfuse_cli.alignment.plans import load_plans
+from otfuse_cli.alignment.plans import check_plan_inputs, load_plans
 from otfuse_cli.alignment.transport import Plan, Transporter
 from otfuse_cli.alignment.weights import checked_float
-from otfuse_cli.checkpoint import provenance, write_checkpoint
+from otfuse_cli.card import card_for
+from otfuse_cli.checkpoint import provenance, sha256_file, write_checkpoint
 from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.merge import MERGES
@@ -137,31 +138,38 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
         (MERGES[merge.merge].needs and not stats)
     refuse_overlap(output, input_paths(parents.ckpts, [plan, *(stats or []), data.data if uses_data else None]))
     w = parse_weights(weights, len(parents.ckpts))
-    check_shard_size(parents.ckpts[anchor], write)
+    layout = layout_of(parents.ckpts[anchor], output)
+    check_shard_size(layout, write)
     if data.data and not uses_data:
         raise OtfuseError("--data is read by --align activations, --merge regmean/fisher (without --stats) or "
                           "--repair; none of them is chosen here")
     data = data.for_family(parents.specs[anchor].family)
-    info = None
+    align_record, extra = options.to_json(), {}
     if plan:
-        plans = load_plans(plan)[0]
+        plans, plan_meta = load_plans(plan)
+        check_plan_inputs(plan_meta, parents.ckpts, parents.specs, anchor, plan)
         check_plans(plans, parents)
+        # provenance describes the plan actually used, not the command line's (unused) alignment defaults
+        align_record = plan_meta.get("options", {})
+        extra = {"plan_sha256": sha256_file(plan), **({"data": plan_meta["data"]} if "data" in plan_meta else {})}
     else:
         info = data_record(options, data)
+        extra = {"data": info} if info else {}
         plans = compute_plans(parents, options, data, on_space)
     parent_statistics = parent_stats(parents, merge, data, stats)
     record = provenance("fuse", {**(command_options or {}), "merge": merge.to_json(), "anchor": anchor,
-                                 "weights": w, "dtype": write.dtype, "align": options.to_json(), "plan_file": plan,
+                                 "weights": w, "dtype": write.dtype, "align": align_record, "plan_file": plan,
                                  "stats_files": stats, "repair": str(data.data) if repair else None,
-                                 **({"data": info} if info else {})}, parents.ckpts)
+                                 **extra}, parents.ckpts)
     tensors = fused_tensors(parents, plans, w, merge, write, parent_statistics)
     if repair:  # needs the whole fused model in memory to run it
         from otfuse_cli.repair import repair_fused
 
         tensors = repair_fused(dict(tensors), parents, plans, w, data)
-    out = write_checkpoint(output, tensors, layout=layout_of(parents.ckpts[anchor]), source=parents.ckpts[anchor],
+    out = write_checkpoint(output, tensors, layout=layout, source=parents.ckpts[anchor],
                            config_overrides=dtype_overrides(parents.ckpts[anchor], write) or None,
-                           provenance=record, max_shard_size=write.max_shard_size, force=write.force)
-    return {"output": str(out), "family": parents.specs[anchor].family, "align": options.align,
-            "merge": merge.merge, "anchor": anchor, "weights": w,
+                           provenance=record, max_shard_size=write.max_shard_size, force=write.force,
+                           card=card_for(layout, record, parents.ckpts, anchor))
+    return {"output": str(out), "family": parents.specs[anchor].family,
+            "align": align_record.get("align", options.align), "merge": merge.merge, "anchor": anchor, "weights": w,
             "spaces": plan_summary(plans, parents.specs, anchor)}

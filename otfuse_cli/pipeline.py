@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from otfuse_cli.alignment.engine import align_pair
-from otfuse_cli.alignment.plans import save_plans
+from otfuse_cli.alignment.engine import align_pair, refinement_sweeps
+from otfuse_cli.alignment.plans import input_record, save_plans
 from otfuse_cli.alignment.transport import Plan, Transporter
 from otfuse_cli.alignment.weights import TensorSource, WeightFeatures
 from otfuse_cli.arch.compat import check_models, label, width_differences
@@ -50,14 +50,14 @@ def open_parents(paths: list[str], anchor: int = 0) -> Parents:
 
 # ---------------------------------------------------------------- features and plans
 
-def _weight_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions):
+def _weight_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None):
     return WeightFeatures(anchor_spec, spec, anchor_src, parent_src)
 
 
-def _activation_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions):
+def _activation_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None):
     from otfuse_cli.alignment.activations import ActivationFeatures  # needs runnable models and data
 
-    return ActivationFeatures(anchor_spec, spec, anchor_src, parent_src, data)
+    return ActivationFeatures(anchor_spec, spec, anchor_src, parent_src, data, on_batch=on_batch)
 
 
 # --align choice -> provider(anchor spec, parent spec, anchor tensors, parent tensors, data options);
@@ -65,8 +65,9 @@ def _activation_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOp
 PROVIDERS: dict[str, Callable] = {"weights": _weight_provider, "activations": _activation_provider}
 
 
-def feature_provider(options: AlignOptions, data: DataOptions, anchor_spec, spec, anchor_src, parent_src):
-    return PROVIDERS[options.align](anchor_spec, spec, anchor_src, parent_src, data)
+def feature_provider(options: AlignOptions, data: DataOptions, anchor_spec, spec, anchor_src, parent_src,
+                     on_batch=None):
+    return PROVIDERS[options.align](anchor_spec, spec, anchor_src, parent_src, data, on_batch=on_batch)
 
 
 def data_record(options: AlignOptions, data: DataOptions) -> dict | None:
@@ -84,18 +85,58 @@ def data_record(options: AlignOptions, data: DataOptions) -> dict | None:
 
 def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
                   on_space: Callable[[str], None] | None = None) -> list[dict[str, Plan]]:
-    """plans[k] maps parent k onto the anchor, one Plan per space (the anchor's own entry is empty)."""
+    """plans[k] maps parent k onto the anchor, one Plan per space (the anchor's own entry is empty).
+
+    on_space(name) follows each space's first solve. When it is a report.Progress (it has .task), it gets
+    real totals instead: batches x models for activations, spaces x parents for the first pass, spaces x
+    sweeps x parents for refinement."""
     if options.align == "none":  # vanilla merging: every parent taken in its own basis
         return [{} for _ in parents.ckpts]
+    from otfuse_cli.report import start
+
+    anchor_spec = parents.specs[parents.anchor]
     anchor_src = parents.source(parents.anchor)
+    others = [k for k in range(len(parents.specs)) if k != parents.anchor]
+    spaces = len(anchor_spec.spaces)
+    tracked = hasattr(on_space, "task")
+    on_batch = _batch_counter(start(on_space, "activations"), len(parents.ckpts)) \
+        if tracked and options.align == "activations" else None
+    first = start(on_space, "aligning", spaces * len(others))
+    refine = None  # created once the provider says whether it refines
     plans: list[dict[str, Plan]] = []
     for k, spec in enumerate(parents.specs):
         if k == parents.anchor:
             plans.append({})
             continue
-        provider = feature_provider(options, data, parents.specs[parents.anchor], spec, anchor_src, parents.source(k))
-        plans.append(align_pair(parents.specs[parents.anchor], spec, provider, options, on_space))
+        provider = feature_provider(options, data, anchor_spec, spec, anchor_src, parents.source(k), on_batch)
+        sweeps = refinement_sweeps(provider, options)
+        if tracked and sweeps and refine is None:
+            refine = start(on_space, "refining", spaces * sweeps * len(others))
+        solves = [0]
+
+        def refined(name: str, k=k) -> None:
+            solves[0] += 1
+            refine.advance(detail=f"{name} (model {k}, sweep {(solves[0] - 1) // spaces + 1}/{sweeps})")
+
+        plans.append(align_pair(anchor_spec, spec, provider, options,
+                                (lambda name, k=k: first.advance(detail=f"{name} (model {k})")) if tracked
+                                else on_space, refined if refine is not None else None))
+        if refine is not None and solves[0] < spaces * sweeps:  # converged early: the rest is not needed
+            refine.advance(spaces * sweeps - solves[0], detail=f"model {k} converged")
     return plans
+
+
+def _batch_counter(task, models: int) -> Callable[[str, int, int], None]:
+    """on_batch(model, done, batches) for activation collection -> one task of batches x models (every model
+    runs the same batches, so the first report gives the whole total)."""
+    done: dict[str, int] = {}
+
+    def on_batch(model: str, finished: int, batches: int) -> None:
+        if not done:
+            task.set_total(batches * models)
+        step, done[model] = finished - done.get(model, 0), finished
+        task.advance(step, detail=f"{model.split(' (')[0]} {finished}/{batches}")
+    return on_batch
 
 
 def plan_summary(plans: list[dict[str, Plan]], specs: list[Spec], anchor: int) -> list[dict]:
@@ -109,14 +150,18 @@ def plan_summary(plans: list[dict[str, Plan]], specs: list[Spec], anchor: int) -
 
 # ---------------------------------------------------------------- outputs
 
-def check_output(output: str | Path, write: OutputOptions) -> None:
-    """Fail before any work when the output exists (the writer checks again at the end) or its options are bad."""
+def check_output(output: str | Path, write: OutputOptions, file_only: bool = False) -> None:
+    """Fail before any work when the output exists (the writer checks again at the end), its path asks for a
+    form we cannot write (file_only: plan files) or its options are bad."""
     parse_size(write.max_shard_size)
     from otfuse_cli.checkpoint.writer import recover
 
     recover(Path(output))  # a replace interrupted by a kill is put back before "exists" is judged
     if Path(output).exists() and not write.force:
         raise OtfuseError(f"{output} exists; use --force to overwrite")
+    layout = requested_layout(output)  # refuses pickle suffixes before any work
+    if file_only and layout != "file":
+        raise OtfuseError(f"-o {output}: this output is one safetensors file; give a path ending in .safetensors")
 
 
 def output_dtype(source: torch.dtype, write: OutputOptions) -> torch.dtype:
@@ -133,15 +178,41 @@ def dtype_overrides(ckpt, write: OutputOptions) -> dict:
     return {k: write.dtype for k in keys}
 
 
-def check_shard_size(ckpt, write: OutputOptions) -> None:
+def check_shard_size(layout: str, write: OutputOptions) -> None:
     """--max-shard-size only shapes folder outputs; given for a file output it would be silently ignored."""
-    if ckpt.folder is None and parse_size(write.max_shard_size) != parse_size(OutputOptions().max_shard_size):
+    if layout == "file" and parse_size(write.max_shard_size) != parse_size(OutputOptions().max_shard_size):
         raise OtfuseError("--max-shard-size applies to folder outputs; this output is a single .safetensors file")
 
 
-def layout_of(ckpt) -> str:
-    """Outputs take the input's form: a folder stays a folder, a file stays a file."""
-    return "folder" if ckpt.folder is not None else "file"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def requested_layout(output: str | Path) -> str:
+    """The output's form from its path alone, the same for fuse, compress and align: a .safetensors suffix is
+    a file, anything else (or a trailing slash) a folder. Pickle suffixes are refused: the bytes written are
+    safetensors, which torch.load cannot read."""
+    path = Path(output)
+    if path.suffix.lower() in TORCH_SUFFIXES:
+        raise OtfuseError(f"-o {output}: otfuse writes safetensors, not torch pickles; use -o "
+                          f"{path.with_suffix('.safetensors')} (load it with safetensors.torch.load_file) or "
+                          f"-o {path.with_suffix('')}/ for a model folder")
+    is_file = path.suffix.lower() == ".safetensors" and not str(output).endswith(("/", "\\"))
+    return "file" if is_file else "folder"
+
+
+def layout_of(ckpt, output: str | Path) -> str:
+    """The output's form (requested_layout) checked against the source's: a file becomes a folder holding
+    model.safetensors (nothing is lost), and an asset-free folder becomes a file; a folder with config or
+    tokenizer files would lose them in one file, so that is refused with the way to get a folder."""
+    layout = requested_layout(output)
+    if layout == "file" and ckpt.folder is not None:
+        from otfuse_cli.checkpoint.reader import asset_files
+
+        if assets := asset_files(ckpt.folder):
+            names = ", ".join(f.name for f in assets[:3]) + (", ..." if len(assets) > 3 else "")
+            raise OtfuseError(f"-o {output}: {ckpt.folder} is a model folder ({names}) that one .safetensors file "
+                              f"cannot hold; give a folder path such as -o {Path(output).with_suffix('')}/")
+    return layout
 
 
 # ---------------------------------------------------------------- the align command and interpolation
@@ -151,7 +222,7 @@ def align(models: list[str], output: str, *, options: AlignOptions = AlignOption
           on_space: Callable[[str], None] | None = None) -> dict:
     """Compute the plans mapping every model onto the anchor and write them to a plan file."""
     out = Path(output)
-    check_output(out, OutputOptions(force=force))
+    check_output(out, OutputOptions(force=force), file_only=True)
     parents = open_parents(models, anchor)
     refuse_overlap(out, input_paths(parents.ckpts, [data.data if options.align == "activations" else None]))
     if data.data and options.align != "activations":
@@ -159,7 +230,9 @@ def align(models: list[str], output: str, *, options: AlignOptions = AlignOption
     data = data.for_family(parents.specs[anchor].family)
     info = data_record(options, data)
     plans = compute_plans(parents, options, data, on_space)
-    meta = {"anchor": anchor, "options": options.to_json(), "inputs": [str(c.path) for c in parents.ckpts],
+    # every input's file hashes and spaces' fingerprint: fuse --plan checks them (check_plan_inputs)
+    meta = {"anchor": anchor, "options": options.to_json(),
+            "inputs": [input_record(c, s) for c, s in zip(parents.ckpts, parents.specs)],
             "spaces": parents.specs[anchor].to_json(), **({"data": info} if info else {})}
     save_plans(out, plans, meta, force=force)
     return {"output": str(out), "family": parents.specs[anchor].family, "anchor": anchor,
@@ -167,7 +240,7 @@ def align(models: list[str], output: str, *, options: AlignOptions = AlignOption
 
 
 def aligned_parent(models: list[str], options: AlignOptions = AlignOptions(),
-                   data: DataOptions = DataOptions()) -> tuple[dict, dict, object]:
+                   data: DataOptions = DataOptions(), on_space=None) -> tuple[dict, dict, object]:
     """(anchor state dict, parent state dict moved into the anchor's basis, anchor checkpoint): the two
     endpoints of the aligned interpolation line."""
     parents = open_parents(models, 0)
@@ -175,7 +248,7 @@ def aligned_parent(models: list[str], options: AlignOptions = AlignOptions(),
     if differ := width_differences(parents.specs):
         raise OtfuseError(f"interpolation needs two models of the same widths; widths differ in {', '.join(differ)}")
     data_record(options, data)
-    plans = compute_plans(parents, options, data)
+    plans = compute_plans(parents, options, data, on_space)
     mover = Transporter(parents.specs[0], parents.specs[1])
     moved = {}
     for name in parents.ckpts[1].keys():

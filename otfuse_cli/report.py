@@ -5,12 +5,34 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
-console = Console(highlight=False)                # stdout: results
+
+
+class ResultConsole(Console):
+    """stdout for results. When stdout is not a terminal (a pipe, a CI log) tables are printed at their
+    natural width rather than squeezed to COLUMNS (80 by default), so no name or number is folded or
+    elided with an ellipsis; log viewers scroll instead."""
+
+    def print(self, *objects, **kwargs) -> None:
+        natural = max((Measurement.get(self, self.options.update_width(10_000), o).maximum
+                       for o in objects if isinstance(o, Table)), default=0)
+        if self.is_terminal or natural <= self.width:
+            return super().print(*objects, **kwargs)
+        saved, self._width = self._width, natural  # print() never renders wider than the console
+        try:
+            super().print(*objects, **kwargs)
+        finally:
+            self._width = saved
+
+
+console = ResultConsole(highlight=False)          # stdout: results
 err_console = Console(stderr=True, highlight=False)  # stderr: progress, warnings
 
 
@@ -145,41 +167,121 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def alignment_table(rows: list[dict], title: str) -> Table:
-    """Per-space alignment result: width, cost before/after, neurons kept in place, plan entropy, solver
-    (with Sinkhorn's marginal error)."""
-    table = Table(title=title, title_justify="left")
-    for col in ("model", "space", "kind", "width", "cost before", "cost after", "stay", "entropy", "solver"):
-        table.add_column(col, justify="left" if col in ("space", "kind", "solver") else "right")
+    """Per-space alignment result: model (#), width, cost before/after, neurons kept in place, plan entropy,
+    solver (with Sinkhorn's marginal error)."""
+    # Nine columns must stay whole at 80: light rules instead of boxes, two-line headers, numbers that
+    # never wrap, and text columns at least as wide as their longest word (rich elides, "sinkh…", any cell
+    # narrower than a word), so only long space names fold and a solver's error goes to a second line.
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                  padding=(0, 1), collapse_padding=True)
+    longest = {key: max((len(w) for r in rows for w in str(r.get(key, "")).split()), default=0)
+               for key in ("kind", "solver")}
+    for col in ("#", "space", "kind", "width", "cost\nbefore", "cost\nafter", "stay", "entropy", "solver"):
+        text = col in ("space", "kind", "solver")
+        table.add_column(col, justify="left" if text else "right", overflow="fold", no_wrap=not text,
+                         min_width=longest.get(col) or (8 if col == "space" else None))
     for r in rows:
         width = r.get("width", ["?", "?"])
         table.add_row(str(r["model"]), escape(r["space"]), r.get("kind", ""),
                       f"{width[0]}→{width[1]}" if width[0] != width[1] else str(width[0]),
-                      _fmt(r.get("cost_before")), _fmt(r.get("cost_after")),
+                      _fmt(r.get("cost_before"), 3), _fmt(r.get("cost_after"), 3),  # full precision: --json
                       f"{100 * r['stay']:.0f}%" if "stay" in r else "-", _fmt(r.get("entropy"), 3),
                       r.get("solver", "") + (f" ±{r['marginal_error']:.0e}" if "marginal_error" in r else ""))
     return table
 
 
-class SpaceProgress:
-    """A progress bar per aligned space on stderr (silent when stderr is not a terminal or for --json)."""
+class Verbosity:
+    """How much the CLI says, set once per invocation by the root callback (--quiet / --verbose)."""
 
-    def __init__(self, total: int, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    quiet = False
+    verbose = False
 
-        self.progress = Progress(TextColumn("[bold]aligning[/] {task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=err_console,
-                                 disable=not (enabled and err_console.is_terminal), transient=True)
-        self.task = self.progress.add_task("", total=total)
+
+def set_verbosity(quiet: bool = False, verbose: bool = False) -> None:
+    """--quiet silences tables and progress (print_json and error_line write past rich, so JSON and errors
+    still appear); --verbose adds a timed line per finished step."""
+    Verbosity.quiet, Verbosity.verbose = quiet, verbose
+    console.quiet = err_console.quiet = quiet
+
+
+class Task:
+    """One progress line: `advance` after each unit of work; `set_total` once the size is known."""
+
+    def __init__(self, owner: "Progress", task_id, name: str):
+        self.owner, self.id, self.name = owner, task_id, name
+        self.last = time.perf_counter()
+
+    def advance(self, n: int = 1, detail: str = "") -> None:
+        self.owner.bars.update(self.id, advance=n, description=escape(detail))
+        now = time.perf_counter()
+        if self.owner.verbose and detail:  # timed log lines stay in the scrollback (and in CI logs)
+            self.owner.bars.console.print(f"  {escape(self.name)}: {escape(detail)}  {now - self.last:.2f} s")
+        self.last = now
+
+    def set_total(self, total: int | None) -> None:
+        self.owner.bars.update(self.id, total=total)
+
+    def finish(self, detail: str = "") -> None:
+        """Mark the rest done (refinement converged before its last sweep)."""
+        task = self.owner.bars.tasks[self.owner.index(self.id)]
+        self.owner.bars.update(self.id, completed=task.total or task.completed, description=escape(detail))
+
+
+class Progress:
+    """Progress bars with totals and ETAs on stderr, one per long step (`task(name, total)`).
+
+    Silent when stderr is not a terminal, for --json and --quiet; --verbose adds a timed line per step.
+    Also callable as the library's `on_space(name)` callback, so code that only knows that still works."""
+
+    def __init__(self, enabled: bool = True):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.verbose = enabled and Verbosity.verbose and not Verbosity.quiet
+        shown = enabled and not Verbosity.quiet and err_console.is_terminal
+        self.bars = Bars(TextColumn("[bold]{task.fields[name]}[/]"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                         TextColumn("{task.description}"), console=err_console,
+                         disable=not shown, transient=True)
+        self.spaces: Task | None = None
 
     def __enter__(self):
-        self.progress.__enter__()
+        self.bars.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+        return self.bars.__exit__(*exc)
+
+    def index(self, task_id) -> int:
+        return next(i for i, t in enumerate(self.bars.tasks) if t.id == task_id)
+
+    def task(self, name: str, total: int | None = None) -> Task:
+        return Task(self, self.bars.add_task("", total=total, name=escape(name)), name)
 
     def __call__(self, space: str) -> None:
-        self.progress.update(self.task, advance=1, description=escape(space))
+        """Plain on_space callers (no totals known): one count per space."""
+        if self.spaces is None:
+            self.spaces = self.task("aligning")
+        self.spaces.advance(detail=space)
+
+
+class NoTask:
+    """What library code advances when its caller passed no progress: does nothing."""
+
+    def advance(self, n: int = 1, detail: str = "") -> None:
+        pass
+
+    def set_total(self, total: int | None) -> None:
+        pass
+
+    def finish(self, detail: str = "") -> None:
+        pass
+
+
+def start(progress, name: str, total: int | None = None) -> Task | NoTask:
+    """progress.task(name, total), or a no-op task for library callers that passed none (or a plain
+    on_space function)."""
+    return progress.task(name, total) if hasattr(progress, "task") else NoTask()
 
 
 def compress_table(result: dict):

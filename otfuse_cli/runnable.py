@@ -39,7 +39,7 @@ def resolve_device(device: str | torch.device = "cpu") -> torch.device:
     except (RuntimeError, TypeError, ValueError):
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):  # torch knows meta, xla, mps...: not ours to run on
-        raise OtfuseError(f"unknown device {str(device)!r} (expected auto, cpu or cuda)")
+        raise OtfuseError(f"unknown device {str(device)!r} for --device (expected auto, cpu or cuda)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OtfuseError(f"device {str(device)!r} requested but CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -147,12 +147,14 @@ class RunnableModel:
 
 def load_runnable(ckpt, *, activation: str | None = None, device: str | torch.device = "cpu") -> RunnableModel:
     """A runnable model for an opened Checkpoint (HF folder or bare state dict)."""
-    if ckpt.config is not None and ckpt.folder is not None:
-        if any((ckpt.folder / f).is_file() for f in HF_WEIGHT_FILES):
-            return _hf_from_pretrained(ckpt, device)
-        # A folder with config but non-standard weight file names: build from config, load our reading.
-        return runnable_from_state_dict(ckpt.state_dict(), ckpt, activation=activation, device=device)
-    return runnable_from_state_dict(ckpt.state_dict(), ckpt, activation=activation, device=device)
+    if ckpt.config is not None and ckpt.folder is not None and any((ckpt.folder / f).is_file() for f in HF_WEIGHT_FILES):
+        model = _hf_from_pretrained(ckpt, device)
+    else:  # bare state dicts, or a folder with config but non-standard weight file names
+        model = runnable_from_state_dict(ckpt.state_dict(), ckpt, activation=activation, device=device)
+    for name, tensor in model.module.state_dict().items():  # an -inf a ReLU hides would still be scored
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise OtfuseError(f"{ckpt.path}: tensor {name} contains NaN or Inf")
+    return model
 
 
 def runnable_from_state_dict(state_dict: Mapping[str, torch.Tensor], like, activation: str | None = None,

@@ -76,7 +76,7 @@ def _log_likelihood_of_own_sample(logits: torch.Tensor, mask, gen: torch.Generat
     return picked.sum()
 
 
-def _fisher(model, batches, tensors: list[str], seed: int) -> dict[str, torch.Tensor]:
+def _fisher(model, batches, tensors: list[str], seed: int, bar=None) -> dict[str, torch.Tensor]:
     """Mean over samples of the squared per-sample gradient of log p(y|x), y ~ the model's prediction."""
     from otfuse_cli.alignment.activations import loaded_names
 
@@ -100,12 +100,17 @@ def _fisher(model, batches, tensors: list[str], seed: int) -> dict[str, torch.Te
                 if p.grad is not None:
                     total[name] += p.grad.detach().double().cpu() ** 2
             count += 1
+            if bar is not None:
+                bar.advance()
     model.module.zero_grad(set_to_none=True)
     return {name: t / max(count, 1) for name, t in total.items()}
 
 
-def compute_stats(ckpt, data: DataOptions, kinds: tuple[str, ...] = KINDS) -> Stats:
-    """The statistics of `ckpt` on its party's data file (`data.data`)."""
+def compute_stats(ckpt, data: DataOptions, kinds: tuple[str, ...] = KINDS, progress=None) -> Stats:
+    """The statistics of `ckpt` on its party's data file (`data.data`). progress: a report.Progress (Gram:
+    batches; Fisher: samples, one backward pass each), or None."""
+    from otfuse_cli.report import start
+
     from otfuse_cli.alignment.activations import sample_batches
     from otfuse_cli.checkpoint import sha256_file
     from otfuse_cli.runnable import load_runnable, resolve_device
@@ -125,18 +130,21 @@ def compute_stats(ckpt, data: DataOptions, kinds: tuple[str, ...] = KINDS) -> St
     if "gram" in kinds:
         state: dict = {}
         handles = _gram_hooks(model, tensors, stats, state)
+        bar = start(progress, "gram", len(batches))
         try:
             with torch.no_grad():
                 for batch, mask in batches:
                     state["mask"] = mask.to(model.device) if mask is not None else None
                     model.predict_logits(batch)
+                    bar.advance()
         except RuntimeError as exc:
             raise OtfuseError(f"the data does not fit the model: {str(exc).splitlines()[0]}") from None
         finally:
             for h in handles:
                 h.remove()
     if "fisher" in kinds:
-        stats.fisher = _fisher(model, batches, tensors, data.seed)
+        samples = sum(len(b) if isinstance(b, torch.Tensor) else len(m) for b, m in batches)
+        stats.fisher = _fisher(model, batches, tensors, data.seed, start(progress, "fisher", samples))
     return stats
 
 

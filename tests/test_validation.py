@@ -326,7 +326,7 @@ def test_a_model_with_non_finite_outputs_is_not_scored(tmp_path):
     a = save_mlp(tmp_path / "a.safetensors", edit=lambda sd: {**sd, "4.bias": torch.full((5,), float("nan"))})
     data = tmp_path / "x.safetensors"
     save_file({"x": torch.randn(8, 20), "y": torch.arange(8) % 5}, data)
-    refused(tmp_path, "evaluate", a, "--data", data, "--json", fragments=("NaN or Inf outputs",))
+    refused(tmp_path, "evaluate", a, "--data", data, "--json", fragments=("NaN or Inf",))  # weights checked first
 
 
 # ---------------------------------------------------------------- strict JSON, option ranges

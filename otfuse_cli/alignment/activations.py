@@ -7,6 +7,7 @@ is bounded by max_tokens x total width. Costs are then built by the same code as
 
 from __future__ import annotations
 
+from typing import Callable
 
 import torch
 from torch import nn
@@ -137,9 +138,11 @@ def module_of(tensor: str) -> str:
 
 
 def collect(ckpt, spec: Spec, *, data: str, samples: int, seed: int, max_tokens: int, activation: str | None,
-            post_activation: bool, max_length: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+            post_activation: bool, max_length: int, device: str,
+            on_batch: Callable[[int, int], None] | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """Producer outputs on the sample inputs, {module name: (rows, features)}, and the most rows any hook
-    held at once (memory is bounded by max_tokens plus one batch)."""
+    held at once (memory is bounded by max_tokens plus one batch). on_batch(done, batches) follows each
+    forward pass."""
     model = load_runnable(ckpt, activation=activation, device=resolve_device(device))
     names = sorted({e.tensor for s in spec.spaces for e in s.entries if e.role == "out"})
     post = None
@@ -148,12 +151,15 @@ def collect(ckpt, spec: Spec, *, data: str, samples: int, seed: int, max_tokens:
     recorder = Recorder(model.module, names, max_tokens, seed, post)
     try:
         with torch.no_grad():
-            for batch, mask in sample_batches(model, data, samples, seed, max_length):
+            batches = sample_batches(model, data, samples, seed, max_length)
+            for done, (batch, mask) in enumerate(batches, 1):
                 recorder.mask = mask.to(model.device) if mask is not None else None
                 if isinstance(batch, dict):
                     model.module(**{k: v.to(model.device) for k, v in batch.items()})
                 else:
                     model.predict_logits(batch)
+                if on_batch:
+                    on_batch(done, len(batches))
     except RuntimeError as exc:
         recorder.close()
         raise OtfuseError(f"the sample inputs do not fit the model: {str(exc).splitlines()[0]}") from None
@@ -167,21 +173,28 @@ def data_info(data: DataOptions) -> dict:
             "post_activation": bool(data.post_activation)}
 
 
+def _for(on_batch, source: TensorSource):
+    """on_batch bound to one model's label (None stays None)."""
+    return (lambda done, batches: on_batch(source.label, done, batches)) if on_batch else None
+
+
 class ActivationFeatures:
     """Feature provider for the engine; activations do not depend on other plans (no refinement)."""
 
     needs_refinement = False
 
     def __init__(self, anchor_spec: Spec, parent_spec: Spec, anchor: TensorSource, parent: TensorSource,
-                 data: DataOptions):
+                 data: DataOptions, on_batch: Callable[[str, int, int], None] | None = None):
+        """on_batch(model label, done, batches) follows every forward pass of either model."""
         self.anchor_spec, self.parent_spec, self.how = anchor_spec, parent_spec, data.standardize or "zscore"
         collect_options = data.collect()
         cache = anchor.__dict__.setdefault("_activations", {})
         key = repr(sorted(collect_options.items()))
         if key not in cache:  # the anchor runs once however many parents there are
-            cache[key] = collect(anchor.ckpt, anchor_spec, **collect_options)[0]
+            cache[key] = collect(anchor.ckpt, anchor_spec, **collect_options, on_batch=_for(on_batch, anchor))[0]
         self.anchor_acts = cache[key]
-        self.parent_acts, self.peak_rows = collect(parent.ckpt, parent_spec, **collect_options)
+        self.parent_acts, self.peak_rows = collect(parent.ckpt, parent_spec, **collect_options,
+                                                   on_batch=_for(on_batch, parent))
 
     def _unit_rows(self, acts, entry, size):
         """An "out" entry's slice of its module's output features: (units, rep, inner, rows)."""

@@ -27,9 +27,16 @@ def plan_stats(cost: np.ndarray, coupling: np.ndarray, info: dict) -> dict:
     return stats
 
 
+def refinement_sweeps(provider, options: AlignOptions) -> int:
+    """The most refinement sweeps align_pair makes (it stops early once no plan changes)."""
+    return options.sweeps if getattr(provider, "needs_refinement", True) else 0
+
+
 def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
-               on_space: Callable[[str], None] | None = None) -> dict[str, Plan]:
-    """Plans mapping `parent` onto `anchor`, one per space, by name."""
+               on_space: Callable[[str], None] | None = None,
+               on_refine: Callable[[str], None] | None = None) -> dict[str, Plan]:
+    """Plans mapping `parent` onto `anchor`, one per space, by name. on_space(name) follows each space's
+    first solve, on_refine(name) each re-solve during refinement (for progress reporting)."""
     plans: dict[str, Plan] = {}
 
     def solve_space(k: int, first_pass: bool) -> Plan:
@@ -49,13 +56,15 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
         plans[space.name] = solve_space(k, True)
         if on_space:
             on_space(space.name)
-    sweeps = options.sweeps if getattr(provider, "needs_refinement", True) else 0
+    sweeps = refinement_sweeps(provider, options)
     for sweep in range(sweeps):
         changed = False
         for k, space in enumerate(anchor.spaces):
             new = solve_space(k, False)
             changed |= not new.same_as(plans[space.name])
             plans[space.name] = new
+            if on_refine:
+                on_refine(space.name)
         if not changed:
             break
     for plan in plans.values():

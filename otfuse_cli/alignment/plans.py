@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -11,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from otfuse_cli.alignment.transport import Plan
-from otfuse_cli.checkpoint.writer import write_tensors
+from otfuse_cli.checkpoint.writer import sha256_file, write_tensors
 from otfuse_cli.errors import OtfuseError
 
 
@@ -103,3 +104,54 @@ def _inner_map(tensor: torch.Tensor, coupling: tuple[int, int], key: str, path: 
     if not torch.equal(tensor.sort(-1).values, torch.arange(d, dtype=tensor.dtype).expand_as(tensor)):
         raise OtfuseError(f"{path}: {key!r} must hold a permutation of 0..{d - 1} for every unit pair")
     return tensor.long()
+
+
+# ---------------------------------------------------------------- which inputs a plan was made for
+
+def space_fingerprint(ckpt, spec) -> list[dict]:
+    """Per space: name, width and a digest of the (tensor, axis, shape) keys it moves: two checkpoints with the
+    same fingerprint can take the same plan, and the first differing space can be named."""
+    out = []
+    for space in spec.spaces:
+        keys = sorted({f"{e.tensor}[{e.axis}]{list(ckpt.shape(e.tensor)) if e.tensor in ckpt else None}"
+                       for e in space.entries})
+        digest = hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16]
+        out.append({"name": space.name, "size": space.size, "entries": digest})
+    return out
+
+
+def input_record(ckpt, spec) -> dict:
+    """What a plan file remembers of one input: its path, the sha256 of each of its files (as provenance
+    records them) and its spaces' fingerprint."""
+    base = ckpt.folder if ckpt.folder is not None else ckpt.path.parent
+    return {"path": str(ckpt.path), "files": {f.relative_to(base).as_posix(): sha256_file(f) for f in ckpt.files()},
+            "spaces": space_fingerprint(ckpt, spec)}
+
+
+def check_plan_inputs(meta: dict, ckpts: list, specs: list, anchor: int, path: str | Path) -> None:
+    """Refuse a plan made for other inputs, another order or another anchor, naming the model that differs.
+    Fingerprints first (a clearer message for another architecture), then the file hashes."""
+    recorded = meta.get("inputs")
+    if not isinstance(recorded, list) or not all(isinstance(r, dict) and isinstance(r.get("files"), dict)
+                                                 for r in recorded):
+        raise OtfuseError(f"{path} does not record its inputs' hashes (written by an older otfuse); "
+                          "recompute it with `otfuse align`")
+    if len(recorded) != len(ckpts):
+        raise OtfuseError(f"plan file {path} was made for {len(recorded)} models, {len(ckpts)} were given")
+    if meta.get("anchor", 0) != anchor:
+        raise OtfuseError(f"plan file {path} was made with --anchor {meta.get('anchor', 0)}, not --anchor {anchor}")
+    current = [input_record(c, s) for c, s in zip(ckpts, specs)]
+    for k, (rec, cur) in enumerate(zip(recorded, current)):
+        if rec.get("files") == cur["files"]:
+            continue
+        name = f"model {k} ({cur['path']})"
+        other = [j for j, r in enumerate(recorded) if r.get("files") == cur["files"]]
+        if other:
+            raise OtfuseError(f"plan file {path} was made for the models in another order: {name} is its model "
+                              f"{other[0]} ({recorded[other[0]].get('path')}); give them in the plan's order")
+        if rec.get("spaces") != cur["spaces"]:
+            space = next((c["name"] for r, c in zip(rec.get("spaces") or [], cur["spaces"]) if r != c),
+                         "the space list")
+            raise OtfuseError(f"plan file {path} does not fit {name}: its layout differs in {space!r}")
+        raise OtfuseError(f"plan file {path} was made for other weights: {name} differs from its "
+                          f"model {k} ({rec.get('path')}); recompute the plan with `otfuse align`")

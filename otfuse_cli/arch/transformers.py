@@ -335,7 +335,7 @@ def check_layers(family: Family, config: dict, names) -> None:
         if key is None:
             continue
         have = found.get(stack, set())
-        if have != set(range(text[key])):
+        if len(have) != text[key] or have != set(range(text[key])):  # length first: never build range(2**40)
             held = f"layers {min(have)}..{max(have)}" if have else "no layers"
             where = f" of the {stack}" if stack else ""
             raise OtfuseError(f"config.json states {key} = {text[key]} but the tensors{where} hold {held} "

@@ -385,25 +385,27 @@ def write_tensors(target: str | Path, tensors: dict[str, torch.Tensor], metadata
 def write_checkpoint(target: str | Path, tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor], *,
                      layout: str, source: Checkpoint | None = None, config_overrides: dict | None = None,
                      provenance: dict | None = None, max_shard_size: int | str = 5 * 10**9,
-                     force: bool = False) -> Path:
+                     force: bool = False, card: str | None = None) -> Path:
     """Write tensors to ``target`` atomically and return the target path.
 
     layout "file": one .safetensors file at target (no sharding). layout "folder": ``model.safetensors`` or
     ``model-0000i-of-0000N.safetensors`` shards + ``model.safetensors.index.json``, the source's config
     (with ``config_overrides`` applied; ignored when the source has no config.json) and tokenizer/asset
-    files, and ``otfuse.json``. Tensors may come from a generator: a shard's worth is buffered at a time.
+    files, and ``otfuse.json``; ``card`` (folder only) becomes README.md in place of the source's. Tensors may
+    come from a generator: a shard's worth is buffered at a time.
     The output is loaded back (headers, index, config) before it is published.
     """
     if layout not in ("file", "folder"):
         raise ValueError(f"layout must be 'file' or 'folder', not {layout!r}")
     try:
-        return _write(Path(target), tensors, layout, source, config_overrides, provenance, max_shard_size, force)
+        return _write(Path(target), tensors, layout, source, config_overrides, provenance, max_shard_size, force,
+                      card)
     except OSError as e:  # unwritable target, disk full...: the temp output is already gone
         raise OtfuseError(f"cannot write {target}: {e.strerror or e}") from None
 
 
 def _write(target: Path, tensors, layout: str, source: Checkpoint | None, config_overrides: dict | None,
-           provenance: dict | None, max_shard_size: int | str, force: bool) -> Path:
+           provenance: dict | None, max_shard_size: int | str, force: bool, card: str | None = None) -> Path:
     max_shard_size = parse_size(max_shard_size)
     recover(target)
     _check_target(target, force)  # fail before doing any work
@@ -429,6 +431,8 @@ def _write(target: Path, tensors, layout: str, source: Checkpoint | None, config
             os.chmod(f, 0o666 & ~_umask())
         if source is not None and source.folder is not None:
             _copy_assets(source, tmp, config_overrides)
+        if card is not None:  # the output's own card replaces the copied one (otfuse_cli.card quotes that)
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         if provenance is not None:
             (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, sort_keys=True, indent=2) + "\n",
                                                encoding="utf-8")

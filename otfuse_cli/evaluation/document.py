@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,24 @@ def non_finite_note(rows: list[dict], metrics: list[str], key: str = "model") ->
     return {"non_finite": "not a finite number (null in --json): " + ", ".join(bad)} if bad else {}
 
 
+def forward_passes(task: str, data: tasks.EvalData, batch_size: int, models: int) -> int | None:
+    """How many forward passes scoring makes, where that is known up front: classification runs each model
+    once per batch; other tasks (generation, masked pseudo-likelihood) make a data-dependent number."""
+    return models * math.ceil(data.samples / batch_size) if task == "classification" else None
+
+
+@contextmanager
+def counting_forwards(models, progress_task):
+    """Advance progress_task after every forward pass of each model's top module (hooks removed on exit)."""
+    handles = [m.module.register_forward_hook(lambda *_, name=name: progress_task.advance(detail=name))
+               for name, m in models if hasattr(getattr(m, "module", None), "register_forward_hook")]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def build_document(task: str, data: tasks.EvalData, rows: list[dict], notes: dict) -> dict:
     metrics = tasks.TASK_METRICS[task]
     notes = {**notes, **non_finite_note(rows, metrics)}
@@ -50,8 +69,12 @@ def build_document(task: str, data: tasks.EvalData, rows: list[dict], notes: dic
 
 def evaluate_models(models: list[tuple[str, Any]], data_path: str | Path, *, task: str = "auto",
                     batch_size: int = 32, max_samples: int | None = None, device: str = "cpu",
-                    ensemble: bool = False, num_beams: int = 1, seed: int = 0, max_length: int = 256) -> dict:
-    """Score each (name, RunnableModel) on the data; see the module docs of `tasks` for the metrics."""
+                    ensemble: bool = False, num_beams: int = 1, seed: int = 0, max_length: int = 256,
+                    progress=None) -> dict:
+    """Score each (name, RunnableModel) on the data; see the module docs of `tasks` for the metrics.
+    progress: a report.Progress (models x batches), or None."""
+    from otfuse_cli.report import start
+
     if not models:
         raise OtfuseError("no models to evaluate")
     names = [n for n, _ in models]
@@ -75,8 +98,10 @@ def evaluate_models(models: list[tuple[str, Any]], data_path: str | Path, *, tas
     task = tasks.resolve_task(task, data, models)
     for _, m in models:
         m.to(dev)
-    rows, notes = tasks.score(task, models, data, batch_size=batch_size, max_length=max_length,
-                              ensemble=ensemble, num_beams=num_beams, seed=seed)
+    bar = start(progress, "evaluating", forward_passes(task, data, batch_size, len(models)))
+    with counting_forwards(models, bar):
+        rows, notes = tasks.score(task, models, data, batch_size=batch_size, max_length=max_length,
+                                  ensemble=ensemble, num_beams=num_beams, seed=seed)
     notes = {**notes, "device": str(dev)}
     if max_samples is not None:
         notes["subsample_seed"] = int(seed)

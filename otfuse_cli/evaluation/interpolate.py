@@ -13,7 +13,7 @@ import torch
 from otfuse_cli.checkpoint.writer import write_file
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.evaluation import tasks
-from otfuse_cli.evaluation.document import best_of, non_finite_note
+from otfuse_cli.evaluation.document import best_of, counting_forwards, forward_passes, non_finite_note
 from otfuse_cli.evaluation.metrics import HIGHER_IS_BETTER
 from otfuse_cli.runnable import resolve_device, runnable_from_state_dict
 
@@ -47,8 +47,12 @@ def interpolate_state_dicts(a: Mapping[str, torch.Tensor], b: Mapping[str, torch
 def interpolate(model_a_sd: Mapping[str, torch.Tensor], model_b_sd: Mapping[str, torch.Tensor], like,
                 data_path: str | Path, steps: int = 11, *, name: str = "naive", task: str = "auto",
                 batch_size: int = 32, max_samples: int | None = None, device: str = "cpu",
-                activation: str | None = None, seed: int = 0, num_beams: int = 1, max_length: int = 256) -> dict:
-    """Metrics at alpha in linspace(0, 1, steps); `like` is the checkpoint whose architecture both share."""
+                activation: str | None = None, seed: int = 0, num_beams: int = 1, max_length: int = 256,
+                progress=None) -> dict:
+    """Metrics at alpha in linspace(0, 1, steps); `like` is the checkpoint whose architecture both share.
+    progress: a report.Progress (steps x batches), or None."""
+    from otfuse_cli.report import start
+
     if steps < 2:
         raise OtfuseError(f"steps must be at least 2, got {steps}")
     require_same_layout(model_a_sd, model_b_sd)
@@ -60,11 +64,13 @@ def interpolate(model_a_sd: Mapping[str, torch.Tensor], model_b_sd: Mapping[str,
     metrics = tasks.TASK_METRICS[task]
     rows = []
     alphas = [round(float(a), 6) for a in torch.linspace(0, 1, steps, dtype=torch.float64)]
+    bar = start(progress, f"{name} line", forward_passes(task, data, batch_size, steps))
     for alpha in alphas:
         runnable.load_weights(interpolate_state_dicts(model_a_sd, model_b_sd, alpha))
         label = f"alpha={alpha:.2f}"
-        (row,), notes = tasks.score(task, [(label, runnable)], data, batch_size=batch_size, max_length=max_length,
-                                    num_beams=num_beams, seed=seed, ensemble=False)
+        with counting_forwards([(label, runnable)], bar):
+            (row,), notes = tasks.score(task, [(label, runnable)], data, batch_size=batch_size,
+                                        max_length=max_length, num_beams=num_beams, seed=seed, ensemble=False)
         rows.append({"alpha": alpha, **row})
     return {
         "task": task,
