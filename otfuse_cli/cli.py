@@ -545,15 +545,31 @@ def escape_path(path: str) -> str:
 
 def main() -> None:
     """Console-script entry point (`otfuse`) and `python -m otfuse_cli`."""
+    code: int | str | None = 0
     with _interrupt_signals():  # from here on, also between parsing and the command
         try:
-            app(prog_name="otfuse")
-        except KeyboardInterrupt:
-            report.error_line("interrupted")
-            sys.exit(EXIT_INTERRUPTED)
-        except OtfuseError as e:  # raised outside a command (e.g. while parsing): same contract
-            report.error_line("interrupted" if _interrupted else str(e))
-            sys.exit(EXIT_INTERRUPTED if _interrupted else e.exit_code)
+            try:
+                app(prog_name="otfuse")
+            except SystemExit as e:
+                code = e.code
+            except KeyboardInterrupt:
+                report.error_line("interrupted")
+                code = EXIT_INTERRUPTED
+            except OtfuseError as e:  # raised outside a command (e.g. while parsing): same contract
+                report.error_line("interrupted" if _interrupted else str(e))
+                code = EXIT_INTERRUPTED if _interrupted else e.exit_code
+        except KeyboardInterrupt:  # a second signal while the first was being reported
+            code = EXIT_INTERRUPTED
+        # once the outcome is known, later signals must not turn exit 130 into death by signal at shutdown
+        # (set before the handlers are restored, and kept after)
+        ignore = {s: signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in ignore:
+            signal.signal(s, signal.SIG_IGN)
+    for s in ignore:
+        signal.signal(s, signal.SIG_IGN)
+    if _interrupted and code != EXIT_INTERRUPTED:
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
 
 
 if __name__ == "__main__":
