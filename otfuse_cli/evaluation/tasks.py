@@ -109,20 +109,6 @@ def resolve_task(task: str, data: EvalData, models: list[tuple[str, Any]]) -> st
     return task
 
 
-def _model_max_length(m, max_length: int) -> int:
-    """max_length capped by the model's position table and the tokenizer's own limit (RoBERTa: 514 vs 512)."""
-    limits = [max_length]
-    for attr in ("n_positions", "max_position_embeddings"):
-        v = getattr(m.config, attr, None)
-        if isinstance(v, int) and v > 0:
-            limits.append(v)
-            break
-    tok_max = getattr(m.tokenizer, "model_max_length", None)
-    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:  # "unset" is a huge sentinel
-        limits.append(tok_max)
-    return min(limits)
-
-
 def _text_model(name: str, m, data: EvalData):
     if m.kind != "hf":
         raise OtfuseError(f"model {name!r} is a bare {m.kind} state dict: it takes tensor data (.npz/.safetensors), "
@@ -190,7 +176,7 @@ def class_probs(m, data: EvalData, *, batch_size: int, max_length: int, name: st
         tok = _text_model(name, m, data)
         texts = data.texts("text")
         pairs = data.texts("text_pair") if "text_pair" in data.fields else None
-        ml = _model_max_length(m, max_length)
+        ml = m.token_limit(max_length)
         for s in batched(len(texts), batch_size):
             enc = tokenize_texts(tok, texts[s], pairs[s] if pairs else None, max_length=ml)
             chunks.append(_softmax64(_run(name, m, enc)))
@@ -251,7 +237,7 @@ def score_classification(models, data: EvalData, *, batch_size=32, max_length=25
 def causal_token_logprobs(m, texts: list[str], *, batch_size=32, max_length=256, name="model"):
     """Per text: (token ids scored, log-probability of each given its prefix). Padding excluded."""
     tok = m.require_tokenizer()
-    ml = _model_max_length(m, max_length)
+    ml = m.token_limit(max_length)
     out = []
     for s in batched(len(texts), batch_size):
         enc = tokenize_texts(tok, texts[s], max_length=ml, padding_side="right")
@@ -299,7 +285,7 @@ def mlm_scores(m, texts: list[str], *, batch_size=32, max_length=256, seed=0, na
     tok = m.require_tokenizer()
     if tok.mask_token_id is None:
         raise OtfuseError(f"model {name!r}'s tokenizer has no mask token")
-    ml = _model_max_length(m, max_length)
+    ml = m.token_limit(max_length)
     total, correct, count = 0.0, 0, 0
     for s in batched(len(texts), batch_size):
         enc = tokenize_texts(tok, texts[s], max_length=ml, return_special_tokens_mask=True)
@@ -345,7 +331,7 @@ def score_mlm(models, data: EvalData, *, batch_size=32, max_length=256, seed=0, 
 
 def translate(m, sources: list[str], *, batch_size=32, max_length=256, num_beams=1, name="model") -> list[str]:
     tok = m.require_tokenizer()
-    ml = _model_max_length(m, max_length)
+    ml = m.token_limit(max_length)
     out: list[str] = []
     for s in batched(len(sources), batch_size):
         enc = tokenize_texts(tok, sources[s], max_length=ml)
