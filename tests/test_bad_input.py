@@ -35,6 +35,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, cli, cli_subprocess
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from fuzz import sha_tree  # noqa: E402  (the fuzzer's tree snapshot: files by sha256, folders and links by kind)
 from models import mlp
 
 FIX = REPO / "fixtures"
@@ -218,22 +221,6 @@ def forked(tmp_path_factory):
     server = ForkServer(tmp_path_factory.mktemp("fork_server"))
     yield server
     server.close()
-
-
-def sha_tree(root: Path) -> dict[str, str]:
-    """Every entry under root: files by sha256, folders and links by kind (links are not followed)."""
-    out: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = p.relative_to(root).as_posix()
-            if p.is_symlink():
-                out[rel] = "link:" + os.readlink(p)
-            elif p.is_dir():
-                out[rel] = "dir"
-            else:
-                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def tree_changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
