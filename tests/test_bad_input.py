@@ -16,7 +16,6 @@ processes, signalled while they compute or write.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
