@@ -569,7 +569,25 @@ def main() -> None:
         signal.signal(s, signal.SIG_IGN)
     if _interrupted and code != EXIT_INTERRUPTED:
         code = EXIT_INTERRUPTED
+    if code == EXIT_INTERRUPTED:
+        _forget_unhandled_interrupt()
     sys.exit(code)
+
+
+def _forget_unhandled_interrupt() -> None:
+    """Keep exit 130 under `python -m otfuse_cli`.
+
+    CPython marks "KeyboardInterrupt left the program" whenever one escapes an embedded PyRun_* call (C
+    extensions run module code that way while being imported, e.g. inside scipy). The mark is never cleared when
+    the exception is caught later, so `-m` ends the process by re-raising SIGINT (exit -2) even though we handled
+    the interrupt. Every PyRun_* call clears the mark first, so running an empty statement through one resets it.
+    """
+    import ctypes
+
+    try:
+        ctypes.pythonapi.PyRun_SimpleString(b"pass")
+    except (AttributeError, OSError):  # pragma: no cover - an interpreter without the C API (PyPy)
+        pass
 
 
 if __name__ == "__main__":

@@ -161,3 +161,23 @@ def test_an_interrupt_a_library_turned_into_another_error_still_says_interrupted
     assert exit_.value.exit_code == 130
     assert capsys.readouterr().err == "error: interrupted\n"
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers are put back afterwards
+
+
+def test_python_dash_m_exits_130_after_an_interrupt_that_crossed_an_embedded_pyrun(tmp_path):
+    """CI saw exit -2 (death by SIGINT) after `error: interrupted`: a Ctrl-C that lands while a C extension runs
+    module code through PyRun_* (scipy's import does) leaves CPython's "unhandled KeyboardInterrupt" mark set,
+    and `python -m` then re-raises SIGINT at exit. Set that mark on purpose, interrupt, expect 130."""
+    (tmp_path / "interrupt_after_pyrun.py").write_text(
+        "import ctypes, os, runpy, signal, sys, time\n"
+        "import otfuse_cli.cli\n"
+        "def app(**_):\n"
+        "    ctypes.pythonapi.PyRun_SimpleString(b'raise KeyboardInterrupt')  # sets the mark, prints a trace\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "otfuse_cli.cli.app = app\n"
+        "runpy.run_module('otfuse_cli', run_name='__main__')\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "interrupt_after_pyrun"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "KeyboardInterrupt" in proc.stderr  # the mark was set
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (130, "error: interrupted")
