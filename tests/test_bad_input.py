@@ -421,6 +421,7 @@ def bad_digits(ws: Workspace) -> None:
     y = d["y"].clone()
     y[0] = -1
     save_file({"x": d["x"], "y": y}, ws.inp / "digits_labelneg.safetensors")
+    save_file({"x": d["x"] * 0 + 1.7e38, "y": d["y"]}, ws.inp / "digits_huge.safetensors")  # finite, overflows
     save_file({"x": d["x"], "y": d["y"] > 4}, ws.inp / "digits_ybool.safetensors")
     save_file({"x": d["x"], "y": d["y"].float() + 0.5}, ws.inp / "digits_yfloat.safetensors")
     save_file({"x": torch.rand(16, 3, 8, 8), "y": torch.randint(0, 10, (16,))}, ws.inp / "rgb.safetensors")
@@ -666,6 +667,11 @@ CONFIG_MUTANTS = {
     "vocab_size=1000 (weights have 2000)": {"vocab_size": 1000},
     "hidden_size missing": {"hidden_size": DELETE},
     "layer_norm_eps='x'": {"layer_norm_eps": "x"},
+    "pad_token_id=2**40": {"pad_token_id": 2**40},  # found by the fuzzer (seed 1)
+    "pad_token_id=vocab_size": {"pad_token_id": 2000},
+    "pad_token_id='0'": {"pad_token_id": "0"},
+    "eos_token_id=[0, 2**40]": {"eos_token_id": [0, 2**40]},
+    "bos_token_id=-5000": {"bos_token_id": -5000},
 }
 CONFIG_COMMANDS = {
     "inspect --spaces": ["inspect", "--spaces", "{i}/bert_m"],
@@ -895,6 +901,11 @@ WRONG_DATA = {
                                            "--data", "{i}/digits_inf.safetensors"],
     "compress --align activations NaN in x": ["compress", A, "-o", "{t}/o.safetensors", "--ratio", "0.5",
                                               "--align", "activations", "--data", "{i}/digits_nan.safetensors"],
+    "compress --align activations 1.7e38 in x": ["compress", A, "-o", "{t}/o.safetensors", "--ratio", "0.5",
+                                                 "--align", "activations", "--data",
+                                                 "{i}/digits_huge.safetensors"],  # found by the fuzzer (seed 1)
+    "fuse --align activations 1.7e38 in x": ["fuse", A, B, "-o", "{t}/o.safetensors", "--align", "activations",
+                                             "--data", "{i}/digits_huge.safetensors"],
     "fuse --repair-bn NaN in x": ["fuse", "{i}/cnn_a.safetensors", "{i}/cnn_b.safetensors", "-o",
                                   "{t}/o.safetensors", "--repair-bn", "--data", "{i}/digits_nan.safetensors"],
     "evaluate bert label 5 of 2": ["evaluate", BA, "--data", "{i}/label5.jsonl"],

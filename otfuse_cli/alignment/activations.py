@@ -163,7 +163,12 @@ def collect(ckpt, spec: Spec, *, data: str, samples: int, seed: int, max_tokens:
     except RuntimeError as exc:
         recorder.close()
         raise OtfuseError(f"the sample inputs do not fit the model: {str(exc).splitlines()[0]}") from None
-    return recorder.close(), recorder.peak_rows
+    acts = recorder.close()
+    for module, x in acts.items():  # finite inputs can still overflow (pixels of 1e38): say so, not crash later
+        if not bool(torch.isfinite(x).all()):
+            raise OtfuseError(f"{ckpt.path}: activations of module {module!r} overflow to NaN or Inf on "
+                              f"{data}; check the data's scale")
+    return acts, recorder.peak_rows
 
 
 def data_info(data: DataOptions) -> dict:

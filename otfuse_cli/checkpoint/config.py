@@ -97,6 +97,24 @@ def _label2id(value, source) -> dict[str, int] | None:
     return dict(value)
 
 
+# Token ids the model looks up in its vocabulary (the embedding's padding row, generation's start and stop).
+TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
+
+
+def _check_token_ids(raw: dict, vocab: int | None, source) -> None:
+    """Each id, when set, is an integer row of the vocabulary (eos may be a list of them). Negative ids count
+    from the end, as nn.Embedding's padding_idx does, so old configs' -1 still loads."""
+    if vocab is None:
+        return
+    for key in TOKEN_ID_KEYS:
+        value = raw.get(key)
+        for token in value if isinstance(value, list) and key == "eos_token_id" else [value]:
+            if token is None and not isinstance(value, list):
+                continue
+            if isinstance(token, bool) or not isinstance(token, int) or not -vocab <= token < vocab:
+                raise _bad(source, key, f"a token id below vocab_size {vocab}", value)
+
+
 def parse_config(raw: dict, source) -> ModelConfig:
     """The typed config of a config.json object; OtfuseError naming the first field of a wrong type or range."""
     model_type = raw.get("model_type")
@@ -113,6 +131,9 @@ def parse_config(raw: dict, source) -> ModelConfig:
     sizes = _sizes(raw, keys, nullable, source)
     if text:
         sizes.update(_sizes(text, keys, nullable, source))
+    _check_token_ids(raw, sizes.get("vocab_size"), source)
+    if text:
+        _check_token_ids(text, sizes.get("vocab_size"), source)
     config = ModelConfig(model_type or None, tuple(arch or ()), sizes, _id2label(raw.get("id2label"), source),
                          _label2id(raw.get("label2id"), source))
     if config.id2label and "num_labels" in sizes and sizes["num_labels"] != len(config.id2label):
