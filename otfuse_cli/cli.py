@@ -117,12 +117,36 @@ class _Group(TyperGroup):
         with _one_line_errors():
             return super().invoke(ctx)
 
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _name_values(command)
+        return command
+
+
+# typer labels values by Python type (`<int range>`, `<list[str]>`, `<str>`); help names them as click does.
+_VALUE_NAMES = {"int": "N", "int range": "N", "float": "X", "float range": "X", "str": "TEXT"}
+
+
+def _click_style(label: str | None) -> str | None:
+    inner = (label or "").strip("<>")
+    return _VALUE_NAMES.get(inner, f"[{inner}]") if inner else None
+
+
+def _name_values(command) -> None:
+    for param in command.params:
+        if param.param_type_name == "argument":
+            param.display_type_rich = lambda ctx: None  # the metavar (MODEL...) says it all
+        elif param.metavar is None and not param.is_flag:
+            param.display_type_rich = lambda ctx, typed=param.display_type_rich: _click_style(typed(ctx))
+
 
 app = typer.Typer(
     cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: choices as [a|b], flags without a type, readable at 80 columns
     help="Fuse neural-network checkpoints with optimal transport.",
 )
 
@@ -153,7 +177,7 @@ def _root(
 
 @app.command()
 def inspect(
-    models: list[str] = typer.Argument(..., metavar="MODEL...",
+    models: list[str] = typer.Argument(..., metavar="MODEL",
                                        help="Checkpoints: .safetensors, sharded index, HF folder, .bin/.pt."),
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor with its shape and dtype."),
     spaces: bool = typer.Option(False, "--spaces", help="Show the neuron spaces (Spec) that alignment moves."),
@@ -162,7 +186,11 @@ def inspect(
 ) -> None:
     """Summarise checkpoints; with two or more, say whether their layouts can be fused.
 
-    Examples:  otfuse inspect fused/ --spaces   ·   otfuse inspect a/ b/ --check --json
+    Examples:
+
+    \b
+      otfuse inspect fused/ --spaces
+      otfuse inspect a/ b/ --check --json
     """
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.inspect import compare, summarize
@@ -195,11 +223,11 @@ def inspect(
 ALIGN_FLAGS = ("--align", "--solver", "--reg", "--metric", "--marginals", "--cost-norm", "--refine")
 SAMPLE_FLAGS = ("--samples", "--max-tokens", "--standardize", "--post-activation", "--max-length", "--device",
                 "--activation", "--seed")
-MODELS_ARG = typer.Argument(..., metavar="MODEL...", help="Two or more checkpoints (files or HF folders).")
+MODELS_ARG = typer.Argument(..., metavar="MODEL", help="Two or more checkpoints (files or HF folders).")
 ANCHOR_OPT = typer.Option(0, "--anchor", min=0, help="Index of the model whose basis and widths the result takes.")
 ACTIVATION_OPT = typer.Option(None, "--activation", help="Nonlinearity of bare MLP/CNN/ResNet state dicts.")
 SEED_OPT = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed for sampling inputs.")
-DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu or cuda: where forward passes run.")
+DEVICE_OPT = typer.Option("auto", "--device", metavar="[auto|cpu|cuda]", help="auto, cpu or cuda: where forward passes run.")
 FORCE_OPT = typer.Option(False, "--force", help="Overwrite an existing output.")
 CompressMethod = enum.Enum("CompressMethod", {m: m for m in ("ot", "magnitude", "random")}, type=str)
 Activation = enum.Enum("Activation", {a: a for a in ACTIVATIONS}, type=str)
@@ -216,7 +244,11 @@ def align(
 ) -> None:
     """Compute transport plans that map every model onto the anchor and write them to a plan file.
 
-    Examples:  otfuse align a/ b/ -o plans.safetensors   ·   otfuse fuse a/ b/ -o fused/ --plan plans.safetensors
+    Examples:
+
+    \b
+      otfuse align a/ b/ -o plans.safetensors
+      otfuse fuse a/ b/ -o fused/ --plan plans.safetensors
     """
     from otfuse_cli.pipeline import align as align_models
 
@@ -257,8 +289,13 @@ def fuse(
     RegMean or Fisher). Activation alignment runs every model on the same --data; the merge statistics can
     come from each party's own data through --stats files instead.
 
-    Examples:  otfuse fuse a/ b/ -o fused/   ·   otfuse fuse a/ b/ -o fused/ --solver sinkhorn --reg 0.02
-    ·   otfuse fuse a/ b/ -o fused/ --merge regmean --stats a.stats.safetensors --stats b.stats.safetensors
+    Examples:
+
+    \b
+      otfuse fuse a/ b/ -o fused/
+      otfuse fuse a/ b/ -o fused/ --solver sinkhorn --reg 0.02
+      otfuse fuse a/ b/ -o fused/ --merge regmean \\
+          --stats a.stats.safetensors --stats b.stats.safetensors
     """
     from otfuse_cli.fusion import fuse as fuse_models
 
@@ -300,10 +337,10 @@ def _display_names(paths: list[str]) -> list[str]:
 @app.command()
 @with_options(options=AlignOptions)
 def evaluate(
-    models: list[str] = typer.Argument(None, metavar="MODEL...", help="Checkpoints to score, one row each."),
-    data: str = typer.Option(..., "--data", help="Evaluation data: jsonl/csv/tsv (text[, text_pair], label | "
+    models: list[str] = typer.Argument(None, metavar="MODEL", help="Checkpoints to score, one row each."),
+    data: str = typer.Option(..., "--data", metavar="FILE", help="Evaluation data: jsonl/csv/tsv (text[, text_pair], label | "
                                                  "source, target | text) or npz/safetensors (x, y)."),
-    task: str = typer.Option("auto", "--task", help="auto, classification, lm or translation."),
+    task: str = typer.Option("auto", "--task", metavar="[auto|classification|lm|translation]", help="auto, classification, lm or translation."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Inputs per forward pass."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Seeded subsample of the data."),
     ensemble: bool = typer.Option(False, "--ensemble", help="Add the prediction ensemble (averaged probabilities)."),
@@ -316,7 +353,7 @@ def evaluate(
                                                           "--solver, ... as in fuse)."),
     align_data: Optional[str] = typer.Option(None, "--align-data", metavar="FILE",
                                              help="Sample inputs for --aligned --align activations."),
-    plot: Optional[str] = typer.Option(None, "--plot", help="Draw the interpolation curves to a PNG."),
+    plot: Optional[str] = typer.Option(None, "--plot", metavar="PNG", help="Draw the interpolation curves to a PNG."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --plot file."),
     num_beams: int = typer.Option(1, "--num-beams", min=1, help="Beam size for translation (1 = greedy)."),
     max_length: int = typer.Option(256, "--max-length", min=1, help="Token limit per text."),
@@ -337,8 +374,12 @@ def evaluate(
     Gates exit 3 after printing the results: `--fail-under accuracy=0.9` (every row),
     `--fail-under fused:accuracy=0.9` (the row named fused), `--fail-over nll=0.5` (lower-is-better metrics).
 
-    Examples:  otfuse evaluate a/ b/ fused/ --data test.jsonl --ensemble-of 0,1
-    ·   otfuse evaluate fused/ --data test.jsonl --fail-under accuracy=0.9 --fail-over ece=0.1"""
+    Examples:
+
+    \b
+      otfuse evaluate a/ b/ fused/ --data test.jsonl --ensemble-of 0,1
+      otfuse evaluate fused/ --data test.jsonl --fail-under accuracy=0.9
+    """
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.evaluation import (evaluate_models, interpolate as interpolate_line, plot_curve,
                                      render_curve_table, render_table)
@@ -435,7 +476,7 @@ def _check_plot(plot: str, force: bool, interpolate: tuple[str, str] | None, mod
               defaults={"standardize": "none", "post_activation": False})
 def compress(
     model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint to shrink (file or HF folder)."),
-    output: str = typer.Option(..., "-o", "--output", help="Compressed checkpoint (file or folder, like MODEL)."),
+    output: str = typer.Option(..., "-o", "--output", metavar="PATH", help="Compressed checkpoint (file or folder, like MODEL)."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="Keep this fraction (0<R<1) of every compressible "
                                                                 "space."),
     width: Optional[list[str]] = typer.Option(None, "--width", metavar="KIND=N",
@@ -450,8 +491,13 @@ def compress(
 ) -> None:
     """Shrink a model's hidden/channel/FFN/head widths by merging neurons with OT clustering (or pruning).
 
-    Examples:  otfuse compress model/ -o small/ --ratio 0.5
-    ·   otfuse compress cnn.safetensors -o small.safetensors --ratio 0.5 --repair --data calib.safetensors"""
+    Examples:
+
+    \b
+      otfuse compress model/ -o small/ --ratio 0.5
+      otfuse compress cnn.safetensors -o small.safetensors --ratio 0.5 \\
+          --repair --data calib.safetensors
+    """
     from otfuse_cli.compression import compress as compress_model
 
     check_device(data)
@@ -477,7 +523,7 @@ def compress(
 @with_options(data=DataOptions, only={"data": ("data", "samples", "seed", "activation", "max_length", "device")})
 def stats(
     model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint whose statistics to compute."),
-    output: str = typer.Option(..., "-o", "--output", help="Statistics file to write (.safetensors)."),
+    output: str = typer.Option(..., "-o", "--output", metavar="PATH", help="Statistics file to write (.safetensors)."),
     kind: Optional[list[StatKind]] = typer.Option(None, "--kind", help="Which statistics (repeatable; default: "
                                                                        "all): gram (RegMean), fisher."),
     force: bool = FORCE_OPT, json_out: bool = JSON_OPTION, data: DataOptions = None,
@@ -485,7 +531,11 @@ def stats(
     """Compute, on this party's own data, the statistics merge rules need (Gram matrices of every linear
     layer's inputs, diagonal Fisher), in the model's own basis, to share instead of the data.
 
-    Example:  otfuse stats party_a/ --data private.jsonl -o a.stats.safetensors
+    Examples:
+
+    \b
+      otfuse stats party_a/ --data private.jsonl -o a.stats.safetensors
+      otfuse stats party_a/ --data private.jsonl -o a.safetensors --kind gram
     """
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
@@ -514,7 +564,17 @@ def run_recipe_command(
 ) -> None:
     """Run an align, fuse or compress job described by a YAML recipe (one file per CI job).
 
-    Example recipe:  command: fuse / models: [a/, b/] / output: fused/ / options: {solver: sinkhorn, reg: 0.02}
+    Examples:
+
+    \b
+      otfuse run job.yaml
+      otfuse run job.yaml --json
+      
+      job.yaml:
+        command: fuse
+        models: [a/, b/]
+        output: fused/
+        options: {solver: sinkhorn, reg: 0.02}
     """
     from otfuse_cli.recipe import run_recipe
 

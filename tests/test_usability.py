@@ -68,3 +68,31 @@ def test_activation_alignment_respects_the_position_limit(tmp_path):
     otf.fuse([str(tmp_path / "g0"), str(tmp_path / "g1")], str(tmp_path / "f"),
              options=otf.AlignOptions(align="activations"), data=otf.DataOptions(data=str(tmp_path / "long.jsonl")))
     assert (tmp_path / "f" / "model.safetensors").is_file()
+
+
+COMMANDS = ("inspect", "align", "fuse", "evaluate", "compress", "stats", "run")
+
+
+def test_help_names_values_like_click_and_shows_examples():
+    """Item 10/12: every command's --help at 80 columns has examples, lists the choices of a choice option in
+    click's [a|b] form, and no typer type labels (<bool>, <str>, <int range>, <list[str]>)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = dict(os.environ, COLUMNS="80", PYTHONPATH=str(REPO))
+    for command in COMMANDS:
+        out = subprocess.run([sys.executable, "-m", "otfuse_cli", command, "--help"], capture_output=True,
+                             text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        text = out.stdout
+        assert "Examples" in text and "otfuse " + command in text, (command, text)
+        assert not re.search(r"<(bool|str|int|float|list|path)", text), (command, text)
+        assert max(map(len, text.splitlines())) <= 80, command
+    fuse = subprocess.run([sys.executable, "-m", "otfuse_cli", "fuse", "--help"], capture_output=True, text=True,
+                          env=env, timeout=60).stdout
+    assert "--solver [exact|sinkhorn]" in fuse and "--merge [average|regmean|fisher]" in fuse
+    assert re.search(r"--repair, --repair-bn +REPAIR", fuse)  # a flag takes no value
