@@ -152,6 +152,10 @@ app = typer.Typer(
 
 # Shared option declarations, reused by every command.
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
+ALLOW_MISMATCH_OPT = typer.Option(
+    False, "--allow-config-mismatch", help="Fuse parents whose config.json differs in fields that change the "
+    "function (activation, norm epsilon, positions, special tokens) or whose tokenizer differs; the result runs "
+    "with the anchor's config.")
 
 
 def _version(value: bool) -> None:
@@ -182,7 +186,7 @@ def inspect(
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor with its shape and dtype."),
     spaces: bool = typer.Option(False, "--spaces", help="Show the neuron spaces (Spec) that alignment moves."),
     check: bool = typer.Option(False, "--check", help="Exit 3 when the models cannot be fused (for CI)."),
-    json_out: bool = JSON_OPTION,
+    allow_config_mismatch: bool = ALLOW_MISMATCH_OPT, json_out: bool = JSON_OPTION,
 ) -> None:
     """Summarise checkpoints; with two or more, say whether their layouts can be fused.
 
@@ -198,7 +202,7 @@ def inspect(
 
     ckpts = [open_checkpoint(m) for m in models]
     summaries = [summarize(c) for c in ckpts]
-    comparison = compare(ckpts) if len(ckpts) >= 2 else None
+    comparison = compare(ckpts, allow_config_mismatch) if len(ckpts) >= 2 else None
     specs = [build_spec(c) for c in ckpts] if spaces else []
     if json_out:
         if not tensors:
@@ -240,7 +244,7 @@ def align(
     models: list[str] = MODELS_ARG,
     output: str = typer.Option(..., "-o", "--output", metavar="PATH", help="Plan file to write (.safetensors)."),
     anchor: int = ANCHOR_OPT, force: bool = FORCE_OPT, json_out: bool = JSON_OPTION,
-    options: AlignOptions = None, data: DataOptions = None,
+    allow_config_mismatch: bool = ALLOW_MISMATCH_OPT, options: AlignOptions = None, data: DataOptions = None,
 ) -> None:
     """Compute transport plans that map every model onto the anchor and write them to a plan file.
 
@@ -259,7 +263,7 @@ def align(
 
     with report.Progress(enabled=not json_out) as progress:
         result = align_models(models, output, options=options, data=data, anchor=anchor, force=force,
-                              on_space=progress)
+                              on_space=progress, allow_config_mismatch=allow_config_mismatch)
     if json_out:
         report.print_json(result)
     else:
@@ -281,7 +285,7 @@ def fuse(
     repair: bool = typer.Option(False, "--repair", "--repair-bn",
                                 help="REPAIR on --data: reset every fused unit's mean/std to its parents' (MLPs, "
                                      "CNNs); BatchNorm nets get their statistics re-estimated."),
-    anchor: int = ANCHOR_OPT, json_out: bool = JSON_OPTION,
+    anchor: int = ANCHOR_OPT, json_out: bool = JSON_OPTION, allow_config_mismatch: bool = ALLOW_MISMATCH_OPT,
     options: AlignOptions = None, merge: MergeOptions = None, data: DataOptions = None,
     write: OutputOptions = None,
 ) -> None:
@@ -316,7 +320,8 @@ def fuse(
     with report.Progress(enabled=not json_out) as progress:
         result = fuse_models(models, output, options=options, data=data, merge=merge, write=write, anchor=anchor,
                              weights=weights, plan=plan, stats=stats, repair=repair,
-                             command_options=command_options, on_space=progress)
+                             command_options=command_options, on_space=progress,
+                             allow_config_mismatch=allow_config_mismatch)
     if json_out:
         report.print_json(result)
     else:
@@ -366,7 +371,7 @@ def evaluate(
         None, "--fail-over", metavar="[MODEL:]METRIC=V",
         help="CI gate for a lower-is-better metric (nll, ece, perplexity, pseudo_perplexity): exit 3 when any "
              "row (or MODEL) scores above V; repeatable."),
-    json_out: bool = JSON_OPTION, options: AlignOptions = None,
+    allow_config_mismatch: bool = ALLOW_MISMATCH_OPT, json_out: bool = JSON_OPTION, options: AlignOptions = None,
 ) -> None:
     """Metrics per model (classification: accuracy, weighted/macro F1, ECE with 15 equal-width confidence
     bins, NLL; lm: perplexity, or MLM accuracy and pseudo-perplexity; translation: BLEU and chrF).
@@ -389,6 +394,8 @@ def evaluate(
     activation = activation.value if activation else None
     if not models and not interpolate:
         raise OtfuseError("give at least one MODEL, or --interpolate A B")
+    if not interpolate:
+        refuse_unused(explicit_flags(), ("--allow-config-mismatch",), "it is read by --interpolate")
     if plot:
         _check_plot(plot, force, interpolate, models, data)
     if not aligned:
@@ -423,15 +430,19 @@ def evaluate(
     if interpolate:
         from otfuse_cli.pipeline import aligned_parent
 
+        from otfuse_cli.arch.compat import check_interpolatable
+
         a = open_checkpoint(interpolate[0])
         b = open_checkpoint(interpolate[1])
+        check_interpolatable(a, b, allow_config_mismatch)
         with report.Progress(enabled=not json_out) as progress:
             curves.append(interpolate_line(a.state_dict(), b.state_dict(), a, data, steps, name="naive", task=task,
                                            activation=activation, progress=progress, **opts))
             if aligned:
                 samples = DataOptions(data=align_data, activation=activation, seed=seed, max_length=max_length,
                                       device=device)
-                sa, sb, like = aligned_parent(list(interpolate), options, samples, on_space=progress)
+                sa, sb, like = aligned_parent(list(interpolate), options, samples, on_space=progress,
+                                              allow_config_mismatch=allow_config_mismatch)
                 curves.append(interpolate_line(sa, sb, like, data, steps, name="aligned", task=task,
                                                activation=activation, progress=progress, **opts))
         if plot:

@@ -125,15 +125,17 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
          data: DataOptions = DataOptions(), merge: MergeOptions = MergeOptions(),
          write: OutputOptions = OutputOptions(), anchor: int = 0, weights: str | None = None,
          plan: str | None = None, stats: list[str] | None = None, repair: bool = False,
-         command_options: dict | None = None, on_space: Callable[[str], None] | None = None) -> dict:
+         command_options: dict | None = None, on_space: Callable[[str], None] | None = None,
+         allow_config_mismatch: bool = False) -> dict:
     """Fuse `models` into `output`: align onto the anchor (or reuse `plan`; options.align "none" keeps every
     parent in its own basis, the vanilla baseline), then merge by `merge.merge`, reading `stats` files (one
     per model) or computing them on `data.data`. repair renormalises the fused units on `data.data` (REPAIR;
-    BatchNorm nets: their statistics re-estimated)."""
+    BatchNorm nets: their statistics re-estimated). Parents whose config or tokenizer changes the function are
+    refused unless allow_config_mismatch (the result runs with the anchor's config)."""
     check_output(output, write)
     if repair and not data.data:
         raise OtfuseError("--repair needs --data FILE with sample inputs")
-    parents = open_parents(models, anchor)
+    parents = open_parents(models, anchor, allow_config_mismatch)
     uses_data = repair or (not plan and options.align == "activations") or \
         (MERGES[merge.merge].needs and not stats)
     refuse_overlap(output, input_paths(parents.ckpts, [plan, *(stats or []), data.data if uses_data else None]))

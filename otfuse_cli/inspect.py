@@ -41,7 +41,7 @@ def summarize(ckpt: Checkpoint) -> dict:
     }
 
 
-def compare(ckpts: list[Checkpoint]) -> dict:
+def compare(ckpts: list[Checkpoint], allow_config_mismatch: bool = False) -> dict:
     """Compare checkpoints against model 0.
 
     compatible / heterogeneous / verdict / reason come from the one judgement fuse uses
@@ -70,7 +70,7 @@ def compare(ckpts: list[Checkpoint]) -> dict:
         dtypes = [dtype_name(c.dtype(name)) for c in ckpts]
         if any(d != dtypes[0] for d in dtypes):
             dtype_mismatch.append({"name": name, "dtypes": dtypes})  # informational: math runs in float32
-    verdict = judge(ckpts)
+    verdict = judge(ckpts, allow_config_mismatch)
     return {
         "compatible": verdict["compatible"],
         "heterogeneous": verdict["heterogeneous"],

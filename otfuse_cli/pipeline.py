@@ -39,13 +39,13 @@ class Parents:
         return TensorSource(self.ckpts[k], self.label(k))
 
 
-def open_parents(paths: list[str], anchor: int = 0) -> Parents:
+def open_parents(paths: list[str], anchor: int = 0, allow_config_mismatch: bool = False) -> Parents:
     if len(paths) < 2:
         raise OtfuseError("fusion needs at least two models")
     if not 0 <= anchor < len(paths):
         raise OtfuseError(f"--anchor {anchor} is out of range for {len(paths)} models")
     ckpts = [open_checkpoint(p) for p in paths]
-    return Parents(ckpts, check_models(ckpts, anchor), anchor)
+    return Parents(ckpts, check_models(ckpts, anchor, allow_config_mismatch), anchor)
 
 
 # ---------------------------------------------------------------- features and plans
@@ -219,11 +219,11 @@ def layout_of(ckpt, output: str | Path) -> str:
 
 def align(models: list[str], output: str, *, options: AlignOptions = AlignOptions(),
           data: DataOptions = DataOptions(), anchor: int = 0, force: bool = False,
-          on_space: Callable[[str], None] | None = None) -> dict:
+          on_space: Callable[[str], None] | None = None, allow_config_mismatch: bool = False) -> dict:
     """Compute the plans mapping every model onto the anchor and write them to a plan file."""
     out = Path(output)
     check_output(out, OutputOptions(force=force), file_only=True)
-    parents = open_parents(models, anchor)
+    parents = open_parents(models, anchor, allow_config_mismatch)
     refuse_overlap(out, input_paths(parents.ckpts, [data.data if options.align == "activations" else None]))
     if data.data and options.align != "activations":
         raise OtfuseError("--data is read by --align activations; plans by weights need no data")
@@ -240,10 +240,11 @@ def align(models: list[str], output: str, *, options: AlignOptions = AlignOption
 
 
 def aligned_parent(models: list[str], options: AlignOptions = AlignOptions(),
-                   data: DataOptions = DataOptions(), on_space=None) -> tuple[dict, dict, object]:
+                   data: DataOptions = DataOptions(), on_space=None,
+                   allow_config_mismatch: bool = False) -> tuple[dict, dict, object]:
     """(anchor state dict, parent state dict moved into the anchor's basis, anchor checkpoint): the two
     endpoints of the aligned interpolation line."""
-    parents = open_parents(models, 0)
+    parents = open_parents(models, 0, allow_config_mismatch)
     data = data.for_family(parents.specs[0].family)
     if differ := width_differences(parents.specs):
         raise OtfuseError(f"interpolation needs two models of the same widths; widths differ in {', '.join(differ)}")

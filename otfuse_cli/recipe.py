@@ -22,8 +22,9 @@ from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOp
 
 GROUPS = {"options": AlignOptions, "data": DataOptions, "merge": MergeOptions, "write": OutputOptions}
 COMMANDS = {
-    "align": {"models", "output", "anchor", "options", "data", "write"},
-    "fuse": {"models", "output", "anchor", "weights", "plan", "stats", "repair", "options", "data", "merge", "write"},
+    "align": {"models", "output", "anchor", "allow_config_mismatch", "options", "data", "write"},
+    "fuse": {"models", "output", "anchor", "weights", "plan", "stats", "repair", "allow_config_mismatch", "options",
+             "data", "merge", "write"},
     "compress": {"model", "output", "ratio", "widths", "method", "options", "data", "write"},
 }
 PATH_KEYS = ("models", "output", "plan", "stats", "model")
@@ -39,6 +40,7 @@ TYPES = {
     "anchor": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
     "weights": (lambda v: isinstance(v, str), "comma-separated numbers, e.g. \"0.5,0.5\""),
     "repair": (lambda v: isinstance(v, bool), "true or false"),
+    "allow_config_mismatch": (lambda v: isinstance(v, bool), "true or false"),
     "ratio": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number between 0 and 1"),
     "widths": (lambda v: isinstance(v, (list, dict)), "a list like [ffn=64] or a mapping"),
     "method": (lambda v: isinstance(v, str), "ot, magnitude or random"),
@@ -115,14 +117,16 @@ def run_recipe(path: str | Path, on_space=None) -> dict:
         from otfuse_cli.pipeline import align
 
         return align(args["models"], args["output"], options=groups["options"], data=groups["data"],
-                     anchor=int(recipe.get("anchor", 0)), force=groups["write"].force, on_space=on_space)
+                     anchor=int(recipe.get("anchor", 0)), force=groups["write"].force, on_space=on_space,
+                     allow_config_mismatch=recipe.get("allow_config_mismatch", False))
     if command == "fuse":
         from otfuse_cli.fusion import fuse
 
         return fuse(args["models"], args["output"], options=groups["options"], data=groups["data"],
                     merge=groups["merge"], write=groups["write"], anchor=int(recipe.get("anchor", 0)),
                     weights=recipe.get("weights"), plan=args.get("plan"), stats=args.get("stats"),
-                    repair=bool(recipe.get("repair", False)), command_options=record, on_space=on_space)
+                    repair=bool(recipe.get("repair", False)), command_options=record, on_space=on_space,
+                    allow_config_mismatch=recipe.get("allow_config_mismatch", False))
     from otfuse_cli.compression import compress
 
     return compress(args["model"], args["output"], ratio=recipe.get("ratio"), widths=recipe.get("widths"),

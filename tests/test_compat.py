@@ -128,3 +128,85 @@ def test_check_interpolatable(models, b, fragment):
     with pytest.raises(OtfuseError, match=fragment) as err:
         check_interpolatable(a, other)
     assert str(err.value).startswith("cannot interpolate: ") and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- config fields that change the function
+
+SENT = __import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures" / "sentiment"
+
+
+def _edit_json(path, change) -> None:
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc, indent=1))
+
+
+def _rename_token(doc) -> None:
+    vocab = doc["model"]["vocab"]
+    word = next(w for w in vocab if w.isalpha())
+    vocab["zz" + word] = vocab.pop(word)
+
+
+FUNCTION_CHANGES = {  # file -> edit, the field the refusal must name
+    "activation": ("config.json", lambda c: c.update(hidden_act="relu"), "hidden_act ('gelu' vs 'relu')"),
+    "norm epsilon": ("config.json", lambda c: c.update(layer_norm_eps=1e-5), "layer_norm_eps"),
+    "pad token": ("config.json", lambda c: c.update(pad_token_id=1), "pad_token_id (0 vs 1)"),
+    "tokenizer vocabulary": ("tokenizer.json", _rename_token, "tokenizer tokenizer.json"),
+    "lower-casing": ("tokenizer_config.json", lambda c: c.update(do_lower_case=True),
+                     "tokenizer tokenizer_config.json"),
+}
+
+
+@pytest.mark.parametrize("file, change, named", FUNCTION_CHANGES.values(), ids=FUNCTION_CHANGES.keys())
+def test_parents_whose_config_changes_the_function_are_refused_unless_allowed(tmp_path, file, change, named):
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(SENT / "bert_b", b)
+    _edit_json(b / file, change)
+    a = SENT / "bert_a"
+    fused = cli("fuse", a, b, "-o", tmp_path / "out")
+    assert fused.exit_code == 2 and not (tmp_path / "out").exists()
+    assert_one_line_error(fused.stderr, named, "--allow-config-mismatch")
+    assert cli("align", a, b, "-o", tmp_path / "p.safetensors").exit_code == 2
+    assert cli("inspect", a, b, "--check").exit_code == 3
+    interp = cli("evaluate", "--interpolate", a, b, "--data", SENT / "test.jsonl", "--steps", "2")
+    assert interp.exit_code == 2 and named in interp.stderr
+    allowed = cli("fuse", a, b, "-o", tmp_path / "out", "--allow-config-mismatch")
+    assert allowed.exit_code == 0, allowed.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["hidden_act"] == "gelu"  # the anchor's
+
+
+def test_the_activation_field_really_changes_the_function():
+    """The premise, from transformers itself: the same weights under hidden_act relu compute something else."""
+    import transformers
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(SENT / "bert_a")).eval()
+    config = transformers.AutoConfig.from_pretrained(str(SENT / "bert_a"), hidden_act="relu")
+    other = transformers.AutoModelForSequenceClassification.from_pretrained(str(SENT / "bert_a"),
+                                                                            config=config).eval()
+    ids = torch.tensor([[2, 40, 41, 42, 3]])
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, other(input_ids=ids).logits, atol=1e-4)
+
+
+def test_config_written_differently_but_computing_the_same_is_accepted(tmp_path):
+    """A default left implicit, reordered keys, and tokenizer settings that do not change tokenisation
+    (padding, truncation, model_max_length) are not mismatches."""
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(SENT / "bert_b", b)
+    _edit_json(b / "config.json", lambda c: [c.pop("layer_norm_eps"), c.update(dict(reversed(list(c.items()))))])
+    _edit_json(b / "tokenizer.json", lambda t: t.update(truncation={"max_length": 32, "strategy": "LongestFirst",
+                                                                    "stride": 0, "direction": "Right"}))
+    _edit_json(b / "tokenizer_config.json", lambda t: t.update(model_max_length=512))
+    assert judge([open_checkpoint(SENT / "bert_a"), open_checkpoint(b)])["verdict"] == "identical layout"
+    result = cli("fuse", SENT / "bert_a", b, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+
+
+def test_allow_config_mismatch_without_interpolation_is_refused():
+    result = cli("evaluate", SENT / "bert_a", "--data", SENT / "test.jsonl", "--allow-config-mismatch")
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, "--allow-config-mismatch", "--interpolate")

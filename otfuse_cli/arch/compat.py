@@ -47,8 +47,71 @@ def check_compatible(anchor: Spec, parent: Spec, anchor_shapes: dict, parent_sha
                     f"move (class outputs, vocabulary, positions or input features differ)")
 
 
-def check_models(ckpts: list, anchor: int = 0) -> list[Spec]:
-    """Every model's Spec, after checking each parent against the anchor; raises the first one-line reason."""
+# config.json fields that change what a model computes without changing any tensor's shape. Parents that differ
+# in one fuse into weights that the anchor's config then runs as neither parent did.
+FUNCTION_FIELDS = (
+    "hidden_act", "activation_function", "hidden_activation", "activation",  # activation
+    "layer_norm_eps", "layer_norm_epsilon", "rms_norm_eps",  # norm epsilon
+    "max_position_embeddings", "n_positions", "position_embedding_type", "rope_theta", "rope_scaling",
+    "rope_parameters", "sinusoidal_pos_embds",  # positions
+    "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",  # special tokens
+)
+# Tokenizer files, by what in them defines the tokenisation (None: the whole file). Settings such as padding,
+# truncation or model_max_length do not change the model's function and may differ.
+TOKENIZER_PARTS = {
+    "tokenizer.json": ("model", "added_tokens", "normalizer", "pre_tokenizer"),
+    "tokenizer_config.json": ("do_lower_case", "added_tokens_decoder", "bos_token", "eos_token", "unk_token",
+                              "sep_token", "pad_token", "cls_token", "mask_token", "additional_special_tokens"),
+    "special_tokens_map.json": None, "vocab.json": None, "vocab.txt": None, "merges.txt": None,
+    "tokenizer.model": None, "spiece.model": None, "sentencepiece.bpe.model": None,
+}
+
+
+def _config_value(ckpt, key: str):
+    """The value the model runs with: transformers' loaded config (defaults and aliases applied) where there is
+    one, else config.json's own entry."""
+    if ckpt.hf_config is not None:
+        value = getattr(ckpt.hf_config, key, None)
+        return value.to_dict() if hasattr(value, "to_dict") else value
+    return (ckpt.config or {}).get(key)
+
+
+def _tokenizer_part(path, parts):
+    import json
+
+    if parts is None:
+        return path.read_bytes()
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return path.read_bytes()  # unreadable as JSON: compare the bytes
+    return {k: doc.get(k) for k in parts} if isinstance(doc, dict) else doc
+
+
+def config_differences(anchor, parent) -> list[str]:
+    """Function-changing fields and tokenizer files in which `parent` differs from `anchor`, as
+    "field (anchor's vs parent's)" or "tokenizer file name"; files only one of them has are not compared."""
+    if anchor.config is None or parent.config is None:
+        return []
+    diffs = [f"{key} ({a!r} vs {b!r})" for key in FUNCTION_FIELDS
+             if (a := _config_value(anchor, key)) != (b := _config_value(parent, key))]
+    for name, parts in TOKENIZER_PARTS.items():
+        fa, fp = anchor.folder / name, parent.folder / name
+        if fa.is_file() and fp.is_file() and _tokenizer_part(fa, parts) != _tokenizer_part(fp, parts):
+            diffs.append(f"tokenizer {name}")
+    return diffs
+
+
+def check_config_match(anchor, parent, label: str) -> None:
+    if diffs := config_differences(anchor, parent):
+        shown = ", ".join(diffs[:3]) + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        raise OtfuseError(f"{label} differs from the anchor in what it computes: {shown}; the fused model would "
+                          "run with the anchor's config (--allow-config-mismatch to fuse anyway)")
+
+
+def check_models(ckpts: list, anchor: int = 0, allow_config_mismatch: bool = False) -> list[Spec]:
+    """Every model's Spec, after checking each parent against the anchor (structure, then, unless allowed,
+    the config fields and tokenizer that change the function); raises the first one-line reason."""
     from otfuse_cli.arch import build_spec  # the registry imports this module
 
     specs = [build_spec(c) for c in ckpts]
@@ -56,6 +119,8 @@ def check_models(ckpts: list, anchor: int = 0) -> list[Spec]:
     for k, (ckpt, spec) in enumerate(zip(ckpts, specs)):
         if k != anchor:
             check_compatible(specs[anchor], spec, shapes[anchor], shapes[k], label(ckpt, k))
+            if not allow_config_mismatch:
+                check_config_match(ckpts[anchor], ckpt, label(ckpt, k))
     return specs
 
 
@@ -65,14 +130,14 @@ def width_differences(specs: list[Spec]) -> list[str]:
             for spaces in zip(*(spec.spaces for spec in specs)) if any(s.size != spaces[0].size for s in spaces)]
 
 
-def judge(ckpts: list) -> dict:
+def judge(ckpts: list, allow_config_mismatch: bool = False) -> dict:
     """Judge opened checkpoints against model 0: {compatible, heterogeneous, verdict, reason}.
 
     `reason` is the message `otfuse fuse` would fail with (None when compatible); heterogeneous means
     compatible but some widths differ, so fusion needs rectangular plans and interpolation is impossible.
     """
     try:
-        specs = check_models(ckpts)
+        specs = check_models(ckpts, allow_config_mismatch=allow_config_mismatch)
     except OtfuseError as e:
         return {"compatible": False, "heterogeneous": False, "verdict": "incompatible", "reason": str(e)}
     shapes = [shapes_of(c) for c in ckpts]
@@ -82,10 +147,10 @@ def judge(ckpts: list) -> dict:
             "verdict": "heterogeneous widths" if heterogeneous else "identical layout", "reason": None}
 
 
-def check_interpolatable(a, b) -> None:
+def check_interpolatable(a, b, allow_config_mismatch: bool = False) -> None:
     """Raise a one-line OtfuseError unless checkpoints A and B can be interpolated: fusable, same widths."""
     try:
-        specs = check_models([a, b])
+        specs = check_models([a, b], allow_config_mismatch=allow_config_mismatch)
     except OtfuseError as e:
         raise OtfuseError(f"cannot interpolate: {e}") from None
     widths = width_differences(specs)

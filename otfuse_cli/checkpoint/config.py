@@ -191,16 +191,17 @@ def _check_layout(family, config: ModelConfig, shapes: dict) -> None:
                     raise _mismatch(f"{key} = {want}", name, shape[axis.axis], "FFN units")
 
 
-def check_loads(folder, source) -> None:
+def check_loads(folder, source):
     """transformers checks every field of its config classes by type (layer_norm_eps, hidden_act, ...): a
-    config.json of a supported family that it would refuse is refused when the checkpoint is opened."""
+    config.json of a supported family that it would refuse is refused when the checkpoint is opened. Returns
+    the loaded config (its attributes carry transformers' defaults and aliases)."""
     import transformers
 
     from otfuse_cli.runnable import quiet_transformers
 
     with quiet_transformers():
         try:
-            transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+            return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
         except Exception as e:  # huggingface_hub's StrictDataclassError, ValueError, ...: all "does not load"
             raise OtfuseError(f"{source}: config.json does not load with transformers: "
                               f"{' '.join(str(e).split()) or type(e).__name__}") from None

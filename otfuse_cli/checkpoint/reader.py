@@ -86,6 +86,7 @@ class Checkpoint:
         self.folder = folder
         self.config = config
         self.model_config: ModelConfig | None = None  # the typed, checked config (set by open_checkpoint)
+        self.hf_config = None  # transformers' own load of config.json, for a supported family
         self.metadata = metadata
         self._weight_files = weight_files
         self._st_map = st_map or {}        # safetensors: tensor name -> file
@@ -324,7 +325,7 @@ def _check_config(ckpt: Checkpoint) -> None:
     ckpt.model_config = parse_config(ckpt.config, ckpt.folder)
     check_weights(ckpt.model_config, ckpt.config, {k: ckpt.shape(k) for k in ckpt.keys()}, ckpt.folder)
     if ckpt.model_config.model_type in HF_FAMILIES:
-        check_loads(ckpt.folder, ckpt.folder)
+        ckpt.hf_config = check_loads(ckpt.folder, ckpt.folder)
 
 
 def _check_tensors(ckpt: Checkpoint) -> None:
