@@ -454,7 +454,7 @@ def evaluate(
         if doc:
             report.console.print(render_table(doc))
             for key, note in doc.get("notes", {}).items():
-                if "signature" in key:
+                if "signature" in key or key == "truncated":
                     report.console.print(f"[dim]{key}: {escape_path(str(note))}[/]")
         for curve in curves:
             report.console.print(render_curve_table(curve))

@@ -5,9 +5,11 @@ Shared by `evaluate` and by activation-based alignment. Every bad input is one O
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import json
 import random
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -149,17 +151,45 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         raise OtfuseError(f"{what} holds NaN or Inf values (first in sample {sample}, {int(bad.sum())} in all)")
 
 
+_TRUNCATION: contextvars.ContextVar[dict | None] = contextvars.ContextVar("otfuse_truncation", default=None)
+
+
+@contextmanager
+def counting_truncation():
+    """{texts, cut, limit}: how many texts tokenize_texts saw inside this block and how many it cut short (to
+    the model's position limit or --max-length), so the caller can say so instead of cutting silently."""
+    record = {"texts": 0, "cut": 0, "limit": None}
+    token = _TRUNCATION.set(record)
+    try:
+        yield record
+    finally:
+        _TRUNCATION.reset(token)
+
+
+def truncation_note(record: dict, what: str = "texts") -> str | None:
+    if not record["cut"]:
+        return None
+    return f"{record['cut']} of {record['texts']} {what} were cut to {record['limit']} tokens"
+
+
 def tokenize_texts(tokenizer, texts: Sequence[str], text_pairs: Sequence[str] | None = None,
                    max_length: int = 128, **kwargs) -> dict[str, torch.Tensor]:
-    """A padded, truncated batch (input_ids, attention_mask, ...) as torch tensors."""
+    """A padded, truncated batch (input_ids, attention_mask, ...) as torch tensors; inside
+    counting_truncation, texts longer than max_length are counted."""
     if tokenizer.pad_token is None:
         # GPT-style tokenizers have no pad token; padded positions are masked out anyway.
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
             raise OtfuseError("the tokenizer has no pad, eos or unk token to pad batches with")
         tokenizer.pad_token = fallback
-    return dict(tokenizer(list(texts), list(text_pairs) if text_pairs is not None else None,
-                          padding=True, truncation=True, max_length=max_length, return_tensors="pt", **kwargs))
+    pairs = list(text_pairs) if text_pairs is not None else None
+    if (record := _TRUNCATION.get()) is not None:
+        full = tokenizer(list(texts), pairs, truncation=False, verbose=False)["input_ids"]
+        record["texts"] += len(full)
+        record["cut"] += sum(len(ids) > max_length for ids in full)
+        record["limit"] = max_length if record["limit"] is None else min(record["limit"], max_length)
+    return dict(tokenizer(list(texts), pairs, padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt", **kwargs))
 
 
 def batched(n: int, batch_size: int):

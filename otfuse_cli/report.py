@@ -62,6 +62,14 @@ def error_line(message: str) -> None:
     sys.stderr.flush()
 
 
+def note_line(message: str) -> None:
+    """A `note: ...` line on stderr for something the user should know but that is not an error (silent with
+    --quiet)."""
+    if not Verbosity.quiet:
+        sys.stderr.write("note: " + " ".join(str(message).split()) + "\n")
+        sys.stderr.flush()
+
+
 def human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":

@@ -69,6 +69,24 @@ def test_activation_alignment_respects_the_position_limit(tmp_path):
              options=otf.AlignOptions(align="activations"), data=otf.DataOptions(data=str(tmp_path / "long.jsonl")))
     assert (tmp_path / "f" / "model.safetensors").is_file()
 
+    # and the cut is said, not silent: the count comes from the tokenizer itself
+    tok = T.AutoTokenizer.from_pretrained(str(tmp_path / "g0"))
+    texts = [json.loads(line)["text"] for line in (tmp_path / "long.jsonl").read_text().splitlines()]
+    longer = sum(len(tok(t)["input_ids"]) > 16 for t in texts)
+    assert longer > 0
+    fused = cli_subprocess("fuse", tmp_path / "g0", tmp_path / "g1", "-o", tmp_path / "f2", "--align", "activations",
+                           "--data", tmp_path / "long.jsonl")
+    assert fused.returncode == 0, fused.stderr
+    notes = [line for line in fused.stderr.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 2 and all(f"{longer} of {len(texts)} sample texts were cut to 16 tokens" in n
+                                   for n in notes), fused.stderr
+    scored = cli("evaluate", tmp_path / "g0", "--data", tmp_path / "long.jsonl", "--json")
+    assert scored.exit_code == 0, scored.output
+    assert f"{longer} of {len(texts)} texts were cut to 16 tokens" in json.loads(scored.stdout)["notes"]["truncated"]
+    quiet = cli_subprocess("--quiet", "fuse", tmp_path / "g0", tmp_path / "g1", "-o", tmp_path / "f3", "--align",
+                           "activations", "--data", tmp_path / "long.jsonl")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
 
 COMMANDS = ("inspect", "align", "fuse", "evaluate", "compress", "stats", "run")
 

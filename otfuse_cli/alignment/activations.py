@@ -16,7 +16,8 @@ from otfuse_cli.alignment.cost import Features
 from otfuse_cli.alignment.metrics import STANDARDIZE
 from otfuse_cli.alignment.weights import TensorSource
 from otfuse_cli.checkpoint import sha256_file
-from otfuse_cli.data import is_tensor_file, load_records, load_tensors, tokenize_texts
+from otfuse_cli.data import (counting_truncation, is_tensor_file, load_records, load_tensors, tokenize_texts,
+                             truncation_note)
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import DataOptions
 from otfuse_cli.runnable import load_runnable, resolve_device
@@ -151,7 +152,12 @@ def collect(ckpt, spec: Spec, *, data: str, samples: int, seed: int, max_tokens:
     recorder = Recorder(model.module, names, max_tokens, seed, post)
     try:
         with torch.no_grad():
-            batches = sample_batches(model, data, samples, seed, max_length)
+            with counting_truncation() as cut:
+                batches = sample_batches(model, data, samples, seed, max_length)
+            if note := truncation_note(cut, "sample texts"):
+                from otfuse_cli.report import note_line
+
+                note_line(f"{ckpt.path}: {note} (its position limit or --max-length)")
             for done, (batch, mask) in enumerate(batches, 1):
                 recorder.mask = mask.to(model.device) if mask is not None else None
                 if isinstance(batch, dict):

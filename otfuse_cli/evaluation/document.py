@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from otfuse_cli.data import counting_truncation, truncation_note
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.evaluation import tasks
 from otfuse_cli.evaluation.metrics import HIGHER_IS_BETTER
@@ -99,10 +100,12 @@ def evaluate_models(models: list[tuple[str, Any]], data_path: str | Path, *, tas
     for _, m in models:
         m.to(dev)
     bar = start(progress, "evaluating", forward_passes(task, data, batch_size, len(models)))
-    with counting_forwards(models, bar):
+    with counting_forwards(models, bar), counting_truncation() as cut:
         rows, notes = tasks.score(task, models, data, batch_size=batch_size, max_length=max_length,
                                   ensemble=ensemble, num_beams=num_beams, seed=seed)
     notes = {**notes, "device": str(dev)}
+    if note := truncation_note(cut, "texts" if len(models) == 1 else "texts (counted once per model)"):
+        notes["truncated"] = note + " (the model's position limit or --max-length)"
     if max_samples is not None:
         notes["subsample_seed"] = int(seed)
     return build_document(task, data, rows, notes)
