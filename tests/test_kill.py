@@ -1,7 +1,7 @@
 """Kill tests: SIGINT, SIGTERM and SIGKILL at several points of a real `python -m otfuse_cli fuse` of two wide
-bare MLPs (~25 MB each, made here with a fixed seed). Afterwards the final path is absent, the old output, or
-byte-identical to an uninterrupted run's output (the writer is deterministic); SIGINT/SIGTERM exit 130 with
-exactly `error: interrupted` and leave no temporary; after one rerun no temporary is left at all."""
+bare MLPs (~100 MB each, a ~200 MB pair, made here with a fixed seed). Afterwards the final path is absent, the
+old output, or byte-identical to an uninterrupted run's output (the writer is deterministic); SIGINT/SIGTERM exit
+130 with exactly `error: interrupted` and leave no temporary; after one rerun no temporary is left at all."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO, cli
 from otfuse_cli.errors import OtfuseError
 
-IN, HIDDEN, OUT = 8000, 768, 10  # 6.2M parameters: 25 MB per model, a fuse of a few seconds
+IN, HIDDEN, OUT = 8000, 3072, 10  # 24.6M parameters: 98 MB per model, a ~200 MB pair, a fuse of ~15 s
 NAME = "fused.safetensors"
 
 
