@@ -446,7 +446,7 @@ def evaluate(
                 curves.append(interpolate_line(sa, sb, like, data, steps, name="aligned", task=task,
                                                activation=activation, progress=progress, **opts))
         if plot:
-            plot_curve(curves, plot, force=force)
+            plot_curve(curves, plot, names=tuple(_display_names(list(interpolate))), force=force)
     if json_out:
         report.print_json({**doc, **({"interpolation": curves} if curves else {})} if doc else
                           {"interpolation": curves})

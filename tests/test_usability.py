@@ -114,3 +114,34 @@ def test_help_names_values_like_click_and_shows_examples():
                           env=env, timeout=60).stdout
     assert "--solver [exact|sinkhorn]" in fuse and "--merge [average|regmean|fisher]" in fuse
     assert re.search(r"--repair, --repair-bn +REPAIR", fuse)  # a flag takes no value
+
+
+def test_interpolation_plot_shows_every_metric_with_the_models_names(tmp_path):
+    """Item 11: one panel per metric (small multiples), the ends named after the models, and the file written
+    with the user's umask (not 0600)."""
+    import os
+
+    from matplotlib.image import imread
+
+    plot = tmp_path / "curve.png"
+    old = os.umask(0o022)
+    try:
+        result = cli_subprocess("evaluate", "--interpolate", A, B, "--data", FIX / "digits" / "test.safetensors",
+                                "--steps", "3", "--aligned", "--plot", plot, "--max-samples", "200", "--json")
+    finally:
+        os.umask(old)
+    assert result.returncode == 0, result.stderr
+    curves = json.loads(result.stdout)["interpolation"]
+    metrics = curves[0]["metrics"]
+    assert len(metrics) >= 4 and [c["name"] for c in curves] == ["naive", "aligned"]
+    assert plot.stat().st_mode & 0o777 == 0o644
+    height, width = imread(plot).shape[:2]
+    assert width > 1000 and height > 500  # a grid of panels, not one 600x400 axis
+
+    from otfuse_cli.evaluation.interpolate import curve_figure
+
+    fig = curve_figure(curves, metrics, ("mlp_a", "mlp_b"))
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == metrics
+    assert all("mlp_a" in ax.get_xlabel() and "mlp_b" in ax.get_xlabel() for ax in panels)
+    assert all(len(ax.get_lines()) == 2 for ax in panels)

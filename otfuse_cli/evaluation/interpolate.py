@@ -100,32 +100,46 @@ def barrier(rows: list[dict], metrics: list[str]) -> dict[str, float]:
     return out
 
 
+def curve_figure(results: list[dict], metrics: list[str], names: tuple[str, str] = ("model A", "model B")):
+    """A matplotlib Figure with one panel per metric (small multiples), one line per curve."""
+    import math
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), dpi=100)  # no pyplot: no global state, no display backend
+    FigureCanvasAgg(fig)
+    for k, metric in enumerate(metrics):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        for r in results:
+            ax.plot([row["alpha"] for row in r["rows"]], [row[metric] for row in r["rows"]], marker="o",
+                    label=r.get("name", "curve"))
+        ax.set_title(metric)
+        ax.set_xlabel(f"alpha (0 = {names[0]}, 1 = {names[1]})", fontsize="small")
+        ax.grid(alpha=0.3)
+        if k == 0:
+            ax.legend(fontsize="small")
+    fig.suptitle(f"interpolation from {names[0]} to {names[1]}")
+    fig.tight_layout()
+    return fig
+
+
 def plot_curve(result: dict | list[dict], path: str | Path, metric: str | None = None, *,
-               force: bool = False) -> Path:
-    """PNG of metric vs alpha, one line per interpolation result (e.g. naive and aligned). Written through the
-    one atomic writer: an existing file is replaced only with force, a folder never."""
+               names: tuple[str, str] = ("model A", "model B"), force: bool = False) -> Path:
+    """PNG of every metric (or only `metric`) vs alpha, one panel per metric and one line per interpolation
+    result (e.g. naive and aligned), the ends labelled with the models' names. Written through the one atomic
+    writer (the user's umask; an existing file replaced only with force, a folder never)."""
     results = [result] if isinstance(result, dict) else list(result)
     if not results:
         raise OtfuseError("nothing to plot")
-    metric = metric or results[0]["metrics"][0]
-    if any(metric not in r["metrics"] for r in results):
+    metrics = [metric] if metric else [m for m in results[0]["metrics"] if all(m in r["metrics"] for r in results)]
+    if any(m not in r["metrics"] for r in results for m in metrics) or not metrics:
         raise OtfuseError(f"metric {metric!r} is not in every curve (have: {', '.join(results[0]['metrics'])})")
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        fig = curve_figure(results, metrics, names)
     except ImportError:
         raise OtfuseError("plotting needs matplotlib: pip install 'otfuse-cli[plot]'") from None
-    fig = Figure(figsize=(6, 4), dpi=100)  # no pyplot: no global state, no display backend
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for r in results:
-        ax.plot([row["alpha"] for row in r["rows"]], [row[metric] for row in r["rows"]], marker="o",
-                label=r.get("name", "curve"))
-    ax.set_xlabel("alpha (0 = model A, 1 = model B)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} along the interpolation path")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
     # no version stamp: reproducible bytes
     return write_file(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": None}), force=force)
