@@ -24,6 +24,7 @@ from otfuse_cli.alignment.weights import TensorSource, WeightFeatures, checked_f
 from otfuse_cli.card import card_for
 from otfuse_cli.checkpoint import open_checkpoint, provenance, write_checkpoint
 from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
+from otfuse_cli import report
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import AlignOptions, DataOptions, OutputOptions
 from otfuse_cli.pipeline import (check_output, check_shard_size, data_record, dtype_overrides, feature_provider,
@@ -369,7 +370,8 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
                                      if method == "ot" else None, "repair": str(data.data) if repair else None,
                                      **({"data": info} if info else {})}, [ckpt])
     count = [0]
-    tensors = compressed_tensors(ckpt, Transporter(target, spec), plans, write, count)
+    tensors = report.counted(compressed_tensors(ckpt, Transporter(target, spec), plans, write, count), on_space,
+                             "writing", len(ckpt.keys()))
     if repair:  # the whole compressed model in memory, to run it
         from otfuse_cli.repair import repair_batchnorm
 

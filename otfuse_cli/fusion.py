@@ -13,6 +13,7 @@ from otfuse_cli.alignment.weights import checked_float
 from otfuse_cli.card import card_for
 from otfuse_cli.checkpoint import provenance, sha256_file, write_checkpoint
 from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
+from otfuse_cli import report
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.merge import MERGES
 from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOptions
@@ -163,7 +164,8 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
                                  "weights": w, "dtype": write.dtype, "align": align_record, "plan_file": plan,
                                  "stats_files": stats, "repair": str(data.data) if repair else None,
                                  **extra}, parents.ckpts)
-    tensors = fused_tensors(parents, plans, w, merge, write, parent_statistics)
+    tensors = report.counted(fused_tensors(parents, plans, w, merge, write, parent_statistics), on_space,
+                             "merging", len(parents.ckpts[anchor].keys()))
     if repair:  # needs the whole fused model in memory to run it
         from otfuse_cli.repair import repair_fused
 

@@ -286,6 +286,15 @@ class NoTask:
         pass
 
 
+def counted(items, progress, name: str, total: int):
+    """Pass (name, tensor) items through, advancing a `name` bar once per item (merging and writing are one
+    stream: the writer pulls each tensor as it is merged)."""
+    bar = start(progress, name, total)
+    for key, value in items:
+        yield key, value
+        bar.advance(detail=key)
+
+
 def start(progress, name: str, total: int | None = None) -> Task | NoTask:
     """progress.task(name, total), or a no-op task for library callers that passed none (or a plain
     on_space function)."""

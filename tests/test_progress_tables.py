@@ -18,6 +18,8 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from safetensors.torch import load_file
+
 from otfuse_cli import report
 from otfuse_cli.cli import app
 
@@ -60,6 +62,8 @@ def test_fuse_progress_has_totals_on_a_terminal(tty_stderr, tmp_path):
     # first pass: every space of the one parent; refinement: spaces x default sweeps (5 for exact plans)
     assert tasks["aligning"].total == spaces and tasks["aligning"].completed == spaces
     assert tasks["refining"].total == spaces * 5 and tasks["refining"].completed == spaces * 5
+    tensors = len(load_file(BERT_A / "model.safetensors"))  # merging and writing: one count per tensor
+    assert tasks["merging"].total == tensors and tasks["merging"].completed == tensors
     out = tty_stderr.getvalue()
     assert f"{spaces}/{spaces}" in out or f"0/{spaces}" in out  # rendered with its total, never "0/?"
     assert "/?" not in out
