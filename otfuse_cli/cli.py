@@ -301,14 +301,13 @@ def fuse(
       otfuse fuse a/ b/ -o fused/ --merge regmean \\
           --stats a.stats.safetensors --stats b.stats.safetensors
     """
-    from otfuse_cli.fusion import fuse as fuse_models
+    from otfuse_cli.fusion import fuse as fuse_models, reads_data
 
     given = explicit_flags()
     check_device(data)
     if plan:
         refuse_unused(given, ALIGN_FLAGS, "the plan file fixes the alignment (--plan)")
-    reads_data = (options.align == "activations" and not plan) or repair or (merge.merge != "average" and not stats)
-    if not reads_data:
+    if not reads_data(options, merge, plan, stats, repair):
         refuse_unused(given, SAMPLE_FLAGS, "no step reads --data here (activations, regmean/fisher, --repair)")
     elif options.align != "activations" or plan:
         refuse_unused(given, ("--max-tokens", "--standardize", "--post-activation"),

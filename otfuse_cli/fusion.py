@@ -122,6 +122,13 @@ def check_plans(plans, parents: Parents) -> None:
                 raise OtfuseError(f"plan file does not match these models (space {sa.name!r})")
 
 
+def reads_data(options: AlignOptions, merge: MergeOptions, plan: str | None, stats: list[str] | None,
+               repair: bool) -> bool:
+    """Whether some step of this fusion runs the models on --data: activation alignment (not with a plan),
+    a merge rule's statistics (not given as --stats files), or the repair."""
+    return repair or (not plan and options.align == "activations") or (MERGES[merge.merge].needs and not stats)
+
+
 def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions(),
          data: DataOptions = DataOptions(), merge: MergeOptions = MergeOptions(),
          write: OutputOptions = OutputOptions(), anchor: int = 0, weights: str | None = None,
@@ -137,8 +144,7 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
     if repair and not data.data:
         raise OtfuseError("--repair needs --data FILE with sample inputs")
     parents = open_parents(models, anchor, allow_config_mismatch)
-    uses_data = repair or (not plan and options.align == "activations") or \
-        (MERGES[merge.merge].needs and not stats)
+    uses_data = reads_data(options, merge, plan, stats, repair)
     refuse_overlap(output, input_paths(parents.ckpts, [plan, *(stats or []), data.data if uses_data else None]))
     w = parse_weights(weights, len(parents.ckpts))
     layout = layout_of(parents.ckpts[anchor], output)
