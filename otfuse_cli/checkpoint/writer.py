@@ -60,12 +60,21 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+_HASHES: dict[tuple, str] = {}
+
+
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """SHA-256 of a file, computed once per run: provenance, plan checks and stats checks all ask for the same
+    multi-GB weight files (keyed by identity, size and mtime, so a rewritten file is hashed again)."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
 
 
 def _json_safe(obj):
