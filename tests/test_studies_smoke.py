@@ -1,0 +1,36 @@
+"""The studies' pipelines end to end in smoke mode (tiny models, one seed): the files are written, every row
+of every table is present and every accuracy is a fraction. Not the scientific outcome: benchmarks/STUDIES.md
+holds those numbers (`python benchmarks/studies/run.py STUDY`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT / "benchmarks" / "studies"))
+
+pytestmark = pytest.mark.skipif(not (DATA / "libreoffice-help").is_dir(), reason=f"no study data at {DATA}")
+
+
+@pytest.mark.parametrize("study", ["languages", "vision"])
+def test_study_smoke(study, tmp_path):
+    import run
+
+    assert run.main([study, "--smoke", "--results", str(tmp_path), "--data-dir", str(DATA)]) == 0
+    result = json.loads((tmp_path / f"{study}_smoke.json").read_text())
+    assert result["seeds"] == [0] and len(result["runs"]) == 1
+    run0 = result["runs"][0]
+    for row in result["rows"]:
+        for col in result["columns"]:
+            value = run0[f"{row}|{col}"]
+            assert 0.0 <= value <= 1.0 and not math.isnan(value), (row, col, value)
+    table = (tmp_path / f"{study}_smoke.md").read_text()
+    assert all(f"| {row} |" in table for row in result["rows"])
+    assert (tmp_path / f"{study}_smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["lr"] in [float(k) for k in result["lr_validation"]]  # chosen on validation
