@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextvars
 import csv
+import io
 import json
 import random
 from contextlib import contextmanager
@@ -54,6 +55,12 @@ def subsample(items: list, max_samples: int | None, seed: int = 0) -> list:
     return [items[i] for i in idx]
 
 
+def _lines(text: str) -> list[str]:
+    """Lines split at \\n (and \\r\\n) only: str.splitlines() would also split inside a JSON string or a text at
+    U+2028, U+0085 or \\x1c, which real reviews contain."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def load_records(path: str | Path, *, max_samples: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Records from .jsonl (one object per line), .csv/.tsv (header row) or .txt ({"text": line})."""
     path = Path(path)
@@ -62,7 +69,7 @@ def load_records(path: str | Path, *, max_samples: int | None = None, seed: int 
     suffix = path.suffix.lower()
     records: list[dict[str, Any]] = []
     if suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(_lines(text), 1):
             if not line.strip():
                 continue
             try:
@@ -73,7 +80,7 @@ def load_records(path: str | Path, *, max_samples: int | None = None, seed: int 
                 raise OtfuseError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
             records.append(obj)
     elif suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
         if not reader.fieldnames:
             raise OtfuseError(f"data file is empty: {path}")
         for n, row in enumerate(reader, 2):
@@ -81,7 +88,7 @@ def load_records(path: str | Path, *, max_samples: int | None = None, seed: int 
                 raise OtfuseError(f"{path}:{n}: row has more cells than the header ({len(reader.fieldnames)} columns)")
             records.append({k: v for k, v in row.items()})
     else:  # .txt
-        records = [{"text": line} for line in text.splitlines() if line.strip()]
+        records = [{"text": line} for line in _lines(text) if line.strip()]
     if not records:
         raise OtfuseError(f"data file has no records: {path}")
     return subsample(records, max_samples, seed)

@@ -109,3 +109,26 @@ def test_tokenize_texts_pads_with_mask():
     enc = tokenize_texts(tok, ["a b a", "b"], max_length=8)  # no pad token: falls back to eos
     assert enc["input_ids"].tolist() == [[2, 3, 2], [3, 1, 1]]
     assert enc["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_records_split_at_newlines_only(tmp_path):
+    """Real IMDB reviews hold U+2028, U+0085 and \\x1c inside their text: str.splitlines() broke such a jsonl
+    line in two ("malformed JSON line"). The expected records come from the json and csv modules themselves."""
+    import csv
+    import io
+
+    texts = ["a line\u2028separator", "next\x85line", "file\x1cseparator", "plain"]
+    jsonl = tmp_path / "odd.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t, "label": 1}, ensure_ascii=False) + "\n" for t in texts),
+                     encoding="utf-8")
+    assert [r["text"] for r in load_records(jsonl)] == texts
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes(b'{"text": "x"}\r\n{"text": "y"}\r\n')
+    assert [r["text"] for r in load_records(crlf)] == ["x", "y"]
+    table = tmp_path / "quoted.csv"
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["text", "label"])
+    writer.writerows([["two\nlines", "0"], ["sep\u2028here", "1"]])
+    table.write_text(buf.getvalue(), encoding="utf-8")
+    assert [r["text"] for r in load_records(table)] == [r["text"] for r in csv.DictReader(io.StringIO(buf.getvalue()))]

