@@ -206,6 +206,46 @@ def fusion_routes(parents: list[Path], out: Path, align_data: str, stats: list[s
     return paths
 
 
+# Study 4: support masses. Weight-norm masses (l1, l2 of each unit's weights) and activation masses (l1 of each
+# unit's raw activations: --standardize none, so the mass is the mean |activation| on the alignment data).
+MASSES = {
+    "OT weights, l1 masses": (otf.AlignOptions(marginals="l1"), None, "OT weights (exact)"),
+    "OT weights, l2 masses": (otf.AlignOptions(marginals="l2"), None, "OT weights (exact)"),
+    "OT activations, activation masses": (otf.AlignOptions(align="activations", marginals="l1"), "none",
+                                          "OT activations (raw)"),
+}
+
+
+def mass_routes(parents: list[Path], out: Path, align_data: str) -> tuple[dict[str, Path], dict[str, float]]:
+    """The support-mass routes, fused, and for each the fraction of parent units whose match (the anchor unit
+    that receives most of its mass) differs from the uniform-mass plan's: 0 means the option changed nothing."""
+    from otfuse_cli.alignment.plans import load_plans
+
+    def plan(name, options, standardize):
+        path = out / f"plan_{re.sub(r'[^a-z0-9]+', '_', name.lower())}.safetensors"
+        data = otf.DataOptions(data=align_data, standardize=standardize) if options.align == "activations" \
+            else otf.DataOptions()
+        otf.align([str(p) for p in parents], str(path), options=options, data=data)
+        return path, load_plans(path)[0], data
+
+    baselines = {"OT weights (exact)": plan("uniform weights", otf.AlignOptions(), None)[1],
+                 "OT activations (raw)": plan("uniform raw activations", otf.AlignOptions(align="activations"),
+                                              "none")[1]}
+    paths, changed = {}, {}
+    for name, (options, standardize, baseline) in MASSES.items():
+        path, plans, data = plan(name, options, standardize)
+        moved = total = 0
+        for mine, base in zip(plans[1:], baselines[baseline][1:]):
+            for space, p in mine.items():
+                a, b = p.coupling.argmax(1), base[space].coupling.argmax(1)
+                moved += int((a != b).sum())
+                total += len(a)
+        changed[name] = moved / max(total, 1)
+        paths[name] = out / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        otf.fuse([str(p) for p in parents], str(paths[name]), plan=str(path))
+    return paths, changed
+
+
 def party_stats(model: Path, data: str, out: Path) -> Path:
     """`otfuse stats MODEL --data DATA`: the Gram matrices one party shares instead of its data."""
     from otfuse_cli.checkpoint import open_checkpoint

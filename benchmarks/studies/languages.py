@@ -15,8 +15,8 @@ import lzma
 import time
 from pathlib import Path
 
-from common import (TextScale, check_no_leak, fit_text, fusion_routes, near_duplicate_key, save_model, score,
-                    train_tokenizer, write_jsonl)
+from common import (TextScale, check_no_leak, fit_text, fusion_routes, mass_routes, near_duplicate_key, save_model,
+                    score, train_tokenizer, write_jsonl)
 
 
 FULL = TextScale(hidden=128, layers=2, heads=4, ffn=256, vocab=6000, max_length=96, epochs=4.0, lrs=(1e-3, 2e-3))
@@ -69,7 +69,7 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         choice[lr] = sum(accs) / 2
     lr = max(choice, key=choice.get)
 
-    runs, timing = [], []
+    runs, timing, mass_changes = [], [], []
     for seed in seeds:
         root = out / f"seed{seed}"
         root.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,9 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         routes = fusion_routes([models["EN party"], models["FI party"]], root, both_val,
                                [files["en_train"], files["fi_train"]])
         cost["fusion (all routes)"] = time.perf_counter() - start
-        paths = {**models, **routes}
+        masses, changed = mass_routes([models["EN party"], models["FI party"]], root, both_val)
+        mass_changes.append(changed)
+        paths = {**models, **routes, **masses}
         record = {}
         for lang in ("en", "fi"):
             scores = score(paths, files[f"{lang}_test"], ensemble=(0, 1))
@@ -99,8 +101,10 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         runs.append(record)
         timing.append(cost)
     rows = ["EN party", "FI party", "ensemble", "vanilla average", "OT weights (exact)", "OT weights (sinkhorn)",
-            "OT activations", "RegMean", "OT + RegMean", "joint (both parties' data)"]
+            "OT activations",
+            "OT weights, l1 masses", "OT weights, l2 masses", "OT activations, activation masses", "RegMean", "OT + RegMean",
+            "joint (both parties' data)"]
     return {"study": "languages", "runs": runs, "rows": rows, "columns": ["EN test", "FI test", "mean"],
-            "timing": timing, "lr": lr, "lr_validation": {str(k): v for k, v in choice.items()},
+            "timing": timing, "mass_changes": mass_changes, "lr": lr, "lr_validation": {str(k): v for k, v in choice.items()},
             "scale": scale.__dict__, "sizes": {k: len(v) for k, v in p.items()}, "labels": labels,
             "dropped_near_duplicates": data["dropped_near_duplicates"]}

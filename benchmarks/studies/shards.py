@@ -17,8 +17,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from common import (TextScale, check_no_leak, fetch_wheel, fit_text, fusion_routes, near_duplicate_key, save_model,
-                    score, train_tokenizer, write_jsonl)
+from common import (TextScale, check_no_leak, fetch_wheel, fit_text, fusion_routes, mass_routes, near_duplicate_key,
+                    save_model, score, train_tokenizer, write_jsonl)
 
 FULL = TextScale(hidden=96, layers=2, heads=4, ffn=192, vocab=8000, max_length=64, epochs=2.0, lrs=(1e-3, 2e-3),
                  limit=12_000)
@@ -62,7 +62,7 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         choice[lr] = score({"m": save_model(model, out / f"lr_{lr}", tok)}, files["val"])["m"]
     lr = max(choice, key=choice.get)
 
-    runs, timing = [], []
+    runs, timing, mass_changes = [], [], []
     for seed in seeds:
         root = out / f"seed{seed}"
         root.mkdir(parents=True, exist_ok=True)
@@ -83,6 +83,10 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
             start = time.perf_counter()
             routes = fusion_routes(list(models.values()), folder, files["val"], shard_files)
             cost[f"{col}: fusion (all routes)"] = time.perf_counter() - start
+            if k == 2:  # study 4's support masses, on the two-shard pair
+                masses, changed = mass_routes(list(models.values()), folder, files["val"])
+                mass_changes.append(changed)
+                routes.update(masses)
             ft_steps = max(1, steps // 10)  # 10% of one shard's steps, on shard 1's data
             tuned = {}
             for name in ("vanilla average", "OT weights (exact)", "OT + RegMean"):
@@ -101,11 +105,12 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         runs.append(record)
         timing.append(cost)
     rows = ["whole data", "shards (mean)", "shard 1", "shard 2", "shard 3", "shard 4", "ensemble",
-            "vanilla average", "OT weights (exact)", "OT weights (sinkhorn)", "OT activations", "RegMean",
+            "vanilla average", "OT weights (exact)", "OT weights (sinkhorn)", "OT activations",
+            "OT weights, l1 masses", "OT weights, l2 masses", "OT activations, activation masses", "RegMean",
             "OT + RegMean", "vanilla average + fine-tune", "OT weights (exact) + fine-tune",
             "OT + RegMean + fine-tune", "shard 1 + fine-tune"]
     return {"study": "shards", "runs": runs, "rows": rows, "columns": [f"k={k}" for k in SHARDS],
-            "timing": timing, "lr": lr, "lr_validation": {str(k): v for k, v in choice.items()},
+            "timing": timing, "mass_changes": mass_changes, "lr": lr, "lr_validation": {str(k): v for k, v in choice.items()},
             "scale": scale.__dict__, "whole_steps": whole_steps,
             "sizes": {k: len(data[k]) for k in ("train", "val", "test")},
             "dropped_near_duplicates": data["dropped_near_duplicates"]}

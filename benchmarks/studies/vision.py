@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from common import fusion_routes, save_model, score, seed_all, train
+from common import fusion_routes, mass_routes, save_model, score, seed_all, train
 
 LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -115,7 +115,7 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         choice[lr] = score({"m": save_model(model, out / f"lr_{lr}")}, files["val"])["m"]
     lr = max(choice, key=choice.get)
 
-    runs, timing = [], []
+    runs, timing, mass_changes = [], [], []
     for seed in seeds:
         root = out / f"seed{seed}"
         root.mkdir(parents=True, exist_ok=True)
@@ -128,6 +128,9 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         align = write(root / "align.safetensors", (parts["val"][0][:512], parts["val"][1][:512]))
         routes = fusion_routes([paths["parent A"], paths["parent B"]], root, align, None)
         cost["fusion (all routes)"] = time.perf_counter() - start
+        masses, changed = mass_routes([paths["parent A"], paths["parent B"]], root, align)
+        mass_changes.append(changed)
+        routes.update(masses)
         ft_data = parts["train"]
         for name in ("vanilla average", "OT weights (exact)", "parent A"):
             src = routes.get(name, paths.get(name))
@@ -148,8 +151,10 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         runs.append(record)
         timing.append(cost)
     rows = ["parent A", "parent B", "ensemble", "vanilla average", "OT weights (exact)", "OT weights (sinkhorn)",
-            "OT activations", "vanilla average + fine-tune", "OT weights (exact) + fine-tune", "parent A + fine-tune",
+            "OT activations",
+            "OT weights, l1 masses", "OT weights, l2 masses", "OT activations, activation masses", "vanilla average + fine-tune", "OT weights (exact) + fine-tune", "parent A + fine-tune",
             "wide parent", "wide → narrow OT", "wide → narrow OT + fine-tune", "narrow from scratch (fine-tune steps)"]
-    return {"study": "vision", "runs": runs, "rows": rows, "columns": ["test"], "timing": timing, "lr": lr,
+    return {"study": "vision", "runs": runs, "rows": rows, "columns": ["test"], "timing": timing,
+            "mass_changes": mass_changes, "lr": lr,
             "lr_validation": {str(k): v for k, v in choice.items()}, "scale": scale.__dict__,
             "steps": steps, "finetune_steps": ft_steps, "sizes": {k: len(v[0]) for k, v in parts.items()}}
