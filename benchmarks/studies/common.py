@@ -169,7 +169,8 @@ def train(model, batch: Callable[[torch.Generator], tuple[dict, torch.Tensor]], 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm + 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm + 1))))
     for _ in range(steps):
         inputs, labels = batch(g)
         loss = model(**inputs, labels=labels).loss

@@ -102,9 +102,11 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         timing.append(cost)
     rows = ["EN party", "FI party", "ensemble", "vanilla average", "OT weights (exact)", "OT weights (sinkhorn)",
             "OT activations",
-            "OT weights, l1 masses", "OT weights, l2 masses", "OT activations, activation masses", "RegMean", "OT + RegMean",
+            "OT weights, l1 masses", "OT weights, l2 masses", "OT activations, activation masses", "RegMean",
+            "OT + RegMean",
             "joint (both parties' data)"]
     return {"study": "languages", "runs": runs, "rows": rows, "columns": ["EN test", "FI test", "mean"],
-            "timing": timing, "mass_changes": mass_changes, "lr": lr, "lr_validation": {str(k): v for k, v in choice.items()},
+            "timing": timing, "mass_changes": mass_changes, "lr": lr,
+            "lr_validation": {str(k): v for k, v in choice.items()},
             "scale": scale.__dict__, "sizes": {k: len(v) for k, v in p.items()}, "labels": labels,
             "dropped_near_duplicates": data["dropped_near_duplicates"]}

@@ -110,7 +110,8 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
             "OT + RegMean", "vanilla average + fine-tune", "OT weights (exact) + fine-tune",
             "OT + RegMean + fine-tune", "shard 1 + fine-tune"]
     return {"study": "shards", "runs": runs, "rows": rows, "columns": [f"k={k}" for k in SHARDS],
-            "timing": timing, "mass_changes": mass_changes, "lr": lr, "lr_validation": {str(k): v for k, v in choice.items()},
+            "timing": timing, "mass_changes": mass_changes, "lr": lr,
+            "lr_validation": {str(k): v for k, v in choice.items()},
             "scale": scale.__dict__, "whole_steps": whole_steps,
             "sizes": {k: len(data[k]) for k in ("train", "val", "test")},
             "dropped_near_duplicates": data["dropped_near_duplicates"]}
