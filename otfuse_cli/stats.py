@@ -123,7 +123,7 @@ def compute_stats(ckpt, data: DataOptions, kinds: tuple[str, ...] = KINDS, progr
         raise OtfuseError(f"unknown statistics {sorted(unknown)}; choose from {', '.join(KINDS)}")
     model = load_runnable(ckpt, activation=data.activation, device=resolve_device(data.device))
     tensors = list(ckpt.keys())
-    batches = sample_batches(model, data.data, data.samples, data.seed, data.max_length)
+    batches = sample_batches(model, data.data, data.samples, data.seed, data.max_length, label=str(ckpt.path))
     stats = Stats(info={"data": {"file": str(data.data), "sha256": sha256_file(data.data),
                                  "samples": data.samples, "seed": data.seed, "max_length": data.max_length},
                         "kinds": list(kinds)})

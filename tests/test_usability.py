@@ -83,6 +83,10 @@ def test_activation_alignment_respects_the_position_limit(tmp_path):
     scored = cli("evaluate", tmp_path / "g0", "--data", tmp_path / "long.jsonl", "--json")
     assert scored.exit_code == 0, scored.output
     assert f"{longer} of {len(texts)} texts were cut to 16 tokens" in json.loads(scored.stdout)["notes"]["truncated"]
+    stats = cli_subprocess("stats", tmp_path / "g0", "--data", tmp_path / "long.jsonl", "-o",
+                           tmp_path / "g0.stats.safetensors", "--kind", "gram")
+    assert stats.returncode == 0, stats.stderr
+    assert f"note: {tmp_path / 'g0'}: {longer} of {len(texts)} sample texts were cut to 16 tokens" in stats.stderr
     quiet = cli_subprocess("--quiet", "fuse", tmp_path / "g0", tmp_path / "g1", "-o", tmp_path / "f3", "--align",
                            "activations", "--data", tmp_path / "long.jsonl")
     assert quiet.returncode == 0 and quiet.stderr == ""

@@ -27,8 +27,10 @@ CHANNEL_FIRST = (nn.Conv2d, nn.BatchNorm2d, nn.Conv1d, nn.BatchNorm1d)
 ACTIVATIONS = {"relu": torch.relu, "gelu": nn.functional.gelu, "tanh": torch.tanh}
 
 
-def sample_batches(model, data: str, samples: int, seed: int, max_length: int, batch_size: int = 32):
-    """Batches of model inputs (fixed order) and, for token inputs, the attention masks."""
+def sample_batches(model, data: str, samples: int, seed: int, max_length: int, batch_size: int = 32,
+                   label: str = "the model"):
+    """Batches of model inputs (fixed order) and, for token inputs, the attention masks. Texts cut to the
+    model's position limit (or max_length) are counted and said in one `note:` line naming `label`."""
     if samples < 1:
         raise OtfuseError(f"--samples must be at least 1, got {samples}")
     if is_tensor_file(data):
@@ -45,11 +47,16 @@ def sample_batches(model, data: str, samples: int, seed: int, max_length: int, b
     texts = [str(r[field]) for r in records]
     max_length = model.token_limit(max_length)  # GPT-2 with 64 positions must not see 128 tokens
     batches = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenize_texts(tokenizer, texts[i:i + batch_size], max_length=max_length)
-        if "token_type_ids" not in getattr(tokenizer, "model_input_names", []):
-            enc.pop("token_type_ids", None)  # e.g. GPT-2 and Llama forwards reject them
-        batches.append((enc, enc["attention_mask"].bool()))
+    with counting_truncation() as cut:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenize_texts(tokenizer, texts[i:i + batch_size], max_length=max_length)
+            if "token_type_ids" not in getattr(tokenizer, "model_input_names", []):
+                enc.pop("token_type_ids", None)  # e.g. GPT-2 and Llama forwards reject them
+            batches.append((enc, enc["attention_mask"].bool()))
+    if note := truncation_note(cut, "sample texts"):
+        from otfuse_cli.report import note_line
+
+        note_line(f"{label}: {note} (its position limit or --max-length)")
     return batches
 
 
@@ -152,12 +159,7 @@ def collect(ckpt, spec: Spec, *, data: str, samples: int, seed: int, max_tokens:
     recorder = Recorder(model.module, names, max_tokens, seed, post)
     try:
         with torch.no_grad():
-            with counting_truncation() as cut:
-                batches = sample_batches(model, data, samples, seed, max_length)
-            if note := truncation_note(cut, "sample texts"):
-                from otfuse_cli.report import note_line
-
-                note_line(f"{ckpt.path}: {note} (its position limit or --max-length)")
+            batches = sample_batches(model, data, samples, seed, max_length, label=str(ckpt.path))
             for done, (batch, mask) in enumerate(batches, 1):
                 recorder.mask = mask.to(model.device) if mask is not None else None
                 if isinstance(batch, dict):
