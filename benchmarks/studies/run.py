@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE))
 
 from common import DEFAULT_DATA, bar_plot, table  # noqa: E402
 
-STUDIES = {"languages": "languages", "vision": "vision", "shards": "shards"}
+STUDIES = {"languages": "languages", "vision": "vision", "shards": "shards", "federated": "federated"}
 
 
 def main(argv=None) -> int:

