@@ -324,7 +324,7 @@ def bar_plot(runs: list[dict[str, float]], columns: list[str], rows: list[str], 
     ax.legend(fontsize="small")
     lows = [r[k] * scale for r in runs for k in r if not math.isnan(r[k])]
     if lows:
-        ax.set_ylim(max(0.0, min(lows) - 5), min(100.0, max(lows) + 3))
+        ax.set_ylim(max(0.0, min(lows) - 5), min(100.0, max(lows) + 8))  # room for the CI whiskers
     fig.tight_layout()
     fig.savefig(path, format="png", metadata={"Software": None})
     return path

@@ -19,7 +19,7 @@ from common import (TextScale, check_no_leak, fit_text, fusion_routes, mass_rout
                     score, train_tokenizer, write_jsonl)
 
 
-FULL = TextScale(hidden=128, layers=2, heads=4, ffn=256, vocab=6000, max_length=96, epochs=4.0, lrs=(1e-3, 2e-3))
+FULL = TextScale(hidden=128, layers=2, heads=4, ffn=256, vocab=6000, max_length=96, epochs=15.0, lrs=(5e-4, 1e-3))
 SMOKE = TextScale(hidden=32, layers=1, heads=2, ffn=64, vocab=800, max_length=48, epochs=1.0, lrs=(1e-3,), limit=160)
 
 
