@@ -120,7 +120,7 @@ class _Group(TyperGroup):
     def get_command(self, ctx, name):
         command = super().get_command(ctx, name)
         if command is not None:
-            _name_values(command)
+            _name_values(command, ctx)
         return command
 
 
@@ -133,12 +133,13 @@ def _click_style(label: str | None) -> str | None:
     return _VALUE_NAMES.get(inner, f"[{inner}]") if inner else None
 
 
-def _name_values(command) -> None:
+def _name_values(command, ctx) -> None:
+    """Set once per parameter (the group hands out the same command object each time it is asked)."""
     for param in command.params:
         if param.param_type_name == "argument":
             param.display_type_rich = lambda ctx: None  # the metavar (MODEL...) says it all
         elif param.metavar is None and not param.is_flag:
-            param.display_type_rich = lambda ctx, typed=param.display_type_rich: _click_style(typed(ctx))
+            param.metavar = _click_style(param.display_type(ctx))
 
 
 app = typer.Typer(

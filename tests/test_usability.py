@@ -119,6 +119,18 @@ def test_help_names_values_like_click_and_shows_examples():
     assert "--solver [exact|sinkhorn]" in fuse and "--merge [average|regmean|fisher]" in fuse
     assert re.search(r"--repair, --repair-bn +REPAIR", fuse)  # a flag takes no value
 
+    # the group hands out the same command object every time: naming its values must not stack up
+    from typer.main import get_command
+
+    from otfuse_cli.cli import app
+
+    group = get_command(app)
+    ctx = group.make_context("otfuse", ["fuse", "--help"], resilient_parsing=True)
+    for _ in range(3):
+        command = group.get_command(ctx, "fuse")
+    solver = next(p for p in command.params if "--solver" in p.opts)
+    assert solver.display_type_rich(ctx) == "[exact|sinkhorn]"
+
 
 def test_interpolation_plot_shows_every_metric_with_the_models_names(tmp_path):
     """Item 11: one panel per metric (small multiples), the ends named after the models, and the file written
