@@ -9,6 +9,7 @@ no plan may move; only the Spec knows which axes move.
 from __future__ import annotations
 
 from otfuse_cli.arch.model import Spec
+from otfuse_cli.arch.transformers import TOKEN_ID_KEYS
 from otfuse_cli.errors import OtfuseError
 
 
@@ -54,7 +55,7 @@ FUNCTION_FIELDS = (
     "layer_norm_eps", "layer_norm_epsilon", "rms_norm_eps",  # norm epsilon
     "max_position_embeddings", "n_positions", "position_embedding_type", "rope_theta", "rope_scaling",
     "rope_parameters", "sinusoidal_pos_embds",  # positions
-    "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",  # special tokens
+    *TOKEN_ID_KEYS,  # special tokens
 )
 # Tokenizer files, by what in them defines the tokenisation (None: the whole file). Settings such as padding,
 # truncation or model_max_length do not change the model's function and may differ.

@@ -307,6 +307,8 @@ def _dims(family: Family, config: dict) -> tuple[int, int, int]:
 
 # Where config.json states the layer count: the first key present (seq2seq stacks: `{stack}_layers`).
 LAYER_KEYS = ("num_hidden_layers", "n_layers", "n_layer")
+# Token ids the model looks up in its vocabulary (the embedding's padding row, generation's start and stop).
+TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
 
 
 def layer_indices(family: Family, names) -> dict[str, set[int]]:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from otfuse_cli.arch import HF_FAMILIES
-from otfuse_cli.arch.transformers import LAYER_KEYS, check_layers
+from otfuse_cli.arch.transformers import LAYER_KEYS, TOKEN_ID_KEYS, check_layers
 from otfuse_cli.errors import OtfuseError
 
 STACKS = ("encoder", "decoder")
@@ -95,10 +95,6 @@ def _label2id(value, source) -> dict[str, int] | None:
                                           for i in value.values()):
         raise _bad(source, "label2id", "an object mapping names to class ids", value)
     return dict(value)
-
-
-# Token ids the model looks up in its vocabulary (the embedding's padding row, generation's start and stop).
-TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
 
 
 def _check_token_ids(raw: dict, vocab: int | None, source) -> None:
