@@ -17,7 +17,6 @@ processes, signalled while they compute or write.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -36,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO, cli, cli_subprocess
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from fuzz import sha_tree  # noqa: E402  (the fuzzer's tree snapshot: files by sha256, folders and links by kind)
+from fuzz import sha_tree, strict_json_problems  # noqa: E402  (the fuzzer's tree snapshot and strict-JSON check)
 from models import mlp
 
 FIX = REPO / "fixtures"
@@ -992,27 +991,7 @@ def test_evaluate_json_is_strict(ws, setup, model):
         problems = one_line_problems(o)
     else:
         problems = [] if o.code == 0 and not o.traceback else [f"exit {o.code}"]
-
-        def refuse_constant(token):
-            raise ValueError(f"bare {token} in --json output")
-        try:
-            doc = json.loads(o.stdout, parse_constant=refuse_constant)
-            numbers = []
-
-            def walk(x):
-                if isinstance(x, float):
-                    numbers.append(x)
-                elif isinstance(x, dict):
-                    for v in x.values():
-                        walk(v)
-                elif isinstance(x, list):
-                    for v in x:
-                        walk(v)
-            walk(doc)
-            if not all(math.isfinite(v) for v in numbers):
-                problems.append("non-finite number")
-        except ValueError as e:
-            problems.append(str(e))
+        problems += strict_json_problems(o.stdout)
     problems += tree_changes(before, ws.snapshot())
     assert not problems, f"{o.describe()} | {problems}"
 
