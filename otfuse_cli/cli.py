@@ -361,7 +361,13 @@ def evaluate(
     plot: Optional[str] = typer.Option(None, "--plot", metavar="PNG", help="Draw the interpolation curves to a PNG."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --plot file."),
     num_beams: int = typer.Option(1, "--num-beams", min=1, help="Beam size for translation (1 = greedy)."),
-    max_length: int = typer.Option(256, "--max-length", min=1, help="Token limit per text."),
+    max_length: int = typer.Option(256, "--max-length", min=1, help="Token limit per text (translation: also "
+                                                                       "of each generated sentence)."),
+    source_field: Optional[str] = typer.Option(None, "--source-field", metavar="COLUMN",
+                                               help="Translation: the column holding the sources (default source)."),
+    target_field: Optional[str] = typer.Option(None, "--target-field", metavar="COLUMN",
+                                               help="Translation: the column holding the references (default "
+                                                    "target)."),
     activation: Optional[Activation] = ACTIVATION_OPT, seed: int = SEED_OPT, device: str = DEVICE_OPT,
     fail_under: Optional[list[str]] = typer.Option(
         None, "--fail-under", metavar="[MODEL:]METRIC=V",
@@ -384,6 +390,7 @@ def evaluate(
     \b
       otfuse evaluate a/ b/ fused/ --data test.jsonl --ensemble-of 0,1
       otfuse evaluate fused/ --data test.jsonl --fail-under accuracy=0.9
+      otfuse evaluate a/ b/ --data test.tsv --source-field en --target-field de --num-beams 4 --ensemble
     """
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.evaluation import (evaluate_models, interpolate as interpolate_line, plot_curve,
@@ -412,7 +419,7 @@ def evaluate(
     if gates and not models:
         raise OtfuseError("--fail-under/--fail-over gate the MODEL rows; give the models to score")
     opts = dict(batch_size=batch_size, max_samples=max_samples, device=device, seed=seed, num_beams=num_beams,
-                max_length=max_length)
+                max_length=max_length, columns={"source": source_field, "target": target_field})
     doc: dict = {}
     if models:
         runnables = [(n, load_runnable(open_checkpoint(p), activation=activation))

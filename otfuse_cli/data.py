@@ -199,6 +199,18 @@ def tokenize_texts(tokenizer, texts: Sequence[str], text_pairs: Sequence[str] | 
                           return_tensors="pt", **kwargs))
 
 
+def tokenize_targets(tokenizer, texts: Sequence[str], max_length: int = 128) -> dict[str, torch.Tensor]:
+    """Target sentences of a translation pair, tokenized as the model's labels (`text_target`: mBART and
+    Marian switch to the target language's tokens), padded and truncated like tokenize_texts."""
+    if (record := _TRUNCATION.get()) is not None:
+        full = tokenizer(text_target=list(texts), truncation=False, verbose=False)["input_ids"]
+        record["texts"] += len(full)
+        record["cut"] += sum(len(ids) > max_length for ids in full)
+        record["limit"] = max_length if record["limit"] is None else min(record["limit"], max_length)
+    return dict(tokenizer(text_target=list(texts), padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt"))
+
+
 def batched(n: int, batch_size: int):
     """Slices covering range(n) in order."""
     if batch_size < 1:

@@ -49,6 +49,8 @@ def _linear_modules(module: nn.Module, tensors: list[str]) -> dict[str, tuple[st
 
 
 def _gram_hooks(model, tensors: list[str], stats: Stats, state: dict) -> list:
+    from otfuse_cli.alignment.activations import mask_for
+
     modules = dict(model.module.named_modules())
     handles = []
     for name, (saved, axis) in _linear_modules(model.module, tensors).items():
@@ -56,8 +58,8 @@ def _gram_hooks(model, tensors: list[str], stats: Stats, state: dict) -> list:
 
         def hook(_mod, args, saved=saved):
             x = args[0]
-            mask = state.get("mask")
-            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            mask = mask_for(state.get("masks"), x) if x.dim() == 3 else None
+            if mask is not None and mask is not False:
                 x = x[mask]  # padding tokens are not data
             x = x.reshape(-1, x.shape[-1]).double()
             stats.grams[saved] = stats.grams.get(saved, 0) + (x.T @ x).cpu()
@@ -87,7 +89,8 @@ def _fisher(model, batches, tensors: list[str], seed: int, bar=None) -> dict[str
     total = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
     gen = torch.Generator().manual_seed(seed)
     count = 0
-    for batch, mask in batches:
+    for batch, masks in batches:
+        mask = None if masks is None else masks[0]  # one mask: encoder-decoders were refused above
         size = len(batch) if isinstance(batch, torch.Tensor) else len(mask)
         for i in range(size):  # per-sample gradients: the Fisher is a mean of squares, not a square of means
             one = batch[i:i + 1] if isinstance(batch, torch.Tensor) else {k: v[i:i + 1] for k, v in batch.items()}
@@ -134,7 +137,7 @@ def compute_stats(ckpt, data: DataOptions, kinds: tuple[str, ...] = KINDS, progr
         try:
             with torch.no_grad():
                 for batch, mask in batches:
-                    state["mask"] = mask.to(model.device) if mask is not None else None
+                    state["masks"] = tuple(m.to(model.device) for m in mask) if mask is not None else None
                     model.predict_logits(batch)
                     bar.advance()
         except RuntimeError as exc:

@@ -346,18 +346,25 @@ def test_mlm_deterministic(tmp_path):
     assert docs[0]["rows"][0]["tokens"] >= 3 and 0 <= docs[0]["rows"][0]["mlm_accuracy"] <= 1
 
 
-def test_translation_bleu(tmp_path):
-    import sacrebleu
+def tiny_bart(folder, seed=0):
+    """A random 16-wide BART and its tokenizer, saved to `folder`: (model, tokenizer)."""
     from transformers import BartConfig, BartForConditionalGeneration
     specials = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
     tok = tiny_tokenizer(WORDS, specials, ("$A </s>", "$A </s> $B </s>"))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = BartConfig(vocab_size=len(tok), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                      decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
-                     bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
+                     bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2,
+                     init_std=0.5)  # wide enough that greedy decoding says words, not only </s>
     model = BartForConditionalGeneration(cfg).eval()
-    model.save_pretrained(tmp_path / "mt")
-    tok.save_pretrained(tmp_path / "mt")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok
+
+
+def test_translation_bleu(tmp_path):
+    import sacrebleu
+    model, tok = tiny_bart(tmp_path / "mt")
     recs = [{"source": "the film was good", "target": "a good film"}, {"source": "bad plot", "target": "not good"}]
     (tmp_path / "mt.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
     r = load_runnable(open_checkpoint(tmp_path / "mt"))
@@ -372,9 +379,65 @@ def test_translation_bleu(tmp_path):
     assert doc["task"] == "translation" and doc["metrics"] == ["bleu", "chrf"]
     assert doc["rows"][0]["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
     assert doc["rows"][0]["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
-    assert doc["notes"]["bleu_signature"].startswith("nrefs:1")
+    assert doc["rows"][0]["signatures"]["bleu"].startswith("nrefs:1")
+    assert doc["rows"][0]["signatures"]["chrf"].startswith("nrefs:1")
     beam = evaluate_models([("mt", r)], tmp_path / "mt.jsonl", max_length=8, num_beams=2)
     assert beam["notes"]["num_beams"] == 2
+
+
+def _greedy_mean_probabilities(models, tok, source: str, steps: int) -> str:
+    """Oracle for the ensemble: one sentence, the whole prefix re-run every step, the mean of the models'
+    softmaxes, argmax; the last step is forced to </s> (the models' forced_eos_token_id)."""
+    ids = tok(source, return_tensors="pt")["input_ids"]
+    out = [2]  # decoder_start_token_id
+    with torch.no_grad():
+        for step in range(steps):
+            probs = sum(torch.softmax(m(input_ids=ids, decoder_input_ids=torch.tensor([out])).logits[0, -1], -1)
+                        for m in models) / len(models)
+            out.append(2 if step == steps - 1 else int(probs.argmax()))
+            if out[-1] == 2:
+                break
+    return tok.decode(out, skip_special_tokens=True).strip()
+
+
+def test_translation_ensemble_decodes_with_the_mean_of_the_next_token_probabilities(tmp_path):
+    from otfuse_cli.evaluation.generation import translate
+    a, tok = tiny_bart(tmp_path / "a", seed=0)
+    b, _ = tiny_bart(tmp_path / "b", seed=1)
+    sources = ["the film was good", "bad plot", "a very good movie was not bad", "plot"]
+    ra, rb = (load_runnable(open_checkpoint(tmp_path / n)) for n in ("a", "b"))
+    got = translate([ra, rb], sources, batch_size=3, max_length=8)
+    assert got == [_greedy_mean_probabilities([a, b], tok, s, 8) for s in sources]
+    assert got != translate([ra], sources, max_length=8)  # the second member changed something
+    for beams in (1, 3):  # a model ensembled with itself is the model, in greedy and in beam search
+        assert translate([ra, ra], sources, max_length=8, num_beams=beams) == \
+            translate([ra], sources, max_length=8, num_beams=beams)
+
+
+def test_translation_columns_ensemble_row_and_progress(tmp_path):
+    tiny_bart(tmp_path / "a", seed=0)
+    tiny_bart(tmp_path / "b", seed=1)
+    (tmp_path / "mt.tsv").write_text("en\tde\nthe film was good\ta good film\nbad plot\tnot good\nplot\tfilm\n")
+    ra, rb = (load_runnable(open_checkpoint(tmp_path / n)) for n in ("a", "b"))
+
+    class Bar:
+        advanced = 0
+        total = None
+
+        def task(self, name, total=None):
+            Bar.total = total
+            return self
+
+        def advance(self, **_):
+            Bar.advanced += 1
+
+    doc = evaluate_models([("a", ra), ("b", rb)], tmp_path / "mt.tsv", max_length=8, batch_size=2, ensemble=True,
+                          columns={"source": "en", "target": "de"}, progress=Bar())
+    assert [r["model"] for r in doc["rows"]] == ["a", "b", "ensemble"]
+    assert all(r["signatures"]["bleu"].startswith("nrefs:1") for r in doc["rows"])
+    assert Bar.total == Bar.advanced == 3 * 2  # three generations (a, b, ensemble) of two batches each
+    with pytest.raises(OtfuseError, match="missing.*'fr'|'fr'"):
+        evaluate_models([("a", ra)], tmp_path / "mt.tsv", columns={"source": "en", "target": "fr"})
 
 
 # ------------------------------------------------------------------------ generated fixtures (when present)

@@ -16,8 +16,8 @@ from otfuse_cli.alignment.cost import Features
 from otfuse_cli.alignment.metrics import STANDARDIZE
 from otfuse_cli.alignment.weights import TensorSource
 from otfuse_cli.checkpoint import sha256_file
-from otfuse_cli.data import (counting_truncation, is_tensor_file, load_records, load_tensors, tokenize_texts,
-                             truncation_note)
+from otfuse_cli.data import (counting_truncation, is_tensor_file, load_records, load_tensors, tokenize_targets,
+                             tokenize_texts, truncation_note)
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import DataOptions
 from otfuse_cli.runnable import load_runnable, resolve_device
@@ -29,7 +29,8 @@ ACTIVATIONS = {"relu": torch.relu, "gelu": nn.functional.gelu, "tanh": torch.tan
 
 def sample_batches(model, data: str, samples: int, seed: int, max_length: int, batch_size: int = 32,
                    label: str = "the model"):
-    """Batches of model inputs (fixed order) and, for token inputs, the attention masks. Texts cut to the
+    """Batches of model inputs (fixed order) and, for token inputs, a tuple of token masks (the source's, and
+    for an encoder-decoder given targets the decoder's: see mask_for). Texts cut to the
     model's position limit (or max_length) are counted and said in one `note:` line naming `label`."""
     if samples < 1:
         raise OtfuseError(f"--samples must be at least 1, got {samples}")
@@ -45,6 +46,10 @@ def sample_batches(model, data: str, samples: int, seed: int, max_length: int, b
         raise OtfuseError(f"{data}: no 'text' field in every record; fields present: {', '.join(records[0]) or 'none'}")
     tokenizer = model.require_tokenizer()
     texts = [str(r[field]) for r in records]
+    # An encoder-decoder's decoder runs on the target sentences when the records have them (teacher forcing,
+    # as in training); without targets it sees the shifted source, which is what transformers does.
+    targets = [str(r["target"]) for r in records] if field == "source" and is_seq2seq(model) and all(
+        "target" in r for r in records) else None
     max_length = model.token_limit(max_length)  # GPT-2 with 64 positions must not see 128 tokens
     batches = []
     with counting_truncation() as cut:
@@ -52,12 +57,42 @@ def sample_batches(model, data: str, samples: int, seed: int, max_length: int, b
             enc = tokenize_texts(tokenizer, texts[i:i + batch_size], max_length=max_length)
             if "token_type_ids" not in getattr(tokenizer, "model_input_names", []):
                 enc.pop("token_type_ids", None)  # e.g. GPT-2 and Llama forwards reject them
-            batches.append((enc, enc["attention_mask"].bool()))
+            if targets is None:
+                batches.append((enc, (enc["attention_mask"].bool(),)))
+                continue
+            dec = decoder_inputs(model, tokenize_targets(tokenizer, targets[i:i + batch_size], max_length),
+                                 avoid_length=enc["input_ids"].shape[1])
+            batches.append(({**enc, **dec}, (enc["attention_mask"].bool(), dec["decoder_attention_mask"].bool())))
     if note := truncation_note(cut, "sample texts"):
         from otfuse_cli.report import note_line
 
         note_line(f"{label}: {note} (its position limit or --max-length)")
     return batches
+
+
+def is_seq2seq(model) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def decoder_inputs(model, target: dict, avoid_length: int) -> dict[str, torch.Tensor]:
+    """Teacher-forced decoder inputs for tokenized targets: the targets shifted right behind the decoder's
+    start token (the model's own shift, as its loss uses). Padded to a length other than the source's, so
+    that a hook can tell source rows (encoder, cross-attention keys/values) from target rows by shape."""
+    labels, keep = target["input_ids"], target["attention_mask"]
+    if labels.shape[1] == avoid_length:
+        labels = torch.cat([labels, labels.new_full((len(labels), 1), model.module.config.pad_token_id)], 1)
+        keep = torch.cat([keep, keep.new_zeros((len(keep), 1))], 1)
+    ids = model.module.prepare_decoder_input_ids_from_labels(labels=labels)
+    mask = torch.cat([torch.ones_like(keep[:, :1]), keep[:, :-1]], 1)  # the start token, then the targets
+    return {"decoder_input_ids": ids, "decoder_attention_mask": mask}
+
+
+def mask_for(masks, out: torch.Tensor) -> torch.Tensor | None | bool:
+    """The token mask (of a batch's masks: one, or source and target for an encoder-decoder) whose shape is
+    out's (batch, tokens); None when the batch has no masks; False when none fits (not per-token rows)."""
+    if masks is None:
+        return None
+    return next((m for m in masks if tuple(out.shape[:2]) == tuple(m.shape)), False)
 
 
 def loaded_names(module: nn.Module, tensors: list[str]) -> dict[str, str]:
@@ -93,7 +128,7 @@ class Recorder:
         self.seen: dict[str, int] = {}
         self.gens: dict[str, torch.Generator] = {}
         self.peak_rows = 0
-        self.mask: torch.Tensor | None = None
+        self.masks: tuple[torch.Tensor, ...] | None = None  # the batch's token masks (see mask_for)
         self.handles = []
         modules = dict(module.named_modules())
         for tensor, loaded in loaded_names(module, tensors).items():
@@ -111,12 +146,13 @@ class Recorder:
                 out = out.movedim(1, -1)
             if self.post_fn is not None:
                 out = self.post_fn(out)
-            if self.mask is not None and out.dim() == 2 and out.shape[0] == self.mask.shape[0]:
+            if self.masks is not None and out.dim() == 2 and out.shape[0] == self.masks[0].shape[0]:
                 pass  # one row per sequence (a pooler): every row counts
-            elif self.mask is not None:
-                if tuple(out.shape[:2]) != tuple(self.mask.shape):
+            elif self.masks is not None:
+                mask = mask_for(self.masks, out)
+                if mask is False:
                     return  # e.g. position embeddings computed once per batch: not per-token rows
-                out = out[self.mask]
+                out = out[mask]
             self._keep(name, out.reshape(-1, out.shape[-1]).detach().float())
         return hook
 
@@ -161,7 +197,7 @@ def collect(ckpt, spec: Spec, *, data: str, samples: int, seed: int, max_tokens:
         with torch.no_grad():
             batches = sample_batches(model, data, samples, seed, max_length, label=str(ckpt.path))
             for done, (batch, mask) in enumerate(batches, 1):
-                recorder.mask = mask.to(model.device) if mask is not None else None
+                recorder.masks = tuple(m.to(model.device) for m in mask) if mask is not None else None
                 if isinstance(batch, dict):
                     model.module(**{k: v.to(model.device) for k, v in batch.items()})
                 else:

@@ -38,8 +38,11 @@ def non_finite_note(rows: list[dict], metrics: list[str], key: str = "model") ->
 
 def forward_passes(task: str, data: tasks.EvalData, batch_size: int, models: int) -> int | None:
     """How many forward passes scoring makes, where that is known up front: classification runs each model
-    once per batch; other tasks (generation, masked pseudo-likelihood) make a data-dependent number."""
-    return models * math.ceil(data.samples / batch_size) if task == "classification" else None
+    once per batch, and translation counts generated batches; the other tasks (masked pseudo-likelihood, causal
+    LM) make a data-dependent number of passes."""
+    if task in ("classification", "translation"):  # translation: one generate call per batch
+        return models * math.ceil(data.samples / batch_size)
+    return None
 
 
 @contextmanager
@@ -71,8 +74,9 @@ def build_document(task: str, data: tasks.EvalData, rows: list[dict], notes: dic
 def evaluate_models(models: list[tuple[str, Any]], data_path: str | Path, *, task: str = "auto",
                     batch_size: int = 32, max_samples: int | None = None, device: str = "cpu",
                     ensemble: bool = False, num_beams: int = 1, seed: int = 0, max_length: int = 256,
-                    progress=None) -> dict:
+                    columns: dict[str, str] | None = None, progress=None) -> dict:
     """Score each (name, RunnableModel) on the data; see the module docs of `tasks` for the metrics.
+    columns: {"source": "en", "target": "de"} reads the data's own column names as the standard fields.
     progress: a report.Progress (models x batches), or None."""
     from otfuse_cli.report import start
 
@@ -95,14 +99,16 @@ def evaluate_models(models: list[tuple[str, Any]], data_path: str | Path, *, tas
         if value < 1:  # the command line refuses these while parsing; library calls land here
             raise OtfuseError(f"{flag} must be at least 1, got {value}")
     dev = resolve_device(device)
-    data = tasks.load_eval_data(data_path, max_samples=max_samples, seed=seed)
+    data = tasks.load_eval_data(data_path, max_samples=max_samples, seed=seed, columns=columns)
     task = tasks.resolve_task(task, data, models)
     for _, m in models:
         m.to(dev)
-    bar = start(progress, "evaluating", forward_passes(task, data, batch_size, len(models)))
-    with counting_forwards(models, bar), counting_truncation() as cut:
+    runs = len(models) + (task == "translation" and bool(ensemble))  # an ensemble translates once more
+    bar = start(progress, "evaluating", forward_passes(task, data, batch_size, runs))
+    counted = [] if task == "translation" else models  # generation advances per batch, not per decoding step
+    with counting_forwards(counted, bar), counting_truncation() as cut:
         rows, notes = tasks.score(task, models, data, batch_size=batch_size, max_length=max_length,
-                                  ensemble=ensemble, num_beams=num_beams, seed=seed)
+                                  ensemble=ensemble, num_beams=num_beams, seed=seed, progress=bar)
     notes = {**notes, "device": str(dev)}
     if note := truncation_note(cut, "texts" if len(models) == 1 else "texts (counted once per model)"):
         notes["truncated"] = note + " (the model's position limit or --max-length)"
@@ -114,7 +120,7 @@ def evaluate_models(models: list[tuple[str, Any]], data_path: str | Path, *, tas
 def evaluate(models: list[str] | dict[str, str], data: str | Path, *, task: str = "auto",
              ensemble: bool | list[int] = False, activation: str | None = None, batch_size: int = 32,
              max_samples: int | None = None, device: str = "cpu", num_beams: int = 1, seed: int = 0,
-             max_length: int = 256) -> dict:
+             max_length: int = 256, columns: dict[str, str] | None = None) -> dict:
     """Score checkpoints (paths, or {row name: path}) on a data file: the document `otfuse evaluate --json`
     prints (task, metrics, rows, best, notes)."""
     from otfuse_cli.checkpoint import open_checkpoint
@@ -125,4 +131,4 @@ def evaluate(models: list[str] | dict[str, str], data: str | Path, *, task: str 
     runnables = [(name, load_runnable(open_checkpoint(path), activation=activation)) for name, path in named]
     return evaluate_models(runnables, data, task=task, ensemble=ensemble, batch_size=batch_size,
                            max_samples=max_samples, device=device, num_beams=num_beams, seed=seed,
-                           max_length=max_length)
+                           max_length=max_length, columns=columns)

@@ -48,7 +48,7 @@ def interpolate(model_a_sd: Mapping[str, torch.Tensor], model_b_sd: Mapping[str,
                 data_path: str | Path, steps: int = 11, *, name: str = "naive", task: str = "auto",
                 batch_size: int = 32, max_samples: int | None = None, device: str = "cpu",
                 activation: str | None = None, seed: int = 0, num_beams: int = 1, max_length: int = 256,
-                progress=None) -> dict:
+                columns: dict[str, str] | None = None, progress=None) -> dict:
     """Metrics at alpha in linspace(0, 1, steps); `like` is the checkpoint whose architecture both share.
     progress: a report.Progress (steps x batches), or None."""
     from otfuse_cli.report import start
@@ -57,7 +57,7 @@ def interpolate(model_a_sd: Mapping[str, torch.Tensor], model_b_sd: Mapping[str,
         raise OtfuseError(f"steps must be at least 2, got {steps}")
     require_same_layout(model_a_sd, model_b_sd)
     dev = resolve_device(device)
-    data = tasks.load_eval_data(data_path, max_samples=max_samples, seed=seed)
+    data = tasks.load_eval_data(data_path, max_samples=max_samples, seed=seed, columns=columns)
     # Build once, then swap weights per alpha: rebuilding an HF model from its config is the slow part.
     runnable = runnable_from_state_dict(model_a_sd, like, activation=activation, device=dev)
     task = tasks.resolve_task(task, data, [("A", runnable)])
@@ -68,9 +68,10 @@ def interpolate(model_a_sd: Mapping[str, torch.Tensor], model_b_sd: Mapping[str,
     for alpha in alphas:
         runnable.load_weights(interpolate_state_dicts(model_a_sd, model_b_sd, alpha))
         label = f"alpha={alpha:.2f}"
-        with counting_forwards([(label, runnable)], bar):
+        with counting_forwards([] if task == "translation" else [(label, runnable)], bar):
             (row,), notes = tasks.score(task, [(label, runnable)], data, batch_size=batch_size,
-                                        max_length=max_length, num_beams=num_beams, seed=seed, ensemble=False)
+                                        max_length=max_length, num_beams=num_beams, seed=seed, ensemble=False,
+                                        progress=bar)
         rows.append({"alpha": alpha, **row})
     return {
         "task": task,

@@ -56,12 +56,21 @@ class EvalData:
         return out
 
 
-def load_eval_data(path: str | Path, *, max_samples: int | None = None, seed: int = 0) -> EvalData:
+def load_eval_data(path: str | Path, *, max_samples: int | None = None, seed: int = 0,
+                   columns: dict[str, str] | None = None) -> EvalData:
+    """The data file's records or tensors. columns {standard field: the file's column} (e.g. {"source": "en",
+    "target": "de"}) reads a file's own column names as the fields the tasks expect."""
     path = Path(path)
+    columns = {k: v for k, v in (columns or {}).items() if v}
     if is_tensor_file(path):
+        if columns:
+            raise OtfuseError(f"{path}: --source-field/--target-field name columns of text records, not arrays")
         t = load_tensors(path, max_samples=max_samples, seed=seed)
         return EvalData(path, tensors=t, fields=sorted(t))
     recs = load_records(path, max_samples=max_samples, seed=seed)
+    if columns:
+        require_fields(recs, list(columns.values()), path)
+        recs = [{**r, **{field: r[col] for field, col in columns.items()}} for r in recs]
     return EvalData(path, records=recs, fields=fields_of(recs))
 
 
@@ -313,7 +322,7 @@ def mlm_scores(m, texts: list[str], *, batch_size=32, max_length=256, seed=0, na
 
 def score_mlm(models, data: EvalData, *, batch_size=32, max_length=256, seed=0, ensemble=False, **_):
     if ensemble:
-        raise OtfuseError("--ensemble is supported for classification and causal language modelling only")
+        raise OtfuseError("--ensemble is supported for classification, causal language modelling and translation")
     texts = data.texts("text")
     rows = []
     for name, m in models:
@@ -329,37 +338,31 @@ def score_mlm(models, data: EvalData, *, batch_size=32, max_length=256, seed=0, 
 
 # --------------------------------------------------------------------------- translation
 
-def translate(m, sources: list[str], *, batch_size=32, max_length=256, num_beams=1, name="model") -> list[str]:
-    tok = m.require_tokenizer()
-    ml = m.token_limit(max_length)
-    out: list[str] = []
-    for s in batched(len(sources), batch_size):
-        enc = tokenize_texts(tok, sources[s], max_length=ml)
-        enc = {k: v.to(m.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        with torch.no_grad(), quiet_transformers():
-            try:
-                gen = m.module.generate(**enc, num_beams=num_beams, do_sample=False, max_new_tokens=ml)
-            except (RuntimeError, ValueError) as e:
-                raise OtfuseError(f"model {name!r} failed to generate: {str(e).splitlines()[0]}") from None
-        out.extend(t.strip() for t in tok.batch_decode(gen, skip_special_tokens=True))
-    return out
+def score_translation(models, data: EvalData, *, batch_size=32, max_length=256, num_beams=1, ensemble=False,
+                      progress=None, **_):
+    """BLEU and chrF (sacrebleu, with each row's signatures) of every model's translations, and of the
+    ensemble's (mean next-token probabilities, same search) when asked. progress advances once per batch."""
+    from otfuse_cli.evaluation.generation import translate
 
-
-def score_translation(models, data: EvalData, *, batch_size=32, max_length=256, num_beams=1, ensemble=False, **_):
-    if ensemble:
-        raise OtfuseError("--ensemble is supported for classification and causal language modelling only")
     if num_beams < 1:
         raise OtfuseError(f"num_beams must be at least 1, got {num_beams}")
     sources, targets = data.texts("source"), data.texts("target")
-    rows, notes = [], {}
-    for name, m in models:
-        _text_model(name, m, data)
-        hyps = translate(m, sources, batch_size=batch_size, max_length=max_length, num_beams=num_beams, name=name)
+    runs = [(name, [m]) for name, m in models]
+    if ensemble:
+        runs.append((ENSEMBLE, [models[i][1] for i in ensemble_members(ensemble, len(models))]))
+    rows = []
+    for name, members in runs:
+        for m in members:
+            _text_model(name, m, data)
+        hyps = translate(members, sources, batch_size=batch_size, max_length=max_length, num_beams=num_beams,
+                         name=name, on_batch=progress.advance if progress is not None else None)
         b, bsig = M.bleu(hyps, targets)
         c, csig = M.chrf(hyps, targets)
-        rows.append({"model": name, "bleu": b, "chrf": c})
-        notes = {"bleu_signature": bsig, "chrf_signature": csig}
-    notes.update({"num_beams": int(num_beams), "decoding": "greedy" if num_beams == 1 else "beam search"})
+        rows.append({"model": name, "bleu": b, "chrf": c, "signatures": {"bleu": bsig, "chrf": csig}})
+    notes = {"num_beams": int(num_beams), "decoding": "greedy" if num_beams == 1 else f"beam search ({num_beams})",
+             "max_new_tokens": int(max_length)}
+    if ensemble:
+        notes["ensemble"] = "mean of the models' next-token probabilities at every step, same search"
     return rows, notes
 
 
