@@ -247,9 +247,30 @@ def permute_bart(sd: dict, config, gen: torch.Generator) -> dict:
     return m.result()
 
 
+def permute_marian(sd: dict, config, gen: torch.Generator) -> dict:
+    """MarianMTModel: like BART, but its sinusoidal position table is rebuilt by transformers at load time in
+    the standard basis (it is not even saved), so the residual basis cannot move; heads and FFN neurons can."""
+    m = Mover(sd, gen)
+    for key in ("model.shared.weight", "lm_head.weight", "final_logits_bias"):
+        m.take(key, optional=key != "final_logits_bias")
+    for side, layers, heads in (("encoder", config.encoder_layers, config.encoder_attention_heads),
+                                ("decoder", config.decoder_layers, config.decoder_attention_heads)):
+        S = f"model.{side}."
+        for key in ("embed_tokens.weight", "embed_positions.weight"):
+            m.take(S + key, optional=True)
+        for i in range(layers):
+            L = f"{S}layers.{i}."
+            for a in ["self_attn"] + (["encoder_attn"] if side == "decoder" else []):
+                attention(m, [L + f"{a}.{n}" for n in ("q_proj", "k_proj", "v_proj", "out_proj")], None, heads)
+                m.norm(L + f"{a}_layer_norm", None)
+            ffn(m, [L + "fc1"], L + "fc2", None)
+            m.norm(L + "final_layer_norm", None)
+    return m.result()
+
+
 FAMILIES = {"bert": permute_bert, "roberta": permute_bert, "distilbert": permute_distilbert, "vit": permute_vit,
             "gpt2": permute_gpt2, "llama": permute_llama, "mistral": permute_llama, "qwen2": permute_llama,
-            "bart": permute_bart}
+            "bart": permute_bart, "marian": permute_marian}
 
 
 def permute_transformer(sd: dict, config, gen: torch.Generator) -> dict:

@@ -176,3 +176,34 @@ def test_cuda_path_gives_the_same_plans(tmp_path, mlp_pair):
     gpu, _ = load_plans(tmp_path / "cuda.safetensors")
     for space, plan in cpu[1].items():
         assert torch.equal(plan.hard_index(), gpu[1][space].hard_index())
+
+
+@pytest.mark.parametrize("name", ["bart", "marian"])
+def test_translation_pairs_feed_the_targets_to_the_decoder(tmp_path, name):
+    """Teacher forcing, written out: the decoder reads [decoder start] + every token of the target, its mask
+    covers exactly those, and source and target masks differ in length so hooks can tell them apart."""
+    from transformers import AutoTokenizer
+
+    from otfuse_cli.alignment.activations import sample_batches
+    from otfuse_cli.runnable import load_runnable
+
+    model = tiny_model(name)
+    model.save_pretrained(tmp_path / "m")
+    save_tokenizer(tmp_path / "m")
+    texts = sentences(12)
+    pairs = list(zip(texts[:6], texts[6:]))
+    pairs[0] = ("the film was good", "a good film")  # start + 3 tokens, as long as the source: must still differ
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs))
+    runnable = load_runnable(open_checkpoint(tmp_path / "m"))
+    batches = sample_batches(runnable, str(data), samples=6, seed=0, max_length=32, batch_size=3)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    start = model.config.decoder_start_token_id
+    seen = []
+    for batch, (src_mask, dec_mask) in batches:
+        assert src_mask.shape != dec_mask.shape and batch["decoder_input_ids"].shape == dec_mask.shape
+        for row, mask in zip(batch["decoder_input_ids"].tolist(), dec_mask.tolist()):
+            seen.append([t for t, keep in zip(row, mask) if keep])
+    # the loader draws a seeded subsample; match each decoded row to its pair's target
+    expected = sorted([start] + tok(text_target=t)["input_ids"] for _, t in pairs)
+    assert sorted(seen) == expected

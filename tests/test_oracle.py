@@ -108,6 +108,8 @@ def hf_pair(tmp_path_factory):
             model = tiny_model(name)
             sd = model.state_dict()
             noise = make_noise(sd, seed=1)
+            if name == "marian":  # its sinusoidal positions are rebuilt at load, never saved: no noise there
+                noise = {k: v * 0 if "embed_positions" in k else v for k, v in noise.items()}
             b = permute_transformer(plus(sd, noise), model.config, torch.Generator().manual_seed(2))
             # save_pretrained for B too: it drops tied duplicates and writes ViT's on-disk names, like A's file
             model.save_pretrained(root / "a")
@@ -139,7 +141,9 @@ def test_oracle_preserves_function(name):
     permuted = permute_transformer(sd, model.config, torch.Generator().manual_seed(2))
     x = sample_inputs(name, model)
     assert rel_err(outputs(model, x), outputs(loaded(model, permuted), x)) < 1e-5
-    assert changed_fraction(sd, permuted) > 0.8
+    # Marian's residual stream cannot move (its positions are rebuilt at load): embeddings, LayerNorms, the
+    # head and the out_proj/fc2 biases stay, about 40% of its tensors
+    assert changed_fraction(sd, permuted) > (0.55 if name == "marian" else 0.8)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -167,10 +171,22 @@ def test_gqa_query_heads_within_group_are_recovered(hf_pair, name):
             assert rel_err(ref[k], fused[k]) < 1e-5, k
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "bert_cls", "gpt2", "vit", "bart"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "bert_cls", "gpt2", "vit", "bart", "marian"])
 def test_activation_fusion_undoes_oracle_permutation(hf_pair, name):
     pair = hf_pair(name)
     fused = pair.fuse("acts", options=ACTS, data=DataOptions(data=activation_data(pair.root, name), samples=64))
+    x = sample_inputs(name, pair.model)
+    assert rel_err(outputs(pair.ref, x), outputs(fused, x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["bart", "marian"])
+def test_activation_fusion_on_translation_pairs_undoes_oracle_permutation(hf_pair, name):
+    """Source sentences through the encoder, their targets teacher-forced through the decoder."""
+    pair = hf_pair(name)
+    texts = sentences(80)
+    data = pair.root / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in zip(texts[:40], texts[40:])))
+    fused = pair.fuse("acts_pairs", options=ACTS, data=DataOptions(data=str(data), samples=40))
     x = sample_inputs(name, pair.model)
     assert rel_err(outputs(pair.ref, x), outputs(fused, x)) < 1e-5
 
@@ -259,7 +275,9 @@ def test_bare_oracle_preserves_function(kind):
     permuted = permute(sd, torch.Generator().manual_seed(2))
     x = bare_x(kind)
     assert rel_err(outputs(net, x), outputs(loaded(net, permuted), x)) < 1e-5
-    assert changed_fraction(sd, permuted) > 0.8
+    # Marian's residual stream cannot move (its positions are rebuilt at load): embeddings, LayerNorms, the
+    # head and the out_proj/fc2 biases stay, about 40% of its tensors
+    assert changed_fraction(sd, permuted) > (0.55 if name == "marian" else 0.8)
 
 
 @pytest.mark.parametrize("kind", sorted(BARE))

@@ -41,11 +41,15 @@ def _cfg(name):
                               decoder_attention_heads=4, encoder_ffn_dim=24, decoder_ffn_dim=24,
                               max_position_embeddings=32, pad_token_id=1, bos_token_id=0, eos_token_id=2,
                               decoder_start_token_id=2, forced_eos_token_id=None), T.BartForConditionalGeneration),
+        "marian": (T.MarianConfig(**common, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, encoder_ffn_dim=24, decoder_ffn_dim=24,
+                                  max_position_embeddings=32, pad_token_id=0, eos_token_id=3,
+                                  decoder_start_token_id=0, forced_eos_token_id=None), T.MarianMTModel),
     }[name]
 
 
 FAMILIES = ["bert_cls", "bert_mlm", "bert_tok", "roberta_cls", "distilbert_cls", "distilbert_mlm", "vit", "gpt2",
-            "llama", "llama_tied", "qwen2", "mistral", "bart"]
+            "llama", "llama_tied", "qwen2", "mistral", "bart", "marian"]
 
 
 def tiny_model(name: str, seed: int = 0):
@@ -65,7 +69,7 @@ def sample_inputs(name: str, model, seed: int = 0) -> dict:
         return {"pixel_values": torch.randn(2, 3, 8, 8, generator=gen)}
     ids = torch.randint(3, 40, (2, 7), generator=gen)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if name == "bart":
+    if name in ("bart", "marian"):
         inputs["decoder_input_ids"] = torch.randint(3, 40, (2, 5), generator=gen)
     return inputs
 

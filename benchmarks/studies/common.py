@@ -310,7 +310,7 @@ def table(runs: list[dict[str, float]], columns: list[str], rows: list[str], sca
 
 
 def bar_plot(runs: list[dict[str, float]], columns: list[str], rows: list[str], path: Path, title: str,
-             scale: float = 100.0) -> Path:
+             scale: float = 100.0, ylabel: str = "accuracy (%)") -> Path:
     """Grouped bars (one group per row, one bar per column) with 95% CI whiskers."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -326,7 +326,7 @@ def bar_plot(runs: list[dict[str, float]], columns: list[str], rows: list[str], 
                yerr=[0 if math.isnan(h) else h for _, h in stats], capsize=2, label=col)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
     ax.set_xticklabels(rows, rotation=35, ha="right", fontsize="small")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small")

@@ -21,7 +21,8 @@ sys.path.insert(0, str(HERE))
 
 from common import DEFAULT_DATA, bar_plot, table  # noqa: E402
 
-STUDIES = {"languages": "languages", "vision": "vision", "shards": "shards", "federated": "federated"}
+STUDIES = {"languages": "languages", "vision": "vision", "shards": "shards", "federated": "federated",
+           "translation": "translation"}
 
 
 def main(argv=None) -> int:
@@ -49,7 +50,8 @@ def main(argv=None) -> int:
     md = table(result["runs"], result["columns"], result["rows"]) + summary(result)
     (args.results / f"{name}.md").write_text(md)
     bar_plot(result["runs"], result["columns"], result["rows"], args.results / f"{name}.png",
-             f"{args.study}: accuracy, mean ± 95% CI over {len(result['seeds'])} seed(s)")
+             f"{args.study}: {result.get('metric', 'accuracy')}, mean ± 95% CI over {len(result['seeds'])} seed(s)",
+             ylabel=f"{result.get('metric', 'accuracy')} (%)" if "metric" in result else "accuracy (%)")
     print(md)
     print(f"{args.study}: {result['seconds']} s, seeds {result['seeds']} → {args.results / name}.{{json,md,png}}")
     return 0
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
 def summary(result: dict) -> str:
     """Below the table: the run's cost, the chosen learning rate, and study 4's plan-change fractions."""
     lines = [f"\nSeeds {result['seeds']}; {result['seconds'] / 60:.1f} min in all on this machine; learning rate "
-             f"{result['lr']} (validation accuracy by rate: "
+             f"{result['lr']} (validation {'BLEU' if 'metric' in result else 'accuracy'} by rate: "
              + ", ".join(f"{k}: {100 * v:.1f}" for k, v in result["lr_validation"].items()) + ")."]
     if result.get("timing"):
         keys = list(result["timing"][0])

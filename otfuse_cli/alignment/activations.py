@@ -47,8 +47,9 @@ def sample_batches(model, data: str, samples: int, seed: int, max_length: int, b
     tokenizer = model.require_tokenizer()
     texts = [str(r[field]) for r in records]
     # An encoder-decoder's decoder runs on the target sentences when the records have them (teacher forcing,
-    # as in training); without targets it sees the shifted source, which is what transformers does.
-    targets = [str(r["target"]) for r in records] if field == "source" and is_seq2seq(model) and all(
+    # as in training); without targets on the source itself (BART's own default; Marian has none).
+    seq2seq = is_seq2seq(model)
+    targets = [str(r["target"]) for r in records] if seq2seq and field == "source" and all(
         "target" in r for r in records) else None
     max_length = model.token_limit(max_length)  # GPT-2 with 64 positions must not see 128 tokens
     batches = []
@@ -57,11 +58,11 @@ def sample_batches(model, data: str, samples: int, seed: int, max_length: int, b
             enc = tokenize_texts(tokenizer, texts[i:i + batch_size], max_length=max_length)
             if "token_type_ids" not in getattr(tokenizer, "model_input_names", []):
                 enc.pop("token_type_ids", None)  # e.g. GPT-2 and Llama forwards reject them
-            if targets is None:
+            if not seq2seq:
                 batches.append((enc, (enc["attention_mask"].bool(),)))
                 continue
-            dec = decoder_inputs(model, tokenize_targets(tokenizer, targets[i:i + batch_size], max_length),
-                                 avoid_length=enc["input_ids"].shape[1])
+            target = enc if targets is None else tokenize_targets(tokenizer, targets[i:i + batch_size], max_length)
+            dec = decoder_inputs(model, target, avoid_length=enc["input_ids"].shape[1])
             batches.append(({**enc, **dec}, (enc["attention_mask"].bool(), dec["decoder_attention_mask"].bool())))
     if note := truncation_note(cut, "sample texts"):
         from otfuse_cli.report import note_line
@@ -75,13 +76,14 @@ def is_seq2seq(model) -> bool:
 
 
 def decoder_inputs(model, target: dict, avoid_length: int) -> dict[str, torch.Tensor]:
-    """Teacher-forced decoder inputs for tokenized targets: the targets shifted right behind the decoder's
-    start token (the model's own shift, as its loss uses). Padded to a length other than the source's, so
-    that a hook can tell source rows (encoder, cross-attention keys/values) from target rows by shape."""
+    """Teacher-forced decoder inputs for tokenized targets: the decoder's start token, then every target
+    token (the model's own right shift, as its loss uses, of the targets plus one pad column, so each row's
+    last token is read too). Padded to a length other than the source's, so that a hook can tell source rows
+    (encoder, cross-attention keys/values) from target rows by shape."""
     labels, keep = target["input_ids"], target["attention_mask"]
-    if labels.shape[1] == avoid_length:
-        labels = torch.cat([labels, labels.new_full((len(labels), 1), model.module.config.pad_token_id)], 1)
-        keep = torch.cat([keep, keep.new_zeros((len(keep), 1))], 1)
+    extra = 2 if labels.shape[1] + 1 == avoid_length else 1
+    labels = torch.cat([labels, labels.new_full((len(labels), extra), model.module.config.pad_token_id)], 1)
+    keep = torch.cat([keep, keep.new_zeros((len(keep), extra))], 1)
     ids = model.module.prepare_decoder_input_ids_from_labels(labels=labels)
     mask = torch.cat([torch.ones_like(keep[:, :1]), keep[:, :-1]], 1)  # the start token, then the targets
     return {"decoder_input_ids": ids, "decoder_attention_mask": mask}

@@ -94,17 +94,19 @@ def rule(pattern: str, *axes: Axis) -> Rule:
     return Rule(pattern, axes)
 
 
-def attn(q: str, k: str, v: str, o: str, heads: str = "heads") -> list[Rule]:
-    """Separate q/k/v/o Linear layers (out, in) with optional biases; arguments are module regexes."""
+def attn(q: str, k: str, v: str, o: str, heads: str = "heads", res: str | None = "res") -> list[Rule]:
+    """Separate q/k/v/o Linear layers (out, in) with optional biases; arguments are module regexes. res=None:
+    the residual stream is fixed (only the heads move)."""
+    reads_res, makes_res = ((reads(1, res),), (produces(0, res),)) if res else ((), ())
     return [
-        rule(rf"{q}\.weight", produces(0, heads, "q"), reads(1, "res")),
-        rule(rf"{k}\.weight", produces(0, heads, "k"), reads(1, "res")),
-        rule(rf"{v}\.weight", produces(0, heads, "v"), reads(1, "res")),
+        rule(rf"{q}\.weight", produces(0, heads, "q"), *reads_res),
+        rule(rf"{k}\.weight", produces(0, heads, "k"), *reads_res),
+        rule(rf"{v}\.weight", produces(0, heads, "v"), *reads_res),
         rule(rf"{q}\.bias", produces(0, heads, "q")),
         rule(rf"{k}\.bias", produces(0, heads, "k")),
         rule(rf"{v}\.bias", produces(0, heads, "v")),
-        rule(rf"{o}\.weight", produces(0, "res"), reads(1, heads, "o")),
-        rule(rf"{o}\.bias", produces(0, "res")),
+        rule(rf"{o}\.weight", *makes_res, reads(1, heads, "o")),
+        rule(rf"{o}\.bias", *makes_res),
     ]
 
 
@@ -249,8 +251,6 @@ LLAMA = Family(
 S = r"(encoder|decoder)"
 SEQ2SEQ_LAYER = rf"{S}\.layers\.{L}"
 BART = Family(
-    # Marian is left out on purpose: its sinusoidal positions are regenerated at load time in the
-    # standard basis, so its residual stream has no permutation symmetry to align.
     "bart", ("bart", "mbart"),
     (
         rule(r"(?:shared|embed_tokens)\.weight", produces(1, "res")),
@@ -273,7 +273,31 @@ BART = Family(
     ConfigKeys(hidden="d_model", heads="encoder_attention_heads", ffn="{stack}_ffn_dim"),
 )
 
-FAMILIES: tuple[Family, ...] = (BERT, DISTILBERT, VIT, GPT2, LLAMA, BART)
+MARIAN = Family(
+    # Marian's sinusoidal positions are not in its checkpoint: transformers rebuilds them at load time in the
+    # standard basis, and every column of the table differs, so the only residual permutation that keeps them
+    # is the identity (tests/test_marian.py measures both facts). The residual stream is therefore fixed and
+    # only what can move is aligned: each layer's heads (self- and cross-attention) and FFN neurons. Parents
+    # must share one residual basis (e.g. fine-tunes of one opus-mt model); Marians trained from scratch
+    # apart cannot be aligned here.
+    "marian", ("marian",),
+    (
+        rule(r"(?:shared|embed_tokens)\.weight"),
+        rule(r"embed_positions\.weight"),
+        rule(rf"{S}\.layer_norm\.{LN}"),
+        *attn(*(rf"{SEQ2SEQ_LAYER}\.self_attn\.{m}" for m in ("q_proj", "k_proj", "v_proj", "out_proj")), res=None),
+        *attn(*(rf"{SEQ2SEQ_LAYER}\.encoder_attn\.{m}" for m in ("q_proj", "k_proj", "v_proj", "out_proj")),
+              heads="cross_heads", res=None),
+        rule(rf"{SEQ2SEQ_LAYER}\.(?:self_attn|encoder_attn|final)_layer_norm\.{LN}"),
+        *linear(rf"{SEQ2SEQ_LAYER}\.fc1", "ffn", None),
+        *linear(rf"{SEQ2SEQ_LAYER}\.fc2", None, "ffn"),
+        rule(r"lm_head\.weight"),
+        rule(r"final_logits_bias"),
+    ),
+    ConfigKeys(hidden="d_model", heads="encoder_attention_heads", ffn="{stack}_ffn_dim"),
+)
+
+FAMILIES: tuple[Family, ...] = (BERT, DISTILBERT, VIT, GPT2, LLAMA, BART, MARIAN)
 
 
 def _dims(family: Family, config: dict) -> tuple[int, int, int]:
