@@ -92,9 +92,12 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
     sweeps x parents for refinement."""
     if options.align == "none":  # vanilla merging: every parent taken in its own basis
         return [{} for _ in parents.ckpts]
-    from otfuse_cli.report import start
+    from otfuse_cli.arch.transformers import alignment_note
+    from otfuse_cli.report import note_line, start
 
     anchor_spec = parents.specs[parents.anchor]
+    if note := alignment_note(anchor_spec.family):
+        note_line(f"{anchor_spec.family}: {note}")
     anchor_src = parents.source(parents.anchor)
     others = [k for k in range(len(parents.specs)) if k != parents.anchor]
     spaces = len(anchor_spec.spaces)

@@ -63,6 +63,7 @@ class Family:
     config: ConfigKeys
     rope: bool = False  # RoPE: within-head q/k order stays fixed
     tied: dict[str, str] = field(default_factory=dict)  # dense space -> decoder tensor regex; absent = tied to embeddings
+    note: str = ""  # said once whenever this family is aligned (a limit the user should know about)
 
     @property
     def compress_heads(self) -> bool:
@@ -295,9 +296,17 @@ MARIAN = Family(
         rule(r"final_logits_bias"),
     ),
     ConfigKeys(hidden="d_model", heads="encoder_attention_heads", ffn="{stack}_ffn_dim"),
+    note="the residual stream is not aligned (its sinusoidal positions are rebuilt at load in the standard "
+         "basis), only heads and FFN neurons: fuse Marians that share one residual basis, e.g. fine-tunes of one "
+         "opus-mt model, or use BART/mBART for models trained apart",
 )
 
 FAMILIES: tuple[Family, ...] = (BERT, DISTILBERT, VIT, GPT2, LLAMA, BART, MARIAN)
+
+
+def alignment_note(family: str) -> str:
+    """What to tell the user whenever `family` is aligned ("" for most families)."""
+    return next((f.note for f in FAMILIES if f.name == family), "")
 
 
 def _dims(family: Family, config: dict) -> tuple[int, int, int]:
