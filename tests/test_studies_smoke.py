@@ -18,7 +18,8 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "studies"))
 pytestmark = pytest.mark.skipif(not (DATA / "libreoffice-help").is_dir(), reason=f"no study data at {DATA}")
 
 
-@pytest.mark.parametrize("study", ["languages", "vision", "shards", "federated"])
+@pytest.mark.parametrize("study", ["languages", "vision", "shards", "federated", "translation",
+                                   "translation_domains"])
 def test_study_smoke(study, tmp_path):
     import subprocess
 
@@ -37,7 +38,7 @@ def test_study_smoke(study, tmp_path):
     result = json.loads((tmp_path / f"{study}_smoke.json").read_text())
     assert result["seeds"] == [0] and len(result["runs"]) == 1
     run0 = result["runs"][0]
-    for row in result["rows"]:  # every row scored in some column (shards 3-4 only exist for k=4)
+    for row in result["rows"]:  # every row scored in some column (shards 3-4 only exist for k=4); BLEU/100 too
         values = [run0[f"{row}|{col}"] for col in result["columns"] if f"{row}|{col}" in run0]
         assert values and all(0.0 <= v <= 1.0 and not math.isnan(v) for v in values), (row, values)
     for changed in result.get("mass_changes", []):  # study 4's check that a mass option moved any match

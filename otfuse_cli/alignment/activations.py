@@ -61,8 +61,10 @@ def sample_batches(model, data: str, samples: int, seed: int, max_length: int, b
             if not seq2seq:
                 batches.append((enc, (enc["attention_mask"].bool(),)))
                 continue
-            target = enc if targets is None else tokenize_targets(tokenizer, targets[i:i + batch_size], max_length)
-            dec = decoder_inputs(model, target, avoid_length=enc["input_ids"].shape[1])
+            # room for the start token: the decoder has max_length positions too
+            target = enc if targets is None else tokenize_targets(tokenizer, targets[i:i + batch_size],
+                                                                  max(1, max_length - 1))
+            dec = decoder_inputs(model, target, avoid_length=enc["input_ids"].shape[1], limit=max_length)
             batches.append(({**enc, **dec}, (enc["attention_mask"].bool(), dec["decoder_attention_mask"].bool())))
     if note := truncation_note(cut, "sample texts"):
         from otfuse_cli.report import note_line
@@ -75,13 +77,18 @@ def is_seq2seq(model) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
-def decoder_inputs(model, target: dict, avoid_length: int) -> dict[str, torch.Tensor]:
+def decoder_inputs(model, target: dict, avoid_length: int, limit: int) -> dict[str, torch.Tensor]:
     """Teacher-forced decoder inputs for tokenized targets: the decoder's start token, then every target
     token (the model's own right shift, as its loss uses, of the targets plus one pad column, so each row's
-    last token is read too). Padded to a length other than the source's, so that a hook can tell source rows
-    (encoder, cross-attention keys/values) from target rows by shape."""
-    labels, keep = target["input_ids"], target["attention_mask"]
-    extra = 2 if labels.shape[1] + 1 == avoid_length else 1
+    last token is read too), at most `limit` positions. Of a length other than the source's, so that a hook
+    can tell source rows (encoder, cross-attention keys/values) from target rows by shape."""
+    labels, keep = target["input_ids"][:, :limit - 1], target["attention_mask"][:, :limit - 1]
+    extra = 1
+    if labels.shape[1] + 1 == avoid_length:  # one pad column more, or where that would not fit one token less
+        if labels.shape[1] + 2 <= limit or labels.shape[1] == 1:
+            extra = 2
+        else:
+            labels, keep = labels[:, :-1], keep[:, :-1]
     labels = torch.cat([labels, labels.new_full((len(labels), extra), model.module.config.pad_token_id)], 1)
     keep = torch.cat([keep, keep.new_zeros((len(keep), extra))], 1)
     ids = model.module.prepare_decoder_input_ids_from_labels(labels=labels)
