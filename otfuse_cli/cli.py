@@ -390,7 +390,8 @@ def evaluate(
     \b
       otfuse evaluate a/ b/ fused/ --data test.jsonl --ensemble-of 0,1
       otfuse evaluate fused/ --data test.jsonl --fail-under accuracy=0.9
-      otfuse evaluate a/ b/ --data test.tsv --source-field en --target-field de --num-beams 4 --ensemble
+      otfuse evaluate a/ b/ --data test.tsv --source-field en --target-field de \\
+          --num-beams 4 --ensemble
     """
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.evaluation import (evaluate_models, interpolate as interpolate_line, plot_curve,
