@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.otfuse-installed
 
-.PHONY: demo test fixtures bench clean
+.PHONY: demo test fixtures bench study-translation clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ fixtures: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+
+# The translation studies (issue 13): tables, plots and JSON in benchmarks/studies/results/.
+study-translation: $(STAMP)
+	$(PY) benchmarks/studies/run.py translation
+	$(PY) benchmarks/studies/run.py translation_domains
 
 clean:
 	rm -rf $(VENV) demo-out

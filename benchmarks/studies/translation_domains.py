@@ -35,7 +35,7 @@ DOMAINS = {
 TESTS = {"desktop": "desktop test", "system": "system test", "libreoffice": "LibreOffice help (unseen)"}
 COLUMNS = [f"BLEU, {t}" for t in TESTS.values()] + ["chrF, LibreOffice help (unseen)"]
 
-FULL = MTScale(hidden=128, layers=2, heads=4, ffn=512, vocab=6000, epochs=4.0, lrs=(5e-4, 1e-3), limit=20_000)
+FULL = MTScale(hidden=128, layers=2, heads=4, ffn=512, vocab=6000, epochs=4.0, lrs=(5e-4, 1e-3), limit=10_000)
 SMOKE = MTScale(hidden=32, layers=1, heads=2, ffn=64, vocab=400, epochs=1.0, lrs=(1e-3,), batch=32, limit=200)
 TEST_SIZE = {"full": 1000, "smoke": 60}
 
