@@ -1,4 +1,4 @@
-"""Study 5, translation: Multi30k English→German. A small BART-style encoder-decoder trained on each of two
+"""Study 6, translation: Multi30k English→German. A small BART-style encoder-decoder trained on each of two
 disjoint halves of the training set (different seeds) and one on the whole set; the halves fused every way
 otfuse can, each fused model after a short fine-tune on half A's data, the output ensemble of the halves, and
 the ablation the project asked for: fuse the encoders only or the decoders only (the rest from the anchor,

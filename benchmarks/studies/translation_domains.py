@@ -1,4 +1,4 @@
-"""Study 6, translation across software domains: Debian EN→FI catalogues, one party per domain. The desktop
+"""Study 7, translation across software domains: Debian EN→FI catalogues, one party per domain. The desktop
 party holds the strings of desktop programs (sections gnome, kde, x11, xfce, graphics, sound, video), the
 system party those of system and developer tools (devel, libs, admin, utils, net, shells, vcs, interpreters,
 database, python, perl, php, web, mail); each trains a small BART on its own domain only (different seeds).
