@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import check_no_leak, fusion_routes, near_duplicate_key, seed_all, train
+from common import check_no_leak, fusion_routes, near_duplicate_key, save_model, seed_all, train
 
 import otfuse_cli as otf
 
@@ -127,16 +127,6 @@ def fit_mt(scale: MTScale, tok, pairs, seed: int, lr: float, steps: int | None =
     return model, steps, train(model, batch, steps, lr, seed)
 
 
-def save_mt(model, folder: Path, tok) -> Path:
-    model.save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    cfg = folder / "tokenizer_config.json"  # a class name transformers 4.x and 5.x both resolve
-    doc = json.loads(cfg.read_text())
-    doc["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    return folder
-
-
 def half_fused(fused: Path, anchor: Path, part: str, out: Path) -> Path:
     """The anchor with one stack replaced by the fused model's (`PARTS`); both are in the anchor's basis, since
     fusion aligns the other parents onto the anchor. The shared token embedding stays the anchor's."""
@@ -174,7 +164,7 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
     choice, first = {}, {}
     for lr in scale.lrs:
         model, steps, sec = fit_mt(scale, tok, data["half A"], 0, lr)
-        path = save_mt(model, out / f"lr_{lr}", tok)
+        path = save_model(model, out / f"lr_{lr}", tok)
         choice[lr] = scores({"m": path}, files["val"], None)[0]["m|BLEU greedy"]
         first[lr] = (path, steps, sec)
     lr = max(choice, key=choice.get)
@@ -189,9 +179,9 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
                 models[name], steps, cost[name] = first[lr]
                 continue
             model, steps, cost[name] = fit_mt(scale, tok, data[name], seed + 1000 * i, lr)
-            models[name] = save_mt(model, root / name.replace(" ", "_"), tok)
+            models[name] = save_model(model, root / name.replace(" ", "_"), tok)
         model, _, cost["whole data"] = fit_mt(scale, tok, data["train"], seed + 2000, lr)
-        whole = save_mt(model, root / "whole", tok)
+        whole = save_model(model, root / "whole", tok)
         start = time.perf_counter()
         # activations on public pairs (validation: source through the encoder, target through the decoder);
         # RegMean's Grams from each half's own training pairs only
@@ -215,7 +205,7 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         for name in ("vanilla average", "OT weights (exact)", "OT activations", "OT + RegMean", "half A"):
             model = T.AutoModelForSeq2SeqLM.from_pretrained(str(routes.get(name) or models[name]))
             fit_mt(scale, tok, data["half A"], seed + 77, lr / 3, steps=ft_steps, model=model)
-            tuned[f"{name} + fine-tune"] = save_mt(model, root / f"ft_{len(tuned)}", tok)
+            tuned[f"{name} + fine-tune"] = save_model(model, root / f"ft_{len(tuned)}", tok)
         cost["fine-tunes (5)"] = time.perf_counter() - start
         start = time.perf_counter()
         record, signature = scores({**models, "whole data": whole, **routes, **ablation, **tuned}, files["test"],

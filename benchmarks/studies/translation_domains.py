@@ -22,8 +22,8 @@ import lzma
 import time
 from pathlib import Path
 
-from common import check_no_leak, fusion_routes, near_duplicate_key
-from translation import MTScale, fit_mt, save_mt, train_tokenizer, write_pairs
+from common import check_no_leak, fusion_routes, near_duplicate_key, save_model
+from translation import MTScale, fit_mt, train_tokenizer, write_pairs
 
 import otfuse_cli as otf
 
@@ -104,7 +104,7 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         first[lr] = {}
         for i, d in enumerate(DOMAINS):
             model, _, sec = fit_mt(scale, tok, data[f"{d} train"], 1000 * i, lr)
-            first[lr][f"{d} party"] = (save_mt(model, out / f"lr_{lr}_{d}", tok), sec)
+            first[lr][f"{d} party"] = (save_model(model, out / f"lr_{lr}_{d}", tok), sec)
         doc = otf.evaluate({k: str(p) for k, (p, _) in first[lr].items()}, files["val"], task="translation",
                            max_length=64, batch_size=64)
         choice[lr] = sum(r["bleu"] for r in doc["rows"]) / len(doc["rows"]) / 100
@@ -120,9 +120,9 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
                 models[f"{d} party"], cost[f"{d} party"] = first[lr][f"{d} party"]
                 continue
             model, _, cost[f"{d} party"] = fit_mt(scale, tok, data[f"{d} train"], seed + 1000 * i, lr)
-            models[f"{d} party"] = save_mt(model, root / d, tok)
+            models[f"{d} party"] = save_model(model, root / d, tok)
         model, _, cost["joint"] = fit_mt(scale, tok, data["desktop train"] + data["system train"], seed + 2000, lr)
-        joint = save_mt(model, root / "joint", tok)
+        joint = save_model(model, root / "joint", tok)
         start = time.perf_counter()
         # activations on public pairs (both domains' validation strings); Grams from each party's own data
         routes = fusion_routes(list(models.values()), root, files["val"], [files[f"{d} train"] for d in DOMAINS])
