@@ -1,4 +1,4 @@
-"""Study 6, translation: Multi30k English→German. A small BART-style encoder-decoder trained on each of two
+"""Study 6, translation: Multi30k English→German. A small mBART-style encoder-decoder trained on each of two
 disjoint halves of the training set (different seeds) and one on the whole set; the halves fused every way
 otfuse can, each fused model after a short fine-tune on half A's data, the output ensemble of the halves, and
 the ablation the project asked for: fuse the encoders only or the decoders only (the rest from the anchor,
@@ -49,7 +49,10 @@ class MTScale:
     limit: int | None = None  # pairs per split (smoke mode)
 
 
-FULL = MTScale(hidden=128, layers=2, heads=4, ffn=512, vocab=4000, epochs=4.0, lrs=(5e-4, 1e-3))
+# The layout and learning rate were chosen on validation before the study (seed 0, half A, 400 validation
+# pairs, greedy BLEU: post-LN BART 2.0 after 1,500 steps at 2e-3 and still one sentence for every input;
+# mBART layout after 1,000 steps 3.0 at 2e-3, 3.7 at 1e-3); one candidate keeps three seeds in the budget.
+FULL = MTScale(hidden=128, layers=2, heads=4, ffn=512, vocab=3000, epochs=9.0, lrs=(1e-3,))
 SMOKE = MTScale(hidden=32, layers=1, heads=2, ffn=64, vocab=400, epochs=1.0, lrs=(1e-3,), batch=32, limit=240)
 
 
@@ -93,24 +96,29 @@ def train_tokenizer(texts: list[str], vocab_size: int):
                                    unk_token="<unk>", model_max_length=128)
 
 
-def mt_model(scale: MTScale, vocab: int, seed: int):
+def mt_model(scale: MTScale, vocab: int, seed: int, pre_norm: bool = True):
+    """mBART's layout (pre-LayerNorm, scaled embeddings: it learns to read the source in a third of the steps
+    post-LN BART needs on this data, measured on validation) or BART's (pre_norm=False, the fixture's)."""
     import transformers as T
 
     seed_all(seed)
-    config = T.BartConfig(vocab_size=vocab, d_model=scale.hidden, encoder_layers=scale.layers,
-                          decoder_layers=scale.layers, encoder_attention_heads=scale.heads,
-                          decoder_attention_heads=scale.heads, encoder_ffn_dim=scale.ffn, decoder_ffn_dim=scale.ffn,
-                          max_position_embeddings=128, dropout=0.1, bos_token_id=0, pad_token_id=1, eos_token_id=2,
-                          decoder_start_token_id=2, forced_eos_token_id=2)
-    model = T.BartForConditionalGeneration(config)
+    Config, Model = (T.MBartConfig, T.MBartForConditionalGeneration) if pre_norm else \
+        (T.BartConfig, T.BartForConditionalGeneration)
+    config = Config(vocab_size=vocab, d_model=scale.hidden, encoder_layers=scale.layers,
+                    decoder_layers=scale.layers, encoder_attention_heads=scale.heads,
+                    decoder_attention_heads=scale.heads, encoder_ffn_dim=scale.ffn, decoder_ffn_dim=scale.ffn,
+                    max_position_embeddings=128, dropout=0.1, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                    decoder_start_token_id=2, forced_eos_token_id=2, scale_embedding=pre_norm)
+    model = Model(config)
     model.generation_config = T.GenerationConfig(bos_token_id=0, pad_token_id=1, eos_token_id=2,
                                                  decoder_start_token_id=2, forced_eos_token_id=2, max_length=128)
     return model
 
 
-def fit_mt(scale: MTScale, tok, pairs, seed: int, lr: float, steps: int | None = None, model=None):
+def fit_mt(scale: MTScale, tok, pairs, seed: int, lr: float, steps: int | None = None, model=None,
+           pre_norm: bool = True):
     """Train (a new model, or `model` further) on (source, target) pairs: (model, steps, seconds)."""
-    model = model if model is not None else mt_model(scale, len(tok), seed)
+    model = model if model is not None else mt_model(scale, len(tok), seed, pre_norm)
     src = tok([s for s, _ in pairs], truncation=True, max_length=scale.max_length)["input_ids"]
     tgt = tok(text_target=[t for _, t in pairs], truncation=True, max_length=scale.max_length)["input_ids"]
     order = sorted(range(len(pairs)), key=lambda i: (len(src[i]), i))  # similar lengths: little padding
@@ -213,8 +221,7 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         cost["evaluation"] = time.perf_counter() - start
         runs.append(record)
         timing.append(cost)
-        print(f"seed {seed}: " + ", ".join(f"{k.split('|')[0]} {100 * v:.1f}" for k, v in record.items()
-                                          if k.endswith("|BLEU greedy")), flush=True)
+        print(f"seed {seed}: " + json.dumps(record), flush=True)  # the whole record: a run cut short keeps it
     rows = ["half A", "half B", "whole data", "ensemble", "vanilla average", "OT weights (exact)", "OT activations",
             "RegMean", "OT + RegMean",
             *[f"{route}, {part}" for route in ("vanilla average", ablated_route) for part in PARTS],
