@@ -60,8 +60,11 @@ def main(argv=None) -> int:
 def summary(result: dict) -> str:
     """Below the table: the run's cost, the chosen learning rate, and study 4's plan-change fractions."""
     lines = [f"\nSeeds {result['seeds']}; {result['seconds'] / 60:.1f} min in all on this machine; learning rate "
-             f"{result['lr']} (validation {'BLEU' if 'metric' in result else 'accuracy'} by rate: "
-             + ", ".join(f"{k}: {100 * v:.1f}" for k, v in result["lr_validation"].items()) + ")."]
+             f"{result['lr']}" + (f" (validation {'BLEU' if 'metric' in result else 'accuracy'} by rate: "
+                                  + ", ".join(f"{k}: {100 * v:.1f}" for k, v in result["lr_validation"].items())
+                                  + ")" if result["lr_validation"] else "") + "."]
+    if result.get("note"):
+        lines.append(result["note"][0].upper() + result["note"][1:] + ".")
     if result.get("timing"):
         keys = list(result["timing"][0])
         lines.append("Wall-clock seconds (mean over seeds): " + ", ".join(
