@@ -179,6 +179,17 @@ def truncation_note(record: dict, what: str = "texts") -> str | None:
     return f"{record['cut']} of {record['texts']} {what} were cut to {record['limit']} tokens"
 
 
+def _count_truncation(tokenizer, max_length: int, **inputs) -> None:
+    """Inside counting_truncation: count the texts of `inputs` (the tokenizer's own keywords) and those longer
+    than max_length."""
+    if (record := _TRUNCATION.get()) is None:
+        return
+    full = tokenizer(**inputs, truncation=False, verbose=False)["input_ids"]
+    record["texts"] += len(full)
+    record["cut"] += sum(len(ids) > max_length for ids in full)
+    record["limit"] = max_length if record["limit"] is None else min(record["limit"], max_length)
+
+
 def tokenize_texts(tokenizer, texts: Sequence[str], text_pairs: Sequence[str] | None = None,
                    max_length: int = 128, **kwargs) -> dict[str, torch.Tensor]:
     """A padded, truncated batch (input_ids, attention_mask, ...) as torch tensors; inside
@@ -190,11 +201,7 @@ def tokenize_texts(tokenizer, texts: Sequence[str], text_pairs: Sequence[str] | 
             raise OtfuseError("the tokenizer has no pad, eos or unk token to pad batches with")
         tokenizer.pad_token = fallback
     pairs = list(text_pairs) if text_pairs is not None else None
-    if (record := _TRUNCATION.get()) is not None:
-        full = tokenizer(list(texts), pairs, truncation=False, verbose=False)["input_ids"]
-        record["texts"] += len(full)
-        record["cut"] += sum(len(ids) > max_length for ids in full)
-        record["limit"] = max_length if record["limit"] is None else min(record["limit"], max_length)
+    _count_truncation(tokenizer, max_length, text=list(texts), text_pair=pairs)
     return dict(tokenizer(list(texts), pairs, padding=True, truncation=True, max_length=max_length,
                           return_tensors="pt", **kwargs))
 
@@ -202,11 +209,7 @@ def tokenize_texts(tokenizer, texts: Sequence[str], text_pairs: Sequence[str] | 
 def tokenize_targets(tokenizer, texts: Sequence[str], max_length: int = 128) -> dict[str, torch.Tensor]:
     """Target sentences of a translation pair, tokenized as the model's labels (`text_target`: mBART and
     Marian switch to the target language's tokens), padded and truncated like tokenize_texts."""
-    if (record := _TRUNCATION.get()) is not None:
-        full = tokenizer(text_target=list(texts), truncation=False, verbose=False)["input_ids"]
-        record["texts"] += len(full)
-        record["cut"] += sum(len(ids) > max_length for ids in full)
-        record["limit"] = max_length if record["limit"] is None else min(record["limit"], max_length)
+    _count_truncation(tokenizer, max_length, text_target=list(texts))
     return dict(tokenizer(text_target=list(texts), padding=True, truncation=True, max_length=max_length,
                           return_tensors="pt"))
 

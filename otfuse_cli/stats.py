@@ -58,8 +58,8 @@ def _gram_hooks(model, tensors: list[str], stats: Stats, state: dict) -> list:
 
         def hook(_mod, args, saved=saved):
             x = args[0]
-            mask = mask_for(state.get("masks"), x) if x.dim() == 3 else None
-            if mask is not None and mask is not False:
+            mask = mask_for(state["masks"], x) if x.dim() == 3 and state.get("masks") else None
+            if mask is not None:
                 x = x[mask]  # padding tokens are not data
             x = x.reshape(-1, x.shape[-1]).double()
             stats.grams[saved] = stats.grams.get(saved, 0) + (x.T @ x).cpu()

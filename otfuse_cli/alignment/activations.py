@@ -96,12 +96,10 @@ def decoder_inputs(model, target: dict, avoid_length: int, limit: int) -> dict[s
     return {"decoder_input_ids": ids, "decoder_attention_mask": mask}
 
 
-def mask_for(masks, out: torch.Tensor) -> torch.Tensor | None | bool:
+def mask_for(masks, out: torch.Tensor) -> torch.Tensor | None:
     """The token mask (of a batch's masks: one, or source and target for an encoder-decoder) whose shape is
-    out's (batch, tokens); None when the batch has no masks; False when none fits (not per-token rows)."""
-    if masks is None:
-        return None
-    return next((m for m in masks if tuple(out.shape[:2]) == tuple(m.shape)), False)
+    out's (batch, tokens); None when none fits (not per-token rows)."""
+    return next((m for m in masks if tuple(out.shape[:2]) == tuple(m.shape)), None)
 
 
 def loaded_names(module: nn.Module, tensors: list[str]) -> dict[str, str]:
@@ -159,7 +157,7 @@ class Recorder:
                 pass  # one row per sequence (a pooler): every row counts
             elif self.masks is not None:
                 mask = mask_for(self.masks, out)
-                if mask is False:
+                if mask is None:
                     return  # e.g. position embeddings computed once per batch: not per-token rows
                 out = out[mask]
             self._keep(name, out.reshape(-1, out.shape[-1]).detach().float())

@@ -46,10 +46,12 @@ def forward_passes(task: str, data: tasks.EvalData, batch_size: int, models: int
 
 
 @contextmanager
-def counting_forwards(models, progress_task):
-    """Advance progress_task after every forward pass of each model's top module (hooks removed on exit)."""
+def counting_forwards(task: str, models, progress_task):
+    """Advance progress_task after every forward pass of each model's top module (hooks removed on exit).
+    Translation is counted per generated batch by its scorer instead (a pass is one decoding step)."""
+    counted = [] if task == "translation" else models
     handles = [m.module.register_forward_hook(lambda *_, name=name: progress_task.advance(detail=name))
-               for name, m in models if hasattr(getattr(m, "module", None), "register_forward_hook")]
+               for name, m in counted if hasattr(getattr(m, "module", None), "register_forward_hook")]
     try:
         yield
     finally:
@@ -105,8 +107,7 @@ def evaluate_models(models: list[tuple[str, Any]], data_path: str | Path, *, tas
         m.to(dev)
     runs = len(models) + (task == "translation" and bool(ensemble))  # an ensemble translates once more
     bar = start(progress, "evaluating", forward_passes(task, data, batch_size, runs))
-    counted = [] if task == "translation" else models  # generation advances per batch, not per decoding step
-    with counting_forwards(counted, bar), counting_truncation() as cut:
+    with counting_forwards(task, models, bar), counting_truncation() as cut:
         rows, notes = tasks.score(task, models, data, batch_size=batch_size, max_length=max_length,
                                   ensemble=ensemble, num_beams=num_beams, seed=seed, progress=bar)
     notes = {**notes, "device": str(dev)}

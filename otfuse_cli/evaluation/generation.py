@@ -13,19 +13,14 @@ import math
 from typing import Callable
 
 import torch
+from transformers import LogitsProcessor
 
 from otfuse_cli.data import batched, tokenize_texts
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.runnable import quiet_transformers
 
 
-def _logits_processor_base():
-    from transformers import LogitsProcessor
-
-    return LogitsProcessor
-
-
-class MeanProbabilities(_logits_processor_base()):
+class MeanProbabilities(LogitsProcessor):
     """Next-token log-probabilities of the mean of the lead's (as generate processed them) and the other
     members' distributions. `others`: [(runnable, encoder output, source mask)] already repeated per beam."""
 

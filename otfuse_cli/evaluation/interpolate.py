@@ -68,7 +68,7 @@ def interpolate(model_a_sd: Mapping[str, torch.Tensor], model_b_sd: Mapping[str,
     for alpha in alphas:
         runnable.load_weights(interpolate_state_dicts(model_a_sd, model_b_sd, alpha))
         label = f"alpha={alpha:.2f}"
-        with counting_forwards([] if task == "translation" else [(label, runnable)], bar):
+        with counting_forwards(task, [(label, runnable)], bar):
             (row,), notes = tasks.score(task, [(label, runnable)], data, batch_size=batch_size,
                                         max_length=max_length, num_beams=num_beams, seed=seed, ensemble=False,
                                         progress=bar)

@@ -19,7 +19,6 @@ from otfuse_cli.data import (batched, fields_of, is_tensor_file, load_records, l
                              tokenize_texts)
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.evaluation import metrics as M
-from otfuse_cli.runnable import quiet_transformers
 
 TASK_METRICS: dict[str, list[str]] = {
     "classification": ["accuracy", "f1_weighted", "f1_macro", "ece", "nll"],
