@@ -48,4 +48,34 @@ def test_study_smoke(study, tmp_path):
     table = (tmp_path / f"{study}_smoke.md").read_text()
     assert all(f"| {row} |" in table for row in result["rows"])
     assert (tmp_path / f"{study}_smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert result["lr"] in [float(k) for k in result["lr_validation"]]  # chosen on validation
+    if result["lr_validation"]:  # chosen on validation: the best rate's
+        assert result["lr"] == float(max(result["lr_validation"], key=result["lr_validation"].get))
+    else:  # one candidate, chosen by a validation pilot before the study (the module says so)
+        assert result["scale"]["lrs"] == [result["lr"]]
+
+
+def _part(seeds, value, **extra):
+    runs = [{"a|acc": value + s / 100, "b|acc": value / 2} for s in seeds]
+    return {"study": "x", "rows": ["a", "b"], "columns": ["acc"], "lr": 1e-3, "lr_validation": {}, "runs": runs,
+            "seeds": seeds, "seconds": 60.0, "timing": [{"train": 30.0}] * len(seeds), **extra}
+
+
+def test_merge_concatenates_seeds_and_refuses_different_studies(tmp_path):
+    import run
+
+    parts = [_part([0], 0.5, note="seed 0 alone"), _part([1, 2], 0.6)]
+    for i, part in enumerate(parts):
+        (tmp_path / f"p{i}.json").write_text(json.dumps(part))
+    out = tmp_path / "out"
+    assert run.main(["translation", "--results", str(out), "--merge", str(tmp_path / "p0.json"),
+                     str(tmp_path / "p1.json")]) == 0
+    result = json.loads((out / "translation.json").read_text())
+    assert result["seeds"] == [0, 1, 2] and result["seconds"] == 120.0
+    assert [r["a|acc"] for r in result["runs"]] == [0.5, 0.61, 0.62]
+    assert "seed 0 alone" in result["note"] and len(result["timing"]) == 3
+    table = (out / "translation.md").read_text()
+    assert "| a |" in table and "Seeds [0, 1, 2]" in table
+    with pytest.raises(SystemExit, match="differ in rows"):
+        run.merged([_part([0], 0.5), {**_part([1], 0.5), "rows": ["a"]}])
+    with pytest.raises(SystemExit, match="twice"):
+        run.merged([_part([0], 0.5), _part([0], 0.5)])

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/studies/run.py languages            # 3 seeds, the full scale
     .venv/bin/python benchmarks/studies/run.py vision --seeds 0 1 2
     .venv/bin/python benchmarks/studies/run.py languages --smoke    # tiny models, one seed (the test suite's)
+    .venv/bin/python benchmarks/studies/run.py translation --merge s0.json s1.json s2.json  # seeds run apart
 
 Nothing is downloaded: the data come from --data-dir (default ../shared/data beside the checkout).
 """
@@ -33,12 +34,17 @@ def main(argv=None) -> int:
     ap.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON, table and PNG go")
     ap.add_argument("--smoke", action="store_true", help="tiny models, one seed: checks the pipeline only")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot from the JSON")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="combine results of the same study run separately (e.g. one seed per process)")
     args = ap.parse_args(argv)
     seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
     name = args.study + ("_smoke" if args.smoke else "")
     args.results.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         result = json.loads((args.results / f"{name}.json").read_text())
+    elif args.merge:
+        result = merged([json.loads(p.read_text()) for p in args.merge])
+        (args.results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     else:
         module = __import__(STUDIES[args.study])
         start = time.perf_counter()
@@ -57,6 +63,28 @@ def main(argv=None) -> int:
     return 0
 
 
+def merged(parts: list[dict]) -> dict:
+    """One result from runs of the same study over different seeds: runs, timings and seeds concatenated,
+    seconds summed. Runs whose rows, columns or chosen settings differ are not one study: refused."""
+    first = parts[0]
+    same = ("study", "rows", "columns", "lr", "metric", "ablated_route")
+    for part in parts[1:]:
+        differ = [k for k in same if part.get(k) != first.get(k)]
+        if differ:
+            sys.exit(f"run.py: cannot merge: the runs differ in {', '.join(differ)}")
+    seeds = [s for p in parts for s in p["seeds"]]
+    if len(set(seeds)) < len(seeds):
+        sys.exit(f"run.py: cannot merge: a seed appears twice ({seeds})")
+    result = {**first, "runs": [r for p in parts for r in p["runs"]], "seeds": seeds,
+              "timing": [t for p in parts for t in p.get("timing", [])],
+              "seconds": round(sum(p["seconds"] for p in parts), 1)}
+    result["lr_validation"] = next((p["lr_validation"] for p in parts if p.get("lr_validation")), {})
+    notes = [p["note"] for p in parts if p.get("note")]
+    result["note"] = "; ".join(["merged from runs over seeds " + " | ".join(str(p["seeds"]) for p in parts)
+                                + ", the minutes summed", *notes])
+    return result
+
+
 def summary(result: dict) -> str:
     """Below the table: the run's cost, the chosen learning rate, and study 4's plan-change fractions."""
     lines = [f"\nSeeds {result['seeds']}; {result['seconds'] / 60:.1f} min in all on this machine; learning rate "
@@ -67,7 +95,7 @@ def summary(result: dict) -> str:
         lines.append(result["note"][0].upper() + result["note"][1:] + ".")
     if result.get("timing"):
         keys = list(result["timing"][0])
-        lines.append("Wall-clock seconds (mean over seeds): " + ", ".join(
+        lines.append(f"Wall-clock seconds (mean over {len(result['timing'])} timed seed(s)): " + ", ".join(
             f"{k} {sum(t.get(k, 0) for t in result['timing']) / len(result['timing']):.0f}" for k in keys) + ".")
     if result.get("mass_changes"):
         keys = list(result["mass_changes"][0])
