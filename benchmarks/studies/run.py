@@ -75,9 +75,10 @@ def merged(parts: list[dict]) -> dict:
     seeds = [s for p in parts for s in p["seeds"]]
     if len(set(seeds)) < len(seeds):
         sys.exit(f"run.py: cannot merge: a seed appears twice ({seeds})")
-    result = {**first, "runs": [r for p in parts for r in p["runs"]], "seeds": seeds,
-              "timing": [t for p in parts for t in p.get("timing", [])],
-              "seconds": round(sum(p["seconds"] for p in parts), 1)}
+    result = {k: v for p in reversed(parts) for k, v in p.items()}  # every field any run has; the first's win
+    result.update({"runs": [r for p in parts for r in p["runs"]], "seeds": seeds,
+                   "timing": [t for p in parts for t in p.get("timing", [])],
+                   "seconds": round(sum(p["seconds"] for p in parts), 1)})
     result["lr_validation"] = next((p["lr_validation"] for p in parts if p.get("lr_validation")), {})
     notes = [p["note"] for p in parts if p.get("note")]
     result["note"] = "; ".join(["merged from runs over seeds " + " | ".join(str(p["seeds"]) for p in parts)
