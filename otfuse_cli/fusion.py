@@ -118,7 +118,7 @@ def check_plans(plans, parents: Parents) -> None:
             continue
         for sa, sp in zip(parents.specs[anchor].spaces, spec.spaces):
             plan = plans[k].get(sa.name)
-            if plan is None or tuple(plan.coupling.shape) != (sp.size, sa.size):
+            if plan is None or plan.shape != (sp.size, sa.size):
                 raise OtfuseError(f"plan file does not match these models (space {sa.name!r})")
 
 

@@ -230,36 +230,73 @@ def rewrite_plans(path: Path, tensors=None, meta=None) -> None:
     save_file(tensors if tensors is not None else load_file(path), path, metadata=metadata)
 
 
+def dense(index: torch.Tensor) -> torch.Tensor:
+    """The coupling a hard plan's index vector stands for (written here, not taken from Plan)."""
+    n = len(index)
+    out = torch.zeros(n, n, dtype=torch.float64)
+    for v, u in enumerate(index.tolist()):
+        out[u, v] = 1.0 / n
+    return out
+
+
 @pytest.mark.parametrize("bad,fragment", [
     ("extra key", "unexpected tensor 'zz'"),
-    ("model index", "unexpected tensor '7/0/coupling'"),
+    ("model index", "unexpected tensor '7/0/index'"),
     ("model count", "'models' must be a positive model count"),
     ("anchor", "'anchor' must be a model index"),
     ("negative mass", "non-negative masses"),
     ("not a matrix", "2-D float matrix"),
+    ("index not a permutation", "must hold a permutation of 0.."),
+    ("index is float", "1-D integer vector"),
+    ("coupling and index", "has both a coupling and an index"),
     ("stats", "'stats' must map"),
 ])
 def test_plan_files_are_checked_against_their_schema(tmp_path, mlps, plan_file, bad, fragment):
     tensors = load_file(plan_file)
+    index = tensors["1/0/index"]  # exact alignment at equal widths writes compact hard plans
     if bad == "extra key":
         rewrite_plans(plan_file, {**tensors, "zz": torch.zeros(1)})
     elif bad == "model index":
-        tensors["7/0/coupling"] = tensors.pop("1/0/coupling")
+        tensors["7/0/index"] = tensors.pop("1/0/index")
         rewrite_plans(plan_file, tensors)
     elif bad == "model count":
         rewrite_plans(plan_file, meta={"models": "two"})
     elif bad == "anchor":
         rewrite_plans(plan_file, meta={"anchor": 5})
-    elif bad == "negative mass":
-        tensors["1/0/coupling"][0, 0] = -1.0
+    elif bad in ("negative mass", "not a matrix"):
+        coupling = dense(tensors.pop("1/0/index"))
+        if bad == "negative mass":
+            coupling[0, 0] = -1.0
+        tensors["1/0/coupling"] = coupling if bad == "negative mass" else coupling.flatten()
         rewrite_plans(plan_file, tensors)
-    elif bad == "not a matrix":
-        tensors["1/0/coupling"] = tensors["1/0/coupling"].flatten()
+    elif bad == "index not a permutation":
+        tensors["1/0/index"] = torch.zeros_like(index)
         rewrite_plans(plan_file, tensors)
+    elif bad == "index is float":
+        tensors["1/0/index"] = index.double()
+        rewrite_plans(plan_file, tensors)
+    elif bad == "coupling and index":
+        rewrite_plans(plan_file, {**tensors, "1/0/coupling": dense(index)})
     else:
         rewrite_plans(plan_file, meta={"stats": ["x"]})
     refused(tmp_path, "fuse", *mlps, "--plan", plan_file, "-o", tmp_path / "out.safetensors",
             fragments=(fragment,))
+
+
+def test_a_dense_hard_coupling_and_its_index_fuse_alike(tmp_path, mlps, plan_file):
+    """Plan files written before compact plans hold dense couplings: they still load and fuse the same."""
+    tensors = load_file(plan_file)
+    old = tmp_path / "old.safetensors"
+    shutil.copy(plan_file, old)
+    rewrite_plans(old, {k.replace("/index", "/coupling"): (dense(v) if k.endswith("/index") else v)
+                        for k, v in tensors.items()})
+    out = {}
+    for name, path in (("index", plan_file), ("dense", old)):
+        result = cli("fuse", *mlps, "--plan", path, "-o", tmp_path / f"{name}.safetensors")
+        assert result.exit_code == 0, result.stderr
+        out[name] = load_file(tmp_path / f"{name}.safetensors")
+    assert out["index"].keys() == out["dense"].keys()
+    assert all(torch.equal(out["index"][k], out["dense"][k]) for k in out["index"])
 
 
 def test_inner_maps_must_be_permutations(tmp_path):
@@ -278,7 +315,7 @@ def test_inner_maps_must_be_permutations(tmp_path):
         load_plans(tmp_path / "bad.safetensors")
     orphan = {"1/h/inner/qk": good["1/h/inner/qk"]}
     save_file(orphan, tmp_path / "orphan.safetensors", metadata=meta)
-    with pytest.raises(OtfuseError, match="has no coupling"):
+    with pytest.raises(OtfuseError, match="has no plan"):
         load_plans(tmp_path / "orphan.safetensors")
 
 

@@ -6,8 +6,8 @@ Fused every way otfuse can, scored on each domain's test strings and on LibreOff
 domain neither party saw (longer sentences), against each party, the output ensemble and a joint model
 trained on both domains' data.
 
-Splits by the data's own `id % 10` (test 0, validation 1, training the rest), so a string is in the same split
-in every file. The `localization` section (it holds LibreOffice's own UI catalogue) is left out, and training
+Splits by a stable hash of each string's near-duplicate key (test 0, validation 1, training the rest of 10
+buckets), so a string that recurs in several packages (Debian ids are per pair) lands in one split only. The `localization` section (it holds LibreOffice's own UI catalogue) is left out, and training
 strings whose English is a near-duplicate of a LibreOffice test paragraph are dropped. Each party's training
 set is a fixed subsample (scaled for a 2-core CPU; the scale is in the results). One BPE tokenizer learnt on the
 two parties' training strings. Scores: sacrebleu BLEU and chrF, greedy, from `otfuse evaluate`; stored as
@@ -20,6 +20,7 @@ import csv
 import json
 import lzma
 import time
+import zlib
 from pathlib import Path
 
 from common import check_no_leak, fusion_routes, near_duplicate_key, save_model
@@ -57,8 +58,9 @@ def load(data_dir: Path, scale: MTScale, smoke: bool) -> dict:
             domain = domain_of.get(section.get(r["package"], ""))
             if domain is None:
                 continue
-            split = {0: "test", 1: "val"}.get(r["id"] % 10, "train")
-            if split != "test" and near_duplicate_key(r["en"]) in unseen:
+            key = near_duplicate_key(r["en"])
+            split = {0: "test", 1: "val"}.get(zlib.crc32(key.encode()) % 10, "train")
+            if split != "test" and key in unseen:
                 dropped += 1
                 continue
             out[f"{domain} {split}"].append((r["en"], r["fi"]))

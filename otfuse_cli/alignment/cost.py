@@ -97,9 +97,14 @@ def unit_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tupl
 
 
 def _channel_dims(xs: list[torch.Tensor], ys: list[torch.Tensor], metric: str) -> torch.Tensor:
-    """(n, m, d, d): cost of parent unit u's dim i against anchor unit v's dim j."""
+    """(n, m, d, d): cost of parent unit u's dim i against anchor unit v's dim j. One (n·d, D) x (D, m·d)
+    product: broadcasting (n, 1, d, D) against (1, m, d, D) would copy both sides n·m times (35 GB per
+    attention layer at 32 KV heads)."""
     xp, xa = torch.cat(xs, -1), torch.cat(ys, -1)  # (n, d, D), (m, d, D)
-    return pairwise(xp[:, None], xa[None, :], metric)
+    n, d, _ = xp.shape
+    m = xa.shape[0]
+    flat = pairwise(xp.reshape(n * d, -1), xa.reshape(m * d, -1), metric)
+    return flat.reshape(n, d, m, d).transpose(1, 2)
 
 
 def _grouped_dims(xs: list[torch.Tensor], ys: list[torch.Tensor], metric: str) -> torch.Tensor:

@@ -16,13 +16,20 @@ from otfuse_cli.arch.model import Spec
 from otfuse_cli.options import AlignOptions
 
 
-def plan_stats(cost: np.ndarray, coupling: np.ndarray, info: dict) -> dict:
+def plan_stats(cost: np.ndarray, plan: np.ndarray, info: dict) -> dict:
+    """plan: a dense coupling, or a hard plan's index vector (see solvers)."""
     n, m = cost.shape
-    stats = {"width": [n, m], "cost_after": float((coupling * cost).sum()), **info}
+    stats = {"width": [n, m], **info}
+    if plan.ndim == 1:
+        cols = np.arange(m)
+        stats.update(cost_after=float(cost[plan, cols].sum() / n), cost_before=float(np.trace(cost) / n),
+                     stay=float((plan == cols).mean()), entropy=0.0)
+        return stats
+    stats["cost_after"] = float((plan * cost).sum())
     if n == m:
         stats["cost_before"] = float(np.trace(cost) / n)
-        stats["stay"] = float((coupling.argmax(0) == np.arange(m)).mean())
-    rows = coupling / np.maximum(coupling.sum(1, keepdims=True), 1e-300)
+        stats["stay"] = float((plan.argmax(0) == np.arange(m)).mean())
+    rows = plan / np.maximum(plan.sum(1, keepdims=True), 1e-300)
     stats["entropy"] = max(0.0, float(-(rows * np.log(np.maximum(rows, 1e-300))).sum(1).mean()))
     return stats
 
@@ -49,8 +56,11 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
         cost, inner = unit_cost(fp, fa, options.metric, sa.fixed_inner)
         a = marginal(fp, sp.size, options.marginals)
         b = marginal(fa, sa.size, options.marginals)
-        coupling, info = solve(normalize(cost, options.cost_norm), a, b, options.solver, options.reg)
-        return Plan(torch.from_numpy(coupling), inner, plan_stats(cost, coupling, info))
+        plan, info = solve(normalize(cost, options.cost_norm), a, b, options.solver, options.reg)
+        stats = plan_stats(cost, plan, info)
+        if plan.ndim == 1:
+            return Plan(index=torch.from_numpy(plan), inner=inner, stats=stats)
+        return Plan(torch.from_numpy(plan), inner, stats)
 
     for k, space in enumerate(anchor.spaces):
         plans[space.name] = solve_space(k, True)

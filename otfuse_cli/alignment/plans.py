@@ -1,4 +1,5 @@
-"""Plan files: safetensors holding every parent's couplings and inner maps, spaces and options in metadata."""
+"""Plan files: safetensors holding every parent's plans (a hard plan as its index vector, a soft one as its
+coupling) and inner maps, spaces and options in metadata."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ def save_plans(path: str | Path, plans: list[dict[str, Plan]], meta: dict, *, fo
     stats = {}
     for k, model_plans in enumerate(plans):
         for space, plan in model_plans.items():
-            tensors[f"{k}/{space}/coupling"] = plan.coupling
+            if plan.index is not None:  # a hard plan is its index vector (n integers, not n² floats)
+                tensors[f"{k}/{space}/index"] = plan.index
+            else:
+                tensors[f"{k}/{space}/coupling"] = plan.coupling
             for channel, perm in plan.inner.items():
                 tensors[f"{k}/{space}/inner/{channel}"] = perm
             stats[f"{k}/{space}"] = plan.stats
@@ -50,21 +54,25 @@ def load_plans(path: str | Path) -> tuple[list[dict[str, Plan]], dict]:
     for key, tensor in sorted(tensors.items()):
         m = PLAN_KEY.match(key)
         if m is None or int(m["model"]) >= models:
-            raise OtfuseError(f"{path}: unexpected tensor {key!r} (expected MODEL/SPACE/coupling or "
-                              f"MODEL/SPACE/inner/CHANNEL with MODEL < {models})")
+            raise OtfuseError(f"{path}: unexpected tensor {key!r} (expected MODEL/SPACE/coupling, "
+                              f"MODEL/SPACE/index or MODEL/SPACE/inner/CHANNEL with MODEL < {models})")
         k, space = int(m["model"]), m["space"]
-        if m["channel"] is None:
+        if m["channel"] is None and space in plans[k]:
+            raise OtfuseError(f"{path}: {k}/{space} has both a coupling and an index")
+        if m["kind"] == "coupling":
             plans[k][space] = Plan(_coupling(tensor, key, path), stats=stats.get(f"{k}/{space}", {}))
+        elif m["kind"] == "index":
+            plans[k][space] = Plan(index=_index(tensor, key, path), stats=stats.get(f"{k}/{space}", {}))
         else:
             inner.append((k, space, m["channel"], tensor, key))
     for k, space, channel, tensor, key in inner:  # after the couplings: each map must fit its coupling's shape
         if space not in plans[k]:
-            raise OtfuseError(f"{path}: {key!r} has no coupling {k}/{space}/coupling")
-        plans[k][space].inner[channel] = _inner_map(tensor, tuple(plans[k][space].coupling.shape), key, path)
+            raise OtfuseError(f"{path}: {key!r} has no plan {k}/{space}/coupling or {k}/{space}/index")
+        plans[k][space].inner[channel] = _inner_map(tensor, plans[k][space].shape, key, path)
     return plans, meta
 
 
-PLAN_KEY = re.compile(r"^(?P<model>\d{1,6})/(?P<space>[^/].*?)/(?:coupling|inner/(?P<channel>[^/]+))$")
+PLAN_KEY = re.compile(r"^(?P<model>\d{1,6})/(?P<space>[^/].*?)/(?P<kind>coupling|index|inner/(?P<channel>[^/]+))$")
 MAX_PLAN_MODELS = 10_000  # a bound on the list built from the metadata, far above any real fusion
 
 
@@ -92,6 +100,16 @@ def _coupling(tensor: torch.Tensor, key: str, path: Path) -> torch.Tensor:
     if not torch.isfinite(c).all() or (c < 0).any() or not c.sum() > 0:
         raise OtfuseError(f"{path}: {key!r} must hold finite, non-negative masses with a positive sum")
     return c
+
+
+def _index(tensor: torch.Tensor, key: str, path: Path) -> torch.Tensor:
+    """A hard plan's index is a permutation of 0..n-1."""
+    if tensor.dim() != 1 or tensor.is_floating_point() or tensor.dtype == torch.bool or len(tensor) == 0:
+        raise OtfuseError(f"{path}: {key!r} must be a non-empty 1-D integer vector, got "
+                          f"{tuple(tensor.shape)} {tensor.dtype}")
+    if not torch.equal(tensor.sort().values, torch.arange(len(tensor), dtype=tensor.dtype)):
+        raise OtfuseError(f"{path}: {key!r} must hold a permutation of 0..{len(tensor) - 1}")
+    return tensor.long()
 
 
 def _inner_map(tensor: torch.Tensor, coupling: tuple[int, int], key: str, path: Path) -> torch.Tensor:
