@@ -1,0 +1,296 @@
+"""Scale: fusing random Llama-architecture pairs (independent seeds, GQA, bf16) at 125M, 1.1B and a 7B shape,
+measured side by side in one run against the I/O floor, `otfuse fuse --align none` and mergekit's `linear`.
+
+For each size it writes two random checkpoints (sharded safetensors + config.json, tensor by tensor, so a
+7B pair never sits in memory), then runs each route as its own process and records wall seconds, CPU
+seconds (user + sys, from wait4), peak RSS (ru_maxrss: includes the memory-mapped inputs) and peak
+anonymous memory (RssAnon sampled every 50 ms: what the process allocated itself). The I/O floor is a
+process that reads both inputs and writes one model the same size. mergekit runs in its own virtual
+environment (benchmarks/.venv-mergekit, made on first use from PyPI: torch==2.13.0, mergekit==0.1.5).
+
+    .venv/bin/python benchmarks/scale.py --sizes 125m            # one size
+    .venv/bin/python benchmarks/scale.py --sizes 125m --recovery  # + hidden-permutation recovery check
+    .venv/bin/python benchmarks/scale.py --sizes tiny --no-mergekit --json   # smoke (the test suite)
+
+Results go to stdout (a table, or JSON with --json) and, with --save, to benchmarks/scale.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+MERGEKIT_VENV = HERE / ".venv-mergekit"
+
+# Llama shapes: hidden, layers, attention heads, key/value heads, FFN width, vocabulary
+SHAPES = {
+    "tiny": (64, 2, 4, 2, 172, 512),
+    "125m": (768, 12, 12, 4, 2048, 32000),
+    "1.1b": (2048, 22, 32, 4, 5632, 32000),  # TinyLlama's shape
+    "7b": (4096, 32, 32, 8, 11008, 32000),  # Llama-2-7B's shape with 8 KV heads
+}
+SHARD_BYTES = 2 * 10**9
+
+
+def llama_tensors(shape) -> list[tuple[str, tuple[int, ...]]]:
+    hidden, layers, heads, kv, ffn, vocab = shape
+    d = hidden // heads
+    out = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [(p + "self_attn.q_proj.weight", (heads * d, hidden)), (p + "self_attn.k_proj.weight", (kv * d, hidden)),
+                (p + "self_attn.v_proj.weight", (kv * d, hidden)), (p + "self_attn.o_proj.weight", (hidden, heads * d)),
+                (p + "mlp.gate_proj.weight", (ffn, hidden)), (p + "mlp.up_proj.weight", (ffn, hidden)),
+                (p + "mlp.down_proj.weight", (hidden, ffn)),
+                (p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,))]
+    return out + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+
+
+def write_random_llama(folder: Path, shape, seed: int, dtype=torch.bfloat16) -> Path:
+    """A random LlamaForCausalLM folder, written shard by shard (never the whole model in memory)."""
+    from transformers import LlamaConfig
+
+    hidden, layers, heads, kv, ffn, vocab = shape
+    folder.mkdir(parents=True, exist_ok=True)
+    LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                intermediate_size=ffn, vocab_size=vocab, tie_word_embeddings=False,
+                torch_dtype=str(dtype).removeprefix("torch.")).save_pretrained(folder)
+    gen = torch.Generator().manual_seed(seed)
+    shards, shard, size = [], {}, 0
+
+    def flush():
+        nonlocal shard, size
+        shards.append(shard)
+        save_file(shard, folder / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})
+        shard, size = {}, 0
+
+    for name, dims in llama_tensors(shape):
+        if len(dims) == 1:  # RMSNorm gains near 1, so they matter to the cost without dominating it
+            x = 1 + 0.1 * torch.randn(dims, generator=gen)
+        else:
+            x = torch.randn(dims, generator=gen) * 0.02
+        shard[name] = x.to(dtype)
+        size += shard[name].numel() * shard[name].element_size()
+        if size >= SHARD_BYTES:
+            flush()
+    if shard:
+        flush()
+    count = len(shards)
+    weight_map = {}
+    for i, tensors in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{count:05d}.safetensors"
+        (folder / f"part-{i}.safetensors").rename(folder / name)
+        weight_map.update({k: name for k in tensors})
+    total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return folder
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+# ---------------------------------------------------------------- measuring one process
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _anon_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Run cmd; wall and CPU seconds, peak RSS (GiB) and peak anonymous memory of its process tree (GiB)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak_anon, done = 0, threading.Event()
+
+    def sample():
+        nonlocal peak_anon
+        while not done.is_set():
+            peak_anon = max(peak_anon, sum(_anon_kb(p) for p in _tree(proc.pid)))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
+    sampler.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{output[-3000:]}")
+    return {"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_gib": usage.ru_maxrss / 2**20, "peak_anon_gib": peak_anon / 2**20}
+
+
+IO_FLOOR = """
+import sys
+from pathlib import Path
+from safetensors import safe_open
+from safetensors.torch import save_file
+a, b, out = map(Path, sys.argv[1:4])
+out.mkdir()
+for k, shard in enumerate(sorted(a.glob('*.safetensors'))):
+    tensors = {}
+    with safe_open(shard, 'pt') as fa, safe_open(b / shard.name, 'pt') as fb:
+        for name in fa.keys():
+            x, y = fa.get_tensor(name), fb.get_tensor(name)  # both read from disk
+            tensors[name] = x
+    save_file(tensors, out / shard.name)
+"""
+
+
+def ensure_mergekit() -> Path:
+    python = MERGEKIT_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(MERGEKIT_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "mergekit==0.1.5"], check=True)
+    return MERGEKIT_VENV / "bin" / "mergekit-yaml"
+
+
+def routes(a: Path, b: Path, work: Path, mergekit: bool, otfuse_args: list[str]) -> dict[str, list[str]]:
+    otfuse = [sys.executable, "-m", "otfuse_cli", "fuse", str(a), str(b)]
+    out = {"I/O floor (read both, write one)": [sys.executable, "-c", IO_FLOOR, str(a), str(b), str(work / "io")],
+           "otfuse fuse --align none": otfuse + ["--align", "none", "-o", str(work / "avg")],
+           "otfuse fuse (weights, exact)": otfuse + [*otfuse_args, "-o", str(work / "ot")]}
+    if mergekit:
+        config = work / "mergekit.yml"
+        config.write_text(f"merge_method: linear\ndtype: bfloat16\nmodels:\n  - model: {a}\n    parameters:\n"
+                          f"      weight: 0.5\n  - model: {b}\n    parameters:\n      weight: 0.5\n")
+        out["mergekit linear"] = [str(ensure_mergekit()), str(config), str(work / "mergekit"), "--lazy-unpickle"]
+    return out
+
+
+def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str]) -> dict:
+    shape = SHAPES[size]
+    a, b = root / size / "a", root / size / "b"
+    t = time.perf_counter()
+    for folder, seed in ((a, 0), (b, 1)):
+        if not (folder / "model.safetensors.index.json").exists():
+            write_random_llama(folder, shape, seed)
+    record = {"size": size, "shape": dict(zip(("hidden", "layers", "heads", "kv_heads", "ffn", "vocab"), shape)),
+              "model_gib": folder_bytes(a) / 2**30, "build_s": time.perf_counter() - t, "routes": {}}
+    for name, cmd in routes(a, b, root / size, mergekit, otfuse_args).items():
+        for stale in ("io", "avg", "ot", "mergekit"):
+            shutil.rmtree(root / size / stale, ignore_errors=True)
+        record["routes"][name] = measure(cmd, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+        print(f"  {size} {name}: {record['routes'][name]}", file=sys.stderr, flush=True)
+    floor = record["routes"]["I/O floor (read both, write one)"]
+    for r in record["routes"].values():
+        r["cpu_vs_floor"] = r["cpu_s"] / floor["cpu_s"]
+        r["rss_vs_model"] = r["peak_rss_gib"] / record["model_gib"]
+    return record
+
+
+# ---------------------------------------------------------------- exactness at scale
+
+def recovery(size: str, root: Path) -> dict:
+    """Fuse a float32 random model with a hidden, independently permuted copy of itself (+1% noise): the fused
+    model's logits must match the plain average of the model and its unpermuted noisy copy."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from oracle_permute import permute_llama
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    import otfuse_cli as otf
+
+    work = root / size / "recovery"
+    shutil.rmtree(work, ignore_errors=True)
+    a = write_random_llama(work / "a", SHAPES[size], seed=0, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(a)
+    model = LlamaForCausalLM.from_pretrained(a, dtype=torch.float32).eval()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    noisy = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=gen) for k, v in sd.items()}
+    (work / "b").mkdir()
+    shutil.copy(a / "config.json", work / "b" / "config.json")
+    save_file({k: v.contiguous() for k, v in permute_llama(noisy, config, torch.Generator().manual_seed(2)).items()},
+              work / "b" / "model.safetensors", metadata={"format": "pt"})
+    del model
+    t = time.perf_counter()
+    otf.fuse([str(a), str(work / "b")], str(work / "fused"))
+    seconds = time.perf_counter() - t
+    otf.fuse([str(a), str(work / "b")], str(work / "vanilla"), options=otf.AlignOptions(align="none"))
+    ids = torch.randint(0, config.vocab_size, (2, 32), generator=gen)
+    errors = {}
+    with torch.no_grad():
+        plain = LlamaForCausalLM(config).eval()
+        plain.load_state_dict({k: (sd[k] + noisy[k]) / 2 for k in sd})
+        ref = plain(ids).logits
+        del plain
+        for name in ("fused", "vanilla"):  # vanilla: shows the permutation was really hidden
+            out = LlamaForCausalLM.from_pretrained(work / name, dtype=torch.float32).eval()(ids).logits
+            errors[name] = float((out - ref).norm() / ref.norm())
+    shutil.rmtree(work)
+    return {"size": size, "fuse_s": seconds, "relative_logit_error": errors["fused"],
+            "vanilla_relative_logit_error": errors["vanilla"]}
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| size (one model) | route | wall s | CPU s | CPU / I/O floor | peak RSS GiB (/ model) | peak anon GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        for name, m in r["routes"].items():
+            lines.append(f"| {r['size']} ({r['model_gib']:.2f} GiB) | {name} | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | "
+                         f"{m['cpu_vs_floor']:.1f}x | {m['peak_rss_gib']:.2f} ({m['rss_vs_model']:.1f}x) | "
+                         f"{m['peak_anon_gib']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=["125m", "1.1b"], choices=list(SHAPES))
+    ap.add_argument("--work", type=Path, default=None, help="where the random pairs go (default: a temp dir)")
+    ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--recovery", action="store_true", help="also check hidden-permutation recovery per size")
+    ap.add_argument("--otfuse-args", default="", help="extra options for the weights route, e.g. '--refine 1'")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--save", action="store_true", help="write benchmarks/scale.json")
+    args = ap.parse_args()
+    root = args.work or Path(tempfile.mkdtemp(prefix="otfuse-scale-"))
+    records = [run_size(s, root, not args.no_mergekit, args.otfuse_args.split()) for s in args.sizes]
+    checks = [recovery(s, root) for s in args.sizes] if args.recovery else []
+    doc = {"sizes": records, "recovery": checks, "otfuse_args": args.otfuse_args, "cpus": os.cpu_count()}
+    if args.save:
+        (HERE / "scale.json").write_text(json.dumps(doc, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print(table(records))
+        for c in checks:
+            print(f"recovery {c['size']}: relative logit error {c['relative_logit_error']:.2e} against the plain "
+                  f"average ({c['fuse_s']:.0f} s; vanilla fusion: {c['vanilla_relative_logit_error']:.2e})")
+    if args.work is None:
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()
