@@ -64,7 +64,7 @@ def write_random_llama(folder: Path, shape, seed: int, dtype=torch.bfloat16) -> 
     hidden, layers, heads, kv, ffn, vocab = shape
     folder.mkdir(parents=True, exist_ok=True)
     LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                intermediate_size=ffn, vocab_size=vocab, tie_word_embeddings=False,
+                intermediate_size=ffn, vocab_size=vocab, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
                 torch_dtype=str(dtype).removeprefix("torch.")).save_pretrained(folder)
     gen = torch.Generator().manual_seed(seed)
     shards, shard, size = [], {}, 0

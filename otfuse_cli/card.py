@@ -5,7 +5,6 @@ is kept only as a quoted section, so the output never passes for the model it wa
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from otfuse_cli.checkpoint.reader import WEIGHT_SUFFIXES
 

@@ -285,10 +285,10 @@ def space_plan(index: int, space: Space, k: int, method: str, src: TensorSource,
         return keep_plan(keep, n), {}
     if method == "random":
         return keep_plan(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k], n), {}
-    features, _ = provider.features(index, {}, False)
+    features = provider.features(index, {}, False, fold=False).parent  # clustering needs the features whole
     stats = {"features": options.align}
     if features.empty() and provider is not fallback:  # no activation recorded for this space
-        features, _ = fallback.features(index, {}, False)
+        features = fallback.features(index, {}, False, fold=False).parent
         stats["features"] = "weights"
     if features.empty():
         raise OtfuseError(f"space {space.name!r} has no features to cluster")

@@ -9,7 +9,6 @@ import torch
 
 from otfuse_cli.alignment.plans import check_plan_inputs, load_plans
 from otfuse_cli.alignment.transport import Plan, Transporter
-from otfuse_cli.alignment.weights import checked_float
 from otfuse_cli.card import card_for
 from otfuse_cli.checkpoint import provenance, sha256_file, write_checkpoint
 from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
@@ -58,8 +57,8 @@ def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[
             yield name, ref
             continue
         aligned = []
-        for k, ckpt in enumerate(parents.ckpts):
-            x = checked_float(ckpt.get(name), parents.label(k), name)
+        for k in range(len(parents.ckpts)):
+            x = parents.source(k).take(name)
             if k != anchor:
                 x = movers[k].move(name, x, plans[k])
             if x.shape != ref.shape:

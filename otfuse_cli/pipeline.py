@@ -4,7 +4,7 @@ it is this pipeline with nothing after it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -31,12 +31,16 @@ class Parents:
     ckpts: list
     specs: list[Spec]
     anchor: int
+    sources: dict = field(default_factory=dict, repr=False)  # k -> TensorSource, shared by alignment and merging
 
     def label(self, k: int) -> str:
         return label(self.ckpts[k], k)
 
     def source(self, k: int) -> TensorSource:
-        return TensorSource(self.ckpts[k], self.label(k))
+        """One source per parent for the whole fusion: each tensor is checked for NaN/Inf once."""
+        if k not in self.sources:
+            self.sources[k] = TensorSource(self.ckpts[k], self.label(k))
+        return self.sources[k]
 
 
 def open_parents(paths: list[str], anchor: int = 0, allow_config_mismatch: bool = False) -> Parents:
@@ -126,6 +130,7 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
                                 else on_space, refined if refine is not None else None))
         if refine is not None and solves[0] < spaces * sweeps:  # converged early: the rest is not needed
             refine.advance(spaces * sweeps - solves[0], detail=f"model {k} converged")
+    anchor_src.__dict__.pop("_activations", None)  # the anchor's recorded activations: not needed to merge
     return plans
 
 

@@ -465,7 +465,12 @@ def plan_mutant(kind: str):
         with safe_open(str(src), framework="pt") as f:
             meta = dict(f.metadata() or {})
         tensors = load_file(src)
-        key = next(k for k in sorted(tensors) if k.endswith("/coupling"))
+        key = next(k for k in sorted(tensors) if k.endswith(("/coupling", "/index")))
+        if kind == "nan" and key.endswith("/index"):  # a NaN needs a float coupling: this plan written densely
+            index = tensors.pop(key)
+            key = key.replace("/index", "/coupling")
+            tensors[key] = torch.zeros(len(index), len(index), dtype=torch.float64)
+            tensors[key][index, torch.arange(len(index))] = 1.0 / len(index)
         if kind == "bad_key":
             tensors["garbage"] = tensors.pop(key)
         elif kind == "model_index":
@@ -473,9 +478,13 @@ def plan_mutant(kind: str):
         elif kind == "negative_index":
             tensors["-1" + key[key.index("/"):]] = tensors.pop(key)
         elif kind == "unknown_space":
-            tensors[key.split("/")[0] + "/nospace/coupling"] = tensors.pop(key)
+            tensors[key.split("/")[0] + "/nospace/" + key.rsplit("/", 1)[1]] = tensors.pop(key)
         elif kind == "shape":
             tensors[key] = tensors[key][:-1].contiguous()
+        elif kind == "index_not_permutation":
+            tensors[key] = torch.zeros_like(tensors[key])
+        elif kind == "index_float":
+            tensors[key] = tensors[key].double()
         elif kind == "nan":
             tensors[key] = tensors[key].clone()
             tensors[key][0, 0] = float("nan")
@@ -787,8 +796,8 @@ def test_cuda_requested_without_cuda(ws, args):
     refused(ws, *args, fragment="cuda|--device")
 
 
-PLAN_MUTANTS = ["bad_key", "model_index", "negative_index", "unknown_space", "shape", "nan", "no_meta",
-                "meta_models", "meta_garbage"]
+PLAN_MUTANTS = ["bad_key", "model_index", "negative_index", "unknown_space", "shape", "index_not_permutation",
+                "index_float", "nan", "no_meta", "meta_models", "meta_garbage"]
 
 
 @pytest.mark.parametrize("kind", PLAN_MUTANTS)
@@ -858,8 +867,10 @@ def test_read_only_output_folder(ws, read_only_dir, args):
     ["compress", A, "-o", "{t}/out.safetensors", "--ratio", "0.5"],
 ], ids=["align", "fuse file", "fuse folder", "compress"])
 def test_full_disk(ws, forked, args):
-    """A 64 KiB file-size limit: every output here is bigger, so the write fails part-way (EFBIG)."""
-    refused(ws, *args, forked=forked, hook={"kind": "fsize", "bytes": 64 * 1024})
+    """A file-size limit below every output's size (a plan file holds index vectors, a few KiB), so the write
+    fails part-way (EFBIG)."""
+    limit = 2 * 1024 if args[0] == "align" else 64 * 1024
+    refused(ws, *args, forked=forked, hook={"kind": "fsize", "bytes": limit})
 
 
 def test_plot_onto_an_existing_folder_or_file(ws):

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from otfuse_cli.alignment.cost import Features
+from otfuse_cli.alignment.cost import FeaturePair
 from otfuse_cli.alignment.metrics import STANDARDIZE
 from otfuse_cli.alignment.weights import TensorSource
 from otfuse_cli.checkpoint import sha256_file
@@ -260,9 +260,9 @@ class ActivationFeatures:
         x = STANDARDIZE[self.how](x[:, entry.start:entry.start + entry.span(size)])
         return x.reshape(len(x), size, entry.rep, entry.inner).permute(1, 2, 3, 0)
 
-    def features(self, k: int, plans: dict, first_pass: bool) -> tuple[Features, Features]:
+    def features(self, k: int, plans: dict, first_pass: bool, fold: bool = True) -> FeaturePair:
         sa, sp = self.anchor_spec.spaces[k], self.parent_spec.spaces[k]
-        fp, fa = Features(), Features()
+        pair = FeaturePair(fold)
         seen = set()
         for ep, ea in zip(sp.entries, sa.entries):
             module = module_of(ep.tensor)
@@ -273,8 +273,7 @@ class ActivationFeatures:
             ua = self._unit_rows(self.anchor_acts, ea, sa.size)
             if up is None or ua is None or up.shape[1:] != ua.shape[1:]:
                 continue
-            fp.add(ep, up)
-            fa.add(ea, ua)
+            pair.add(ep, up, ea, ua)
         for module, _ in seen:  # each space is solved once: release the parent's rows
             self.parent_acts.pop(module, None)
-        return fp, fa
+        return pair

@@ -32,8 +32,16 @@ class Features:
         else:
             self.plain.append(x.reshape(n, -1))
 
+    folded: dict[int, torch.Tensor] = field(default_factory=dict)  # order -> per-unit sum |x|^order (folded)
+
+    def fold(self, x: torch.Tensor) -> None:
+        """Count plain features x (n, D) float64 that were folded into a pair's cross term (see FeaturePair):
+        only their per-unit L1 and squared L2 sums stay."""
+        for order, part in ((1, x.abs().sum(1)), (2, (x * x).sum(1))):
+            self.folded[order] = self.folded[order] + part if order in self.folded else part
+
     def empty(self) -> bool:
-        return not self.plain and not self.channels and not self.grouped
+        return not self.plain and not self.channels and not self.grouped and not self.folded
 
     def has_channels(self) -> bool:
         return bool(self.channels or self.grouped)
@@ -47,8 +55,33 @@ class Features:
 
     def mass(self, order: int) -> np.ndarray:
         """Per-unit L1 or L2 norm of all features, accumulated entry by entry (no concatenated copy)."""
-        total = sum(x.double().abs().pow(order).sum(1) for x in self.parts())
+        total = sum((x.double().abs().pow(order).sum(1) for x in self.parts()), self.folded.get(order, 0))
         return total.pow(1.0 / order).cpu().numpy()
+
+
+class FeaturePair:
+    """A parent's and the anchor's features of one space, built entry by entry. With fold, plain per-unit
+    entries go straight into the cost's sufficient statistics (the cross term x·yᵀ here, each side's norms
+    in its Features), so the residual stream, which touches every tensor of the model, holds one tensor's
+    features at a time instead of two float32 copies of the model. Head channels are kept whole (their
+    cost matches dims within units)."""
+
+    def __init__(self, fold: bool = True):
+        self.parent, self.anchor, self.fold = Features(), Features(), fold
+        self.dot: torch.Tensor | None = None  # (n, m) float64: sum of folded entries' x @ y.T
+
+    def add(self, ep, xp: torch.Tensor, ea, xa: torch.Tensor) -> None:
+        if self.fold and not ep.group and ep.inner == 1:
+            x, y = xp.reshape(len(xp), -1).double(), xa.reshape(len(xa), -1).double()
+            self.dot = x @ y.T if self.dot is None else self.dot.addmm_(x, y.T)
+            self.parent.fold(x)
+            self.anchor.fold(y)
+        else:
+            self.parent.add(ep, xp)
+            self.anchor.add(ea, xa)
+
+    def empty(self) -> bool:
+        return self.parent.empty()
 
 
 def pairwise(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
@@ -57,11 +90,12 @@ def pairwise(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
     return METRICS[metric](x @ y.transpose(-1, -2), (x * x).sum(-1), (y * y).sum(-1))
 
 
-def plain_cost(xs: list[torch.Tensor], ys: list[torch.Tensor], metric: str) -> torch.Tensor:
-    """pairwise() over the concatenation of the entries, accumulated one entry at a time in float64, so a
-    residual stream touching every tensor never needs a concatenated copy of the model."""
-    dot = nx = ny = 0
-    for x, y in zip(xs, ys):
+def plain_cost(parent: Features, anchor: Features, metric: str, dot: torch.Tensor | None = None) -> torch.Tensor:
+    """pairwise() over the concatenation of the plain entries (the folded ones: their cross term `dot` and
+    norms), accumulated one entry at a time in float64."""
+    dot = 0 if dot is None else dot
+    nx, ny = parent.folded.get(2, 0), anchor.folded.get(2, 0)
+    for x, y in zip(parent.plain, anchor.plain):
         x, y = x.double(), y.double()
         dot = dot + x @ y.T
         nx, ny = nx + (x * x).sum(1), ny + (y * y).sum(1)
@@ -69,11 +103,12 @@ def plain_cost(xs: list[torch.Tensor], ys: list[torch.Tensor], metric: str) -> t
 
 
 def unit_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tuple[str, ...] = (),
-              group: str = "query"):
-    """(cost (n, m) numpy, inner maps {channel or group: (n, m, d) LongTensor})."""
+              group: str = "query", dot: torch.Tensor | None = None):
+    """(cost (n, m) numpy, inner maps {channel or group: (n, m, d) LongTensor}). dot: the cross term of
+    plain entries folded by a FeaturePair."""
     cost = None
-    if parent.plain:
-        cost = plain_cost(parent.plain, anchor.plain, metric)
+    if parent.plain or dot is not None:
+        cost = plain_cost(parent, anchor, metric, dot)
     inner = {}
     if parent.grouped:
         c, inner = grouped_cost(parent, anchor, metric, fixed_inner, group)

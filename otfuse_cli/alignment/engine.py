@@ -48,12 +48,13 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
 
     def solve_space(k: int, first_pass: bool) -> Plan:
         sa, sp = anchor.spaces[k], parent.spaces[k]
-        fp, fa = provider.features(k, plans, first_pass)
-        if fp.empty():
+        pair = provider.features(k, plans, first_pass)
+        fp, fa = pair.parent, pair.anchor
+        if pair.empty():
             if sp.size != sa.size:
                 raise OtfuseError(f"space {sa.name!r} has no features to align widths {sp.size} and {sa.size}")
             return Plan.identity(sa.size)
-        cost, inner = unit_cost(fp, fa, options.metric, sa.fixed_inner)
+        cost, inner = unit_cost(fp, fa, options.metric, sa.fixed_inner, dot=pair.dot)
         a = marginal(fp, sp.size, options.marginals)
         b = marginal(fa, sa.size, options.marginals)
         plan, info = solve(normalize(cost, options.cost_norm), a, b, options.solver, options.reg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from otfuse_cli.alignment.cost import Features
+from otfuse_cli.alignment.cost import FeaturePair
 from otfuse_cli.alignment.transport import Transporter
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.arch.model import Entry, Spec
@@ -23,12 +23,12 @@ def checked_float(x: torch.Tensor, label: str, name: str) -> torch.Tensor:
 
 
 class TensorSource:
-    """float32 view of a checkpoint's tensors, read lazily and checked for NaN/Inf. Small checkpoints are
-    cached (refinement reads every tensor several times); large ones are re-read from the memory-mapped
-    file each time, so alignment never holds two large models in memory."""
+    """float32 view of a checkpoint's tensors, read lazily; each tensor is checked for NaN/Inf once, on its
+    first read. Small checkpoints are cached (refinement reads every tensor several times); large ones are
+    re-read from the memory-mapped file each time, so alignment never holds two large models in memory."""
 
     def __init__(self, ckpt, label: str, cache: bool | None = None):
-        self.ckpt, self.label, self.cache = ckpt, label, {}
+        self.ckpt, self.label, self.cache, self.checked = ckpt, label, {}, set()
         self.caching = cache if cache is not None else ckpt.size_on_disk() < CACHE_LIMIT
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -36,10 +36,24 @@ class TensorSource:
             return self.cache[name]
         x = self.ckpt.get(name)
         if x.is_floating_point():
-            x = checked_float(x, self.label, name)
+            if name in self.checked:
+                x = x if x.dtype == torch.float64 else x.float()
+            else:
+                x = checked_float(x, self.label, name)
+                self.checked.add(name)
         if self.caching:
             self.cache[name] = x
         return x
+
+    def take(self, name: str) -> torch.Tensor:
+        """The tensor for its last use (merging): a cached copy is handed over and dropped from the cache."""
+        if name in self.cache:
+            return self.cache.pop(name)
+        caching, self.caching = self.caching, False
+        try:
+            return self(name)
+        finally:
+            self.caching = caching
 
 
 def unit_slices(x: torch.Tensor, entry: Entry, size: int) -> torch.Tensor:
@@ -54,19 +68,18 @@ class WeightFeatures:
         self.anchor, self.parent = anchor, parent
         self.transporter = Transporter(anchor_spec, parent_spec)
 
-    def features(self, k: int, plans: dict, first_pass: bool) -> tuple[Features, Features]:
+    def features(self, k: int, plans: dict, first_pass: bool, fold: bool = True) -> FeaturePair:
         sa, sp = self.anchor_spec.spaces[k], self.parent_spec.spaces[k]
         pairs = list(zip(sp.entries, sa.entries))
         ready = [(ep, ea) for ep, ea in pairs if self.transporter.spaces_of(ep.tensor) - {sa.name} <= set(plans)]
         if first_pass and ready:
             pairs = ready  # only entries whose other axes are already aligned carry signal
-        fp, fa = Features(), Features()
+        pair = FeaturePair(fold)
         for ep, ea in pairs:
             xp = self.transporter.move(ep.tensor, self.parent(ep.tensor), plans, skip=sa.name)
             xa = self.anchor(ea.tensor)
             up, ua = unit_slices(xp, ep, sp.size), unit_slices(xa, ea, sa.size)
             if up.shape[1:] != ua.shape[1:]:
                 continue  # an unaligned axis of another width: no comparable signal yet
-            fp.add(ep, up)
-            fa.add(ea, ua)
-        return fp, fa
+            pair.add(ep, up, ea, ua)
+        return pair
