@@ -106,3 +106,39 @@ def test_alignment_writes_hard_plans_as_index_vectors(tmp_path):
     assert sorted(tensors) == ["1/0/index", "1/2/index"]  # the Sequential's Linear layers 0 and 2
     assert [len(tensors[k]) for k in sorted(tensors)] == [16, 12]
     assert all(torch.equal(t.sort().values, torch.arange(len(t))) for t in tensors.values())
+
+
+@pytest.mark.parametrize("pair", [("digits/cnn_a.safetensors", "digits/cnn_b.safetensors"),
+                                  ("sentiment/bert_a", "sentiment/bert_b")])
+def test_refinement_skips_only_spaces_whose_inputs_did_not_move(pair):
+    """Skipping a re-solve whose neighbours' plans are unchanged must give exactly the plans of the engine
+    that re-solves every space every sweep (the same provider without its neighbour map). The trained
+    fixtures take 3-4 sweeps, so some spaces are skipped."""
+    from otfuse_cli.alignment.engine import align_pair
+    from otfuse_cli.alignment.weights import TensorSource, WeightFeatures
+    from otfuse_cli.arch import build_spec
+    from otfuse_cli.checkpoint import open_checkpoint
+    from otfuse_cli.options import AlignOptions
+
+    ckpts = [open_checkpoint(str(REPO / "fixtures" / p)) for p in pair]
+    specs = [build_spec(c) for c in ckpts]
+
+    class Counting(WeightFeatures):
+        def features(self, *args, **kw):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().features(*args, **kw)
+
+    class Unskipped(Counting):
+        neighbours = property()  # hasattr() is False: every space re-solved every sweep
+
+    runs = {}
+    for cls in (Counting, Unskipped):
+        provider = cls(specs[0], specs[1], TensorSource(ckpts[0], "a"), TensorSource(ckpts[1], "b"))
+        runs[cls] = align_pair(specs[0], specs[1], provider, AlignOptions(refine=5)), provider.calls
+    (skipping, skipped_calls), (full, full_calls) = runs[Counting], runs[Unskipped]
+    assert skipping.keys() == full.keys()
+    for name in full:
+        assert torch.equal(skipping[name].hard_index(), full[name].hard_index()), name
+        assert skipping[name].inner.keys() == full[name].inner.keys()
+        assert all(torch.equal(skipping[name].inner[c], full[name].inner[c]) for c in full[name].inner)
+    assert skipped_calls < full_calls

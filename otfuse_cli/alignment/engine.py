@@ -68,12 +68,23 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
         if on_space:
             on_space(space.name)
     sweeps = refinement_sweeps(provider, options)
+    # A space's refinement cost reads only its neighbours' plans: once it has been re-solved, it is solved
+    # again only after one of them changed (the same inputs give the same plan).
+    neighbours = [provider.neighbours(k) if hasattr(provider, "neighbours") else None
+                  for k in range(len(anchor.spaces))]
+    version = {space.name: 0 for space in anchor.spaces}
+    read: dict[str, dict[str, int]] = {}  # space -> its neighbours' versions when it was last re-solved
     for sweep in range(sweeps):
         changed = False
         for k, space in enumerate(anchor.spaces):
-            new = solve_space(k, False)
-            changed |= not new.same_as(plans[space.name])
-            plans[space.name] = new
+            inputs = None if neighbours[k] is None else {n: version[n] for n in neighbours[k]}
+            if inputs is None or read.get(space.name) != inputs:
+                new = solve_space(k, False)
+                read[space.name] = inputs
+                if not new.same_as(plans[space.name]):
+                    changed = True
+                    version[space.name] += 1
+                plans[space.name] = new
             if on_refine:
                 on_refine(space.name)
         if not changed:

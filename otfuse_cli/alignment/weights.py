@@ -68,6 +68,11 @@ class WeightFeatures:
         self.anchor, self.parent = anchor, parent
         self.transporter = Transporter(anchor_spec, parent_spec)
 
+    def neighbours(self, k: int) -> set[str]:
+        """The other spaces whose plans move the tensors of space k (what its refinement features read)."""
+        space = self.anchor_spec.spaces[k]
+        return set().union(*(self.transporter.spaces_of(e.tensor) for e in space.entries)) - {space.name}
+
     def features(self, k: int, plans: dict, first_pass: bool, fold: bool = True) -> FeaturePair:
         sa, sp = self.anchor_spec.spaces[k], self.parent_spec.spaces[k]
         pairs = list(zip(sp.entries, sa.entries))
