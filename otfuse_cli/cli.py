@@ -15,6 +15,7 @@ import enum
 import signal
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Optional
 
 import typer
@@ -153,6 +154,9 @@ app = typer.Typer(
 
 # Shared option declarations, reused by every command.
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
+DRY_RUN_OPT = typer.Option(False, "--dry-run", help="Print the plan of work (spaces, widths, cost FLOPs, an "
+                           "estimate of peak memory) from the checkpoints' headers and stop: reads no weight, "
+                           "writes nothing.")
 ALLOW_MISMATCH_OPT = typer.Option(
     False, "--allow-config-mismatch", help="Fuse parents whose config.json differs in fields that change the "
     "function (activation, norm epsilon, positions, special tokens) or whose tokenizer differs; the result runs "
@@ -245,7 +249,8 @@ def align(
     models: list[str] = MODELS_ARG,
     output: str = typer.Option(..., "-o", "--output", metavar="PATH", help="Plan file to write (.safetensors)."),
     anchor: int = ANCHOR_OPT, force: bool = FORCE_OPT, json_out: bool = JSON_OPTION,
-    allow_config_mismatch: bool = ALLOW_MISMATCH_OPT, options: AlignOptions = None, data: DataOptions = None,
+    allow_config_mismatch: bool = ALLOW_MISMATCH_OPT, dry_run: bool = DRY_RUN_OPT, options: AlignOptions = None,
+    data: DataOptions = None,
 ) -> None:
     """Compute transport plans that map every model onto the anchor and write them to a plan file.
 
@@ -261,6 +266,8 @@ def align(
     check_device(data)
     if options.align != "activations":
         refuse_unused(given, SAMPLE_FLAGS, "they shape activation alignment (--align activations)")
+    if dry_run:
+        return print_plan_of_work(models, anchor, allow_config_mismatch, options, "5GB", json_out)
 
     with report.Progress(enabled=not json_out) as progress:
         result = align_models(models, output, options=options, data=data, anchor=anchor, force=force,
@@ -287,8 +294,8 @@ def fuse(
                                 help="REPAIR on --data: reset every fused unit's mean/std to its parents' (MLPs, "
                                      "CNNs); BatchNorm nets get their statistics re-estimated."),
     anchor: int = ANCHOR_OPT, json_out: bool = JSON_OPTION, allow_config_mismatch: bool = ALLOW_MISMATCH_OPT,
-    options: AlignOptions = None, merge: MergeOptions = None, data: DataOptions = None,
-    write: OutputOptions = None,
+    dry_run: bool = DRY_RUN_OPT, options: AlignOptions = None, merge: MergeOptions = None,
+    data: DataOptions = None, write: OutputOptions = None,
 ) -> None:
     """Fuse two or more models: align them onto the anchor with OT, then merge them (weighted average,
     RegMean or Fisher). Activation alignment runs every model on the same --data; the merge statistics can
@@ -315,6 +322,9 @@ def fuse(
                       "they shape activation alignment (--align activations)")
     if merge.merge != "regmean":
         refuse_unused(given, ("--regmean-alpha",), "it is read by --merge regmean")
+    if dry_run:
+        return print_plan_of_work(models, anchor, allow_config_mismatch, options if not plan else
+                                  replace(options, align="none"), write.max_shard_size, json_out)
     command_options = {"models": models, "seed": data.seed, "device": data.device,
                        "max_shard_size": write.max_shard_size, "activation": data.activation}
     with report.Progress(enabled=not json_out) as progress:
@@ -329,6 +339,18 @@ def fuse(
             report.console.print(report.alignment_table(result["spaces"], "alignment"))
         report.console.print(f"[bold green]fused[/] {len(models)} {result['family']} models "
                              f"(align {result['align']}, merge {result['merge']}) → {escape_path(result['output'])}")
+
+
+def print_plan_of_work(models: list[str], anchor: int, allow_config_mismatch: bool, options: AlignOptions,
+                       max_shard_size, json_out: bool) -> None:
+    from otfuse_cli.pipeline import open_parents
+    from otfuse_cli.workplan import plan_of_work
+
+    doc = plan_of_work(open_parents(models, anchor, allow_config_mismatch), options, max_shard_size)
+    if json_out:
+        report.print_json(doc)
+    else:
+        report.console.print(report.workplan_table(doc))
 
 
 def _display_names(paths: list[str]) -> list[str]:

@@ -198,6 +198,22 @@ def alignment_table(rows: list[dict], title: str) -> Table:
     return table
 
 
+def workplan_table(doc: dict) -> Table:
+    """`--dry-run`: one row per space (widths, feature columns, cost work, solves), totals in the title."""
+    title = (f"plan of work: {doc['models']} {doc['family']} models, {human_count(doc['parameters'])} parameters "
+             f"each, {human_bytes(doc['read_bytes'])} to read; cost {doc['cost_gflops']:.1f} GFLOP; "
+             f"working memory about {human_bytes(doc['peak_bytes_estimate'])} beyond the Python runtime")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for col in ("space", "kind", "width", "features", "head features", "GFLOP / solve", "solves"):
+        table.add_column(col, justify="left" if col in ("space", "kind") else "right", overflow="fold")
+    for r in doc["spaces"]:
+        n, m = r["width"]
+        heads = f"{human_count(r['head_features'])} x {r['head_dim']}" if r["head_features"] else "-"
+        table.add_row(escape(r["space"]), r["kind"], f"{n}→{m}" if n != m else str(n),
+                      human_count(r["plain_features"]), heads, f"{r['cost_gflops']:.2f}", f"≤ {r['solves']}")
+    return table
+
+
 class Verbosity:
     """How much the CLI says, set once per invocation by the root callback (--quiet / --verbose)."""
 

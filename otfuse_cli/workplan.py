@@ -1,0 +1,70 @@
+"""The plan of work of a fusion, from the checkpoints' headers alone (`--dry-run`): every space with its
+widths and features, the floating-point work of its costs, how many times it may be solved, and an estimate
+of the run's peak memory — printed before a single weight is read, so a user can see what a 7B pair asks
+of the machine.
+
+The estimates follow the code's own paths (alignment/cost.py, weights.py, fusion.py): plain features are
+folded into a float64 cross term entry by entry, head channels are kept whole, one float64 cost per space
+is live at a time plus its reduced copy for the solver, small checkpoints are cached as float32, and the
+output is buffered one shard at a time. benchmarks/scale.py measures the real peaks beside them."""
+
+from __future__ import annotations
+
+import math
+
+from otfuse_cli.alignment.weights import CACHE_LIMIT
+from otfuse_cli.checkpoint import parse_size
+from otfuse_cli.options import AlignOptions
+
+F32, F64 = 4, 8
+
+
+def _numel(ckpt, name: str) -> int:
+    return math.prod(ckpt.shape(name)) if name in ckpt else 0
+
+
+def space_work(anchor_ckpt, anchor_space, parent_space, sweeps: int) -> dict:
+    """One space: widths, feature columns per unit (plain and per head dim), cost FLOPs per solve, and the
+    float64 bytes its cost step holds at once."""
+    n, m = parent_space.size, anchor_space.size
+    plain = heads = 0
+    largest = 0
+    for entry in anchor_space.entries:
+        numel = _numel(anchor_ckpt, entry.tensor)
+        largest = max(largest, numel)
+        per_unit = numel // max(1, m)
+        if entry.inner > 1 or entry.group:
+            heads += per_unit // entry.inner
+        else:
+            plain += per_unit
+    d = max((e.inner for e in anchor_space.entries), default=1)
+    flops = 2 * n * m * plain + 2 * (n * d) * (m * d) * heads
+    # cross term + cost + normalised cost + the solver's reduced copy; head costs (n·d)x(m·d); one entry's
+    # float64 features on both sides and its moved float32 copy
+    live = F64 * (4 * n * m + (n * d) * (m * d) * (2 if heads else 0)) + (2 * F64 + F32) * largest
+    return {"space": anchor_space.name, "kind": anchor_space.kind, "width": [n, m], "plain_features": plain,
+            "head_features": heads, "head_dim": d if heads else 0, "solves": 1 + sweeps,
+            "cost_gflops": flops / 1e9, "live_bytes": live}
+
+
+def plan_of_work(parents, options: AlignOptions, max_shard_size: int | str = 5 * 10**9) -> dict:
+    """Spaces, work and memory of fusing `parents` (pipeline.Parents) with `options`, from headers only."""
+    anchor = parents.anchor
+    ckpt = parents.ckpts[anchor]
+    spec = parents.specs[anchor]
+    others = [k for k in range(len(parents.ckpts)) if k != anchor]
+    sweeps = options.sweeps if options.align == "weights" else 0
+    spaces = [] if options.align == "none" else \
+        [space_work(ckpt, sa, sp, sweeps) for sa, sp in zip(spec.spaces, parents.specs[others[0]].spaces)]
+    sizes = [c.size_on_disk() for c in parents.ckpts]
+    params = sum(_numel(ckpt, name) for name in ckpt.keys())
+    largest = max((_numel(ckpt, name) for name in ckpt.keys()), default=0)
+    cache = sum(F32 * params for s in sizes if s < CACHE_LIMIT) if spaces else 0
+    shard = min(parse_size(max_shard_size), sizes[anchor])
+    merge_live = shard + F32 * largest * (len(parents.ckpts) + 1)
+    align_live = max((s["live_bytes"] for s in spaces), default=0)
+    total_flops = sum(s["cost_gflops"] * s["solves"] for s in spaces) * len(others)
+    return {"family": spec.family, "models": len(parents.ckpts), "anchor": anchor, "align": options.align,
+            "parameters": params, "read_bytes": sum(sizes), "most_solves_per_space": 1 + sweeps if spaces else 0,
+            "cost_gflops": total_flops, "peak_bytes_estimate": cache + max(align_live, merge_live),
+            "float32_cache_bytes": cache, "spaces": spaces}

@@ -1,0 +1,81 @@
+"""`--dry-run` prints the plan of work from the headers alone: it reads no weight (every tensor read is made
+to fail), writes nothing, and its widths and feature counts are those of the model's own shapes. A 7B-shaped
+pair is written as sparse files (a real safetensors header over a hole), so the test needs no 27 GB."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cli
+
+LLAMA_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "intermediate_size": 11008, "vocab_size": 32000}
+
+
+def sparse_llama(folder: Path, c: dict) -> Path:
+    """A LlamaForCausalLM folder whose weights are a valid safetensors header followed by a hole."""
+    h, d, kv, f = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"], c["num_key_value_heads"], \
+        c["intermediate_size"]
+    shapes = {"model.embed_tokens.weight": [c["vocab_size"], h], "model.norm.weight": [h],
+              "lm_head.weight": [c["vocab_size"], h]}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": [h, h], p + "self_attn.k_proj.weight": [kv * d, h],
+                       p + "self_attn.v_proj.weight": [kv * d, h], p + "self_attn.o_proj.weight": [h, h],
+                       p + "mlp.gate_proj.weight": [f, h], p + "mlp.up_proj.weight": [f, h],
+                       p + "mlp.down_proj.weight": [h, f], p + "input_layernorm.weight": [h],
+                       p + "post_attention_layernorm.weight": [h]})
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        size = 2 * int(__import__("math").prod(shape))
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    folder.mkdir(parents=True)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(folder / "model.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh.truncate(8 + len(raw) + offset)
+    (folder / "config.json").write_text(json.dumps({**c, "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                    "tie_word_embeddings": False, "torch_dtype": "bfloat16"}))
+    return folder
+
+
+@pytest.fixture()
+def no_weight_reads(monkeypatch):
+    from otfuse_cli.checkpoint.reader import Checkpoint
+
+    def refuse(self, name):
+        raise AssertionError(f"--dry-run read tensor {name}")
+    monkeypatch.setattr(Checkpoint, "get", refuse)
+
+
+def test_dry_run_of_a_7b_pair_reads_no_weight(tmp_path, no_weight_reads):
+    a, b = sparse_llama(tmp_path / "a", LLAMA_7B), sparse_llama(tmp_path / "b", LLAMA_7B)
+    result = cli("fuse", a, b, "-o", tmp_path / "out", "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert not (tmp_path / "out").exists()
+    # Llama-2-7B has 6,738,415,616 parameters with 32 KV heads; 8 KV heads make k and v 1024 x 4096
+    assert doc["parameters"] == 6_738_415_616 - 32 * 2 * (4096 - 1024) * 4096
+    widths = {s["kind"]: s["width"] for s in doc["spaces"]}
+    assert widths["residual"] == [4096, 4096] and widths["ffn"] == [11008, 11008]
+    residual = next(s for s in doc["spaces"] if s["kind"] == "residual")
+    # every tensor touching the residual stream, per residual unit: embeddings and head (vocab each), per
+    # layer q, k, v, o, gate, up, down columns/rows and two norms, and the final norm
+    per_layer = 4096 + 1024 + 1024 + 4096 + 11008 + 11008 + 11008 + 2
+    assert residual["plain_features"] == 2 * 32000 + 32 * per_layer + 1
+    assert sum(s["kind"] == "ffn" for s in doc["spaces"]) == 32
+    assert doc["peak_bytes_estimate"] < 24 * 2**30
+
+
+def test_dry_run_table_and_align(tmp_path, no_weight_reads):
+    bert = REPO / "fixtures" / "sentiment"
+    result = cli("align", bert / "bert_a", bert / "bert_b", "-o", tmp_path / "p.safetensors", "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    assert "plan of work" in result.stdout and "residual" in result.stdout and "0.ffn" in result.stdout
+    assert not (tmp_path / "p.safetensors").exists()
