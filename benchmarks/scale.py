@@ -213,7 +213,7 @@ def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str]) -> d
 
 # ---------------------------------------------------------------- exactness at scale
 
-def recovery(size: str, root: Path) -> dict:
+def recovery(size: str, root: Path, otfuse_args: list[str]) -> dict:
     """Fuse a float32 random model with a hidden, independently permuted copy of itself (+1% noise): the fused
     model's logits must match the plain average of the model and its unpermuted noisy copy."""
     sys.path.insert(0, str(HERE.parent / "tests"))
@@ -236,7 +236,8 @@ def recovery(size: str, root: Path) -> dict:
               work / "b" / "model.safetensors", metadata={"format": "pt"})
     del model
     t = time.perf_counter()
-    otf.fuse([str(a), str(work / "b")], str(work / "fused"))
+    subprocess.run([sys.executable, "-m", "otfuse_cli", "fuse", str(a), str(work / "b"), "-o", str(work / "fused"),
+                    *otfuse_args], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
     seconds = time.perf_counter() - t
     otf.fuse([str(a), str(work / "b")], str(work / "vanilla"), options=otf.AlignOptions(align="none"))
     ids = torch.randint(0, config.vocab_size, (2, 32), generator=gen)
@@ -250,7 +251,7 @@ def recovery(size: str, root: Path) -> dict:
             out = LlamaForCausalLM.from_pretrained(work / name, dtype=torch.float32).eval()(ids).logits
             errors[name] = float((out - ref).norm() / ref.norm())
     shutil.rmtree(work)
-    return {"size": size, "fuse_s": seconds, "relative_logit_error": errors["fused"],
+    return {"size": size, "options": otfuse_args, "fuse_s": seconds, "relative_logit_error": errors["fused"],
             "vanilla_relative_logit_error": errors["vanilla"]}
 
 
@@ -277,7 +278,7 @@ def main() -> None:
     args = ap.parse_args()
     root = args.work or Path(tempfile.mkdtemp(prefix="otfuse-scale-"))
     records = [run_size(s, root, not args.no_mergekit, args.otfuse_args.split()) for s in args.sizes]
-    checks = [recovery(s, root) for s in args.sizes] if args.recovery else []
+    checks = [recovery(s, root, args.otfuse_args.split()) for s in args.sizes] if args.recovery else []
     doc = {"sizes": records, "recovery": checks, "otfuse_args": args.otfuse_args, "cpus": os.cpu_count()}
     if args.save:
         (HERE / "scale.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -229,7 +229,7 @@ def inspect(
 
 
 # Options shared by `align`, `fuse` and `compress` come from the typed groups in options.py.
-ALIGN_FLAGS = ("--align", "--solver", "--reg", "--metric", "--marginals", "--cost-norm", "--refine")
+ALIGN_FLAGS = ("--align", "--solver", "--reg", "--metric", "--marginals", "--cost-norm", "--refine", "--sketch")
 SAMPLE_FLAGS = ("--samples", "--max-tokens", "--standardize", "--post-activation", "--max-length", "--device",
                 "--activation", "--seed")
 MODELS_ARG = typer.Argument(..., metavar="MODEL", help="Two or more checkpoints (files or HF folders).")
@@ -266,6 +266,8 @@ def align(
     check_device(data)
     if options.align != "activations":
         refuse_unused(given, SAMPLE_FLAGS, "they shape activation alignment (--align activations)")
+    if options.align != "weights":
+        refuse_unused(given, ("--sketch",), "it sketches weight features (--align weights)")
     if dry_run:
         return print_plan_of_work(models, anchor, allow_config_mismatch, options, "5GB", json_out)
 
@@ -315,6 +317,8 @@ def fuse(
     check_device(data)
     if plan:
         refuse_unused(given, ALIGN_FLAGS, "the plan file fixes the alignment (--plan)")
+    elif options.align != "weights":
+        refuse_unused(given, ("--sketch",), "it sketches weight features (--align weights)")
     if not reads_data(options, merge, plan, stats, repair):
         refuse_unused(given, SAMPLE_FLAGS, "no step reads --data here (activations, regmean/fisher, --repair)")
     elif options.align != "activations" or plan:

@@ -70,6 +70,9 @@ class AlignOptions(Options):
                             COST_NORMS)
     refine: int | None = option(None, "--refine", "Extra passes over all spaces until plans stop changing "
                                 "(weights; default 5 for exact plans, 1 for sinkhorn, measured).", minimum=0)
+    sketch: int | None = option(None, "--sketch", "Weights: hash each space's per-unit weight columns into D "
+                                "buckets (a seeded CountSketch) so a cost costs O(width x D), not O(width x "
+                                "model); for 7B-class pairs.", minimum=16, metavar="D")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -54,11 +54,11 @@ def open_parents(paths: list[str], anchor: int = 0, allow_config_mismatch: bool 
 
 # ---------------------------------------------------------------- features and plans
 
-def _weight_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None):
-    return WeightFeatures(anchor_spec, spec, anchor_src, parent_src)
+def _weight_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None, sketch=None):
+    return WeightFeatures(anchor_spec, spec, anchor_src, parent_src, sketch=sketch)
 
 
-def _activation_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None):
+def _activation_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None, sketch=None):
     from otfuse_cli.alignment.activations import ActivationFeatures  # needs runnable models and data
 
     return ActivationFeatures(anchor_spec, spec, anchor_src, parent_src, data, on_batch=on_batch)
@@ -71,7 +71,8 @@ PROVIDERS: dict[str, Callable] = {"weights": _weight_provider, "activations": _a
 
 def feature_provider(options: AlignOptions, data: DataOptions, anchor_spec, spec, anchor_src, parent_src,
                      on_batch=None):
-    return PROVIDERS[options.align](anchor_spec, spec, anchor_src, parent_src, data, on_batch=on_batch)
+    return PROVIDERS[options.align](anchor_spec, spec, anchor_src, parent_src, data, on_batch=on_batch,
+                                    sketch=options.sketch)
 
 
 def data_record(options: AlignOptions, data: DataOptions) -> dict | None:

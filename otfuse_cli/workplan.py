@@ -23,7 +23,7 @@ def _numel(ckpt, name: str) -> int:
     return math.prod(ckpt.shape(name)) if name in ckpt else 0
 
 
-def space_work(anchor_ckpt, anchor_space, parent_space, sweeps: int) -> dict:
+def space_work(anchor_ckpt, anchor_space, parent_space, sweeps: int, sketch: int | None = None) -> dict:
     """One space: widths, feature columns per unit (plain and per head dim), cost FLOPs per solve, and the
     float64 bytes its cost step holds at once."""
     n, m = parent_space.size, anchor_space.size
@@ -38,7 +38,8 @@ def space_work(anchor_ckpt, anchor_space, parent_space, sweeps: int) -> dict:
         else:
             plain += per_unit
     d = max((e.inner for e in anchor_space.entries), default=1)
-    flops = 2 * n * m * plain + 2 * (n * d) * (m * d) * heads
+    # with --sketch D the plain columns are hashed (additions) into D buckets: one (n, D) x (D, m) product
+    flops = 2 * n * m * (min(plain, sketch) if sketch else plain) + 2 * (n * d) * (m * d) * heads
     # cross term + cost + normalised cost + the solver's reduced copy; head costs (n·d)x(m·d); one entry's
     # float64 features on both sides and its moved float32 copy
     live = F64 * (4 * n * m + (n * d) * (m * d) * (2 if heads else 0)) + (2 * F64 + F32) * largest
@@ -54,8 +55,9 @@ def plan_of_work(parents, options: AlignOptions, max_shard_size: int | str = 5 *
     spec = parents.specs[anchor]
     others = [k for k in range(len(parents.ckpts)) if k != anchor]
     sweeps = options.sweeps if options.align == "weights" else 0
-    spaces = [] if options.align == "none" else \
-        [space_work(ckpt, sa, sp, sweeps) for sa, sp in zip(spec.spaces, parents.specs[others[0]].spaces)]
+    pairs = zip(spec.spaces, parents.specs[others[0]].spaces)
+    sketch = options.sketch if options.align == "weights" else None
+    spaces = [] if options.align == "none" else [space_work(ckpt, sa, sp, sweeps, sketch) for sa, sp in pairs]
     sizes = [c.size_on_disk() for c in parents.ckpts]
     params = sum(_numel(ckpt, name) for name in ckpt.keys())
     largest = max((_numel(ckpt, name) for name in ckpt.keys()), default=0)

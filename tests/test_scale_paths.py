@@ -142,3 +142,36 @@ def test_refinement_skips_only_spaces_whose_inputs_did_not_move(pair):
         assert skipping[name].inner.keys() == full[name].inner.keys()
         assert all(torch.equal(skipping[name].inner[c], full[name].inner[c]) for c in full[name].inner)
     assert skipped_calls < full_calls
+
+
+def test_sketched_distances_approximate_the_exact_ones():
+    """A CountSketch into D buckets keeps squared distances unbiased with relative error about sqrt(2/D):
+    compared with scipy's exact distances over the concatenated entries (the sketch must also be active:
+    not equal to them)."""
+    from otfuse_cli.alignment.cost import FeaturePair, unit_cost
+    from otfuse_cli.arch.model import Entry
+
+    g = torch.Generator().manual_seed(0)
+    entries = [Entry("a.weight", 0, "out"), Entry("b.weight", 1, "in")]
+    xs = [torch.randn(40, 3000, generator=g), torch.randn(40, 2000, generator=g)]
+    ys = [torch.randn(50, 3000, generator=g), torch.randn(50, 2000, generator=g)]
+    pair = FeaturePair(sketch=1024)
+    for e, x, y in zip(entries, xs, ys):
+        pair.add(e, x[:, None, None, :], e, y[:, None, None, :])
+    sketched, _ = unit_cost(pair.parent, pair.anchor, "sqeuclidean", folded=pair.folded())
+    exact = cdist(torch.cat(xs, 1).double().numpy(), torch.cat(ys, 1).double().numpy(), "sqeuclidean")
+    rel = np.abs(sketched - exact) / exact
+    assert 0 < np.median(rel) < 0.1 and rel.max() < 0.3
+    mass = pair.parent.mass(2)  # marginals keep the exact norms
+    np.testing.assert_allclose(mass, torch.cat(xs, 1).double().norm(dim=1).numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("sketch", ["16", "256"])
+def test_sketched_alignment_still_recovers_a_hidden_permutation(tmp_path, sketch):
+    """A tiny Llama fused with an independently permuted copy of itself (+1% noise), --sketch D: the fused
+    model computes the plain average (the vanilla average, for contrast, does not)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from scale import recovery
+
+    check = recovery("tiny", tmp_path, ["--sketch", sketch])
+    assert check["relative_logit_error"] < 1e-5 < 0.1 < check["vanilla_relative_logit_error"]

@@ -6,6 +6,7 @@ within-unit matching (computed for every unit pair, which also yields the inner 
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,24 +65,55 @@ class FeaturePair:
     entries go straight into the cost's sufficient statistics (the cross term x·yᵀ here, each side's norms
     in its Features), so the residual stream, which touches every tensor of the model, holds one tensor's
     features at a time instead of two float32 copies of the model. Head channels are kept whole (their
-    cost matches dims within units)."""
+    cost matches dims within units).
 
-    def __init__(self, fold: bool = True):
-        self.parent, self.anchor, self.fold = Features(), Features(), fold
+    With sketch D, folded entries are hashed instead into D signed buckets per unit (a CountSketch, seeded
+    by the entry's tensor and axis, so both sides hash a column alike) and the cross term is one (n, D) x
+    (D, m) product at the end: O(width x D) instead of O(width x model columns). The cost then uses the
+    sketches' own norms, so a distance is the sketch of the difference vector (unbiased, relative error
+    about sqrt(2/D)); marginals keep the exact norms."""
+
+    def __init__(self, fold: bool = True, sketch: int | None = None):
+        self.parent, self.anchor, self.fold, self.sketch = Features(), Features(), fold, sketch
         self.dot: torch.Tensor | None = None  # (n, m) float64: sum of folded entries' x @ y.T
+        self.sketches: list[torch.Tensor] | None = None  # [(n, D), (m, D)] float64 with sketch
 
     def add(self, ep, xp: torch.Tensor, ea, xa: torch.Tensor) -> None:
-        if self.fold and not ep.group and ep.inner == 1:
-            x, y = xp.reshape(len(xp), -1).double(), xa.reshape(len(xa), -1).double()
-            self.dot = x @ y.T if self.dot is None else self.dot.addmm_(x, y.T)
-            self.parent.fold(x)
-            self.anchor.fold(y)
-        else:
+        if not (self.fold and not ep.group and ep.inner == 1):
             self.parent.add(ep, xp)
             self.anchor.add(ea, xa)
+            return
+        x, y = xp.reshape(len(xp), -1).double(), xa.reshape(len(xa), -1).double()
+        self.parent.fold(x)
+        self.anchor.fold(y)
+        if self.sketch:
+            bucket, sign = _hash(ea, x.shape[1], self.sketch)
+            if self.sketches is None:
+                self.sketches = [x.new_zeros(len(x), self.sketch), y.new_zeros(len(y), self.sketch)]
+            self.sketches[0].index_add_(1, bucket, x * sign)
+            self.sketches[1].index_add_(1, bucket, y * sign)
+        else:
+            self.dot = x @ y.T if self.dot is None else self.dot.addmm_(x, y.T)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(cross term, parent squared norms, anchor squared norms) of the folded entries, or None."""
+        if self.sketches is not None:
+            xs, ys = self.sketches
+            return xs @ ys.T, (xs * xs).sum(1), (ys * ys).sum(1)
+        if self.dot is None:
+            return None
+        return self.dot, self.parent.folded[2], self.anchor.folded[2]
 
     def empty(self) -> bool:
         return self.parent.empty()
+
+
+def _hash(entry, columns: int, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CountSketch of one entry's columns: a bucket and a sign per column, the same for every model."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{entry.tensor}|{entry.axis}|{entry.start}".encode()))
+    bucket = torch.randint(buckets, (columns,), generator=gen)
+    sign = torch.randint(2, (columns,), generator=gen, dtype=torch.float64) * 2 - 1
+    return bucket, sign
 
 
 def pairwise(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
@@ -90,11 +122,10 @@ def pairwise(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
     return METRICS[metric](x @ y.transpose(-1, -2), (x * x).sum(-1), (y * y).sum(-1))
 
 
-def plain_cost(parent: Features, anchor: Features, metric: str, dot: torch.Tensor | None = None) -> torch.Tensor:
-    """pairwise() over the concatenation of the plain entries (the folded ones: their cross term `dot` and
-    norms), accumulated one entry at a time in float64."""
-    dot = 0 if dot is None else dot
-    nx, ny = parent.folded.get(2, 0), anchor.folded.get(2, 0)
+def plain_cost(parent: Features, anchor: Features, metric: str, folded: tuple | None = None) -> torch.Tensor:
+    """pairwise() over the concatenation of the plain entries (the folded ones as FeaturePair.folded()'s cross
+    term and norms), accumulated one entry at a time in float64."""
+    dot, nx, ny = folded if folded is not None else (0, 0, 0)
     for x, y in zip(parent.plain, anchor.plain):
         x, y = x.double(), y.double()
         dot = dot + x @ y.T
@@ -103,12 +134,12 @@ def plain_cost(parent: Features, anchor: Features, metric: str, dot: torch.Tenso
 
 
 def unit_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tuple[str, ...] = (),
-              group: str = "query", dot: torch.Tensor | None = None):
-    """(cost (n, m) numpy, inner maps {channel or group: (n, m, d) LongTensor}). dot: the cross term of
-    plain entries folded by a FeaturePair."""
+              group: str = "query", folded: tuple | None = None):
+    """(cost (n, m) numpy, inner maps {channel or group: (n, m, d) LongTensor}). folded: the plain entries a
+    FeaturePair folded (FeaturePair.folded())."""
     cost = None
-    if parent.plain or dot is not None:
-        cost = plain_cost(parent, anchor, metric, dot)
+    if parent.plain or folded is not None:
+        cost = plain_cost(parent, anchor, metric, folded)
     inner = {}
     if parent.grouped:
         c, inner = grouped_cost(parent, anchor, metric, fixed_inner, group)

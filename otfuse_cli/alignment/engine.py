@@ -54,7 +54,7 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
             if sp.size != sa.size:
                 raise OtfuseError(f"space {sa.name!r} has no features to align widths {sp.size} and {sa.size}")
             return Plan.identity(sa.size)
-        cost, inner = unit_cost(fp, fa, options.metric, sa.fixed_inner, dot=pair.dot)
+        cost, inner = unit_cost(fp, fa, options.metric, sa.fixed_inner, folded=pair.folded())
         a = marginal(fp, sp.size, options.marginals)
         b = marginal(fa, sa.size, options.marginals)
         plan, info = solve(normalize(cost, options.cost_norm), a, b, options.solver, options.reg)

@@ -63,8 +63,9 @@ def unit_slices(x: torch.Tensor, entry: Entry, size: int) -> torch.Tensor:
 
 
 class WeightFeatures:
-    def __init__(self, anchor_spec: Spec, parent_spec: Spec, anchor: TensorSource, parent: TensorSource):
-        self.anchor_spec, self.parent_spec = anchor_spec, parent_spec
+    def __init__(self, anchor_spec: Spec, parent_spec: Spec, anchor: TensorSource, parent: TensorSource,
+                 sketch: int | None = None):
+        self.anchor_spec, self.parent_spec, self.sketch = anchor_spec, parent_spec, sketch
         self.anchor, self.parent = anchor, parent
         self.transporter = Transporter(anchor_spec, parent_spec)
 
@@ -79,7 +80,7 @@ class WeightFeatures:
         ready = [(ep, ea) for ep, ea in pairs if self.transporter.spaces_of(ep.tensor) - {sa.name} <= set(plans)]
         if first_pass and ready:
             pairs = ready  # only entries whose other axes are already aligned carry signal
-        pair = FeaturePair(fold)
+        pair = FeaturePair(fold, self.sketch if fold else None)
         for ep, ea in pairs:
             xp = self.transporter.move(ep.tensor, self.parent(ep.tensor), plans, skip=sa.name)
             xa = self.anchor(ea.tensor)
