@@ -54,14 +54,16 @@ def open_parents(paths: list[str], anchor: int = 0, allow_config_mismatch: bool 
 
 # ---------------------------------------------------------------- features and plans
 
-def _weight_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None, sketch=None):
-    return WeightFeatures(anchor_spec, spec, anchor_src, parent_src, sketch=sketch)
+def _weight_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None, sketch=None,
+                     l1=True):
+    return WeightFeatures(anchor_spec, spec, anchor_src, parent_src, sketch=sketch, l1=l1)
 
 
-def _activation_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None, sketch=None):
+def _activation_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None, sketch=None,
+                         l1=True):
     from otfuse_cli.alignment.activations import ActivationFeatures  # needs runnable models and data
 
-    return ActivationFeatures(anchor_spec, spec, anchor_src, parent_src, data, on_batch=on_batch)
+    return ActivationFeatures(anchor_spec, spec, anchor_src, parent_src, data, on_batch=on_batch, l1=l1)
 
 
 # --align choice -> provider(anchor spec, parent spec, anchor tensors, parent tensors, data options);
@@ -72,7 +74,7 @@ PROVIDERS: dict[str, Callable] = {"weights": _weight_provider, "activations": _a
 def feature_provider(options: AlignOptions, data: DataOptions, anchor_spec, spec, anchor_src, parent_src,
                      on_batch=None):
     return PROVIDERS[options.align](anchor_spec, spec, anchor_src, parent_src, data, on_batch=on_batch,
-                                    sketch=options.sketch)
+                                    sketch=options.sketch, l1=options.marginals == "l1")
 
 
 def data_record(options: AlignOptions, data: DataOptions) -> dict | None:

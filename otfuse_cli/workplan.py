@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from otfuse_cli.alignment.weights import CACHE_LIMIT
+from otfuse_cli.alignment.weights import CACHE_LIMIT, float32_bytes
 from otfuse_cli.checkpoint import parse_size
 from otfuse_cli.options import AlignOptions
 
@@ -61,7 +61,7 @@ def plan_of_work(parents, options: AlignOptions, max_shard_size: int | str = 5 *
     sizes = [c.size_on_disk() for c in parents.ckpts]
     params = sum(_numel(ckpt, name) for name in ckpt.keys())
     largest = max((_numel(ckpt, name) for name in ckpt.keys()), default=0)
-    cache = sum(F32 * params for s in sizes if s < CACHE_LIMIT) if spaces else 0
+    cache = sum(float32_bytes(c) for c in parents.ckpts if float32_bytes(c) <= CACHE_LIMIT) if spaces else 0
     shard = min(parse_size(max_shard_size), sizes[anchor])
     merge_live = shard + F32 * largest * (len(parents.ckpts) + 1)
     align_live = max((s["live_bytes"] for s in spaces), default=0)

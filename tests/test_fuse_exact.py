@@ -77,7 +77,8 @@ def test_align_reports_full_recovery_and_plans_reuse(tmp_path):
     assert meta["anchor"] == 0 and len(plans) == 2 and plans[0] == {}
     for space in spec.spaces:
         assert plans[1][space.name].hard_index() is not None
-    assert all(row["cost_after"] < 1e-8 for row in summary["spaces"])
+    # zero up to the float32 rounding of the cost's cross term
+    assert all(row["cost_after"] < 1e-6 * row["cost_before"] for row in summary["spaces"])
     # reuse the plan file: same fused tensors as aligning again
     fuse([str(p) for p in paths], str(tmp_path / "f1.safetensors"), plan=str(plans_path))
     fuse([str(p) for p in paths], str(tmp_path / "f2.safetensors"))

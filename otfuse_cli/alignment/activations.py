@@ -240,9 +240,10 @@ class ActivationFeatures:
     needs_refinement = False
 
     def __init__(self, anchor_spec: Spec, parent_spec: Spec, anchor: TensorSource, parent: TensorSource,
-                 data: DataOptions, on_batch: Callable[[str, int, int], None] | None = None):
+                 data: DataOptions, on_batch: Callable[[str, int, int], None] | None = None, l1: bool = True):
         """on_batch(model label, done, batches) follows every forward pass of either model."""
         self.anchor_spec, self.parent_spec, self.how = anchor_spec, parent_spec, data.standardize or "zscore"
+        self.l1 = l1  # keep L1 norms of folded features (only --marginals l1 reads them)
         collect_options = data.collect()
         cache = anchor.__dict__.setdefault("_activations", {})
         key = repr(sorted(collect_options.items()))
@@ -262,7 +263,7 @@ class ActivationFeatures:
 
     def features(self, k: int, plans: dict, first_pass: bool, fold: bool = True) -> FeaturePair:
         sa, sp = self.anchor_spec.spaces[k], self.parent_spec.spaces[k]
-        pair = FeaturePair(fold)
+        pair = FeaturePair(fold, l1=self.l1)
         seen = set()
         for ep, ea in zip(sp.entries, sa.entries):
             module = module_of(ep.tensor)

@@ -35,10 +35,13 @@ class Features:
 
     folded: dict[int, torch.Tensor] = field(default_factory=dict)  # order -> per-unit sum |x|^order (folded)
 
-    def fold(self, x: torch.Tensor) -> None:
-        """Count plain features x (n, D) float64 that were folded into a pair's cross term (see FeaturePair):
-        only their per-unit L1 and squared L2 sums stay."""
-        for order, part in ((1, x.abs().sum(1)), (2, (x * x).sum(1))):
+    def fold(self, x: torch.Tensor, l1: bool) -> None:
+        """Count plain features x (n, D) that were folded into a pair's cross term (see FeaturePair): only
+        their per-unit squared L2 sums stay (and L1 sums when l1 support masses need them), in float64."""
+        parts = [(2, (x * x).sum(1, dtype=torch.float64))]
+        if l1:
+            parts.append((1, x.abs().sum(1, dtype=torch.float64)))
+        for order, part in parts:
             self.folded[order] = self.folded[order] + part if order in self.folded else part
 
     def empty(self) -> bool:
@@ -56,6 +59,8 @@ class Features:
 
     def mass(self, order: int) -> np.ndarray:
         """Per-unit L1 or L2 norm of all features, accumulated entry by entry (no concatenated copy)."""
+        if self.folded and order not in self.folded:
+            raise ValueError(f"L{order} norms were not kept when these features were folded")
         total = sum((x.double().abs().pow(order).sum(1) for x in self.parts()), self.folded.get(order, 0))
         return total.pow(1.0 / order).cpu().numpy()
 
@@ -71,10 +76,14 @@ class FeaturePair:
     by the entry's tensor and axis, so both sides hash a column alike) and the cross term is one (n, D) x
     (D, m) product at the end: O(width x D) instead of O(width x model columns). The cost then uses the
     sketches' own norms, so a distance is the sketch of the difference vector (unbiased, relative error
-    about sqrt(2/D)); marginals keep the exact norms."""
+    about sqrt(2/D)); marginals keep the exact norms.
 
-    def __init__(self, fold: bool = True, sketch: int | None = None):
-        self.parent, self.anchor, self.fold, self.sketch = Features(), Features(), fold, sketch
+    The cross term is a float32 product (float64 checkpoints stay float64) summed into float64 per entry:
+    half the time of float64, and hidden permutations are still recovered exactly (tests/test_oracle.py,
+    benchmarks/scale.py --recovery); norms are summed in float64."""
+
+    def __init__(self, fold: bool = True, sketch: int | None = None, l1: bool = True):
+        self.parent, self.anchor, self.fold, self.sketch, self.l1 = Features(), Features(), fold, sketch, l1
         self.dot: torch.Tensor | None = None  # (n, m) float64: sum of folded entries' x @ y.T
         self.sketches: list[torch.Tensor] | None = None  # [(n, D), (m, D)] float64 with sketch
 
@@ -83,17 +92,20 @@ class FeaturePair:
             self.parent.add(ep, xp)
             self.anchor.add(ea, xa)
             return
-        x, y = xp.reshape(len(xp), -1).double(), xa.reshape(len(xa), -1).double()
-        self.parent.fold(x)
-        self.anchor.fold(y)
+        dtype = torch.float64 if torch.float64 in (xp.dtype, xa.dtype) else torch.float32
+        x, y = xp.reshape(len(xp), -1).to(dtype), xa.reshape(len(xa), -1).to(dtype)
+        self.parent.fold(x, self.l1)
+        self.anchor.fold(y, self.l1)
         if self.sketch:
             bucket, sign = _hash(ea, x.shape[1], self.sketch)
             if self.sketches is None:
-                self.sketches = [x.new_zeros(len(x), self.sketch), y.new_zeros(len(y), self.sketch)]
-            self.sketches[0].index_add_(1, bucket, x * sign)
-            self.sketches[1].index_add_(1, bucket, y * sign)
+                self.sketches = [x.new_zeros(len(x), self.sketch, dtype=torch.float64),
+                                 y.new_zeros(len(y), self.sketch, dtype=torch.float64)]
+            self.sketches[0].index_add_(1, bucket, x.double() * sign)
+            self.sketches[1].index_add_(1, bucket, y.double() * sign)
         else:
-            self.dot = x @ y.T if self.dot is None else self.dot.addmm_(x, y.T)
+            cross = (x @ y.T).double()
+            self.dot = cross if self.dot is None else self.dot.add_(cross)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(cross term, parent squared norms, anchor squared norms) of the folded entries, or None."""
