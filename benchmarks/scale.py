@@ -69,9 +69,9 @@ def write_random_llama(folder: Path, shape, seed: int, dtype=torch.bfloat16) -> 
     gen = torch.Generator().manual_seed(seed)
     shards, shard, size = [], {}, 0
 
-    def flush():
+    def flush():  # keeps only the names and sizes: the tensors go as soon as their shard is written
         nonlocal shard, size
-        shards.append(shard)
+        shards.append({k: t.numel() * t.element_size() for k, t in shard.items()})
         save_file(shard, folder / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})
         shard, size = {}, 0
 
@@ -92,7 +92,7 @@ def write_random_llama(folder: Path, shape, seed: int, dtype=torch.bfloat16) -> 
         name = f"model-{i:05d}-of-{count:05d}.safetensors"
         (folder / f"part-{i}.safetensors").rename(folder / name)
         weight_map.update({k: name for k in tensors})
-    total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+    total = sum(nbytes for s in shards for nbytes in s.values())
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return folder

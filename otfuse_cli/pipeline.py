@@ -108,6 +108,7 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
     anchor_src = parents.source(parents.anchor)
     others = [k for k in range(len(parents.specs)) if k != parents.anchor]
     spaces = len(anchor_spec.spaces)
+    width = {space.name: space.size for space in anchor_spec.spaces}  # shown with each space: where time goes
     tracked = hasattr(on_space, "task")
     on_batch = _batch_counter(start(on_space, "activations"), len(parents.ckpts)) \
         if tracked and options.align == "activations" else None
@@ -126,10 +127,12 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
 
         def refined(name: str, k=k) -> None:
             solves[0] += 1
-            refine.advance(detail=f"{name} (model {k}, sweep {(solves[0] - 1) // spaces + 1}/{sweeps})")
+            refine.advance(detail=f"{name} ({width[name]} wide, model {k}, sweep "
+                                  f"{(solves[0] - 1) // spaces + 1}/{sweeps})")
 
         plans.append(align_pair(anchor_spec, spec, provider, options,
-                                (lambda name, k=k: first.advance(detail=f"{name} (model {k})")) if tracked
+                                (lambda name, k=k: first.advance(detail=f"{name} ({width[name]} wide, model {k})"))
+                                if tracked
                                 else on_space, refined if refine is not None else None))
         if refine is not None and solves[0] < spaces * sweeps:  # converged early: the rest is not needed
             refine.advance(spaces * sweeps - solves[0], detail=f"model {k} converged")

@@ -166,7 +166,7 @@ def test_sketched_distances_approximate_the_exact_ones():
     np.testing.assert_allclose(mass, torch.cat(xs, 1).double().norm(dim=1).numpy(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("sketch", ["16", "256"])
+@pytest.mark.parametrize("sketch", ["16"])  # the hardest: fewer buckets than the hidden width (64)
 def test_sketched_alignment_still_recovers_a_hidden_permutation(tmp_path, sketch):
     """A tiny Llama fused with an independently permuted copy of itself (+1% noise), --sketch D: the fused
     model computes the plain average (the vanilla average, for contrast, does not)."""
