@@ -170,8 +170,13 @@ def test_sketched_distances_approximate_the_exact_ones():
 def test_sketched_alignment_still_recovers_a_hidden_permutation(tmp_path, sketch):
     """A tiny Llama fused with an independently permuted copy of itself (+1% noise), --sketch D: the fused
     model computes the plain average (the vanilla average, for contrast, does not)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from scale import recovery
+    import importlib.util
+
+    # loaded from its file: putting benchmarks/ on sys.path would shadow benchmarks/studies/run.py
+    spec = importlib.util.spec_from_file_location("scale_benchmark", REPO / "benchmarks" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    recovery = scale.recovery
 
     check = recovery("tiny", tmp_path, ["--sketch", sketch])
     assert check["relative_logit_error"] < 1e-5 < 0.1 < check["vanilla_relative_logit_error"]

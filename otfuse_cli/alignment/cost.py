@@ -38,7 +38,7 @@ class Features:
     def fold(self, x: torch.Tensor, l1: bool) -> None:
         """Count plain features x (n, D) that were folded into a pair's cross term (see FeaturePair): only
         their per-unit squared L2 sums stay (and L1 sums when l1 support masses need them), in float64."""
-        parts = [(2, (x * x).sum(1, dtype=torch.float64))]
+        parts = [(2, torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) ** 2)]  # float32 squares overflow
         if l1:
             parts.append((1, x.abs().sum(1, dtype=torch.float64)))
         for order, part in parts:
@@ -105,6 +105,8 @@ class FeaturePair:
             self.sketches[1].index_add_(1, bucket, y.double() * sign)
         else:
             cross = (x @ y.T).double()
+            if not bool(torch.isfinite(cross).all()):  # float32 overflow on extreme (finite) weights
+                cross = x.double() @ y.double().T
             self.dot = cross if self.dot is None else self.dot.add_(cross)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
