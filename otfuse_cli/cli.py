@@ -269,7 +269,7 @@ def align(
     if options.align != "weights":
         refuse_unused(given, ("--sketch",), "it sketches weight features (--align weights)")
     if dry_run:
-        return print_plan_of_work(models, anchor, allow_config_mismatch, options, "5GB", json_out)
+        return print_plan_of_work(models, anchor, allow_config_mismatch, options, None, json_out)
 
     with report.Progress(enabled=not json_out) as progress:
         result = align_models(models, output, options=options, data=data, anchor=anchor, force=force,
@@ -347,6 +347,7 @@ def fuse(
 
 def print_plan_of_work(models: list[str], anchor: int, allow_config_mismatch: bool, options: AlignOptions,
                        max_shard_size, json_out: bool) -> None:
+    """--dry-run; max_shard_size None: no model is written (align)."""
     from otfuse_cli.pipeline import open_parents
     from otfuse_cli.workplan import plan_of_work
 

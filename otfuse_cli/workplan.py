@@ -48,8 +48,9 @@ def space_work(anchor_ckpt, anchor_space, parent_space, sweeps: int, sketch: int
             "cost_gflops": flops / 1e9, "live_bytes": live}
 
 
-def plan_of_work(parents, options: AlignOptions, max_shard_size: int | str = 5 * 10**9) -> dict:
-    """Spaces, work and memory of fusing `parents` (pipeline.Parents) with `options`, from headers only."""
+def plan_of_work(parents, options: AlignOptions, max_shard_size: int | str | None) -> dict:
+    """Spaces, work and memory of fusing `parents` (pipeline.Parents) with `options`, from headers only.
+    max_shard_size: the output's shard size, or None when no model is written (`align`)."""
     anchor = parents.anchor
     ckpt = parents.ckpts[anchor]
     spec = parents.specs[anchor]
@@ -59,11 +60,12 @@ def plan_of_work(parents, options: AlignOptions, max_shard_size: int | str = 5 *
     sketch = options.sketch if options.align == "weights" else None
     spaces = [] if options.align == "none" else [space_work(ckpt, sa, sp, sweeps, sketch) for sa, sp in pairs]
     sizes = [c.size_on_disk() for c in parents.ckpts]
-    params = sum(_numel(ckpt, name) for name in ckpt.keys())
+    f32 = [float32_bytes(c) for c in parents.ckpts]
+    params = f32[anchor] // F32
     largest = max((_numel(ckpt, name) for name in ckpt.keys()), default=0)
-    cache = sum(float32_bytes(c) for c in parents.ckpts if float32_bytes(c) <= CACHE_LIMIT) if spaces else 0
-    shard = min(parse_size(max_shard_size), sizes[anchor])
-    merge_live = shard + F32 * largest * (len(parents.ckpts) + 1)
+    cache = sum(b for b in f32 if b <= CACHE_LIMIT) if spaces else 0
+    merge_live = 0 if max_shard_size is None else \
+        min(parse_size(max_shard_size), sizes[anchor]) + F32 * largest * (len(parents.ckpts) + 1)
     align_live = max((s["live_bytes"] for s in spaces), default=0)
     total_flops = sum(s["cost_gflops"] * s["solves"] for s in spaces) * len(others)
     return {"family": spec.family, "models": len(parents.ckpts), "anchor": anchor, "align": options.align,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from otfuse_cli.alignment.metrics import METRICS
-from otfuse_cli.alignment.solvers import match
+from otfuse_cli.alignment.solvers import assignment
 
 
 @dataclass
@@ -168,7 +168,7 @@ def unit_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tupl
             flat = dims.cpu().numpy()
             for u in range(n):
                 for v in range(m):
-                    perms[u, v] = match(flat[u, v])
+                    perms[u, v] = assignment(flat[u, v])
             perm_t = torch.from_numpy(perms).to(dims.device)
             c = dims.gather(2, perm_t.unsqueeze(2)).squeeze(2).sum(-1)  # sum_j dims[u, v, perm[j], j]
             inner[channel] = perm_t.cpu()
@@ -220,12 +220,12 @@ def grouped_cost(parent: Features, anchor: Features, metric: str, fixed_inner: t
             sigma = {}
             for c in channels:  # dims first, from the rep-free entries (or the identity rep order)
                 start = s_np[c][u, v] if c in s_np else m_np[c][u, v][eye_g, eye_g].sum(0)
-                sigma[c] = eye_d if c in fixed_inner else match(start)
+                sigma[c] = eye_d if c in fixed_inner else assignment(start)
             pi = eye_g
             for _ in range(rounds):
                 # rep order: C[p, h] = sum_c sum_j dims_c[p, h, sigma_c(j), j]
                 rep_cost = sum(x[u, v][:, :, sigma[c], eye_d].sum(-1) for c, x in m_np.items())
-                new_pi = match(rep_cost)
+                new_pi = assignment(rep_cost)
                 new_sigma = {}
                 for c in channels:
                     if c in fixed_inner:
@@ -234,7 +234,7 @@ def grouped_cost(parent: Features, anchor: Features, metric: str, fixed_inner: t
                     dims = s_np[c][u, v].copy() if c in s_np else np.zeros((d, d))
                     if c in m_np:
                         dims += m_np[c][u, v][new_pi, eye_g].sum(0)
-                    new_sigma[c] = match(dims)
+                    new_sigma[c] = assignment(dims)
                 stable = np.array_equal(new_pi, pi) and all(np.array_equal(new_sigma[c], sigma[c]) for c in channels)
                 pi, sigma = new_pi, new_sigma
                 if stable:

@@ -31,6 +31,8 @@ class Plan:
         self._index = None if index is None else index.long()  # src[v] = parent unit moved to anchor unit v
         self.inner = inner if inner is not None else {}  # channel -> (n, m, d) parent index per anchor dim
         self.stats = stats if stats is not None else {}
+        self._checked = index is not None  # a dense coupling is checked for a hard pattern on first ask
+        self._identity: bool | None = None
 
     @classmethod
     def identity(cls, n: int) -> "Plan":
@@ -57,7 +59,7 @@ class Plan:
 
     def hard_index(self) -> torch.Tensor | None:
         """src[u] = the parent unit moved to anchor unit u, when the plan is a scaled permutation."""
-        if self._index is None and "_checked" not in self.__dict__:
+        if not self._checked:
             n, m = self._dense.shape
             nz = self._dense > 0
             if n == m and bool((nz.sum(0) == 1).all()) and bool((nz.sum(1) == 1).all()):
@@ -67,7 +69,7 @@ class Plan:
 
     def is_identity(self) -> bool:
         """A hard plan that moves nothing (the anchor's own basis): transport can skip it."""
-        if "_identity" not in self.__dict__:
+        if self._identity is None:
             src = self.hard_index()
             self._identity = (src is not None and not self.inner and bool((src == torch.arange(len(src))).all()))
         return self._identity

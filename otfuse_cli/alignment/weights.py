@@ -33,6 +33,11 @@ def checked_float(x: torch.Tensor, label: str, name: str) -> torch.Tensor:
     not propagated."""
     if not all_finite(x):
         raise OtfuseError(f"{label}: tensor {name} contains NaN or Inf")
+    return as_float(x)
+
+
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """float32 copy of a floating tensor; float64 stays float64."""
     return x if x.dtype == torch.float64 else x.float()
 
 
@@ -51,28 +56,26 @@ class TensorSource:
         self.caching = cache if cache is not None else float32_bytes(ckpt) <= CACHE_LIMIT
 
     def __call__(self, name: str) -> torch.Tensor:
-        if name in self.cache:
-            return self.cache[name]
-        x = self.ckpt.get(name)
-        if x.is_floating_point():
-            if name in self.checked:
-                x = x if x.dtype == torch.float64 else x.float()
-            else:
-                x = checked_float(x, self.label, name)
-                self.checked.add(name)
-        if self.caching:
+        if name not in self.cache:
+            x = self._read(name)
+            if not self.caching:
+                return x
             self.cache[name] = x
-        return x
+        return self.cache[name]
 
     def take(self, name: str) -> torch.Tensor:
         """The tensor for its last use (merging): a cached copy is handed over and dropped from the cache."""
-        if name in self.cache:
-            return self.cache.pop(name)
-        caching, self.caching = self.caching, False
-        try:
-            return self(name)
-        finally:
-            self.caching = caching
+        return self.cache.pop(name) if name in self.cache else self._read(name)
+
+    def _read(self, name: str) -> torch.Tensor:
+        x = self.ckpt.get(name)
+        if not x.is_floating_point():
+            return x
+        if name in self.checked:
+            return as_float(x)
+        x = checked_float(x, self.label, name)
+        self.checked.add(name)
+        return x
 
 
 def unit_slices(x: torch.Tensor, entry: Entry, size: int) -> torch.Tensor:
