@@ -159,7 +159,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 a, b, out = map(Path, sys.argv[1:4])
 out.mkdir()
-for k, shard in enumerate(sorted(a.glob('*.safetensors'))):
+for shard in sorted(a.glob('*.safetensors')):
     tensors = {}
     with safe_open(shard, 'pt') as fa, safe_open(b / shard.name, 'pt') as fb:
         for name in fa.keys():
@@ -179,9 +179,10 @@ def ensure_mergekit() -> Path:
 
 def routes(a: Path, b: Path, work: Path, mergekit: bool, otfuse_args: list[str]) -> dict[str, list[str]]:
     otfuse = [sys.executable, "-m", "otfuse_cli", "fuse", str(a), str(b)]
+    weights = f"otfuse fuse (weights, {' '.join(otfuse_args) or 'exact'})"
     out = {"I/O floor (read both, write one)": [sys.executable, "-c", IO_FLOOR, str(a), str(b), str(work / "io")],
            "otfuse fuse --align none": otfuse + ["--align", "none", "-o", str(work / "avg")],
-           "otfuse fuse (weights, exact)": otfuse + [*otfuse_args, "-o", str(work / "ot")]}
+           weights: otfuse + [*otfuse_args, "-o", str(work / "ot")]}
     if mergekit:
         config = work / "mergekit.yml"
         config.write_text(f"merge_method: linear\ndtype: bfloat16\nmodels:\n  - model: {a}\n    parameters:\n"
