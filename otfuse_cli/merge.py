@@ -8,15 +8,17 @@ from __future__ import annotations
 from typing import Callable
 
 
-def needs(statistic: str | None):
-    """Declare which statistic (stats.KINDS) a rule reads; None: weights only."""
+def needs(statistic: str | None, elementwise: bool = False):
+    """Declare which statistic (stats.KINDS) a rule reads (None: weights only), and whether each output element
+    depends only on the same element of its inputs: such a rule is applied block by block (fusion.py), so it
+    never allocates whole-tensor temporaries."""
     def mark(fn):
-        fn.needs = statistic
+        fn.needs, fn.elementwise = statistic, elementwise
         return fn
     return mark
 
 
-@needs(None)
+@needs(None, elementwise=True)
 def average(name: str, aligned: list, weights: list[float], stats: list | None, alpha: float):
     """Weighted average: F = sum_k w_k * T_k(W_k), accumulated from zero (float32, or float64 inputs)."""
     out = aligned[0].new_zeros(aligned[0].shape)
@@ -55,7 +57,7 @@ def regmean(name: str, aligned: list, weights: list[float], stats: list | None, 
     return out.movedim(0, axis).to(aligned[0].dtype)
 
 
-@needs("fisher")
+@needs("fisher", elementwise=True)
 def fisher(name: str, aligned: list, weights: list[float], stats: list | None, alpha: float):
     """Fisher-weighted averaging (Matena & Raffel, 2022): theta = sum_k w_k F_k theta_k / sum_k w_k F_k per
     parameter, F the diagonal Fisher; where no parent has information (buffers, unused rows) the average."""
@@ -68,5 +70,6 @@ def fisher(name: str, aligned: list, weights: list[float], stats: list | None, a
     return (num / den.clamp_min(1e-300)).where(informed, plain).to(aligned[0].dtype)
 
 
-# rule(tensor name, aligned float32 tensors (one per parent), normalised weights, statistics, alpha)
+# rule(tensor name, aligned float32 tensors (one per parent; a block of their elements for an elementwise rule),
+# normalised weights, statistics (blocks alike), alpha)
 MERGES: dict[str, Callable] = {"average": average, "regmean": regmean, "fisher": fisher}

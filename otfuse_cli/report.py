@@ -308,6 +308,7 @@ def counted(items, progress, name: str, total: int):
     bar = start(progress, name, total)
     for key, value in items:
         yield key, value
+        del value  # the writer has it; not held while the next one is made
         bar.advance(detail=key)
 
 

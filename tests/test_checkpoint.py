@@ -315,3 +315,63 @@ def test_writer_rejects_bad_tensors(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OtfuseError, match="cannot write"):  # parent is a file: OS error -> one clear line
         write_checkpoint(tmp_path / "afile" / "out", {"a": torch.zeros(1)}, layout="folder")
+
+
+def _plan_of(src):
+    return [(k, src.dtype(k), src.shape(k)) for k in src.keys()]
+
+
+@pytest.mark.parametrize("layout", ["folder", "file"])
+def test_planned_write_streams_the_same_bytes_in_any_order(tmp_path, tiny_bert, layout):
+    src = open_checkpoint(tiny_bert["single"])
+    name = "out" if layout == "folder" else "out.safetensors"
+    kw = {"layout": layout, "source": src, "max_shard_size": parse_size("20KB")}
+    buffered = write_checkpoint(tmp_path / "buffered" / name, ((k, src.get(k)) for k in src.keys()), **kw)
+    shuffled = list(reversed(src.keys()))  # arrival order does not matter: every tensor has its planned place
+    streamed = write_checkpoint(tmp_path / "streamed" / name, ((k, src.get(k)) for k in shuffled),
+                                planned=_plan_of(src), **kw)
+    files = sorted(p.relative_to(buffered) for p in buffered.rglob("*")) if layout == "folder" else [Path()]
+    assert files == (sorted(p.relative_to(streamed) for p in streamed.rglob("*")) if layout == "folder" else [Path()])
+    for f in files:
+        assert (buffered / f).read_bytes() == (streamed / f).read_bytes(), f
+    shards = sorted(streamed.glob("*.safetensors")) if layout == "folder" else [streamed]
+    assert layout == "file" or len(shards) > 2
+    back = {k: v for s in shards for k, v in load_file(s).items()}  # safetensors' own reader is the oracle
+    assert back.keys() == set(src.keys()) and all(torch.equal(back[k], src.get(k)) for k in src.keys())
+
+
+def test_planned_write_holds_no_tensor_once_written(tmp_path, tiny_bert):
+    import gc
+    import weakref
+
+    src = open_checkpoint(tiny_bert["single"])
+    alive = []
+
+    def tensors():
+        for k in src.keys():
+            gc.collect()
+            alive.append(sum(r() is not None for r in refs))
+            t = src.get(k).clone()
+            refs.append(weakref.ref(t.untyped_storage()))  # the storage outlives views and detached copies
+            yield k, t
+            del t
+
+    refs: list = []
+    write_checkpoint(tmp_path / "streamed", tensors(), layout="folder", planned=_plan_of(src), max_shard_size="1GB")
+    assert len(alive) == len(src.keys()) > 10 and max(alive) == 0  # one shard, yet nothing buffered
+    refs.clear(), alive.clear()
+    write_checkpoint(tmp_path / "buffered", tensors(), layout="folder", max_shard_size="1GB")
+    assert max(alive) == len(src.keys()) - 1  # the control: without a plan the shard is buffered
+
+
+def test_planned_write_refuses_what_was_not_planned(tmp_path, tiny_bert):
+    src = open_checkpoint(tiny_bert["single"])
+    plan, keys = _plan_of(src), src.keys()
+    cases = {"planned": [(k, src.get(k)) for k in keys[:-1]],  # one never comes
+             "was not planned": [(k, src.get(k)) for k in keys] + [("extra", torch.zeros(1))],
+             "written where": [(k, src.get(k).double() if i == 3 else src.get(k)) for i, k in enumerate(keys)]}
+    for match, items in cases.items():
+        for layout, name in (("folder", "out"), ("file", "out.safetensors")):
+            with pytest.raises(ValueError, match=match):
+                write_checkpoint(tmp_path / name, iter(items), layout=layout, planned=plan, max_shard_size="20KB")
+            assert list(tmp_path.iterdir()) == []

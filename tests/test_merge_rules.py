@@ -183,9 +183,13 @@ def test_regmean_with_alignment_on_gqa_llama_uses_moved_grams(tmp_path):
         assert rel(fused[name].numpy(), t.numpy()) < 1e-5, name
 
 
-def test_fisher_equals_a_hand_computation_on_a_two_layer_mlp(tmp_path):
+@pytest.mark.parametrize("block", [5, None])
+def test_fisher_equals_a_hand_computation_on_a_two_layer_mlp(tmp_path, monkeypatch, block):
     """Diagonal Fisher of a 2-layer MLP by hand-written backprop in numpy, labels drawn as documented (one
-    multinomial draw per sample from the model's softmax, a generator seeded with --seed, data order)."""
+    multinomial draw per sample from the model's softmax, a generator seeded with --seed, data order).
+    block 5: the elementwise rule applied to blocks of 5 elements gives the same numbers."""
+    if block:
+        monkeypatch.setattr("otfuse_cli.fusion.BLOCK", block)
     nets = [mlp((6, 5, 3), seed=s) for s in (0, 1)]
     x = torch.randn(12, 6, generator=torch.Generator().manual_seed(1))
     save_file({"x": x}, tmp_path / "x.safetensors")
@@ -270,3 +274,24 @@ def test_bad_merge_inputs_are_one_line(tmp_path, mlp_pair):
     assert res.exit_code == 2
     assert_one_line_error(res.stderr, "singular Gram matrix", "--regmean-alpha below 1")
     assert before == {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths}
+
+
+@pytest.mark.parametrize("block", [7, None])
+def test_weighted_average_of_bf16_parents_is_computed_in_float32_blockwise(tmp_path, monkeypatch, block):
+    """bf16 parents of awkward sizes (blocks of 7 cut every tensor mid-row): the result is numpy's float64
+    weighted average within bf16's rounding, in bf16, never off by a block boundary."""
+    if block:
+        monkeypatch.setattr("otfuse_cli.fusion.BLOCK", block)
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"0.weight": (5, 6), "0.bias": (5,), "2.weight": (3, 5), "2.bias": (3,)}
+    parents = [{n: torch.randn(s, generator=gen).to(torch.bfloat16) for n, s in shapes.items()} for _ in range(2)]
+    paths = []
+    for k, sd in enumerate(parents):
+        save_file(sd, tmp_path / f"p{k}.safetensors")
+        paths.append(str(tmp_path / f"p{k}.safetensors"))
+    fuse(paths, str(tmp_path / "f.safetensors"), options=NONE, weights="0.3,0.7")
+    fused = load_file(tmp_path / "f.safetensors")
+    for name in shapes:
+        a, b = (p[name].double().numpy() for p in parents)
+        assert fused[name].dtype == torch.bfloat16
+        assert np.abs(fused[name].double().numpy() - (0.3 * a + 0.7 * b)).max() <= 2**-8 * np.abs(0.3 * a + 0.7 * b).max()

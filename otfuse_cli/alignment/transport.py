@@ -99,6 +99,8 @@ def _move_slice(y: torch.Tensor, entry: Entry, plan: Plan, n: int, m: int) -> to
     perm = plan.inner.get(entry.channel) if entry.inner > 1 else None
     reps = plan.inner.get(entry.group) if entry.group else None
     src = plan.hard_index()
+    if src is None and y.dtype not in (torch.float32, torch.float64):
+        y = y.float()  # a soft plan mixes units: in float32 at least, never in the checkpoint's bf16
     if src is not None:
         y = y.index_select(-3, src)
         cols = torch.arange(m)

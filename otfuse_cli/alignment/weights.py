@@ -63,19 +63,20 @@ class TensorSource:
             self.cache[name] = x
         return self.cache[name]
 
-    def take(self, name: str) -> torch.Tensor:
-        """The tensor for its last use (merging): a cached copy is handed over and dropped from the cache."""
-        return self.cache.pop(name) if name in self.cache else self._read(name)
+    def take(self, name: str, raw: bool = False) -> torch.Tensor:
+        """The tensor for its last use (merging): a cached copy is handed over and dropped from the cache.
+        raw: in the checkpoint's own dtype when not cached (still checked), for a merge that converts it."""
+        return self.cache.pop(name) if name in self.cache else self._read(name, raw)
 
-    def _read(self, name: str) -> torch.Tensor:
+    def _read(self, name: str, raw: bool = False) -> torch.Tensor:
         x = self.ckpt.get(name)
         if not x.is_floating_point():
             return x
-        if name in self.checked:
-            return as_float(x)
-        x = checked_float(x, self.label, name)
-        self.checked.add(name)
-        return x
+        if name not in self.checked:
+            if not all_finite(x):
+                raise OtfuseError(f"{self.label}: tensor {name} contains NaN or Inf")
+            self.checked.add(name)
+        return x if raw else as_float(x)
 
 
 def unit_slices(x: torch.Tensor, entry: Entry, size: int) -> torch.Tensor:
