@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -148,8 +149,38 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{output[-3000:]}")
-    return {"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_gib": usage.ru_maxrss / 2**20, "peak_anon_gib": peak_anon / 2**20}
+    wall = time.perf_counter() - start
+    record = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gib": usage.ru_maxrss / 2**20,
+              "peak_anon_gib": peak_anon / 2**20}
+    profile = phase_profile(output, wall)
+    return {**record, "phases_s": profile} if profile else record
+
+
+STEP = re.compile(r"^\s+(?P<task>[a-z ]+): (?P<detail>\S+).*\s(?P<seconds>[0-9.]+) s$")
+
+
+def phase_profile(output: str, wall: float) -> dict[str, float]:
+    """Wall seconds per phase from `otfuse --verbose` step lines ("  aligning: 3.ffn (...)  12.3 s"): alignment
+    by task and space kind (residual, heads, ffn), merging (which includes writing, one stream), and the rest
+    (start-up, headers, input hashes, the output's load-back); in parentheses, the alignment's seconds again,
+    split by step (features and cross terms, costs, solver)."""
+    phases: dict[str, float] = {}
+    for line in output.splitlines():
+        if line.startswith("  alignment: "):  # the same seconds split by step: features, costs, solver
+            for part in line.removeprefix("  alignment: ").split(", "):
+                step, seconds = part.rsplit(" ", 2)[:2]
+                phases[f"(alignment: {step})"] = float(seconds)
+            continue
+        m = STEP.match(line)
+        if m is None or m["detail"] == "model":  # "refining: model 1 converged": a marker, not a step
+            continue
+        kind = "" if m["task"] == "merging" else " " + m["detail"].rsplit(".", 1)[-1]
+        key = f"{m['task']}{kind}"
+        phases[key] = phases.get(key, 0.0) + float(m["seconds"])
+    if phases:
+        phases["other (start-up, headers, hashes, load-back)"] = wall - sum(
+            v for k, v in phases.items() if not k.startswith("("))
+    return phases
 
 
 IO_FLOOR = """
@@ -182,7 +213,7 @@ def routes(a: Path, b: Path, work: Path, mergekit: bool, otfuse_args: list[str])
     weights = f"otfuse fuse (weights, {' '.join(otfuse_args) or 'exact'})"
     out = {"I/O floor (read both, write one)": [sys.executable, "-c", IO_FLOOR, str(a), str(b), str(work / "io")],
            "otfuse fuse --align none": otfuse + ["--align", "none", "-o", str(work / "avg")],
-           weights: otfuse + [*otfuse_args, "-o", str(work / "ot")]}
+           weights: [*otfuse[:3], "--verbose", *otfuse[3:], *otfuse_args, "-o", str(work / "ot")]}  # phase times
     if mergekit:
         config = work / "mergekit.yml"
         config.write_text(f"merge_method: linear\ndtype: bfloat16\nmodels:\n  - model: {a}\n    parameters:\n"
@@ -216,9 +247,11 @@ def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str]) -> d
 
 def recovery(size: str, root: Path, otfuse_args: list[str]) -> dict:
     """Fuse a float32 random model with a hidden, independently permuted copy of itself (+1% noise): the fused
-    model's logits must match the plain average of the model and its unpermuted noisy copy."""
+    model's logits must match the plain average of the model and its unpermuted noisy copy. Held at once: the
+    noisy copy and its permutation (2 x the model in float32); the model itself stays memory-mapped."""
     sys.path.insert(0, str(HERE.parent / "tests"))
     from oracle_permute import permute_llama
+    from safetensors import safe_open
     from transformers import AutoConfig, LlamaForCausalLM
 
     import otfuse_cli as otf
@@ -227,33 +260,52 @@ def recovery(size: str, root: Path, otfuse_args: list[str]) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     a = write_random_llama(work / "a", SHAPES[size], seed=0, dtype=torch.float32)
     config = AutoConfig.from_pretrained(a)
-    model = LlamaForCausalLM.from_pretrained(a, dtype=torch.float32).eval()
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = {k: f.get_tensor(k) for shard in sorted(a.glob("*.safetensors"))
+          for f in [safe_open(str(shard), "pt")] for k in f.keys()}
     gen = torch.Generator().manual_seed(1)
     noisy = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=gen) for k, v in sd.items()}
     (work / "b").mkdir()
     shutil.copy(a / "config.json", work / "b" / "config.json")
-    save_file({k: v.contiguous() for k, v in permute_llama(noisy, config, torch.Generator().manual_seed(2)).items()},
-              work / "b" / "model.safetensors", metadata={"format": "pt"})
-    del model
+    _save_sharded(permute_llama(noisy, config, torch.Generator().manual_seed(2)), work / "b")
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "otfuse_cli", "fuse", str(a), str(work / "b"), "-o", str(work / "fused"),
                     *otfuse_args], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
     seconds = time.perf_counter() - t
-    otf.fuse([str(a), str(work / "b")], str(work / "vanilla"), options=otf.AlignOptions(align="none"))
     ids = torch.randint(0, config.vocab_size, (2, 32), generator=gen)
+    with torch.no_grad():
+        average = {k: (sd[k] + noisy.pop(k)) / 2 for k in list(sd)}
+        plain = LlamaForCausalLM(config)  # rotary buffers are built, not loaded: the model is made, then filled
+        plain.load_state_dict(average)
+        del average
+        ref = plain.eval()(ids).logits
+        del plain
+    otf.fuse([str(a), str(work / "b")], str(work / "vanilla"), options=otf.AlignOptions(align="none"))
     errors = {}
     with torch.no_grad():
-        plain = LlamaForCausalLM(config).eval()
-        plain.load_state_dict({k: (sd[k] + noisy[k]) / 2 for k in sd})
-        ref = plain(ids).logits
-        del plain
         for name in ("fused", "vanilla"):  # vanilla: shows the permutation was really hidden
             out = LlamaForCausalLM.from_pretrained(work / name, dtype=torch.float32).eval()(ids).logits
             errors[name] = float((out - ref).norm() / ref.norm())
     shutil.rmtree(work)
     return {"size": size, "options": otfuse_args, "fuse_s": seconds, "relative_logit_error": errors["fused"],
             "vanilla_relative_logit_error": errors["vanilla"]}
+
+
+def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """tensors as SHARD_BYTES shards + index, each shard dropped from memory once saved."""
+    names, groups, size = list(tensors), [[]], 0
+    for name in names:
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if groups[-1] and size + nbytes > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    weight_map = {}
+    for i, group in enumerate(groups, 1):
+        file = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: tensors.pop(k).contiguous() for k in group}, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, file))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def table(records: list[dict]) -> str:

@@ -269,7 +269,7 @@ def align(
     if options.align != "weights":
         refuse_unused(given, ("--sketch",), "it sketches weight features (--align weights)")
     if dry_run:
-        return print_plan_of_work(models, anchor, allow_config_mismatch, options, None, json_out)
+        return print_plan_of_work(models, anchor, allow_config_mismatch, options, False, json_out)
 
     with report.Progress(enabled=not json_out) as progress:
         result = align_models(models, output, options=options, data=data, anchor=anchor, force=force,
@@ -328,7 +328,7 @@ def fuse(
         refuse_unused(given, ("--regmean-alpha",), "it is read by --merge regmean")
     if dry_run:
         return print_plan_of_work(models, anchor, allow_config_mismatch, options if not plan else
-                                  replace(options, align="none"), write.max_shard_size, json_out)
+                                  replace(options, align="none"), True, json_out)
     command_options = {"models": models, "seed": data.seed, "device": data.device,
                        "max_shard_size": write.max_shard_size, "activation": data.activation}
     with report.Progress(enabled=not json_out) as progress:
@@ -346,12 +346,12 @@ def fuse(
 
 
 def print_plan_of_work(models: list[str], anchor: int, allow_config_mismatch: bool, options: AlignOptions,
-                       max_shard_size, json_out: bool) -> None:
-    """--dry-run; max_shard_size None: no model is written (align)."""
+                       merges: bool, json_out: bool) -> None:
+    """--dry-run; merges False: no model is written (align)."""
     from otfuse_cli.pipeline import open_parents
     from otfuse_cli.workplan import plan_of_work
 
-    doc = plan_of_work(open_parents(models, anchor, allow_config_mismatch), options, max_shard_size)
+    doc = plan_of_work(open_parents(models, anchor, allow_config_mismatch), options, merges)
     if json_out:
         report.print_json(doc)
     else:

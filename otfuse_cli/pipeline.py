@@ -100,7 +100,7 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
     if options.align == "none":  # vanilla merging: every parent taken in its own basis
         return [{} for _ in parents.ckpts]
     from otfuse_cli.arch.transformers import alignment_note
-    from otfuse_cli.report import note_line, start
+    from otfuse_cli.report import note_line, start, timing_line
 
     anchor_spec = parents.specs[parents.anchor]
     if note := alignment_note(anchor_spec.family):
@@ -115,6 +115,7 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
     first = start(on_space, "aligning", spaces * len(others))
     refine = None  # created once the provider says whether it refines
     plans: list[dict[str, Plan]] = []
+    timings: dict[str, float] = {}
     for k, spec in enumerate(parents.specs):
         if k == parents.anchor:
             plans.append({})
@@ -133,9 +134,10 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
         plans.append(align_pair(anchor_spec, spec, provider, options,
                                 (lambda name, k=k: first.advance(detail=f"{name} ({width[name]} wide, model {k})"))
                                 if tracked
-                                else on_space, refined if refine is not None else None))
+                                else on_space, refined if refine is not None else None, timings))
         if refine is not None and solves[0] < spaces * sweeps:  # converged early: the rest is not needed
             refine.advance(spaces * sweeps - solves[0], detail=f"model {k} converged")
+    timing_line("alignment: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in timings.items()))
     anchor_src.__dict__.pop("_activations", None)  # the anchor's recorded activations: not needed to merge
     return plans
 

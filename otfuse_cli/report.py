@@ -70,6 +70,13 @@ def note_line(message: str) -> None:
         sys.stderr.flush()
 
 
+def timing_line(message: str) -> None:
+    """With --verbose: where the time of a step went, one line on stderr."""
+    if Verbosity.verbose and not Verbosity.quiet:
+        sys.stderr.write("  " + message + "\n")
+        sys.stderr.flush()
+
+
 def human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -233,14 +240,13 @@ class Task:
 
     def __init__(self, owner: "Progress", task_id, name: str):
         self.owner, self.id, self.name = owner, task_id, name
-        self.last = time.perf_counter()
 
     def advance(self, n: int = 1, detail: str = "") -> None:
         self.owner.bars.update(self.id, advance=n, description=escape(detail))
         now = time.perf_counter()
         if self.owner.verbose and detail:  # timed log lines stay in the scrollback (and in CI logs)
-            self.owner.bars.console.print(f"  {escape(self.name)}: {escape(detail)}  {now - self.last:.2f} s")
-        self.last = now
+            self.owner.bars.console.print(f"  {escape(self.name)}: {escape(detail)}  {now - self.owner.last:.2f} s")
+        self.owner.last = now  # steps run one after another, whichever task they belong to
 
     def set_total(self, total: int | None) -> None:
         self.owner.bars.update(self.id, total=total)
@@ -268,6 +274,7 @@ class Progress:
                          TextColumn("{task.description}"), console=err_console,
                          disable=not shown, transient=True)
         self.spaces: Task | None = None
+        self.last = time.perf_counter()  # when the previous step ended: a step's time is up to its advance
 
     def __enter__(self):
         self.bars.__enter__()
@@ -280,6 +287,7 @@ class Progress:
         return next(i for i, t in enumerate(self.bars.tasks) if t.id == task_id)
 
     def task(self, name: str, total: int | None = None) -> Task:
+        self.last = time.perf_counter()  # a new task's first step starts now: what came before was another job
         return Task(self, self.bars.add_task("", total=total, name=escape(name)), name)
 
     def __call__(self, space: str) -> None:

@@ -6,14 +6,13 @@ of the machine.
 The estimates follow the code's own paths (alignment/cost.py, weights.py, fusion.py): plain features are
 folded into a float64 cross term entry by entry, head channels are kept whole, one float64 cost per space
 is live at a time plus its reduced copy for the solver, small checkpoints are cached as float32, and the
-output is buffered one shard at a time. benchmarks/scale.py measures the real peaks beside them."""
+output is written tensor by tensor. benchmarks/scale.py measures the real peaks beside them."""
 
 from __future__ import annotations
 
 import math
 
 from otfuse_cli.alignment.weights import CACHE_LIMIT, float32_bytes
-from otfuse_cli.checkpoint import parse_size
 from otfuse_cli.options import AlignOptions
 
 F32, F64 = 4, 8
@@ -48,9 +47,9 @@ def space_work(anchor_ckpt, anchor_space, parent_space, sweeps: int, sketch: int
             "cost_gflops": flops / 1e9, "live_bytes": live}
 
 
-def plan_of_work(parents, options: AlignOptions, max_shard_size: int | str | None) -> dict:
+def plan_of_work(parents, options: AlignOptions, merges: bool) -> dict:
     """Spaces, work and memory of fusing `parents` (pipeline.Parents) with `options`, from headers only.
-    max_shard_size: the output's shard size, or None when no model is written (`align`)."""
+    merges: whether a model is merged and written (`fuse`), or only plans (`align`)."""
     anchor = parents.anchor
     ckpt = parents.ckpts[anchor]
     spec = parents.specs[anchor]
@@ -64,8 +63,9 @@ def plan_of_work(parents, options: AlignOptions, max_shard_size: int | str | Non
     params = f32[anchor] // F32
     largest = max((_numel(ckpt, name) for name in ckpt.keys()), default=0)
     cache = sum(b for b in f32 if b <= CACHE_LIMIT) if spaces else 0
-    merge_live = 0 if max_shard_size is None else \
-        min(parse_size(max_shard_size), sizes[anchor]) + F32 * largest * (len(parents.ckpts) + 1)
+    # merging streams tensor by tensor: each parent's moved copy of the largest tensor (its own dtype, at most
+    # float32) and the output tensor; the writer holds nothing once a tensor is written
+    merge_live = 0 if not merges else F32 * largest * (len(parents.ckpts) + 1)
     align_live = max((s["live_bytes"] for s in spaces), default=0)
     total_flops = sum(s["cost_gflops"] * s["solves"] for s in spaces) * len(others)
     return {"family": spec.family, "models": len(parents.ckpts), "anchor": anchor, "align": options.align,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -41,14 +42,25 @@ def refinement_sweeps(provider, options: AlignOptions) -> int:
 
 def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
                on_space: Callable[[str], None] | None = None,
-               on_refine: Callable[[str], None] | None = None) -> dict[str, Plan]:
+               on_refine: Callable[[str], None] | None = None,
+               timings: dict[str, float] | None = None) -> dict[str, Plan]:
     """Plans mapping `parent` onto `anchor`, one per space, by name. on_space(name) follows each space's
-    first solve, on_refine(name) each re-solve during refinement (for progress reporting)."""
+    first solve, on_refine(name) each re-solve during refinement (for progress reporting). timings, when
+    given, accumulates wall seconds per step (kept out of the plans' stats, which plan files store)."""
     plans: dict[str, Plan] = {}
+    timings = {} if timings is None else timings
+    clock = [time.perf_counter()]
+
+    def lap(step: str) -> None:
+        now = time.perf_counter()
+        timings[step] = timings.get(step, 0.0) + now - clock[0]
+        clock[0] = now
 
     def solve_space(k: int, first_pass: bool) -> Plan:
         sa, sp = anchor.spaces[k], parent.spaces[k]
+        clock[0] = time.perf_counter()
         pair = provider.features(k, plans, first_pass)
+        lap("features and cross terms")
         fp, fa = pair.parent, pair.anchor
         if pair.empty():
             if sp.size != sa.size:
@@ -57,7 +69,10 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
         cost, inner = unit_cost(fp, fa, options.metric, sa.fixed_inner, folded=pair.folded())
         a = marginal(fp, sp.size, options.marginals)
         b = marginal(fa, sa.size, options.marginals)
-        plan, info = solve(normalize(cost, options.cost_norm), a, b, options.solver, options.reg)
+        cost_n = normalize(cost, options.cost_norm)
+        lap("costs")
+        plan, info = solve(cost_n, a, b, options.solver, options.reg)
+        lap("solver")
         stats = plan_stats(cost, plan, info)
         if plan.ndim == 1:
             return Plan(index=torch.from_numpy(plan), inner=inner, stats=stats)
