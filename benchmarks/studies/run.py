@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE))
 from common import DEFAULT_DATA, bar_plot, table  # noqa: E402
 
 STUDIES = {"languages": "languages", "vision": "vision", "shards": "shards", "federated": "federated",
+           "federated_pretrained": "federated_pretrained",
            "translation": "translation", "translation_domains": "translation_domains"}
 
 
