@@ -112,7 +112,9 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
     tracked = hasattr(on_space, "task")
     on_batch = _batch_counter(start(on_space, "activations"), len(parents.ckpts)) \
         if tracked and options.align == "activations" else None
-    first = start(on_space, "aligning", spaces * len(others))
+    work = space_estimates(parents, options) if tracked else None  # bars and ETAs move by estimated work
+    per_pass = sum(work.values()) * len(others) if work else None
+    first = start(on_space, "aligning", spaces * len(others), per_pass)
     refine = None  # created once the provider says whether it refines
     plans: list[dict[str, Plan]] = []
     timings: dict[str, float] = {}
@@ -123,23 +125,41 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
         provider = feature_provider(options, data, anchor_spec, spec, anchor_src, parents.source(k), on_batch)
         sweeps = refinement_sweeps(provider, options)
         if tracked and sweeps and refine is None:
-            refine = start(on_space, "refining", spaces * sweeps * len(others))
+            refine = start(on_space, "refining", spaces * sweeps * len(others), per_pass and per_pass * sweeps)
         solves = [0]
 
         def refined(name: str, k=k) -> None:
             solves[0] += 1
             refine.advance(detail=f"{name} ({width[name]} wide, model {k}, sweep "
-                                  f"{(solves[0] - 1) // spaces + 1}/{sweeps})")
+                                  f"{(solves[0] - 1) // spaces + 1}/{sweeps})", work=work and work[name])
 
         plans.append(align_pair(anchor_spec, spec, provider, options,
-                                (lambda name, k=k: first.advance(detail=f"{name} ({width[name]} wide, model {k})"))
+                                (lambda name, k=k: first.advance(detail=f"{name} ({width[name]} wide, model {k})",
+                                                                 work=work and work[name]))
                                 if tracked
                                 else on_space, refined if refine is not None else None, timings))
         if refine is not None and solves[0] < spaces * sweeps:  # converged early: the rest is not needed
-            refine.advance(spaces * sweeps - solves[0], detail=f"model {k} converged")
+            left = spaces * sweeps - solves[0]
+            refine.advance(left, detail=f"model {k} converged", work=work and sum(work.values()) * left / spaces)
     timing_line("alignment: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in timings.items()))
     anchor_src.__dict__.pop("_activations", None)  # the anchor's recorded activations: not needed to merge
     return plans
+
+
+def space_estimates(parents: Parents, options: AlignOptions) -> dict[str, float] | None:
+    """Each space's estimated work per solve (cost products + solver, GFLOP-equivalents; workplan.py) for weights
+    alignment, whose costs follow from the headers; None for activations (their work is in the batches)."""
+    if options.align != "weights":
+        return None
+    from otfuse_cli.workplan import space_work
+
+    anchor = parents.anchor
+    other = next(k for k in range(len(parents.specs)) if k != anchor)
+    work = {}
+    for sa, sp in zip(parents.specs[anchor].spaces, parents.specs[other].spaces):
+        w = space_work(parents.ckpts[anchor], sa, sp, 0, options.sketch, options.solver)
+        work[sa.name] = w["cost_gflops"] + w["solve_gflops"] + 1e-6  # never zero
+    return work
 
 
 def _batch_counter(task, models: int) -> Callable[[str, int, int], None]:

@@ -208,16 +208,18 @@ def alignment_table(rows: list[dict], title: str) -> Table:
 def workplan_table(doc: dict) -> Table:
     """`--dry-run`: one row per space (widths, feature columns, cost work, solves), totals in the title."""
     title = (f"plan of work: {doc['models']} {doc['family']} models, {human_count(doc['parameters'])} parameters "
-             f"each, {human_bytes(doc['read_bytes'])} to read; cost {doc['cost_gflops']:.1f} GFLOP; "
+             f"each, {human_bytes(doc['read_bytes'])} to read; cost {doc['cost_gflops']:.1f} GFLOP, solver about "
+             f"{doc['solve_gflops']:.0f} GFLOP-equivalent; "
              f"working memory about {human_bytes(doc['peak_bytes_estimate'])} beyond the Python runtime")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for col in ("space", "kind", "width", "features", "head features", "GFLOP / solve", "solves"):
+    for col in ("space", "kind", "width", "features", "head features", "GFLOP / solve", "solver", "solves"):
         table.add_column(col, justify="left" if col in ("space", "kind") else "right", overflow="fold")
     for r in doc["spaces"]:
         n, m = r["width"]
         heads = f"{human_count(r['head_features'])} x {r['head_dim']}" if r["head_features"] else "-"
         table.add_row(escape(r["space"]), r["kind"], f"{n}→{m}" if n != m else str(n),
-                      human_count(r["plain_features"]), heads, f"{r['cost_gflops']:.2f}", f"≤ {r['solves']}")
+                      human_count(r["plain_features"]), heads, f"{r['cost_gflops']:.2f}",
+                      f"{r['solve_gflops']:.2f}", f"≤ {r['solves']}")
     return table
 
 
@@ -236,25 +238,37 @@ def set_verbosity(quiet: bool = False, verbose: bool = False) -> None:
 
 
 class Task:
-    """One progress line: `advance` after each unit of work; `set_total` once the size is known."""
+    """One progress line: `advance` after each unit of work; `set_total` once the size is known. A task made
+    with `work` (the estimated cost of all its steps) moves its bar and ETA by each step's share of that work,
+    while the count still shows steps: at scale one residual space can cost as much as the thirty FFN spaces
+    after it, and an ETA by step count would be wrong by that much."""
 
-    def __init__(self, owner: "Progress", task_id, name: str):
-        self.owner, self.id, self.name = owner, task_id, name
+    def __init__(self, owner: "Progress", task_id, name: str, steps: int | None, weighted: bool):
+        self.owner, self.id, self.name, self.steps, self.weighted, self.count = \
+            owner, task_id, name, steps, weighted, 0
 
-    def advance(self, n: int = 1, detail: str = "") -> None:
-        self.owner.bars.update(self.id, advance=n, description=escape(detail))
+    def advance(self, n: int = 1, detail: str = "", work: float | None = None) -> None:
+        self.count += n
+        self.owner.bars.update(self.id, advance=work if self.weighted and work is not None else n,
+                               description=escape(detail), steps=self._steps())
         now = time.perf_counter()
         if self.owner.verbose and detail:  # timed log lines stay in the scrollback (and in CI logs)
             self.owner.bars.console.print(f"  {escape(self.name)}: {escape(detail)}  {now - self.owner.last:.2f} s")
         self.owner.last = now  # steps run one after another, whichever task they belong to
 
     def set_total(self, total: int | None) -> None:
-        self.owner.bars.update(self.id, total=total)
+        self.steps = total
+        self.owner.bars.update(self.id, steps=self._steps(), **({} if self.weighted else {"total": total}))
 
     def finish(self, detail: str = "") -> None:
         """Mark the rest done (refinement converged before its last sweep)."""
         task = self.owner.bars.tasks[self.owner.index(self.id)]
-        self.owner.bars.update(self.id, completed=task.total or task.completed, description=escape(detail))
+        self.count = self.steps or self.count
+        self.owner.bars.update(self.id, completed=task.total or task.completed, description=escape(detail),
+                               steps=self._steps())
+
+    def _steps(self) -> str:
+        return f"{self.count}/{self.steps if self.steps is not None else '?'}"
 
 
 class Progress:
@@ -264,12 +278,11 @@ class Progress:
     Also callable as the library's `on_space(name)` callback, so code that only knows that still works."""
 
     def __init__(self, enabled: bool = True):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import BarColumn, Progress as Bars, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.verbose = enabled and Verbosity.verbose and not Verbosity.quiet
         shown = enabled and not Verbosity.quiet and err_console.is_terminal
-        self.bars = Bars(TextColumn("[bold]{task.fields[name]}[/]"), BarColumn(bar_width=20), MofNCompleteColumn(),
+        self.bars = Bars(TextColumn("[bold]{task.fields[name]}[/]"), BarColumn(bar_width=20), TextColumn("{task.fields[steps]}"),
                          TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                          TextColumn("{task.description}"), console=err_console,
                          disable=not shown, transient=True)
@@ -286,9 +299,12 @@ class Progress:
     def index(self, task_id) -> int:
         return next(i for i, t in enumerate(self.bars.tasks) if t.id == task_id)
 
-    def task(self, name: str, total: int | None = None) -> Task:
+    def task(self, name: str, total: int | None = None, work: float | None = None) -> Task:
+        """A task of `total` steps; with `work`, its bar and ETA follow each step's estimated work instead."""
         self.last = time.perf_counter()  # a new task's first step starts now: what came before was another job
-        return Task(self, self.bars.add_task("", total=total, name=escape(name)), name)
+        steps = f"0/{total if total is not None else '?'}"
+        task_id = self.bars.add_task("", total=work if work else total, name=escape(name), steps=steps)
+        return Task(self, task_id, name, total, bool(work))
 
     def __call__(self, space: str) -> None:
         """Plain on_space callers (no totals known): one count per space."""
@@ -300,7 +316,7 @@ class Progress:
 class NoTask:
     """What library code advances when its caller passed no progress: does nothing."""
 
-    def advance(self, n: int = 1, detail: str = "") -> None:
+    def advance(self, n: int = 1, detail: str = "", work: float | None = None) -> None:
         pass
 
     def set_total(self, total: int | None) -> None:
@@ -320,10 +336,10 @@ def counted(items, progress, name: str, total: int):
         bar.advance(detail=key)
 
 
-def start(progress, name: str, total: int | None = None) -> Task | NoTask:
-    """progress.task(name, total), or a no-op task for library callers that passed none (or a plain
+def start(progress, name: str, total: int | None = None, work: float | None = None) -> Task | NoTask:
+    """progress.task(name, total, work), or a no-op task for library callers that passed none (or a plain
     on_space function)."""
-    return progress.task(name, total) if hasattr(progress, "task") else NoTask()
+    return progress.task(name, total, work) if hasattr(progress, "task") else NoTask()
 
 
 def compress_table(result: dict):

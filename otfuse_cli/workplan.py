@@ -22,9 +22,21 @@ def _numel(ckpt, name: str) -> int:
     return math.prod(ckpt.shape(name)) if name in ckpt else 0
 
 
-def space_work(anchor_ckpt, anchor_space, parent_space, sweeps: int, sketch: int | None = None) -> dict:
-    """One space: widths, feature columns per unit (plain and per head dim), cost FLOPs per solve, and the
-    float64 bytes its cost step holds at once."""
+# A solve's work in GFLOP-equivalents (what the cost products of the same run time would compute), measured on
+# the 2-core benchmark machine: lapjvs needs about 3.1 x n·m·min(n, m) on costs between independent models
+# (3.06 s at n = 5,632 against float32 products at 182 GFLOP/s); POT's log-domain Sinkhorn about 2e4 x n·m
+# (its usual thousand iterations of two float64 log-sum-exps).
+SOLVE_WORK = {"exact": lambda n, m: 3.1 * n * m * min(n, m), "sinkhorn": lambda n, m: 2e4 * n * m}
+
+
+def solve_gflops(n: int, m: int, solver: str) -> float:
+    return SOLVE_WORK[solver](n, m) / 1e9
+
+
+def space_work(anchor_ckpt, anchor_space, parent_space, sweeps: int, sketch: int | None = None,
+               solver: str = "exact") -> dict:
+    """One space: widths, feature columns per unit (plain and per head dim), cost FLOPs and the solver's
+    work per solve, and the float64 bytes its cost step holds at once."""
     n, m = parent_space.size, anchor_space.size
     plain = heads = 0
     largest = 0
@@ -44,7 +56,7 @@ def space_work(anchor_ckpt, anchor_space, parent_space, sweeps: int, sketch: int
     live = F64 * (4 * n * m + (n * d) * (m * d) * (2 if heads else 0)) + (2 * F64 + F32) * largest
     return {"space": anchor_space.name, "kind": anchor_space.kind, "width": [n, m], "plain_features": plain,
             "head_features": heads, "head_dim": d if heads else 0, "solves": 1 + sweeps,
-            "cost_gflops": flops / 1e9, "live_bytes": live}
+            "cost_gflops": flops / 1e9, "solve_gflops": solve_gflops(n, m, solver), "live_bytes": live}
 
 
 def plan_of_work(parents, options: AlignOptions, merges: bool) -> dict:
@@ -57,7 +69,8 @@ def plan_of_work(parents, options: AlignOptions, merges: bool) -> dict:
     sweeps = options.sweeps if options.align == "weights" else 0
     pairs = zip(spec.spaces, parents.specs[others[0]].spaces)
     sketch = options.sketch if options.align == "weights" else None
-    spaces = [] if options.align == "none" else [space_work(ckpt, sa, sp, sweeps, sketch) for sa, sp in pairs]
+    spaces = [] if options.align == "none" else [space_work(ckpt, sa, sp, sweeps, sketch, options.solver)
+                                                 for sa, sp in pairs]
     sizes = [c.size_on_disk() for c in parents.ckpts]
     f32 = [float32_bytes(c) for c in parents.ckpts]
     params = f32[anchor] // F32
@@ -68,7 +81,8 @@ def plan_of_work(parents, options: AlignOptions, merges: bool) -> dict:
     merge_live = 0 if not merges else F32 * largest * (len(parents.ckpts) + 1)
     align_live = max((s["live_bytes"] for s in spaces), default=0)
     total_flops = sum(s["cost_gflops"] * s["solves"] for s in spaces) * len(others)
+    total_solves = sum(s["solve_gflops"] * s["solves"] for s in spaces) * len(others)
     return {"family": spec.family, "models": len(parents.ckpts), "anchor": anchor, "align": options.align,
             "parameters": params, "read_bytes": sum(sizes), "most_solves_per_space": 1 + sweeps if spaces else 0,
-            "cost_gflops": total_flops, "peak_bytes_estimate": cache + max(align_live, merge_live),
+            "cost_gflops": total_flops, "solve_gflops": total_solves, "peak_bytes_estimate": cache + max(align_live, merge_live),
             "float32_cache_bytes": cache, "spaces": spaces}

@@ -60,8 +60,10 @@ def test_fuse_progress_has_totals_on_a_terminal(tty_stderr, tmp_path):
         fuse([str(BERT_A), str(BERT_B)], str(tmp_path / "f"), on_space=progress)
         tasks = {t.fields["name"]: t for t in progress.bars.tasks}
     # first pass: every space of the one parent; refinement: spaces x default sweeps (5 for exact plans)
-    assert tasks["aligning"].total == spaces and tasks["aligning"].completed == spaces
-    assert tasks["refining"].total == spaces * 5 and tasks["refining"].completed == spaces * 5
+    # the counts are steps; the bars move by each space's estimated work, so they end full, not at a count
+    for name, steps in (("aligning", spaces), ("refining", spaces * 5)):
+        assert tasks[name].fields["steps"] == f"{steps}/{steps}"
+        assert tasks[name].completed == pytest.approx(tasks[name].total)
     tensors = len(load_file(BERT_A / "model.safetensors"))  # merging and writing: one count per tensor
     assert tasks["merging"].total == tensors and tasks["merging"].completed == tensors
     out = tty_stderr.getvalue()
@@ -162,3 +164,15 @@ def test_terminal_table_at_80_columns_keeps_words_whole():
     assert "…" not in text
     for word in ("assignment", "sinkhorn", "residual", "768→384", "1.23e+05", "4.24e-05", "±6e-09"):
         assert word in text, word
+
+
+def test_a_weighted_task_counts_steps_but_moves_by_work(tty_stderr):
+    """One step carrying 90% of the estimated work fills 90% of the bar (and drives the ETA) while the count
+    says 1 of 2 steps."""
+    with report.Progress() as progress:
+        task = progress.task("aligning", 2, work=10.0)
+        task.advance(detail="residual", work=9.0)
+        (state,) = progress.bars.tasks
+        assert state.completed == 9.0 and state.total == 10.0 and state.fields["steps"] == "1/2"
+        task.advance(detail="0.ffn", work=1.0)
+        assert state.completed == 10.0 and state.fields["steps"] == "2/2"
