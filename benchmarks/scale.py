@@ -325,13 +325,16 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="where the random pairs go (default: a temp dir)")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--recovery", action="store_true", help="also check hidden-permutation recovery per size")
+    ap.add_argument("--recovery-only", action="store_true", help="only the recovery check, no routes")
     ap.add_argument("--otfuse-args", default="", help="extra options for the weights route, e.g. '--refine 1'")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--save", action="store_true", help="write benchmarks/scale.json")
     args = ap.parse_args()
     root = args.work or Path(tempfile.mkdtemp(prefix="otfuse-scale-"))
-    records = [run_size(s, root, not args.no_mergekit, args.otfuse_args.split()) for s in args.sizes]
-    checks = [recovery(s, root, args.otfuse_args.split()) for s in args.sizes] if args.recovery else []
+    records = [] if args.recovery_only else \
+        [run_size(s, root, not args.no_mergekit, args.otfuse_args.split()) for s in args.sizes]
+    checks = [recovery(s, root, args.otfuse_args.split()) for s in args.sizes] \
+        if args.recovery or args.recovery_only else []
     doc = {"sizes": records, "recovery": checks, "otfuse_args": args.otfuse_args, "cpus": os.cpu_count()}
     if args.save:
         (HERE / "scale.json").write_text(json.dumps(doc, indent=1) + "\n")
