@@ -22,11 +22,11 @@ def _numel(ckpt, name: str) -> int:
     return math.prod(ckpt.shape(name)) if name in ckpt else 0
 
 
-# A solve's work in GFLOP-equivalents (what the cost products of the same run time would compute), measured on
-# the 2-core benchmark machine: lapjvs needs about 3.1 x n·m·min(n, m) on costs between independent models
-# (3.06 s at n = 5,632 against float32 products at 182 GFLOP/s); POT's log-domain Sinkhorn about 2e4 x n·m
-# (its usual thousand iterations of two float64 log-sum-exps).
-SOLVE_WORK = {"exact": lambda n, m: 3.1 * n * m * min(n, m), "sinkhorn": lambda n, m: 2e4 * n * m}
+# A solve's work in GFLOP-equivalents (what float32 products, 182 GFLOP/s on the 2-core benchmark machine,
+# compute in the same time). lapjvs on costs between independent random Llamas took 3.06 s at n = 5,632 (3.1 x
+# n·m·min(n, m)) and 8.5 s at n = 11,008 with sketched costs (1.2 x): 2 x is the estimate. POT's log-domain
+# Sinkhorn: about 2e4 x n·m (its usual thousand iterations of two float64 log-sum-exps).
+SOLVE_WORK = {"exact": lambda n, m: 2.0 * n * m * min(n, m), "sinkhorn": lambda n, m: 2e4 * n * m}
 
 
 def solve_gflops(n: int, m: int, solver: str) -> float:

@@ -104,16 +104,14 @@ class FeaturePair:
             self.sketches[0].index_add_(1, bucket, x.double() * sign)
             self.sketches[1].index_add_(1, bucket, y.double() * sign)
         else:
-            cross = (x @ y.T).double()
-            if not bool(torch.isfinite(cross).all()):  # float32 overflow on extreme (finite) weights
-                cross = x.double() @ y.double().T
+            cross = cross_term(x, y)
             self.dot = cross if self.dot is None else self.dot.add_(cross)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(cross term, parent squared norms, anchor squared norms) of the folded entries, or None."""
         if self.sketches is not None:
             xs, ys = self.sketches
-            return xs @ ys.T, (xs * xs).sum(1), (ys * ys).sum(1)
+            return cross_term(xs.float(), ys.float()), (xs * xs).sum(1), (ys * ys).sum(1)
         if self.dot is None:
             return None
         return self.dot, self.parent.folded[2], self.anchor.folded[2]
@@ -130,10 +128,22 @@ def _hash(entry, columns: int, buckets: int) -> tuple[torch.Tensor, torch.Tensor
     return bucket, sign
 
 
+def cross_term(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ yᵀ over the last axis as float64, computed as a float32 product (twice float64's speed; float64
+    inputs stay float64), and again in float64 where extreme but finite weights overflow float32."""
+    if torch.float64 in (x.dtype, y.dtype):
+        return x.double() @ y.double().transpose(-1, -2)
+    cross = (x.float() @ y.float().transpose(-1, -2)).double()
+    if not bool(torch.isfinite(cross).all()):
+        cross = x.double() @ y.double().transpose(-1, -2)
+    return cross
+
+
 def pairwise(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
-    """Cost between rows of x (..., n, D) and rows of y (..., m, D)."""
-    x, y = x.double(), y.double()
-    return METRICS[metric](x @ y.transpose(-1, -2), (x * x).sum(-1), (y * y).sum(-1))
+    """Cost between rows of x (..., n, D) and rows of y (..., m, D): the cross term as cross_term(), the
+    squared norms summed in float64."""
+    norm = lambda z: torch.linalg.vector_norm(z, dim=-1, dtype=torch.float64) ** 2  # noqa: E731
+    return METRICS[metric](cross_term(x, y), norm(x), norm(y))
 
 
 def plain_cost(parent: Features, anchor: Features, metric: str, folded: tuple | None = None) -> torch.Tensor:
