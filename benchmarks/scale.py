@@ -186,6 +186,7 @@ def phase_profile(output: str, wall: float) -> dict[str, float]:
 IO_FLOOR = """
 import sys
 from pathlib import Path
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 a, b, out = map(Path, sys.argv[1:4])
@@ -194,7 +195,8 @@ for shard in sorted(a.glob('*.safetensors')):
     tensors = {}
     with safe_open(shard, 'pt') as fa, safe_open(b / shard.name, 'pt') as fb:
         for name in fa.keys():
-            x, y = fa.get_tensor(name), fb.get_tensor(name)  # both read from disk
+            x, y = fa.get_tensor(name), fb.get_tensor(name)  # memory-mapped: nothing read yet
+            y.view(-1).view(torch.uint8)[::4096].sum()  # every page of y read (x is read by the writer)
             tensors[name] = x
     save_file(tensors, out / shard.name)
 """
@@ -222,7 +224,7 @@ def routes(a: Path, b: Path, work: Path, mergekit: bool, otfuse_args: list[str])
     return out
 
 
-def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str]) -> dict:
+def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str], only: list[str] | None = None) -> dict:
     shape = SHAPES[size]
     a, b = root / size / "a", root / size / "b"
     t = time.perf_counter()
@@ -232,13 +234,15 @@ def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str]) -> d
     record = {"size": size, "shape": dict(zip(("hidden", "layers", "heads", "kv_heads", "ffn", "vocab"), shape)),
               "model_gib": folder_bytes(a) / 2**30, "build_s": time.perf_counter() - t, "routes": {}}
     for name, cmd in routes(a, b, root / size, mergekit, otfuse_args).items():
+        if only and not any(word in name for word in only):
+            continue
         for stale in ("io", "avg", "ot", "mergekit"):
             shutil.rmtree(root / size / stale, ignore_errors=True)
         record["routes"][name] = measure(cmd, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
         print(f"  {size} {name}: {record['routes'][name]}", file=sys.stderr, flush=True)
-    floor = record["routes"]["I/O floor (read both, write one)"]
+    floor = record["routes"].get("I/O floor (read both, write one)")
     for r in record["routes"].values():
-        r["cpu_vs_floor"] = r["cpu_s"] / floor["cpu_s"]
+        r["cpu_vs_floor"] = r["cpu_s"] / floor["cpu_s"] if floor else float("nan")
         r["rss_vs_model"] = r["peak_rss_gib"] / record["model_gib"]
     return record
 
@@ -326,13 +330,15 @@ def main() -> None:
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--recovery", action="store_true", help="also check hidden-permutation recovery per size")
     ap.add_argument("--recovery-only", action="store_true", help="only the recovery check, no routes")
+    ap.add_argument("--only", nargs="+", default=None, metavar="WORDS",
+                    help="run only the routes whose names contain one of these words (e.g. floor, none)")
     ap.add_argument("--otfuse-args", default="", help="extra options for the weights route, e.g. '--refine 1'")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--save", action="store_true", help="write benchmarks/scale.json")
     args = ap.parse_args()
     root = args.work or Path(tempfile.mkdtemp(prefix="otfuse-scale-"))
     records = [] if args.recovery_only else \
-        [run_size(s, root, not args.no_mergekit, args.otfuse_args.split()) for s in args.sizes]
+        [run_size(s, root, not args.no_mergekit, args.otfuse_args.split(), args.only) for s in args.sizes]
     checks = [recovery(s, root, args.otfuse_args.split()) for s in args.sizes] \
         if args.recovery or args.recovery_only else []
     doc = {"sizes": records, "recovery": checks, "otfuse_args": args.otfuse_args, "cpus": os.cpu_count()}
