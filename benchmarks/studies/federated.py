@@ -116,20 +116,30 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         routes = fusion_routes(list(models.values()), root, val_mix, [files[(n, "train")] for n in PARTIES])
         cost["fusion (all routes)"] = time.perf_counter() - start
         paths = {**models, **routes, "multi-task (union of the data)": save_model(joint, root / "joint", tok)}
-        record = {}
-        for n in (*PARTIES, UNSEEN):
-            col = f"{n} (unseen)" if n == UNSEEN else n
-            for name, acc in score(paths, files[(n, "test")], ensemble=tuple(range(len(PARTIES)))).items():
-                record[f"{name}|{col}"] = acc
-        for name in list(paths) + ["ensemble"]:
-            record[f"{name}|in-domain mean"] = sum(record[f"{name}|{n}"] for n in PARTIES) / len(PARTIES)
-        runs.append(record)
+        runs.append(domain_scores(paths, files))
         timing.append(cost)
+    return result("federated", runs, timing, lr, choice, scale, data)
+
+
+def domain_scores(paths: dict, files: dict) -> dict[str, float]:
+    """One seed's record: every model (the parties' ensemble too) on each domain's test split and the unseen
+    NYT snippets, plus the in-domain mean."""
+    record = {}
+    for n in (*PARTIES, UNSEEN):
+        col = f"{n} (unseen)" if n == UNSEEN else n
+        for name, acc in score(paths, files[(n, "test")], ensemble=tuple(range(len(PARTIES)))).items():
+            record[f"{name}|{col}"] = acc
+    for name in list(paths) + ["ensemble"]:
+        record[f"{name}|in-domain mean"] = sum(record[f"{name}|{n}"] for n in PARTIES) / len(PARTIES)
+    return record
+
+
+def result(study: str, runs: list, timing: list, lr: float, choice: dict, scale: TextScale, data: dict) -> dict:
     rows = [f"{n} party" for n in PARTIES] + ["ensemble", "vanilla average", "OT weights (exact)",
                                               "OT weights (sinkhorn)", "OT activations", "RegMean", "OT + RegMean",
                                               "multi-task (union of the data)"]
-    return {"study": "federated", "runs": runs, "rows": rows,
+    return {"study": study, "runs": runs, "rows": rows,
             "columns": [*PARTIES, "in-domain mean", f"{UNSEEN} (unseen)"], "timing": timing, "lr": lr,
             "lr_validation": {str(k): v for k, v in choice.items()}, "scale": scale.__dict__,
-            "sizes": {n: {p: len(v) for p, v in d.items()} for n, d in split.items()},
+            "sizes": {n: {p: len(v) for p, v in d.items()} for n, d in data["split"].items()},
             "dropped_near_duplicates": data["dropped_near_duplicates"]}

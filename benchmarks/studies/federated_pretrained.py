@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 
 from common import TextScale, fetch_wheel, fit_text, fusion_routes, save_model, score, write_jsonl
-from federated import LABELS, PARTIES, UNSEEN, load
+from federated import LABELS, PARTIES, domain_scores, load, result
 
 FULL = TextScale(hidden=384, layers=6, heads=12, ffn=1536, vocab=30522, max_length=48, epochs=1.0,
                  lrs=(3e-5, 1e-4), batch=16, limit=1500)
@@ -99,20 +99,6 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         routes = fusion_routes(list(models.values()), root, val_mix, [files[(n, "train")] for n in PARTIES])
         cost["fusion (all routes)"] = time.perf_counter() - start
         paths = {**models, **routes, "multi-task (union of the data)": save_model(joint, root / "joint", tok)}
-        record = {}
-        for n in (*PARTIES, UNSEEN):
-            col = f"{n} (unseen)" if n == UNSEEN else n
-            for name, acc in score(paths, files[(n, "test")], ensemble=tuple(range(len(PARTIES)))).items():
-                record[f"{name}|{col}"] = acc
-        for name in list(paths) + ["ensemble"]:
-            record[f"{name}|in-domain mean"] = sum(record[f"{name}|{n}"] for n in PARTIES) / len(PARTIES)
-        runs.append(record)
+        runs.append(domain_scores(paths, files))
         timing.append(cost)
-    rows = [f"{n} party" for n in PARTIES] + ["ensemble", "vanilla average", "OT weights (exact)",
-                                              "OT weights (sinkhorn)", "OT activations", "RegMean", "OT + RegMean",
-                                              "multi-task (union of the data)"]
-    return {"study": "federated_pretrained", "runs": runs, "rows": rows,
-            "columns": [*PARTIES, "in-domain mean", f"{UNSEEN} (unseen)"], "timing": timing, "lr": lr,
-            "lr_validation": {str(k): v for k, v in choice.items()}, "scale": scale.__dict__,
-            "sizes": {n: {p: len(v) for p, v in d.items()} for n, d in split.items()},
-            "dropped_near_duplicates": data["dropped_near_duplicates"]}
+    return result("federated_pretrained", runs, timing, lr, choice, scale, data)
