@@ -5,8 +5,9 @@ pre-trained model share its basis, so there may be little for OT to align, and m
 what the paper found to work.
 
 Scaled to fit 45 minutes on 2 cores (a MiniLM training step costs about 0.4 s here): at most 1,500 training
-texts per party, one epoch, texts cut at 48 tokens, 400 test texts per domain (the whole NYT set, 536), the
-learning rate chosen on validation (seed 0) from two candidates, the chosen rate's seed-0 models reused.
+texts per party, one epoch, texts cut at 48 tokens, 400 test and at most 400 validation texts per domain (NYT
+included), the learning rate chosen on validation (seed 0) from two candidates, the chosen rate's seed-0 models
+reused.
 Smoke mode keeps one of MiniLM's six layers.
 """
 
