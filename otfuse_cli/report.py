@@ -339,7 +339,10 @@ def counted(items, progress, name: str, total: int):
 def start(progress, name: str, total: int | None = None, work: float | None = None) -> Task | NoTask:
     """progress.task(name, total, work), or a no-op task for library callers that passed none (or a plain
     on_space function)."""
-    return progress.task(name, total, work) if hasattr(progress, "task") else NoTask()
+    if not hasattr(progress, "task"):
+        return NoTask()
+    # a caller's own progress object may predate `work`: it is passed only when there is some
+    return progress.task(name, total) if work is None else progress.task(name, total, work)
 
 
 def compress_table(result: dict):

@@ -31,8 +31,7 @@ def test_head_cost_is_cdist_of_every_head_pair(metric):
     assert got.shape == (3, 5, 4, 4)
     for u in range(3):
         for v in range(5):
-            # the cross term is a float32 product (norms in float64): float32's precision, not float64's
-            np.testing.assert_allclose(got[u, v], cdist(xp[u], xa[v], metric), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(got[u, v], cdist(xp[u], xa[v], metric), rtol=1e-10, atol=1e-10)
 
 
 def test_head_cost_memory_stays_near_its_output():
