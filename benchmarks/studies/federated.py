@@ -111,14 +111,18 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
             model, _, cost[f"{n} party"] = fit_text(scale, tok, LABELS, split[n]["train"], seed + 1000 * i, lr)
             models[f"{n} party"] = save_model(model, root / key[n], tok)
         joint, _, cost["multi-task (union of the data)"] = fit_text(scale, tok, LABELS, union, seed + 9000, lr)
-        start = time.perf_counter()
-        # activation alignment on public inputs: the parties' validation texts; RegMean: each party's own Grams
-        routes = fusion_routes(list(models.values()), root, val_mix, [files[(n, "train")] for n in PARTIES])
-        cost["fusion (all routes)"] = time.perf_counter() - start
-        paths = {**models, **routes, "multi-task (union of the data)": save_model(joint, root / "joint", tok)}
-        runs.append(domain_scores(paths, files))
+        runs.append(fuse_and_score(models, save_model(joint, root / "joint", tok), root, val_mix, files, cost))
         timing.append(cost)
     return result("federated", runs, timing, lr, choice, scale, data)
+
+
+def fuse_and_score(models: dict, joint: Path, root: Path, val_mix: str, files: dict, cost: dict) -> dict[str, float]:
+    """Every fusion route of the parties' models (timed into cost), then domain_scores of all of them."""
+    start = time.perf_counter()
+    # activation alignment on public inputs: the parties' validation texts; RegMean: each party's own Grams
+    routes = fusion_routes(list(models.values()), root, val_mix, [files[(n, "train")] for n in PARTIES])
+    cost["fusion (all routes)"] = time.perf_counter() - start
+    return domain_scores({**models, **routes, "multi-task (union of the data)": joint}, files)
 
 
 def domain_scores(paths: dict, files: dict) -> dict[str, float]:

@@ -17,8 +17,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from common import TextScale, fetch_wheel, fit_text, fusion_routes, save_model, score, write_jsonl
-from federated import LABELS, PARTIES, domain_scores, load, result
+from common import TextScale, fetch_wheel, fit_text, save_model, score, write_jsonl
+from federated import LABELS, PARTIES, fuse_and_score, load, result
 
 FULL = TextScale(hidden=384, layers=6, heads=12, ffn=1536, vocab=30522, max_length=48, epochs=1.0,
                  lrs=(3e-5, 1e-4), batch=16, limit=1500)
@@ -96,10 +96,6 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         start = time.perf_counter()
         joint, _, _ = fit_text(scale, tok, LABELS, union, seed + 9000, lr, model=child(folder, scale, seed + 9000))
         cost["multi-task (union of the data)"] = time.perf_counter() - start
-        start = time.perf_counter()
-        routes = fusion_routes(list(models.values()), root, val_mix, [files[(n, "train")] for n in PARTIES])
-        cost["fusion (all routes)"] = time.perf_counter() - start
-        paths = {**models, **routes, "multi-task (union of the data)": save_model(joint, root / "joint", tok)}
-        runs.append(domain_scores(paths, files))
+        runs.append(fuse_and_score(models, save_model(joint, root / "joint", tok), root, val_mix, files, cost))
         timing.append(cost)
     return result("federated_pretrained", runs, timing, lr, choice, scale, data)
