@@ -68,35 +68,44 @@ def write_random_llama(folder: Path, shape, seed: int, dtype=torch.bfloat16) -> 
                 intermediate_size=ffn, vocab_size=vocab, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
                 torch_dtype=str(dtype).removeprefix("torch.")).save_pretrained(folder)
     gen = torch.Generator().manual_seed(seed)
+
+    def tensors():
+        for name, dims in llama_tensors(shape):
+            if len(dims) == 1:  # RMSNorm gains near 1, so they matter to the cost without dominating it
+                yield name, (1 + 0.1 * torch.randn(dims, generator=gen)).to(dtype)
+            else:
+                yield name, (torch.randn(dims, generator=gen) * 0.02).to(dtype)
+
+    save_sharded(tensors(), folder)
+    return folder
+
+
+def save_sharded(items, folder: Path) -> None:
+    """(name, tensor) items as SHARD_BYTES shards + index, each shard written and dropped as soon as it is full
+    (never the whole model in memory)."""
     shards, shard, size = [], {}, 0
 
-    def flush():  # keeps only the names and sizes: the tensors go as soon as their shard is written
+    def flush():  # keeps only the names and sizes
         nonlocal shard, size
         shards.append({k: t.numel() * t.element_size() for k, t in shard.items()})
         save_file(shard, folder / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})
         shard, size = {}, 0
 
-    for name, dims in llama_tensors(shape):
-        if len(dims) == 1:  # RMSNorm gains near 1, so they matter to the cost without dominating it
-            x = 1 + 0.1 * torch.randn(dims, generator=gen)
-        else:
-            x = torch.randn(dims, generator=gen) * 0.02
-        shard[name] = x.to(dtype)
-        size += shard[name].numel() * shard[name].element_size()
+    for name, x in items:
+        shard[name] = x.contiguous()
+        size += x.numel() * x.element_size()
         if size >= SHARD_BYTES:
             flush()
     if shard:
         flush()
-    count = len(shards)
     weight_map = {}
     for i, tensors in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{count:05d}.safetensors"
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         (folder / f"part-{i}.safetensors").rename(folder / name)
         weight_map.update({k: name for k in tensors})
     total = sum(nbytes for s in shards for nbytes in s.values())
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    return folder
 
 
 def folder_bytes(folder: Path) -> int:
@@ -270,7 +279,8 @@ def recovery(size: str, root: Path, otfuse_args: list[str]) -> dict:
     noisy = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=gen) for k, v in sd.items()}
     (work / "b").mkdir()
     shutil.copy(a / "config.json", work / "b" / "config.json")
-    _save_sharded(permute_llama(noisy, config, torch.Generator().manual_seed(2)), work / "b")
+    permuted = permute_llama(noisy, config, torch.Generator().manual_seed(2))
+    save_sharded(((k, permuted.pop(k)) for k in list(permuted)), work / "b")
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "otfuse_cli", "fuse", str(a), str(work / "b"), "-o", str(work / "fused"),
                     *otfuse_args], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
@@ -292,24 +302,6 @@ def recovery(size: str, root: Path, otfuse_args: list[str]) -> dict:
     shutil.rmtree(work)
     return {"size": size, "options": otfuse_args, "fuse_s": seconds, "relative_logit_error": errors["fused"],
             "vanilla_relative_logit_error": errors["vanilla"]}
-
-
-def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    """tensors as SHARD_BYTES shards + index, each shard dropped from memory once saved."""
-    names, groups, size = list(tensors), [[]], 0
-    for name in names:
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if groups[-1] and size + nbytes > SHARD_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    weight_map = {}
-    for i, group in enumerate(groups, 1):
-        file = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        save_file({k: tensors.pop(k).contiguous() for k in group}, folder / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(group, file))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def table(records: list[dict]) -> str:

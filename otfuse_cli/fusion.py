@@ -53,8 +53,8 @@ def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[
     movers = [Transporter(parents.specs[anchor], s) for s in parents.specs]
     rule = MERGES[merge.merge]
     ckpt = parents.ckpts[anchor]
-    for name in ckpt.keys():
-        if not ckpt.dtype(name).is_floating_point:  # integer buffers (num_batches_tracked) stay the anchor's
+    for name, dtype, shape in fused_layout(ckpt, write):
+        if not dtype.is_floating_point:  # integer buffers (num_batches_tracked) stay the anchor's
             yield name, ckpt.get(name)
             continue
         aligned = []
@@ -62,15 +62,14 @@ def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[
             x = parents.source(k).take(name, raw=rule.elementwise)  # an elementwise rule converts block by block
             if k != anchor:
                 x = movers[k].move(name, x, plans[k])
-            if tuple(x.shape) != ckpt.shape(name):
+            if tuple(x.shape) != shape:
                 raise OtfuseError(f"{parents.label(k)}: {name} has shape {tuple(x.shape)}, anchor "
-                                  f"{ckpt.shape(name)}; align the parents to fuse different widths")
+                                  f"{shape}; align the parents to fuse different widths")
             aligned.append(x)
         extra = None
         if rule.needs:
             extra = [_statistic(rule, parents, movers, plans, stats, name, k) for k in range(len(aligned))]
             extra = None if any(e is None for e in extra) else extra
-        dtype = output_dtype(ckpt.dtype(name), write)
         if rule.elementwise:
             yield name, _blockwise(rule, name, aligned, weights, extra, merge.regmean_alpha, dtype)
         else:
@@ -80,8 +79,8 @@ def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[
 def fused_layout(ckpt, write: OutputOptions) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """(name, dtype, shape) of every tensor fused_tensors yields, known from the anchor's header before any
     weight is read: the writer lays the shards out from it and writes each tensor as it comes."""
-    return [(name, output_dtype(ckpt.dtype(name), write) if ckpt.dtype(name).is_floating_point else ckpt.dtype(name),
-             ckpt.shape(name)) for name in ckpt.keys()]
+    return [(name, output_dtype(ckpt.dtype(name), write) if ckpt.dtype(name).is_floating_point
+             else ckpt.dtype(name), ckpt.shape(name)) for name in ckpt.keys()]
 
 
 # Elements per block of an elementwise merge. Its float32 temporaries (4 MiB) are reused from the allocator's

@@ -282,9 +282,9 @@ class Progress:
 
         self.verbose = enabled and Verbosity.verbose and not Verbosity.quiet
         shown = enabled and not Verbosity.quiet and err_console.is_terminal
-        self.bars = Bars(TextColumn("[bold]{task.fields[name]}[/]"), BarColumn(bar_width=20), TextColumn("{task.fields[steps]}"),
-                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                         TextColumn("{task.description}"), console=err_console,
+        self.bars = Bars(TextColumn("[bold]{task.fields[name]}[/]"), BarColumn(bar_width=20),
+                         TextColumn("{task.fields[steps]}"), TimeElapsedColumn(), TextColumn("eta"),
+                         TimeRemainingColumn(), TextColumn("{task.description}"), console=err_console,
                          disable=not shown, transient=True)
         self.spaces: Task | None = None
         self.last = time.perf_counter()  # when the previous step ended: a step's time is up to its advance

@@ -84,5 +84,6 @@ def plan_of_work(parents, options: AlignOptions, merges: bool) -> dict:
     total_solves = sum(s["solve_gflops"] * s["solves"] for s in spaces) * len(others)
     return {"family": spec.family, "models": len(parents.ckpts), "anchor": anchor, "align": options.align,
             "parameters": params, "read_bytes": sum(sizes), "most_solves_per_space": 1 + sweeps if spaces else 0,
-            "cost_gflops": total_flops, "solve_gflops": total_solves, "peak_bytes_estimate": cache + max(align_live, merge_live),
+            "cost_gflops": total_flops, "solve_gflops": total_solves,
+            "peak_bytes_estimate": cache + max(align_live, merge_live),
             "float32_cache_bytes": cache, "spaces": spaces}

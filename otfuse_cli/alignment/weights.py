@@ -28,11 +28,15 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def checked_float(x: torch.Tensor, label: str, name: str) -> torch.Tensor:
-    """float32 copy of a floating tensor (float64 stays float64), refusing NaN/Inf so they are reported,
-    not propagated."""
+def check_finite(x: torch.Tensor, label: str, name: str) -> None:
+    """Refuse NaN/Inf so they are reported, not propagated."""
     if not all_finite(x):
         raise OtfuseError(f"{label}: tensor {name} contains NaN or Inf")
+
+
+def checked_float(x: torch.Tensor, label: str, name: str) -> torch.Tensor:
+    """float32 copy of a floating tensor (float64 stays float64), refusing NaN/Inf."""
+    check_finite(x, label, name)
     return as_float(x)
 
 
@@ -73,8 +77,7 @@ class TensorSource:
         if not x.is_floating_point():
             return x
         if name not in self.checked:
-            if not all_finite(x):
-                raise OtfuseError(f"{self.label}: tensor {name} contains NaN or Inf")
+            check_finite(x, self.label, name)
             self.checked.add(name)
         return x if raw else as_float(x)
 

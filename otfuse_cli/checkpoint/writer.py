@@ -148,18 +148,14 @@ def _layout(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: d
     first, then by name (as safetensors does): every tensor stays aligned and the order is fixed."""
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
     offsets, offset = {}, 0
-    for name, dtype, shape in sorted(entries, key=lambda e: (-_itemsize(e[1]), e[0])):
-        nbytes = math.prod(shape) * _itemsize(dtype)
+    for name, dtype, shape in sorted(entries, key=lambda e: (-e[1].itemsize, e[0])):
+        nbytes = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offsets[name] = offset
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # pad so the data section starts 8-byte aligned
     return struct.pack("<Q", len(raw)) + raw, offsets
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _write_safetensors(file: Path, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
@@ -543,7 +539,7 @@ def _write_planned_shards(tmp: Path, items: Iterable, metadata: dict[str, str], 
     groups: list[list] = []
     size = 0
     for entry in planned:
-        nbytes = math.prod(entry[2]) * _itemsize(entry[1])
+        nbytes = math.prod(entry[2]) * entry[1].itemsize
         if not groups or (groups[-1] and max_shard_size is not None and size + nbytes > max_shard_size):
             groups.append([])
             size = 0
@@ -565,7 +561,7 @@ def _write_planned_shards(tmp: Path, items: Iterable, metadata: dict[str, str], 
             del t  # freed before the next one is made
     if single is not None:
         return files
-    _write_index(tmp, files, [[(name, math.prod(shape) * _itemsize(dtype)) for name, dtype, shape in group]
+    _write_index(tmp, files, [[(name, math.prod(shape) * dtype.itemsize) for name, dtype, shape in group]
                               for group in groups])
     return files
 
