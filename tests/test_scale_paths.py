@@ -16,9 +16,15 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
 from conftest import REPO, cli
-from otfuse_cli.alignment.cost import _channel_dims
+from otfuse_cli.alignment.cost import Features, _dims, channel_grams
 from otfuse_cli.alignment.solvers import assignment
 from otfuse_cli.alignment.transport import Plan
+
+
+def head_dims(xs, ys, metric):
+    """The head cost of one channel whose entries are xs and ys, each (units, dims, features)."""
+    grams = channel_grams(Features(channels={"h": xs}), Features(channels={"h": ys}))
+    return _dims(grams[("channel", "h")], metric)
 
 
 @pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
@@ -26,7 +32,7 @@ def test_head_cost_is_cdist_of_every_head_pair(metric):
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 2, generator=g)]  # 3 heads of 4 dims, two entries
     ys = [torch.randn(5, 4, 5, generator=g), torch.randn(5, 4, 2, generator=g)]
-    got = _channel_dims(xs, ys, metric).numpy()
+    got = head_dims(xs, ys, metric).numpy()
     xp, xa = torch.cat(xs, -1).double().numpy(), torch.cat(ys, -1).double().numpy()
     assert got.shape == (3, 5, 4, 4)
     for u in range(3):
@@ -39,10 +45,10 @@ def test_head_cost_memory_stays_near_its_output():
     2 x 1.07 GB; one matrix product needs two 17 MB inputs and a 34 MB result."""
     code = textwrap.dedent("""
         import resource, torch
-        from otfuse_cli.alignment.cost import _channel_dims
-        x, y = [torch.randn(32, 64, 1024)], [torch.randn(32, 64, 1024)]
+        from otfuse_cli.alignment.cost import Features, _dims, channel_grams
+        x, y = Features(channels={"h": [torch.randn(32, 64, 1024)]}), Features(channels={"h": [torch.randn(32, 64, 1024)]})
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out = _channel_dims(x, y, "sqeuclidean")
+        out = _dims(channel_grams(x, y)[("channel", "h")], "sqeuclidean")
         assert out.shape == (32, 32, 64, 64)
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
     """)

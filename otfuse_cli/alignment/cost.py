@@ -86,11 +86,22 @@ class FeaturePair:
         self.parent, self.anchor, self.fold, self.sketch, self.l1 = Features(), Features(), fold, sketch, l1
         self.dot: torch.Tensor | None = None  # (n, m) float64: sum of folded entries' x @ y.T
         self.sketches: list[torch.Tensor] | None = None  # [(n, D), (m, D)] float64 with sketch
+        self.grams: dict[tuple[str, str], tuple] = {}  # head channels with fold: see channel_grams
 
     def add(self, ep, xp: torch.Tensor, ea, xa: torch.Tensor) -> None:
-        if not (self.fold and not ep.group and ep.inner == 1):
+        """xp, xa: (units, rep, inner, D) slices of one entry. Adding the same entries again with more
+        columns (activation rows batch by batch) accumulates: every statistic kept is a sum over columns."""
+        if not self.fold:
             self.parent.add(ep, xp)
             self.anchor.add(ea, xa)
+            return
+        if ep.group or ep.inner > 1:  # head channels: the gram of every dim against every dim is enough
+            self.parent.fold(xp.reshape(len(xp), -1), self.l1)
+            self.anchor.fold(xa.reshape(len(xa), -1), self.l1)
+            key, (x, inner), (y, _) = _channel_key(ep), _channel_rows(ep, xp), _channel_rows(ea, xa)
+            g = gram(x, y)
+            old = self.grams.get(key)
+            self.grams[key] = (*g, inner) if old is None else (*(a.add_(b) for a, b in zip(old, g)), inner)
             return
         dtype = torch.float64 if torch.float64 in (xp.dtype, xa.dtype) else torch.float32
         x, y = xp.reshape(len(xp), -1).to(dtype), xa.reshape(len(xa), -1).to(dtype)
@@ -120,6 +131,39 @@ class FeaturePair:
         return self.parent.empty()
 
 
+def _channel_key(entry) -> tuple[str, str]:
+    return ("grouped" if entry.group else "channel", entry.channel)
+
+
+def _channel_rows(entry, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(units, rep, inner, D) -> one row per within-unit dim, and the per-unit shape of those rows: (G, d)
+    when the entry's group map may reorder its rep blocks, else (d,) with the rep blocks side by side."""
+    n, rep, inner, cols = x.shape
+    if entry.group:
+        return x.reshape(n * rep * inner, cols), (rep, inner)
+    return x.transpose(1, 2).reshape(n * inner, rep * cols), (inner,)
+
+
+def gram(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x @ yᵀ, |x|², |y|²) over the last axis: what a metric needs. Float64: head costs of activations have
+    large norms, and a float32 cross term left matched heads a cost of 1e-3 where float64 gives 0
+    (tests/test_activations.py, MiniLM recovery)."""
+    x, y = x.double(), y.double()
+    return x @ y.transpose(-1, -2), (x * x).sum(-1), (y * y).sum(-1)
+
+
+def channel_grams(parent: Features, anchor: Features) -> dict[tuple[str, str], tuple]:
+    """{("channel" or "grouped", channel): (dot, |x|², |y|², per-unit shape)} of features kept whole."""
+    grams = {}
+    for kind, xs_of, ys_of in (("channel", parent.channels, anchor.channels),
+                               ("grouped", parent.grouped, anchor.grouped)):
+        for channel, xs in xs_of.items():
+            x, y = torch.cat(xs, -1), torch.cat(ys_of[channel], -1)  # (n, d, D) or (n, G, d, D)
+            inner = tuple(x.shape[1:-1])
+            grams[(kind, channel)] = (*gram(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])), inner)
+    return grams
+
+
 def _hash(entry, columns: int, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The CountSketch of one entry's columns: a bucket and a sign per column, the same for every model."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{entry.tensor}|{entry.axis}|{entry.start}".encode()))
@@ -139,38 +183,31 @@ def cross_term(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return cross
 
 
-def pairwise(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
-    """Cost between rows of x (..., n, D) and rows of y (..., m, D), in float64: head costs of activations
-    have large norms, and a float32 cross term left matched heads a cost of 1e-3 where float64 gives 0
-    (tests/test_activations.py, MiniLM recovery)."""
-    x, y = x.double(), y.double()
-    return METRICS[metric](x @ y.transpose(-1, -2), (x * x).sum(-1), (y * y).sum(-1))
-
-
 def plain_cost(parent: Features, anchor: Features, metric: str, folded: tuple | None = None) -> torch.Tensor:
-    """pairwise() over the concatenation of the plain entries (the folded ones as FeaturePair.folded()'s cross
+    """The metric over the concatenation of the plain entries (the folded ones as FeaturePair.folded()'s cross
     term and norms), accumulated one entry at a time in float64."""
     dot, nx, ny = folded if folded is not None else (0, 0, 0)
     for x, y in zip(parent.plain, anchor.plain):
-        x, y = x.double(), y.double()
-        dot = dot + x @ y.T
-        nx, ny = nx + (x * x).sum(1), ny + (y * y).sum(1)
+        g = gram(x, y)
+        dot, nx, ny = dot + g[0], nx + g[1], ny + g[2]
     return METRICS[metric](dot, nx, ny)
 
 
 def unit_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tuple[str, ...] = (),
-              group: str = "query", folded: tuple | None = None):
+              group: str = "query", folded: tuple | None = None, grams: dict | None = None):
     """(cost (n, m) numpy, inner maps {channel or group: (n, m, d) LongTensor}). folded: the plain entries a
-    FeaturePair folded (FeaturePair.folded())."""
+    FeaturePair folded (FeaturePair.folded()); grams: its head channels (FeaturePair.grams), added to those
+    of the features kept whole."""
     cost = None
     if parent.plain or folded is not None:
         cost = plain_cost(parent, anchor, metric, folded)
+    grams = {**channel_grams(parent, anchor), **(grams or {})}
     inner = {}
-    if parent.grouped:
-        c, inner = grouped_cost(parent, anchor, metric, fixed_inner, group)
+    if any(kind == "grouped" for kind, _ in grams):
+        c, inner = grouped_cost(grams, metric, fixed_inner, group)
         return (c if cost is None else cost + c).cpu().numpy(), inner
-    for channel, xs in parent.channels.items():
-        dims = _channel_dims(xs, anchor.channels[channel], metric)  # (n, m, d, d)
+    for (_, channel), g in grams.items():
+        dims = _dims(g, metric)  # (n, m, d, d)
         n, m, d = dims.shape[:3]
         if channel in fixed_inner:  # e.g. RoPE pairs: within-head order must stay
             c = dims.diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -187,37 +224,29 @@ def unit_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tupl
     return cost.cpu().numpy(), inner
 
 
-def _channel_dims(xs: list[torch.Tensor], ys: list[torch.Tensor], metric: str) -> torch.Tensor:
-    """(n, m, d, d): cost of parent unit u's dim i against anchor unit v's dim j. One (n·d, D) x (D, m·d)
-    product: broadcasting (n, 1, d, D) against (1, m, d, D) would copy both sides n·m times (35 GB per
-    attention layer at 32 KV heads)."""
-    xp, xa = torch.cat(xs, -1), torch.cat(ys, -1)  # (n, d, D), (m, d, D)
-    n, d, _ = xp.shape
-    m = xa.shape[0]
-    flat = pairwise(xp.reshape(n * d, -1), xa.reshape(m * d, -1), metric)
-    return flat.reshape(n, d, m, d).transpose(1, 2)
+def _dims(g: tuple, metric: str) -> torch.Tensor:
+    """A channel's gram (channel_grams) as the cost of parent unit u's dim i against anchor unit v's dim j:
+    (n, m, d, d), or (n, m, G, G, d, d) with rep blocks. From one (n·d, D) x (D, m·d) product: broadcasting
+    (n, 1, d, D) against (1, m, d, D) would copy both sides n·m times (35 GB per attention layer at 32 KV
+    heads)."""
+    dot, nx, ny, inner = g
+    size = int(np.prod(inner))
+    n, m = len(nx) // size, len(ny) // size
+    flat = METRICS[metric](dot, nx, ny)
+    if len(inner) == 1:
+        return flat.reshape(n, size, m, size).transpose(1, 2)
+    reps, d = inner
+    return flat.reshape(n, reps, d, m, reps, d).permute(0, 3, 1, 4, 2, 5)
 
 
-def _grouped_dims(xs: list[torch.Tensor], ys: list[torch.Tensor], metric: str) -> torch.Tensor:
-    """(n, m, G, G, d, d): cost of parent unit u's rep g, dim i against anchor unit v's rep h, dim j."""
-    xp, xa = torch.cat(xs, -1), torch.cat(ys, -1)  # (n, G, d, D), (m, G, d, D)
-    n, g, d, _ = xp.shape
-    m = xa.shape[0]
-    flat = pairwise(xp.reshape(n * g * d, -1), xa.reshape(m * g * d, -1), metric)
-    return flat.reshape(n, g, d, m, g, d).permute(0, 3, 1, 4, 2, 5)
-
-
-def grouped_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tuple[str, ...], group: str,
-                 rounds: int = 10):
+def grouped_cost(grams: dict, metric: str, fixed_inner: tuple[str, ...], group: str, rounds: int = 10):
     """Head cost when the rep blocks of a unit (the query heads of a KV group) may be reordered as well as
     the dims inside each head. For every unit pair, alternate: the dim maps given the rep order, then the
     rep order given the dim maps (each an exact assignment), until neither changes. The dim maps start from
     the entries without reps (K for q/k, V for v/o), which do not depend on the rep order."""
-    channels = sorted(set(parent.channels) | set(parent.grouped))
-    single = {c: _channel_dims(parent.channels[c], anchor.channels[c], metric) for c in channels
-              if c in parent.channels}
-    multi = {c: _grouped_dims(parent.grouped[c], anchor.grouped[c], metric) for c in channels
-             if c in parent.grouped}
+    channels = sorted({c for _, c in grams})
+    single = {c: _dims(g, metric) for (kind, c), g in grams.items() if kind == "channel"}
+    multi = {c: _dims(g, metric) for (kind, c), g in grams.items() if kind == "grouped"}
     some = next(iter(multi.values()))
     n, m, g, _, d, _ = some.shape
     eye_g, eye_d = np.arange(g), np.arange(d)

@@ -66,7 +66,7 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
             if sp.size != sa.size:
                 raise OtfuseError(f"space {sa.name!r} has no features to align widths {sp.size} and {sa.size}")
             return Plan.identity(sa.size)
-        cost, inner = unit_cost(fp, fa, options.metric, sa.fixed_inner, folded=pair.folded())
+        cost, inner = unit_cost(fp, fa, options.metric, sa.fixed_inner, folded=pair.folded(), grams=pair.grams)
         a = marginal(fp, sp.size, options.marginals)
         b = marginal(fa, sa.size, options.marginals)
         cost_n = normalize(cost, options.cost_norm)
