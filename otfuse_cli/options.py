@@ -101,8 +101,8 @@ class DataOptions(Options):
     samples: int = option(256, "--samples", "Number of sample inputs.", minimum=1)
     seed: int = option(0, "--seed", "Seed for sampling inputs and tokens (and compress's clustering).", minimum=0,
                       maximum=2**63 - 1)
-    max_tokens: int = option(4096, "--max-tokens", "Cap on activation rows (tokens/positions) kept per space.",
-                             minimum=1)
+    max_tokens: int = option(4096, "--max-tokens", "Activation rows (tokens/positions) per module that enter "
+                             "the costs (the standardisation reads every row).", minimum=1)
     standardize: str | None = option(None, "--standardize", "Activation standardisation before matching "
                                      "(default: per family, measured; none to compress).", STANDARDIZE)
     activation: str | None = option(None, "--activation", "Nonlinearity of bare MLP/CNN/ResNet state dicts.",

@@ -110,7 +110,7 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
     spaces = len(anchor_spec.spaces)
     width = {space.name: space.size for space in anchor_spec.spaces}  # shown with each space: where time goes
     tracked = hasattr(on_space, "task")
-    on_batch = _batch_counter(start(on_space, "activations"), len(parents.ckpts)) \
+    on_batch = _batch_counter(start(on_space, "activations"), len(parents.ckpts) - 1) \
         if tracked and options.align == "activations" else None
     work = space_estimates(parents, options) if tracked else None  # bars and ETAs move by estimated work
     per_pass = sum(work.values()) * len(others) if work else None
@@ -162,16 +162,18 @@ def space_estimates(parents: Parents, options: AlignOptions) -> dict[str, float]
     return work
 
 
-def _batch_counter(task, models: int) -> Callable[[str, int, int], None]:
-    """on_batch(model, done, batches) for activation collection -> one task of batches x models (every model
-    runs the same batches, so the first report gives the whole total)."""
-    done: dict[str, int] = {}
+def _batch_counter(task, parents: int) -> Callable[[str, int, int], None]:
+    """on_batch(detail, done, total) of each parent's activation provider (its forward passes: done of
+    total) -> one task over all of them; parents not yet started are counted like the current one."""
+    state = {"base": 0, "last": 0, "started": 0}
 
-    def on_batch(model: str, finished: int, batches: int) -> None:
-        if not done:
-            task.set_total(batches * models)
-        step, done[model] = finished - done.get(model, 0), finished
-        task.advance(step, detail=f"{model.split(' (')[0]} {finished}/{batches}")
+    def on_batch(detail: str, done: int, total: int) -> None:
+        if done == 1:  # the next provider's first forward pass
+            state["base"] += state["last"]
+            state["started"] += 1
+        state["last"] = total
+        task.set_total(state["base"] + total * (parents - state["started"] + 1))
+        task.advance(1, detail=detail)
     return on_batch
 
 

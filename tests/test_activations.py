@@ -100,33 +100,96 @@ def test_real_minilm_recovers_by_activations_on_real_sentences(tmp_path):
     assert meta["data"]["samples"] == 256 and len(meta["data"]["sha256"]) == 64
 
 
-def test_collection_memory_is_bounded_by_max_tokens(tmp_path):
-    """A model whose full activations would be large never holds more than max_tokens rows plus one batch
-    per producer while collecting, and keeps exactly max_tokens."""
+def _space_of(spec, tensor: str) -> int:
+    """The space a tensor's outputs are in."""
+    return next(k for k, space in enumerate(spec.spaces)
+                if any(e.tensor == tensor and e.role == "out" for e in space.entries))
+
+
+def _costs(feats, spec) -> list:
+    from otfuse_cli.alignment.cost import unit_cost
+
+    out = []
+    for k in range(len(spec.spaces)):
+        pair = feats.features(k, {}, True)
+        out.append(None if pair.empty() else
+                   unit_cost(pair.parent, pair.anchor, "sqeuclidean", folded=pair.folded(), grams=pair.grams)[0])
+    return out
+
+
+def test_activation_cost_is_the_closed_form_over_every_token(tmp_path):
+    """With every token kept, an FFN space's cost is the squared distance between the units' z-scored
+    activations over all tokens. The oracle runs each model's own forward with a hook of its own, one
+    sentence at a time, and computes the z-scores with numpy and the distances with scipy."""
+    import numpy as np
+    from scipy.spatial.distance import cdist
+    from transformers import AutoTokenizer
+
+    texts = sentences(40, seed=5)
+    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n")
+    models = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        models[name] = tiny_model("gpt2", seed=seed)
+        models[name].save_pretrained(tmp_path / name)
+        save_tokenizer(tmp_path / name)
+    srcs = {name: TensorSource(open_checkpoint(tmp_path / name), name) for name in models}
+    specs = {name: build_spec(src.ckpt) for name, src in srcs.items()}
+    feats = ActivationFeatures(specs["a"], specs["b"], srcs["a"], srcs["b"],
+                               DataOptions(data=str(tmp_path / "t.txt"), samples=40, max_tokens=10**6,
+                                           standardize="zscore", device="cpu"))
+    k = _space_of(specs["a"], "transformer.h.0.mlp.c_fc.weight")
+    got = _costs(feats, specs["a"])[k]
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
+    z = {}
+    for name, model in models.items():
+        rows = []
+        hook = model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, o: rows.append(o[0].numpy()))
+        with torch.no_grad():
+            for text in texts:
+                model(**tok(text, return_tensors="pt"))
+        hook.remove()
+        x = np.concatenate(rows).astype(np.float64)  # (all tokens, units)
+        z[name] = (x - x.mean(0)) / x.std(0, ddof=1)
+    want = cdist(z["b"].T, z["a"].T, "sqeuclidean")  # parent units x anchor units
+    assert sum(len(t.split()) for t in texts) == len(z["a"]) == feats.kept_rows["transformer.h.0.mlp.c_fc"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * want.mean())
+
+
+def test_statistics_hold_one_batch_and_the_same_tokens_in_every_model(tmp_path, monkeypatch):
+    """Collection keeps exactly max_tokens rows per module, the same tokens in every model (a permuted copy
+    gives a zero-cost match for every unit), never holds more than one batch of rows, and gives the same
+    costs when each space needs its own pass over the data."""
+    from otfuse_cli.alignment import activations
+
     model = tiny_model("gpt2")
     model.save_pretrained(tmp_path / "a")
     save_tokenizer(tmp_path / "a")
-    long = " ".join(["the film was good"] * 7)  # 28 tokens per sample
-    (tmp_path / "t.txt").write_text("\n".join([long] * 200) + "\n")  # 5,600 tokens in all, batches of 32
-    src = TensorSource(open_checkpoint(tmp_path / "a"), "a")
-    spec = build_spec(src.ckpt)
+    save_permuted_copy(tmp_path / "a", tmp_path / "b", seed=3)
+    long = " ".join(["the film was good"] * 5)  # 23-31 tokens per sample, within the 32 positions
+    texts = [f"{long} {s}" for s in sentences(200, seed=1)]  # 5,000+ tokens in all, batches of 32
+    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n")
+    a, b = (TensorSource(open_checkpoint(tmp_path / n), n) for n in "ab")
+    spec = build_spec(a.ckpt)
+
+    def provider(cap):
+        return ActivationFeatures(spec, spec, a, b, DataOptions(data=str(tmp_path / "t.txt"), samples=200,
+                                                                max_tokens=cap, max_length=32, device="cpu"))
     for cap in (64, 512):
-        feats = ActivationFeatures(spec, spec, TensorSource(src.ckpt, "a"), src,
-                                   DataOptions(data=str(tmp_path / "t.txt"), samples=200, max_tokens=cap,
-                                               max_length=32, device="cpu"))
-        assert all(len(x) == cap for x in feats.parent_acts.values())
-        assert feats.peak_rows <= cap + 32 * 28  # never the 5,600 rows of the whole data
-    # the kept rows are the same tokens for every model: a permuted copy gives permuted columns
-    b = tmp_path / "b"
-    save_permuted_copy(tmp_path / "a", b, seed=3)
-    other = ActivationFeatures(spec, spec, TensorSource(src.ckpt, "a"), TensorSource(open_checkpoint(b), "b"),
-                               DataOptions(data=str(tmp_path / "t.txt"), samples=200, max_tokens=64, max_length=32,
-                                           device="cpu"))
-    emb = "transformer.wte"
-    first = ActivationFeatures(spec, spec, TensorSource(src.ckpt, "a"), src,
-                               DataOptions(data=str(tmp_path / "t.txt"), samples=200, max_tokens=64, max_length=32,
-                                           device="cpu"))
-    assert torch.equal(first.parent_acts[emb].sort(1).values, other.parent_acts[emb].sort(1).values)
+        feats = provider(cap)
+        costs = _costs(feats, spec)
+        assert set(feats.kept_rows.values()) == {cap}
+        assert feats.peak_rows <= 32 * 31  # one batch's rows at most, never the whole data
+        k = _space_of(spec, "transformer.h.0.mlp.c_fc.weight")
+        scale = float(costs[k].mean())
+        assert float(costs[k].min(0).max()) < 1e-6 * scale  # every anchor unit has its exact twin
+    monkeypatch.setattr(activations, "GROUP_BYTES", 1)  # one pass over the data per space
+    a.__dict__.pop("_activations", None)
+    split = provider(512)
+    split_costs = _costs(split, spec)
+    assert split.done == 7 * (2 + 2 * len(spec.spaces))  # 7 batches: moments, then a pass per space
+    for one, other in zip(costs, split_costs):
+        assert (one is None and other is None) or (one == other).all()
 
 
 @pytest.fixture()

@@ -71,16 +71,16 @@ def test_fuse_progress_has_totals_on_a_terminal(tty_stderr, tmp_path):
     assert "/?" not in out
 
 
-def test_activation_progress_counts_batches_times_models(tty_stderr, tmp_path):
+def test_activation_progress_counts_every_forward_pass(tty_stderr, tmp_path):
     from otfuse_cli.fusion import fuse
     from otfuse_cli.options import AlignOptions, DataOptions
 
-    samples = 40  # 2 batches of 32 per model, 2 models
+    samples = 40  # 2 batches of 32; each of 2 models runs them twice (moments, then cross terms)
     with report.Progress() as progress:
         fuse([str(BERT_A), str(BERT_B)], str(tmp_path / "f"), options=AlignOptions(align="activations"),
              data=DataOptions(data=str(CALIB), samples=samples), on_space=progress)
         tasks = {t.fields["name"]: t for t in progress.bars.tasks}
-    assert tasks["activations"].total == math.ceil(samples / 32) * 2 == tasks["activations"].completed
+    assert tasks["activations"].total == math.ceil(samples / 32) * 2 * 2 == tasks["activations"].completed
     assert tasks["aligning"].total == _bert_spaces()
     assert "refining" not in tasks  # activations need no refinement
 

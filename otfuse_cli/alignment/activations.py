@@ -2,8 +2,11 @@
 
 Every module that *produces* a space (an "out" entry: Linear/Conv/Embedding/norm weights) is hooked; its
 output, restricted to the entry's slice, is in that space's basis. Rows are samples: tokens (padding
-excluded) or spatial positions; a seeded subset of at most --max-tokens rows is kept per hook, so memory
-is bounded by max_tokens x total width. Costs are then built by the same code as weight-based ones."""
+excluded) or spatial positions. No raw activations are kept: a first pass gives each feature's moments
+(the standardisation) and a seeded choice of at most --max-tokens rows per module; a second pass runs both
+models side by side and adds each batch's chosen rows into the costs' sufficient statistics (cross terms,
+norms, head grams), so memory is those statistics plus one batch. Costs are then built by the same code as
+weight-based ones."""
 
 from __future__ import annotations
 
@@ -122,19 +125,13 @@ def loaded_names(module: nn.Module, tensors: list[str]) -> dict[str, str]:
     return mapping
 
 
-class Recorder:
-    """Forward hooks that keep a seeded sample of at most max_tokens rows of each producer's output.
+class Tap:
+    """Forward hooks on the modules that produce spaces: each call's output rows (tokens without padding,
+    spatial positions, or one per sequence for a pooler), float32, go to sink(module name, rows)."""
 
-    Sampling happens as batches arrive (each row gets a random key, the rows with the smallest keys are
-    kept), so memory stays at max_tokens + one batch per hook. Keys come from a generator seeded the same
-    way for every model and rows arrive in the same order, so all models keep the same rows."""
-
-    def __init__(self, module: nn.Module, tensors: list[str], max_tokens: int, seed: int, post_fn=None):
-        self.max_tokens, self.seed, self.post_fn = max_tokens, seed, post_fn
-        self.kept: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # rows, keys, row numbers
-        self.seen: dict[str, int] = {}
-        self.gens: dict[str, torch.Generator] = {}
-        self.peak_rows = 0
+    def __init__(self, module: nn.Module, tensors: list[str], sink: Callable[[str, torch.Tensor], None],
+                 post_fn=None):
+        self.sink, self.post_fn = sink, post_fn
         self.masks: tuple[torch.Tensor, ...] | None = None  # the batch's token masks (see mask_for)
         self.handles = []
         modules = dict(module.named_modules())
@@ -160,66 +157,70 @@ class Recorder:
                 if mask is None:
                     return  # e.g. position embeddings computed once per batch: not per-token rows
                 out = out[mask]
-            self._keep(name, out.reshape(-1, out.shape[-1]).detach().float())
+            self.sink(name, out.reshape(-1, out.shape[-1]).detach().float())
         return hook
 
-    def _keep(self, name: str, rows: torch.Tensor) -> None:
-        gen = self.gens.setdefault(name, torch.Generator().manual_seed(self.seed))
-        start = self.seen.get(name, 0)
-        self.seen[name] = start + len(rows)
-        keys, numbers = torch.rand(len(rows), generator=gen), torch.arange(start, start + len(rows))
-        if name in self.kept:
-            old_rows, old_keys, old_numbers = self.kept[name]
-            rows, keys, numbers = torch.cat([old_rows, rows]), torch.cat([old_keys, keys]), torch.cat([old_numbers, numbers])
-        self.peak_rows = max(self.peak_rows, len(rows))
-        if len(rows) > self.max_tokens:
-            pick = torch.topk(keys, self.max_tokens, largest=False).indices
-            rows, keys, numbers = rows[pick.to(rows.device)], keys[pick], numbers[pick]
-        self.kept[name] = (rows, keys, numbers)
-
-    def close(self) -> dict[str, torch.Tensor]:
+    def close(self) -> None:
         for _, h in self.handles:
             h.remove()
-        # rows in the order they arrived, identical across models
-        return {name: rows[numbers.argsort().to(rows.device)] for name, (rows, _, numbers) in self.kept.items()}
 
 
 def module_of(tensor: str) -> str:
     return tensor.rsplit(".", 1)[0] if "." in tensor else ""
 
 
-def collect(ckpt, spec: Spec, *, data: str, samples: int, seed: int, max_tokens: int, activation: str | None,
-            post_activation: bool, max_length: int, device: str,
-            on_batch: Callable[[int, int], None] | None = None) -> tuple[dict[str, torch.Tensor], int]:
-    """Producer outputs on the sample inputs, {module name: (rows, features)}, and the most rows any hook
-    held at once (memory is bounded by max_tokens plus one batch). on_batch(done, batches) follows each
-    forward pass."""
-    model = load_runnable(ckpt, activation=activation, device=resolve_device(device))
-    names = sorted({e.tensor for s in spec.spaces for e in s.entries if e.role == "out"})
-    post = None
-    if post_activation and model.kind in ("mlp", "cnn", "resnet"):
-        post = ACTIVATIONS[activation or (ckpt.metadata or {}).get("otfuse.activation", "relu")]
-    recorder = Recorder(model.module, names, max_tokens, seed, post)
-    try:
-        with torch.no_grad():
-            batches = sample_batches(model, data, samples, seed, max_length, label=str(ckpt.path))
-            for done, (batch, mask) in enumerate(batches, 1):
-                recorder.masks = tuple(m.to(model.device) for m in mask) if mask is not None else None
-                if isinstance(batch, dict):
-                    model.module(**{k: v.to(model.device) for k, v in batch.items()})
-                else:
-                    model.predict_logits(batch)
-                if on_batch:
-                    on_batch(done, len(batches))
-    except RuntimeError as exc:
-        recorder.close()
-        raise OtfuseError(f"the sample inputs do not fit the model: {str(exc).splitlines()[0]}") from None
-    acts = recorder.close()
-    for module, x in acts.items():  # finite inputs can still overflow (pixels of 1e38): say so, not crash later
-        if not bool(torch.isfinite(x).all()):
-            raise OtfuseError(f"{ckpt.path}: activations of module {module!r} overflow to NaN or Inf on "
-                              f"{data}; check the data's scale")
-    return acts, recorder.peak_rows
+class Moments:
+    """Per producer module: the rows it gave in each batch, and each feature's mean and standard deviation
+    over all of them (float64, merged batch by batch with Chan's update, which does not cancel the way
+    sum(x²) - N·mean² does)."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.counts: dict[str, list[int]] = {}
+        self.sums: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # rows, mean, squared deviations
+        self.batch = 0
+
+    def add(self, name: str, rows: torch.Tensor) -> None:
+        if not bool(torch.isfinite(rows).all()):  # finite inputs can still overflow (pixels of 1e38)
+            raise OtfuseError(f"{self.label}: activations of module {name!r} overflow to NaN or Inf on the "
+                              "sample data; check the data's scale")
+        counts = self.counts.setdefault(name, [])
+        counts.extend([0] * (self.batch + 1 - len(counts)))
+        counts[self.batch] += len(rows)
+        if not len(rows):
+            return
+        x = rows.double()
+        nb, mb = len(x), x.mean(0)
+        m2b = ((x - mb) ** 2).sum(0)
+        if name in self.sums:
+            na, ma, m2a = self.sums[name]
+            delta, n = mb - ma, na + nb
+            mb, m2b, nb = ma + delta * (nb / n), m2a + m2b + delta * delta * (na * nb / n), n
+        self.sums[name] = (nb, mb, m2b)
+
+    def finish(self, batches: int) -> None:
+        for counts in self.counts.values():
+            counts.extend([0] * (batches - len(counts)))
+
+    def mean_std(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        n, mean, m2 = self.sums[name]
+        return mean.float(), (m2 / max(n - 1, 1)).sqrt().float()
+
+
+def keep_masks(counts: dict[str, list[int]], max_tokens: int, seed: int) -> dict[str, list[torch.Tensor]]:
+    """Per module and batch, the rows that enter the cross terms: the max_tokens rows with the smallest keys
+    of a generator seeded alike for every module and model, drawn batch by batch, so every model keeps the
+    same tokens."""
+    masks = {}
+    for name, per_batch in counts.items():
+        gen = torch.Generator().manual_seed(seed)
+        keys = torch.cat([torch.rand(c, generator=gen) for c in per_batch])
+        keep = torch.ones(len(keys), dtype=torch.bool)
+        if len(keys) > max_tokens:
+            keep = torch.zeros(len(keys), dtype=torch.bool)
+            keep[torch.topk(keys, max_tokens, largest=False).indices] = True
+        masks[name] = list(keep.split(per_batch))
+    return masks
 
 
 def data_info(data: DataOptions) -> dict:
@@ -234,47 +235,216 @@ def _for(on_batch, source: TensorSource):
     return (lambda done, batches: on_batch(source.label, done, batches)) if on_batch else None
 
 
+# Bytes of cross-term statistics collected in one pass over the data; the spaces beyond it wait for another
+# pass, so memory does not grow with the model (a 7B model's FFN statistics alone are 31 GB).
+GROUP_BYTES = 1 << 30
+
+
 class ActivationFeatures:
-    """Feature provider for the engine; activations do not depend on other plans (no refinement)."""
+    """Feature provider for the engine; activations do not depend on other plans (no refinement).
+
+    Two passes over the sample data, neither keeping raw activations. First each model's per-feature moments
+    (the anchor's once however many parents there are), which fix the standardisation and which rows enter
+    the cost (at most max_tokens per module, the same tokens in every model). Then both models run side by
+    side, batch by batch, and each batch's kept rows go straight into the spaces' cross terms, norms and head
+    grams (FeaturePair), so what is held is the statistics of the spaces in hand plus one batch. Spaces are
+    taken in groups of at most GROUP_BYTES of statistics, one pass per group. Unfolded features (compress's
+    clustering needs each unit's rows) are the kept rows themselves, grouped the same way."""
 
     needs_refinement = False
 
     def __init__(self, anchor_spec: Spec, parent_spec: Spec, anchor: TensorSource, parent: TensorSource,
                  data: DataOptions, on_batch: Callable[[str, int, int], None] | None = None, l1: bool = True):
-        """on_batch(model label, done, batches) follows every forward pass of either model."""
+        """on_batch(detail, done, total) follows every forward pass this provider makes (total: all of them)."""
         self.anchor_spec, self.parent_spec, self.how = anchor_spec, parent_spec, data.standardize or "zscore"
         self.l1 = l1  # keep L1 norms of folded features (only --marginals l1 reads them)
-        collect_options = data.collect()
+        self.options, self.on_batch, self.done = data.collect(), on_batch, 0
+        self.sources = {"anchor": anchor, "parent": parent}
+        self.specs = {"anchor": anchor_spec, "parent": parent_spec}
+        self.models: dict = {}  # runnable models, loaded while passes remain
+        self.batches: dict[str, list] = {}
+        self.planned = 0  # forward passes planned so far (progress total)
+        self.pairs: dict[int, FeaturePair] = {}
+        self.groups: list[list[int]] | None = None
         cache = anchor.__dict__.setdefault("_activations", {})
-        key = repr(sorted(collect_options.items()))
-        if key not in cache:  # the anchor runs once however many parents there are
-            cache[key] = collect(anchor.ckpt, anchor_spec, **collect_options, on_batch=_for(on_batch, anchor))[0]
-        self.anchor_acts = cache[key]
-        self.parent_acts, self.peak_rows = collect(parent.ckpt, parent_spec, **collect_options,
-                                                   on_batch=_for(on_batch, parent))
+        key = repr(sorted(self.options.items()))
+        self._plan(int(key not in cache) + int(parent is not anchor))
+        if key not in cache:  # the anchor's moments and batches: the same for every parent
+            cache[key] = self._moments("anchor")
+        self.moments = {"anchor": cache[key][0]}
+        self.batches["anchor"] = cache[key][1]
+        if parent is anchor:  # compress: one model on both sides
+            self.moments["parent"], self.batches["parent"] = self.moments["anchor"], self.batches["anchor"]
+        else:
+            self.moments["parent"] = self._moments("parent")[0]
+        self.module_pairs = {(module_of(ep.tensor), module_of(ea.tensor)) for sp, sa in
+                             zip(parent_spec.spaces, anchor_spec.spaces) for ep, ea in zip(sp.entries, sa.entries)
+                             if ep.role == "out"}
+        counts = {side: self.moments[side].counts for side in self.moments}
+        for mp, ma in self.module_pairs:
+            if counts["parent"].get(mp, []) != counts["anchor"].get(ma, []):
+                raise OtfuseError(f"module {mp!r} gives other numbers of activation rows than the anchor's "
+                                  f"{ma!r} on the same samples; the models do not run alike")
+        self.masks = keep_masks(counts["anchor"], self.options["max_tokens"], self.options["seed"])
+        self.kept_rows = {name: int(sum(int(m.sum()) for m in ms)) for name, ms in self.masks.items()}
+        self.peak_rows = 0  # the most rows of one module held at once (one batch's kept rows)
 
-    def _unit_rows(self, acts, entry, size):
-        """An "out" entry's slice of its module's output features: (units, rep, inner, rows)."""
-        x = acts.get(module_of(entry.tensor))
-        if x is None or x.shape[1] < entry.start + entry.span(size):
-            return None
-        x = STANDARDIZE[self.how](x[:, entry.start:entry.start + entry.span(size)])
-        return x.reshape(len(x), size, entry.rep, entry.inner).permute(1, 2, 3, 0)
+    # ------------------------------------------------------------ running the models
 
-    def features(self, k: int, plans: dict, first_pass: bool, fold: bool = True) -> FeaturePair:
-        sa, sp = self.anchor_spec.spaces[k], self.parent_spec.spaces[k]
-        pair = FeaturePair(fold, l1=self.l1)
+    def _plan(self, passes: int) -> None:
+        """Add `passes` passes over the data to the progress total (batches are known after the first)."""
+        self.planned += passes
+
+    def _model(self, side: str):
+        if side not in self.models:
+            o = self.options
+            self.models[side] = load_runnable(self.sources[side].ckpt, activation=o["activation"],
+                                              device=resolve_device(o["device"]))
+        return self.models[side]
+
+    def _post(self, side: str):
+        model, o = self._model(side), self.options
+        if o["post_activation"] and model.kind in ("mlp", "cnn", "resnet"):
+            ckpt = self.sources[side].ckpt
+            return ACTIVATIONS[o["activation"] or (ckpt.metadata or {}).get("otfuse.activation", "relu")]
+        return None
+
+    def _run(self, side: str, names: list[str], sink, what: str):
+        """A pass of one model over the batches, hooked on the modules of `names` (tensors), as a generator
+        that yields after each batch; sink(module, rows, batch number) takes every hooked output."""
+        model, label = self._model(side), self.sources[side].label.split(" (")[0]
+        if side not in self.batches:
+            o = self.options
+            self.batches[side] = sample_batches(model, o["data"], o["samples"], o["seed"], o["max_length"],
+                                                label=str(self.sources[side].ckpt.path))
+        batches = self.batches[side]
+        current = [0]
+        tap = Tap(model.module, names, lambda name, rows: sink(name, rows, current[0]), self._post(side))
+        try:
+            for b, (batch, mask) in enumerate(batches):
+                current[0] = b
+                tap.masks = tuple(m.to(model.device) for m in mask) if mask is not None else None
+                try:
+                    with torch.no_grad():
+                        if isinstance(batch, dict):
+                            model.module(**{k: v.to(model.device) for k, v in batch.items()})
+                        else:
+                            model.predict_logits(batch)
+                except RuntimeError as exc:
+                    raise OtfuseError(f"the sample inputs do not fit the model: {str(exc).splitlines()[0]}") \
+                        from None
+                self.done += 1
+                if self.on_batch:
+                    self.on_batch(f"{label} {what} {b + 1}/{len(batches)}", self.done, self.planned * len(batches))
+                yield b
+        finally:
+            tap.close()
+
+    def _moments(self, side: str) -> tuple[Moments, list]:
+        moments = Moments(str(self.sources[side].ckpt.path))
+
+        def sink(name, rows, batch):
+            moments.batch = batch
+            moments.add(name, rows)
+        names = sorted({e.tensor for s in self.specs[side].spaces for e in s.entries if e.role == "out"})
+        for _ in self._run(side, names, sink, "statistics"):
+            pass
+        moments.finish(len(self.batches[side]))
+        return moments, self.batches[side]
+
+    # ------------------------------------------------------------ statistics, space by space
+
+    def _entry_pairs(self, k: int):
+        """A space's (parent entry, anchor entry) pairs that read a module output: weight and bias of one
+        module give one output."""
+        sp, sa = self.parent_spec.spaces[k], self.anchor_spec.spaces[k]
         seen = set()
         for ep, ea in zip(sp.entries, sa.entries):
-            module = module_of(ep.tensor)
-            if ep.role != "out" or (module, ep.start) in seen:
-                continue  # weight and bias of one module give one output
-            seen.add((module, ep.start))
-            up = self._unit_rows(self.parent_acts, ep, sp.size)
-            ua = self._unit_rows(self.anchor_acts, ea, sa.size)
-            if up is None or ua is None or up.shape[1:] != ua.shape[1:]:
-                continue
-            pair.add(ep, up, ea, ua)
-        for module, _ in seen:  # each space is solved once: release the parent's rows
-            self.parent_acts.pop(module, None)
-        return pair
+            if ep.role == "out" and (module_of(ep.tensor), ep.start) not in seen:
+                seen.add((module_of(ep.tensor), ep.start))
+                yield ep, ea
+
+    def _bytes(self, k: int, fold: bool) -> int:
+        """What a space's statistics hold: its cross term and head grams (fold), or its kept rows."""
+        n, m = self.parent_spec.spaces[k].size, self.anchor_spec.spaces[k].size
+        plain, channels, rows = 0, {}, 0
+        for ep, ea in self._entry_pairs(k):
+            if not fold:
+                rows += 4 * self.kept_rows.get(module_of(ea.tensor), 0) * (ep.span(n) + ea.span(m))
+            elif ep.group or ep.inner > 1:
+                channels[(ep.group, ep.channel)] = ep.rep * ep.inner if ep.group else ep.inner
+            else:
+                plain = 8 * n * m
+        return rows + plain + sum(8 * n * m * size * size for size in channels.values())
+
+    def _groups(self, fold: bool) -> list[list[int]]:
+        groups, used = [[]], 0
+        for k in range(len(self.anchor_spec.spaces)):
+            size = self._bytes(k, fold)
+            if groups[-1] and used + size > GROUP_BYTES:
+                groups.append([])
+                used = 0
+            groups[-1].append(k)
+            used += size
+        return groups
+
+    def _collect(self, group: list[int], fold: bool) -> None:
+        """One pass of both models over the data, side by side, batch by batch into the group's statistics."""
+        pairs = {k: FeaturePair(fold, l1=self.l1) for k in group}
+        entries = {k: list(self._entry_pairs(k)) for k in group}
+        same = self.sources["parent"] is self.sources["anchor"]
+        sides = ("anchor",) if same else ("anchor", "parent")
+        anchor_module = {mp: ma for mp, ma in self.module_pairs}
+        held: dict[str, dict[str, list[torch.Tensor]]] = {side: {} for side in sides}  # this batch's kept rows
+        seen: dict[str, dict[str, int]] = {side: {} for side in sides}  # this batch's rows per module so far
+
+        def sink_for(side: str):
+            def sink(name, x, batch):
+                start = seen[side].get(name, 0)
+                seen[side][name] = start + len(x)
+                keep = self.masks[name if side == "anchor" else anchor_module[name]][batch][start:start + len(x)]
+                if bool(keep.any()):
+                    mean, std = self.moments[side].mean_std(name)
+                    x = STANDARDIZE[self.how](x[keep.to(x.device)], mean.to(x.device), std.to(x.device))
+                    held[side].setdefault(name, []).append(x)
+            return sink
+
+        runs = [self._run(side, sorted({(ea if side == "anchor" else ep).tensor for k in group
+                                        for ep, ea in entries[k]}), sink_for(side), "cross terms")
+                for side in sides]
+        for _ in zip(*runs):  # one batch of every model, then its rows go into the statistics
+            rows = {side: {name: torch.cat(parts) for name, parts in held[side].items()} for side in sides}
+            rows.setdefault("parent", rows["anchor"])
+            self.peak_rows = max([self.peak_rows, *(len(x) for x in rows["anchor"].values())])
+            for k in group:
+                sp, sa = self.parent_spec.spaces[k], self.anchor_spec.spaces[k]
+                for ep, ea in entries[k]:
+                    up, ua = _unit_rows(rows["parent"], ep, sp.size), _unit_rows(rows["anchor"], ea, sa.size)
+                    if up is not None and ua is not None and up.shape[1:] == ua.shape[1:]:
+                        pairs[k].add(ep, up, ea, ua)
+            for side in sides:
+                held[side].clear()
+                seen[side].clear()
+        self.pairs.update(pairs)
+
+    def features(self, k: int, plans: dict, first_pass: bool, fold: bool = True) -> FeaturePair:
+        if k not in self.pairs:
+            if self.groups is None:
+                self.groups = self._groups(fold)
+                same = self.sources["parent"] is self.sources["anchor"]
+                self._plan(len(self.groups) * (1 if same else 2))
+            group = next(g for g in self.groups if k in g)
+            self._collect(group, fold)
+            self.groups.remove(group)
+            if not self.groups:
+                self.models.clear()  # every statistic is collected: free the models
+        return self.pairs.pop(k)
+
+
+def _unit_rows(rows: dict[str, torch.Tensor], entry, size: int) -> torch.Tensor | None:
+    """An "out" entry's slice of its module's kept rows: (units, rep, inner, rows)."""
+    x = rows.get(module_of(entry.tensor))
+    if x is None or x.shape[1] < entry.start + entry.span(size):
+        return None
+    x = x[:, entry.start:entry.start + entry.span(size)]
+    return x.reshape(len(x), size, entry.rep, entry.inner).permute(1, 2, 3, 0)

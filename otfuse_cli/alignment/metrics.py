@@ -20,15 +20,12 @@ def cosine(dot, nx, ny):
 METRICS: dict[str, Callable] = {"sqeuclidean": sqeuclidean, "cosine": cosine}
 
 
-def _center(x):
-    return x - x.mean(0, keepdim=True)
-
-
-def _zscore(x):
+# per-feature standardisation of activation rows x (rows = samples), from each feature's mean and standard
+# deviation over every sample row (activations.Moments): (x, mean, std) -> standardised rows
+def _zscore(x, mean, std):
     """Squared distance of z-scores = 2N(1 - correlation): correlation matching."""
-    x = _center(x)
-    return x / x.std(0, keepdim=True).clamp_min(1e-6)
+    return (x - mean) / std.clamp_min(1e-6)
 
 
-# per-feature standardisation of activations (rows = samples)
-STANDARDIZE: dict[str, Callable] = {"none": lambda x: x, "center": _center, "zscore": _zscore}
+STANDARDIZE: dict[str, Callable] = {"none": lambda x, mean, std: x, "center": lambda x, mean, std: x - mean,
+                                    "zscore": _zscore}
