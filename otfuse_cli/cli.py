@@ -231,7 +231,8 @@ def inspect(
 # Options shared by `align`, `fuse` and `compress` come from the typed groups in options.py.
 ALIGN_FLAGS = ("--align", "--solver", "--reg", "--metric", "--marginals", "--cost-norm", "--refine", "--sketch")
 SAMPLE_FLAGS = ("--samples", "--max-tokens", "--standardize", "--post-activation", "--max-length", "--device",
-                "--activation", "--seed")
+                "--device-map", "--activation", "--seed")
+ACTIVATION_FLAGS = ("--max-tokens", "--standardize", "--post-activation", "--device-map")  # activation features
 MODELS_ARG = typer.Argument(..., metavar="MODEL", help="Two or more checkpoints (files or HF folders).")
 ANCHOR_OPT = typer.Option(0, "--anchor", min=0, help="Index of the model whose basis and widths the result takes.")
 ACTIVATION_OPT = typer.Option(None, "--activation", help="Nonlinearity of bare MLP/CNN/ResNet state dicts.")
@@ -322,8 +323,7 @@ def fuse(
     if not reads_data(options, merge, plan, stats, repair):
         refuse_unused(given, SAMPLE_FLAGS, "no step reads --data here (activations, regmean/fisher, --repair)")
     elif options.align != "activations" or plan:
-        refuse_unused(given, ("--max-tokens", "--standardize", "--post-activation"),
-                      "they shape activation alignment (--align activations)")
+        refuse_unused(given, ACTIVATION_FLAGS, "they shape activation alignment (--align activations)")
     if merge.merge != "regmean":
         refuse_unused(given, ("--regmean-alpha",), "it is read by --merge regmean")
     if dry_run:
@@ -549,7 +549,7 @@ def compress(
     check_device(data)
     if method.value != "ot" or options.align != "activations":
         # --repair runs the model on --data too: only the activation-feature flags stay unused then
-        unused = ("--max-tokens", "--standardize", "--post-activation") if repair else SAMPLE_FLAGS
+        unused = ACTIVATION_FLAGS if repair else SAMPLE_FLAGS
         refuse_unused(explicit_flags(), tuple(f for f in unused if f != "--seed"),
                       "they shape activation features (--method ot --align activations)")
 

@@ -20,6 +20,7 @@ from otfuse_cli.merge import MERGES
 ALIGN_BY = ("weights", "activations", "none")
 DTYPES = ("keep", "float32", "float16", "bfloat16")
 ACTIVATIONS = ("relu", "gelu", "tanh")
+DEVICE_MAPS = ("auto", "balanced", "sequential")  # accelerate's placements (transformers device_map)
 
 
 def option(default, flag: str, help: str, choices=None, minimum=None, maximum=None, metavar=None):
@@ -112,6 +113,10 @@ class DataOptions(Options):
                                           "(default: per family, measured).")
     max_length: int = option(128, "--max-length", "Token limit per text sample.", minimum=1)
     device: str = option("auto", "--device", "auto, cpu or cuda: where forward passes run.", metavar="DEVICE")
+    device_map: str | None = option(None, "--device-map", "Spread each model's layers for activation "
+                                    "alignment over the GPUs, CPU memory and disk (accelerate): auto, balanced, "
+                                    "sequential. For models that do not fit one device; overrides --device.",
+                                    DEVICE_MAPS)
 
     def for_family(self, family: str) -> "DataOptions":
         """Unset activation choices filled with the family's measured defaults (arch.activation_defaults)."""

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable, Mapping
 
 import torch
@@ -65,7 +66,12 @@ class RunnableModel:
         self.input_shape = input_shape
         self.tokenizer_error = tokenizer_error
         self.device = torch.device("cpu")
-        self.to(device)
+        placed = getattr(module, "hf_device_map", None)  # spread by a device map: inputs go to its first device
+        if placed:
+            first = next((d for d in placed.values() if d not in ("cpu", "disk")), "cpu")
+            self.device = torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+        else:
+            self.to(device)
 
     def __repr__(self) -> str:
         return f"RunnableModel(kind={self.kind!r}, heads={sorted(self.task_heads)}, device={self.device})"
@@ -145,13 +151,23 @@ class RunnableModel:
 
 # --------------------------------------------------------------------------- entry points
 
-def load_runnable(ckpt, *, activation: str | None = None, device: str | torch.device = "cpu") -> RunnableModel:
-    """A runnable model for an opened Checkpoint (HF folder or bare state dict)."""
-    if ckpt.config is not None and ckpt.folder is not None and any((ckpt.folder / f).is_file() for f in HF_WEIGHT_FILES):
-        model = _hf_from_pretrained(ckpt, device)
+def load_runnable(ckpt, *, activation: str | None = None, device: str | torch.device = "cpu",
+                  device_map: str | None = None) -> RunnableModel:
+    """A runnable model for an opened Checkpoint (HF folder or bare state dict). device_map: accelerate's
+    placement of an HF model's layers over the GPUs, CPU memory and disk (instead of `device`)."""
+    hf = ckpt.config is not None and ckpt.folder is not None and any((ckpt.folder / f).is_file()
+                                                                      for f in HF_WEIGHT_FILES)
+    if device_map and not hf:
+        raise OtfuseError(f"--device-map places the layers of a Hugging Face model folder; {ckpt.path} is not one "
+                          "(use --device)")
+    if hf:
+        model = _hf_from_pretrained(ckpt, device, device_map)
     else:  # bare state dicts, or a folder with config but non-standard weight file names
         model = runnable_from_state_dict(ckpt.state_dict(), ckpt, activation=activation, device=device)
-    for name, tensor in model.module.state_dict().items():  # an -inf a ReLU hides would still be scored
+    loaded = model.module.state_dict()
+    if any(t.device.type == "meta" for t in loaded.values()):  # offloaded to disk: check the checkpoint's own
+        loaded = {name: ckpt.get(name) for name in ckpt.keys()}
+    for name, tensor in loaded.items():  # an -inf a ReLU hides would still be scored
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise OtfuseError(f"{ckpt.path}: tensor {name} contains NaN or Inf")
     return model
@@ -214,9 +230,13 @@ def quiet_transformers():
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # "weights not initialized" etc. are checked by us instead
     transformers.utils.logging.disable_progress_bar()  # stderr progress is the CLI's business
+    placing = logging.getLogger("accelerate")  # "parameters offloaded to the disk": what --device-map asked for
+    level = placing.level
+    placing.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        placing.setLevel(level)
         transformers.logging.set_verbosity(old)
         if bars:
             transformers.utils.logging.enable_progress_bar()
@@ -266,7 +286,30 @@ def _hf_tokenizer(folder) -> tuple[Any, str | None]:
             return None, f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
 
 
-def _hf_from_pretrained(ckpt, device) -> RunnableModel:
+# accelerate's memory budget per device for device maps (None: what each device has free); tests lower it to
+# make layers go to disk
+MAX_MEMORY: dict | None = None
+
+
+def _placement(device_map: str | None) -> dict:
+    """from_pretrained arguments for a device map: layers beyond memory go to a temporary offload folder,
+    removed when the process ends."""
+    if not device_map:
+        return {}
+    import atexit
+    import shutil
+    import tempfile
+
+    try:
+        import accelerate  # noqa: F401  (transformers needs it for device maps)
+    except ImportError:
+        raise OtfuseError("--device-map needs the accelerate package (pip install accelerate)") from None
+    folder = tempfile.mkdtemp(prefix="otfuse-offload-")
+    atexit.register(shutil.rmtree, folder, True)
+    return {"device_map": device_map, "offload_folder": folder, "max_memory": MAX_MEMORY}
+
+
+def _hf_from_pretrained(ckpt, device, device_map: str | None = None) -> RunnableModel:
     config = _hf_config(ckpt)
     cls, heads = hf_auto_class(config)
     with quiet_transformers():
@@ -274,7 +317,7 @@ def _hf_from_pretrained(ckpt, device) -> RunnableModel:
             # mismatches are reported below, by name (transformers' own error points at a log we silence)
             model, info = cls.from_pretrained(str(ckpt.folder), config=config, local_files_only=True,
                                               dtype=torch.float32, output_loading_info=True,
-                                              ignore_mismatched_sizes=True)
+                                              ignore_mismatched_sizes=True, **_placement(device_map))
         except (ValueError, OSError, KeyError, RuntimeError) as e:
             raise OtfuseError(f"cannot load {ckpt.folder} with transformers: {str(e).splitlines()[0]}") from None
     _check_loading_info(ckpt.folder, type(model).__name__, info)

@@ -299,7 +299,7 @@ class ActivationFeatures:
         if side not in self.models:
             o = self.options
             self.models[side] = load_runnable(self.sources[side].ckpt, activation=o["activation"],
-                                              device=resolve_device(o["device"]))
+                                              device=resolve_device(o["device"]), device_map=o["device_map"])
         return self.models[side]
 
     def _post(self, side: str):
