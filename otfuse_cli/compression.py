@@ -263,10 +263,10 @@ def ot_clusters(features: Features, k: int, seed: int, metric: str, fixed_inner:
 # ---------------------------------------------------------------- plans
 
 def keep_plan(keep: torch.Tensor, n: int) -> Plan:
-    """Pruning: unit keep[j] becomes unit j; every other unit has a zero row (moves nowhere)."""
-    coupling = torch.zeros(n, len(keep), dtype=torch.float64)
-    coupling[keep.sort().values, torch.arange(len(keep))] = 1.0 / len(keep)
-    return Plan(coupling)
+    """Pruning: the j-th kept unit (in unit order) becomes unit j; every other unit is dropped."""
+    labels = torch.full((n,), -1, dtype=torch.long)
+    labels[keep.sort().values] = torch.arange(len(keep))
+    return Plan(labels=labels, width=len(keep))
 
 
 def incoming_norms(space: Space, src: TensorSource) -> torch.Tensor:
@@ -293,9 +293,7 @@ def space_plan(index: int, space: Space, k: int, method: str, src: TensorSource,
     if features.empty():
         raise OtfuseError(f"space {space.name!r} has no features to cluster")
     labels, inner, distortion = ot_clusters(features, k, seed, options.metric, space.fixed_inner)
-    coupling = torch.zeros(n, k, dtype=torch.float64)
-    coupling[torch.arange(n), labels] = 1.0 / n
-    return Plan(coupling, inner), {**stats, "distortion": distortion}
+    return Plan(labels=labels, width=k, inner=inner), {**stats, "distortion": distortion}
 
 
 def check_repairable(ckpt) -> None:

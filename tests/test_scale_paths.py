@@ -186,3 +186,36 @@ def test_sketched_alignment_still_recovers_a_hidden_permutation(tmp_path, sketch
 
     check = recovery("tiny", tmp_path, ["--sketch", sketch])
     assert check["relative_logit_error"] < 1e-5 < 0.1 < check["vanilla_relative_logit_error"]
+
+
+def test_many_to_one_plans_are_cluster_sums_and_means():
+    """compress's plans are labels (a dropped unit, -1, and an empty cluster included), never an n x k
+    matrix: the input side sums each cluster's members, the output side averages them (numpy loops here),
+    and with head dims and reordered reps the result is the dense coupling's (the soft path)."""
+    from otfuse_cli.alignment.transport import _move_slice
+    from otfuse_cli.arch.model import Entry
+
+    gen = torch.Generator().manual_seed(0)
+    dst = torch.tensor([2, 0, -1, 2, 0, 2])  # unit 2 dropped; cluster 1 of 4 stays empty
+    plan = Plan(labels=dst, width=4)
+    assert plan.shape == (6, 4) and plan.hard_index() is None
+    y = torch.randn(3, 6, dtype=torch.float64, generator=gen)
+    for role in ("in", "out"):
+        got = _move_slice(y, Entry("w", 1, role), plan, 6, 4).numpy()
+        want = np.zeros((3, 4))
+        for v in range(4):
+            members = [u for u in range(6) if int(dst[u]) == v]
+            if members:
+                cols = y.numpy()[:, members]
+                want[:, v] = cols.sum(1) if role == "in" else cols.mean(1)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        assert np.allclose(_move_slice(y, Entry("w", 1, role), Plan(plan.coupling), 6, 4).numpy(), want)
+    # heads: 2 reps of 3 dims per unit, each member's reps and dims reordered onto its cluster's order
+    reps = torch.stack([torch.stack([torch.randperm(2, generator=gen) for _ in range(4)]) for _ in range(6)])
+    dims = torch.stack([torch.stack([torch.randperm(3, generator=gen) for _ in range(4)]) for _ in range(6)])
+    y = torch.randn(5, 6 * 2 * 3, dtype=torch.float64, generator=gen)
+    entry = Entry("w", 1, "out", rep=2, inner=3, channel="qk", group="query")
+    inner = {"qk": dims, "query": reps}
+    compact = _move_slice(y, entry, Plan(labels=dst, width=4, inner=inner), 6, 4)
+    dense = _move_slice(y, entry, Plan(plan.coupling, inner), 6, 4)
+    torch.testing.assert_close(compact, dense, rtol=1e-12, atol=1e-12)

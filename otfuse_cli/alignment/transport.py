@@ -24,11 +24,16 @@ class Plan:
     couplings for every space of a 7B model take 29 GiB. The dense matrix is built on demand."""
 
     def __init__(self, coupling: torch.Tensor | None = None, inner: dict[str, torch.Tensor] | None = None,
-                 stats: dict | None = None, *, index: torch.Tensor | None = None):
-        if (coupling is None) == (index is None):
-            raise ValueError("a Plan takes a coupling or a hard index, not both")
+                 stats: dict | None = None, *, index: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None, width: int | None = None):
+        if sum(x is not None for x in (coupling, index, labels)) != 1 or (labels is not None) != (width is not None):
+            raise ValueError("a Plan takes one of a coupling, a hard index, or labels with their width")
         self._dense = coupling  # (n, m) float64, sums to 1
         self._index = None if index is None else index.long()  # src[v] = parent unit moved to anchor unit v
+        # many-to-one (compress): dst[u] = the anchor unit parent unit u goes to, -1 = dropped; every unit that
+        # goes somewhere carries the same mass
+        self.labels = None if labels is None else labels.long()
+        self.width = width
         self.inner = inner if inner is not None else {}  # channel -> (n, m, d) parent index per anchor dim
         self.stats = stats if stats is not None else {}
         self._checked = index is not None  # a dense coupling is checked for a hard pattern on first ask
@@ -40,6 +45,8 @@ class Plan:
 
     @property
     def shape(self) -> tuple[int, int]:
+        if self.labels is not None:
+            return len(self.labels), self.width
         return (len(self._index),) * 2 if self._dense is None else tuple(self._dense.shape)
 
     @property
@@ -52,6 +59,11 @@ class Plan:
     def coupling(self) -> torch.Tensor:
         if self._dense is not None:
             return self._dense
+        if self.labels is not None:
+            moved = (self.labels >= 0).nonzero().squeeze(1)
+            dense = torch.zeros(self.shape, dtype=torch.float64)
+            dense[moved, self.labels[moved]] = 1.0 / max(len(moved), 1)
+            return dense
         n = len(self._index)
         dense = torch.zeros(n, n, dtype=torch.float64)
         dense[self._index, torch.arange(n)] = 1.0 / n
@@ -59,6 +71,11 @@ class Plan:
 
     def hard_index(self) -> torch.Tensor | None:
         """src[u] = the parent unit moved to anchor unit u, when the plan is a scaled permutation."""
+        if not self._checked and self.labels is not None:
+            n, m = self.shape
+            if n == m and bool((self.labels >= 0).all()) and len(self.labels.unique()) == n:
+                self._index = self.labels.argsort()
+            self._checked = True
         if not self._checked:
             n, m = self._dense.shape
             nz = self._dense > 0
@@ -88,6 +105,8 @@ class Plan:
         mine, theirs = self.hard_index(), other.hard_index()
         if mine is not None and theirs is not None:
             return torch.equal(mine, theirs)
+        if self.labels is not None and other.labels is not None:
+            return torch.equal(self.labels, other.labels)
         shift = (self.weights("out") - other.weights("out")).abs().sum(0).max()
         return bool(shift <= SAME_PLAN_TOL)
 
@@ -110,6 +129,8 @@ def _move_slice(y: torch.Tensor, entry: Entry, plan: Plan, n: int, m: int) -> to
         if perm is not None:
             idx = perm[src, cols][:, None, :].expand(m, entry.rep, entry.inner)
             y = torch.gather(y, -1, idx.expand(*lead, m, entry.rep, entry.inner))
+    elif plan.labels is not None:
+        y = _many_to_one(y, entry.role, plan.labels, m, reps, perm)
     elif reps is not None:
         y = _soft_grouped(y, plan.weights(entry.role).to(y.dtype), reps, perm)
     else:
@@ -123,6 +144,25 @@ def _move_slice(y: torch.Tensor, entry: Entry, plan: Plan, n: int, m: int) -> to
             q[uu, perm, vv, jj] = w[:, :, None].expand(n, m, d)
             y = torch.einsum("...nri,nimj->...mrj", y, q)
     return y.reshape(*lead, m * entry.rep * entry.inner)
+
+
+def _many_to_one(y: torch.Tensor, role: str, dst: torch.Tensor, m: int, reps: torch.Tensor | None,
+                 perm: torch.Tensor | None) -> torch.Tensor:
+    """A labels plan without its n x m matrix: each parent unit's reps and dims put in its anchor unit's
+    order, then summed per anchor unit (input side) or averaged ("out": the barycentre of the members)."""
+    moved = (dst >= 0).nonzero().squeeze(1)
+    y, dst = y.index_select(-3, moved), dst[moved]
+    lead, (n, rep, inner) = y.shape[:-3], y.shape[-3:]
+    if reps is not None:
+        idx = reps[moved, dst][:, :, None].expand(n, rep, inner)
+        y = torch.gather(y, -2, idx.expand(*lead, n, rep, inner))
+    if perm is not None:
+        idx = perm[moved, dst][:, None, :].expand(n, rep, inner)
+        y = torch.gather(y, -1, idx.expand(*lead, n, rep, inner))
+    out = y.new_zeros(*lead, m, rep, inner).index_add_(-3, dst, y)
+    if role == "out":
+        out /= torch.bincount(dst, minlength=m).clamp_min(1).to(y.dtype)[:, None, None]
+    return out
 
 
 def _soft_grouped(y: torch.Tensor, w: torch.Tensor, reps: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
