@@ -47,8 +47,10 @@ def make_pair(work: Path) -> tuple[Path, Path]:
     return a, b
 
 
-def timed(cmd: list[str], env: dict) -> dict:
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+def timed(cmd: list[str], root: Path) -> dict:
+    """Run with `root`'s otfuse_cli: its folder is the working directory, which `python -m` puts first."""
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
     if proc.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
 
@@ -95,8 +97,8 @@ def main() -> None:
                 cmd = [sys.executable, "-m", "otfuse_cli", "fuse", str(a), str(b), "-o", str(out), "--align",
                        "activations", "--data", str(data), "--samples", str(args.samples), "--max-tokens",
                        str(max_tokens), "--device", "cpu"]
-                row = {"code": label, "max_tokens": max_tokens,
-                       **timed(cmd, {**os.environ, "PYTHONPATH": str(root)}),
+                row = {"code": label, "max_tokens": max_tokens, "samples": args.samples,
+                       **timed(cmd, root),
                        "rel_err_vs_original": same_function(a, out)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
