@@ -127,9 +127,11 @@ def loaded_names(module: nn.Module, tensors: list[str]) -> dict[str, str]:
 
 class Tap:
     """Forward hooks on the modules that produce spaces: each call's output rows (tokens without padding,
-    spatial positions, or one per sequence for a pooler), float32, go to sink(module name, rows)."""
+    spatial positions, or one per sequence for a pooler), float32, go to sink(module name, rows, kind), where
+    kind says what the rows are: "sequence" (one per sequence), "mask0"/"mask1" (the tokens of the batch's
+    first or second mask) or "positions" (inputs without masks: a fixed number of rows per sample)."""
 
-    def __init__(self, module: nn.Module, tensors: list[str], sink: Callable[[str, torch.Tensor], None],
+    def __init__(self, module: nn.Module, tensors: list[str], sink: Callable[[str, torch.Tensor, str], None],
                  post_fn=None):
         self.sink, self.post_fn = sink, post_fn
         self.masks: tuple[torch.Tensor, ...] | None = None  # the batch's token masks (see mask_for)
@@ -150,14 +152,16 @@ class Tap:
                 out = out.movedim(1, -1)
             if self.post_fn is not None:
                 out = self.post_fn(out)
+            kind = "positions"
             if self.masks is not None and out.dim() == 2 and out.shape[0] == self.masks[0].shape[0]:
-                pass  # one row per sequence (a pooler): every row counts
+                kind = "sequence"  # one row per sequence (a pooler): every row counts
             elif self.masks is not None:
                 mask = mask_for(self.masks, out)
                 if mask is None:
                     return  # e.g. position embeddings computed once per batch: not per-token rows
+                kind = f"mask{next(i for i, m in enumerate(self.masks) if m is mask)}"
                 out = out[mask]
-            self.sink(name, out.reshape(-1, out.shape[-1]).detach().float())
+            self.sink(name, out.reshape(-1, out.shape[-1]).detach().float(), kind)
         return hook
 
     def close(self) -> None:
@@ -170,23 +174,18 @@ def module_of(tensor: str) -> str:
 
 
 class Moments:
-    """Per producer module: the rows it gave in each batch, and each feature's mean and standard deviation
-    over all of them (float64, merged batch by batch with Chan's update, which does not cancel the way
-    sum(x²) - N·mean² does)."""
+    """Per producer module, each feature's mean and standard deviation over the rows that enter the costs
+    (float64, merged batch by batch with Chan's update, which does not cancel the way sum(x²) - N·mean²
+    does)."""
 
     def __init__(self, label: str):
         self.label = label
-        self.counts: dict[str, list[int]] = {}
         self.sums: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # rows, mean, squared deviations
-        self.batch = 0
 
     def add(self, name: str, rows: torch.Tensor) -> None:
         if not bool(torch.isfinite(rows).all()):  # finite inputs can still overflow (pixels of 1e38)
             raise OtfuseError(f"{self.label}: activations of module {name!r} overflow to NaN or Inf on the "
                               "sample data; check the data's scale")
-        counts = self.counts.setdefault(name, [])
-        counts.extend([0] * (self.batch + 1 - len(counts)))
-        counts[self.batch] += len(rows)
         if not len(rows):
             return
         x = rows.double()
@@ -198,28 +197,39 @@ class Moments:
             mb, m2b, nb = ma + delta * (nb / n), m2a + m2b + delta * delta * (na * nb / n), n
         self.sums[name] = (nb, mb, m2b)
 
-    def finish(self, batches: int) -> None:
-        for counts in self.counts.values():
-            counts.extend([0] * (batches - len(counts)))
-
     def mean_std(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         n, mean, m2 = self.sums[name]
         return mean.float(), (m2 / max(n - 1, 1)).sqrt().float()
 
 
-def keep_masks(counts: dict[str, list[int]], max_tokens: int, seed: int) -> dict[str, list[torch.Tensor]]:
-    """Per module and batch, the rows that enter the cross terms: the max_tokens rows with the smallest keys
-    of a generator seeded alike for every module and model, drawn batch by batch, so every model keeps the
-    same tokens."""
+def batch_size(batch, masks) -> int:
+    return len(batch) if masks is None else int(masks[0].shape[0])
+
+
+def row_counts(rules: dict[str, list[tuple[str, int]]], batches: list) -> dict[str, list[list[int]]]:
+    """Rows per module, batch and call, without running the model: each call's rule (what its rows are, and
+    rows per sample for inputs without masks) was seen on the first batch and holds for every batch."""
+    def rows(kind: str, per_sample: int, batch, masks) -> int:
+        if kind.startswith("mask"):
+            return int(masks[int(kind[4:])].sum())
+        return per_sample * batch_size(batch, masks)
+    return {name: [[rows(kind, per, batch, masks) for kind, per in calls] for batch, masks in batches]
+            for name, calls in rules.items()}
+
+
+def keep_masks(counts: dict[str, list[list[int]]], max_tokens: int, seed: int) -> dict[str, list[torch.Tensor]]:
+    """Per module and batch, the rows that enter the costs: the max_tokens rows with the smallest keys of a
+    generator seeded alike for every module and model, drawn call by call as rows arrive, so every model
+    keeps the same tokens."""
     masks = {}
     for name, per_batch in counts.items():
         gen = torch.Generator().manual_seed(seed)
-        keys = torch.cat([torch.rand(c, generator=gen) for c in per_batch])
+        keys = torch.cat([torch.rand(c, generator=gen) for calls in per_batch for c in calls])
         keep = torch.ones(len(keys), dtype=torch.bool)
         if len(keys) > max_tokens:
             keep = torch.zeros(len(keys), dtype=torch.bool)
             keep[torch.topk(keys, max_tokens, largest=False).indices] = True
-        masks[name] = list(keep.split(per_batch))
+        masks[name] = list(keep.split([sum(calls) for calls in per_batch]))
     return masks
 
 
@@ -230,11 +240,6 @@ def data_info(data: DataOptions) -> dict:
             "post_activation": bool(data.post_activation)}
 
 
-def _for(on_batch, source: TensorSource):
-    """on_batch bound to one model's label (None stays None)."""
-    return (lambda done, batches: on_batch(source.label, done, batches)) if on_batch else None
-
-
 # Bytes of cross-term statistics collected in one pass over the data; the spaces beyond it wait for another
 # pass, so memory does not grow with the model (a 7B model's FFN statistics alone are 31 GB).
 GROUP_BYTES = 1 << 30
@@ -243,9 +248,11 @@ GROUP_BYTES = 1 << 30
 class ActivationFeatures:
     """Feature provider for the engine; activations do not depend on other plans (no refinement).
 
-    Two passes over the sample data, neither keeping raw activations. First each model's per-feature moments
-    (the anchor's once however many parents there are), which fix the standardisation and which rows enter
-    the cost (at most max_tokens per module, the same tokens in every model). Then both models run side by
+    Two passes over the sample data, neither keeping raw activations. One forward pass of the first batch
+    tells what each hooked module's rows are (tokens of which mask, sequences, positions per sample), which
+    gives every batch's row counts and so the rows that enter the costs (at most max_tokens per module, the
+    same tokens in every model). Then each model's per-feature moments over those rows: the standardisation
+    (the anchor's once however many parents there are). Then both models run side by
     side, batch by batch, and each batch's kept rows go straight into the spaces' cross terms, norms and head
     grams (FeaturePair), so what is held is the statistics of the spaces in hand plus one batch. Spaces are
     taken in groups of at most GROUP_BYTES of statistics, one pass per group. Unfolded features (compress's
@@ -266,26 +273,29 @@ class ActivationFeatures:
         self.planned = 0  # forward passes planned so far (progress total)
         self.pairs: dict[int, FeaturePair] = {}
         self.groups: list[list[int]] | None = None
+        self.anchor_module = {module_of(ep.tensor): module_of(ea.tensor) for sp, sa in
+                              zip(parent_spec.spaces, anchor_spec.spaces) for ep, ea in zip(sp.entries, sa.entries)
+                              if ep.role == "out"}
         cache = anchor.__dict__.setdefault("_activations", {})
         key = repr(sorted(self.options.items()))
         self._plan(int(key not in cache) + int(parent is not anchor))
-        if key not in cache:  # the anchor's moments and batches: the same for every parent
-            cache[key] = self._moments("anchor")
-        self.moments = {"anchor": cache[key][0]}
-        self.batches["anchor"] = cache[key][1]
+        if key not in cache:  # the anchor's batches, kept rows and moments: the same for every parent
+            rules = self._rules("anchor")
+            self.masks = keep_masks(row_counts(rules, self.batches["anchor"]), self.options["max_tokens"],
+                                    self.options["seed"])
+            cache[key] = (rules, self.masks, self.batches["anchor"], self._moments("anchor"))
+        rules, self.masks, self.batches["anchor"], anchor_moments = cache[key]
+        self.moments = {"anchor": anchor_moments}
         if parent is anchor:  # compress: one model on both sides
-            self.moments["parent"], self.batches["parent"] = self.moments["anchor"], self.batches["anchor"]
+            self.moments["parent"], self.batches["parent"] = anchor_moments, self.batches["anchor"]
         else:
-            self.moments["parent"] = self._moments("parent")[0]
-        self.module_pairs = {(module_of(ep.tensor), module_of(ea.tensor)) for sp, sa in
-                             zip(parent_spec.spaces, anchor_spec.spaces) for ep, ea in zip(sp.entries, sa.entries)
-                             if ep.role == "out"}
-        counts = {side: self.moments[side].counts for side in self.moments}
-        for mp, ma in self.module_pairs:
-            if counts["parent"].get(mp, []) != counts["anchor"].get(ma, []):
-                raise OtfuseError(f"module {mp!r} gives other numbers of activation rows than the anchor's "
-                                  f"{ma!r} on the same samples; the models do not run alike")
-        self.masks = keep_masks(counts["anchor"], self.options["max_tokens"], self.options["seed"])
+            counts = row_counts(rules, self.batches["anchor"])
+            theirs = row_counts(self._rules("parent"), self.batches["parent"])
+            for mp, ma in self.anchor_module.items():
+                if theirs.get(mp) != counts.get(ma):
+                    raise OtfuseError(f"module {mp!r} gives other numbers of activation rows than the anchor's "
+                                      f"{ma!r} on the same samples; the models do not run alike")
+            self.moments["parent"] = self._moments("parent")
         self.kept_rows = {name: int(sum(int(m.sum()) for m in ms)) for name, ms in self.masks.items()}
         self.peak_rows = 0  # the most rows of one module held at once (one batch's kept rows)
 
@@ -309,17 +319,19 @@ class ActivationFeatures:
             return ACTIVATIONS[o["activation"] or (ckpt.metadata or {}).get("otfuse.activation", "relu")]
         return None
 
-    def _run(self, side: str, names: list[str], sink, what: str):
-        """A pass of one model over the batches, hooked on the modules of `names` (tensors), as a generator
-        that yields after each batch; sink(module, rows, batch number) takes every hooked output."""
+    def _run(self, side: str, names: list[str], sink, what: str, first_only: bool = False):
+        """A pass of one model over the batches (or only the first, uncounted), hooked on the modules of
+        `names` (tensors), as a generator that yields after each batch; sink(module, rows, kind, batch
+        number) takes every hooked output (Tap)."""
         model, label = self._model(side), self.sources[side].label.split(" (")[0]
         if side not in self.batches:
             o = self.options
             self.batches[side] = sample_batches(model, o["data"], o["samples"], o["seed"], o["max_length"],
                                                 label=str(self.sources[side].ckpt.path))
-        batches = self.batches[side]
+        batches = self.batches[side][:1] if first_only else self.batches[side]
         current = [0]
-        tap = Tap(model.module, names, lambda name, rows: sink(name, rows, current[0]), self._post(side))
+        tap = Tap(model.module, names, lambda name, rows, kind: sink(name, rows, kind, current[0]),
+                  self._post(side))
         try:
             for b, (batch, mask) in enumerate(batches):
                 current[0] = b
@@ -333,24 +345,49 @@ class ActivationFeatures:
                 except RuntimeError as exc:
                     raise OtfuseError(f"the sample inputs do not fit the model: {str(exc).splitlines()[0]}") \
                         from None
-                self.done += 1
-                if self.on_batch:
-                    self.on_batch(f"{label} {what} {b + 1}/{len(batches)}", self.done, self.planned * len(batches))
+                if not first_only:
+                    self.done += 1
+                    if self.on_batch:
+                        self.on_batch(f"{label} {what} {b + 1}/{len(batches)}", self.done,
+                                      self.planned * len(batches))
                 yield b
         finally:
             tap.close()
 
-    def _moments(self, side: str) -> tuple[Moments, list]:
-        moments = Moments(str(self.sources[side].ckpt.path))
+    def _out_tensors(self, side: str) -> list[str]:
+        return sorted({e.tensor for s in self.specs[side].spaces for e in s.entries if e.role == "out"})
 
-        def sink(name, rows, batch):
-            moments.batch = batch
-            moments.add(name, rows)
-        names = sorted({e.tensor for s in self.specs[side].spaces for e in s.entries if e.role == "out"})
-        for _ in self._run(side, names, sink, "statistics"):
+    def _rules(self, side: str) -> dict[str, list[tuple[str, int]]]:
+        """What each hooked call's rows are, from one forward pass of the first batch (see row_counts)."""
+        rules: dict[str, list[tuple[str, int]]] = {}
+
+        def sink(name, rows, kind, _batch):
+            batch, masks = self.batches[side][0]
+            per_sample = len(rows) // batch_size(batch, masks) if kind == "positions" else 1
+            rules.setdefault(name, []).append((kind, per_sample))
+        for _ in self._run(side, self._out_tensors(side), sink, "", first_only=True):
             pass
-        moments.finish(len(self.batches[side]))
-        return moments, self.batches[side]
+        return rules
+
+    def _kept(self, side: str, name: str, x: torch.Tensor, batch: int, seen: dict[str, int]) -> torch.Tensor:
+        """The rows of one hooked call that enter the costs; seen counts the batch's rows of each module."""
+        start = seen.get(name, 0)
+        seen[name] = start + len(x)
+        keep = self.masks[name if side == "anchor" else self.anchor_module[name]][batch][start:start + len(x)]
+        if len(keep) != len(x):
+            raise OtfuseError(f"module {name!r} gives other numbers of activation rows in batch {batch + 1} than "
+                              "the first batch's shapes imply; its rows cannot be sampled alike in every model")
+        return x[keep.to(x.device)]
+
+    def _moments(self, side: str) -> Moments:
+        """The model's moments over the rows that enter the costs: its standardisation."""
+        moments, seen = Moments(str(self.sources[side].ckpt.path)), {}
+
+        def sink(name, rows, _kind, batch):
+            moments.add(name, self._kept(side, name, rows, batch, seen))
+        for _ in self._run(side, self._out_tensors(side), sink, "statistics"):
+            seen.clear()
+        return moments
 
     # ------------------------------------------------------------ statistics, space by space
 
@@ -394,19 +431,16 @@ class ActivationFeatures:
         entries = {k: list(self._entry_pairs(k)) for k in group}
         same = self.sources["parent"] is self.sources["anchor"]
         sides = ("anchor",) if same else ("anchor", "parent")
-        anchor_module = {mp: ma for mp, ma in self.module_pairs}
         held: dict[str, dict[str, list[torch.Tensor]]] = {side: {} for side in sides}  # this batch's kept rows
         seen: dict[str, dict[str, int]] = {side: {} for side in sides}  # this batch's rows per module so far
 
         def sink_for(side: str):
-            def sink(name, x, batch):
-                start = seen[side].get(name, 0)
-                seen[side][name] = start + len(x)
-                keep = self.masks[name if side == "anchor" else anchor_module[name]][batch][start:start + len(x)]
-                if bool(keep.any()):
+            def sink(name, x, _kind, batch):
+                x = self._kept(side, name, x, batch, seen[side])
+                if len(x):
                     mean, std = self.moments[side].mean_std(name)
-                    x = STANDARDIZE[self.how](x[keep.to(x.device)], mean.to(x.device), std.to(x.device))
-                    held[side].setdefault(name, []).append(x)
+                    held[side].setdefault(name, []).append(STANDARDIZE[self.how](x, mean.to(x.device),
+                                                                                 std.to(x.device)))
             return sink
 
         runs = [self._run(side, sorted({(ea if side == "anchor" else ep).tensor for k in group
