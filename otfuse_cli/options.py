@@ -103,7 +103,7 @@ class DataOptions(Options):
     seed: int = option(0, "--seed", "Seed for sampling inputs and tokens (and compress's clustering).", minimum=0,
                       maximum=2**63 - 1)
     max_tokens: int = option(4096, "--max-tokens", "Activation rows (tokens/positions) per module that enter "
-                             "the costs (the standardisation reads every row).", minimum=1)
+                             "the costs: a seeded choice, the same tokens in every model.", minimum=1)
     standardize: str | None = option(None, "--standardize", "Activation standardisation before matching "
                                      "(default: per family, measured; none to compress).", STANDARDIZE)
     activation: str | None = option(None, "--activation", "Nonlinearity of bare MLP/CNN/ResNet state dicts.",

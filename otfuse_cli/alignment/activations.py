@@ -2,11 +2,11 @@
 
 Every module that *produces* a space (an "out" entry: Linear/Conv/Embedding/norm weights) is hooked; its
 output, restricted to the entry's slice, is in that space's basis. Rows are samples: tokens (padding
-excluded) or spatial positions. No raw activations are kept: a first pass gives each feature's moments
-(the standardisation) and a seeded choice of at most --max-tokens rows per module; a second pass runs both
-models side by side and adds each batch's chosen rows into the costs' sufficient statistics (cross terms,
-norms, head grams), so memory is those statistics plus one batch. Costs are then built by the same code as
-weight-based ones."""
+excluded) or spatial positions; a seeded choice of at most --max-tokens rows per module enters the costs.
+No raw activations are kept: a first pass gives each feature's moments over those rows (the
+standardisation), a second runs both models side by side and adds each batch's chosen rows into the costs'
+sufficient statistics (cross terms, norms, head grams), so memory is those statistics plus one batch.
+Costs are then built by the same code as weight-based ones (ActivationFeatures)."""
 
 from __future__ import annotations
 
