@@ -173,6 +173,12 @@ def module_of(tensor: str) -> str:
     return tensor.rsplit(".", 1)[0] if "." in tensor else ""
 
 
+def check_rows(label: str, module: str, rows: torch.Tensor) -> None:
+    if not bool(torch.isfinite(rows).all()):  # finite inputs can still overflow (pixels of 1e38)
+        raise OtfuseError(f"{label}: activations of module {module!r} overflow to NaN or Inf on the sample data; "
+                          "check the data's scale")
+
+
 class Moments:
     """Per producer module, each feature's mean and standard deviation over the rows that enter the costs
     (float64, merged batch by batch with Chan's update, which does not cancel the way sum(x²) - N·mean²
@@ -183,9 +189,7 @@ class Moments:
         self.sums: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # rows, mean, squared deviations
 
     def add(self, name: str, rows: torch.Tensor) -> None:
-        if not bool(torch.isfinite(rows).all()):  # finite inputs can still overflow (pixels of 1e38)
-            raise OtfuseError(f"{self.label}: activations of module {name!r} overflow to NaN or Inf on the "
-                              "sample data; check the data's scale")
+        check_rows(self.label, name, rows)
         if not len(rows):
             return
         x = rows.double()
@@ -252,10 +256,10 @@ class ActivationFeatures:
     tells what each hooked module's rows are (tokens of which mask, sequences, positions per sample), which
     gives every batch's row counts and so the rows that enter the costs (at most max_tokens per module, the
     same tokens in every model). Then each model's per-feature moments over those rows: the standardisation
-    (the anchor's once however many parents there are). Then both models run side by
-    side, batch by batch, and each batch's kept rows go straight into the spaces' cross terms, norms and head
-    grams (FeaturePair), so what is held is the statistics of the spaces in hand plus one batch. Spaces are
-    taken in groups of at most GROUP_BYTES of statistics, one pass per group. Unfolded features (compress's
+    (the anchor's once however many parents there are; none without one). Then both models run side by side,
+    batch by batch, and each batch's kept rows go straight into the spaces' cross terms, norms and head grams
+    (FeaturePair), so what is held is the statistics of the spaces in hand plus one batch. Spaces are taken
+    in groups of at most GROUP_BYTES of statistics, one pass per group. Unfolded features (compress's
     clustering needs each unit's rows) are the kept rows themselves, grouped the same way."""
 
     needs_refinement = False
@@ -277,13 +281,14 @@ class ActivationFeatures:
                               zip(parent_spec.spaces, anchor_spec.spaces) for ep, ea in zip(sp.entries, sa.entries)
                               if ep.role == "out"}
         cache = anchor.__dict__.setdefault("_activations", {})
-        key = repr(sorted(self.options.items()))
-        self._plan(int(key not in cache) + int(parent is not anchor))
+        key = repr(sorted(self.options.items())) + self.how
+        scaled = self.how != "none"  # rows used as they are need no moments pass
+        self._plan((int(key not in cache) + int(parent is not anchor)) * int(scaled))
         if key not in cache:  # the anchor's batches, kept rows and moments: the same for every parent
             rules = self._rules("anchor")
             self.masks = keep_masks(row_counts(rules, self.batches["anchor"]), self.options["max_tokens"],
                                     self.options["seed"])
-            cache[key] = (rules, self.masks, self.batches["anchor"], self._moments("anchor"))
+            cache[key] = (rules, self.masks, self.batches["anchor"], self._moments("anchor") if scaled else None)
         rules, self.masks, self.batches["anchor"], anchor_moments = cache[key]
         self.moments = {"anchor": anchor_moments}
         if parent is anchor:  # compress: one model on both sides
@@ -295,7 +300,7 @@ class ActivationFeatures:
                 if theirs.get(mp) != counts.get(ma):
                     raise OtfuseError(f"module {mp!r} gives other numbers of activation rows than the anchor's "
                                       f"{ma!r} on the same samples; the models do not run alike")
-            self.moments["parent"] = self._moments("parent")
+            self.moments["parent"] = self._moments("parent") if scaled else None
         self.kept_rows = {name: int(sum(int(m.sum()) for m in ms)) for name, ms in self.masks.items()}
         self.peak_rows = 0  # the most rows of one module held at once (one batch's kept rows)
 
@@ -437,7 +442,10 @@ class ActivationFeatures:
         def sink_for(side: str):
             def sink(name, x, _kind, batch):
                 x = self._kept(side, name, x, batch, seen[side])
-                if len(x):
+                if len(x) and self.moments[side] is None:
+                    check_rows(str(self.sources[side].ckpt.path), name, x)
+                    held[side].setdefault(name, []).append(x)
+                elif len(x):
                     mean, std = self.moments[side].mean_std(name)
                     held[side].setdefault(name, []).append(STANDARDIZE[self.how](x, mean.to(x.device),
                                                                                  std.to(x.device)))
@@ -459,6 +467,8 @@ class ActivationFeatures:
             for side in sides:
                 held[side].clear()
                 seen[side].clear()
+        for run in runs:  # removes the hooks
+            run.close()
         self.pairs.update(pairs)
 
     def features(self, k: int, plans: dict, first_pass: bool, fold: bool = True) -> FeaturePair:
