@@ -271,6 +271,7 @@ class ActivationFeatures:
         self.l1 = l1  # keep L1 norms of folded features (only --marginals l1 reads them)
         self.options, self.on_batch, self.done = data.collect(), on_batch, 0
         self.sources = {"anchor": anchor, "parent": parent}
+        self.sides = ("anchor",) if parent is anchor else ("anchor", "parent")  # compress: one model, both sides
         self.specs = {"anchor": anchor_spec, "parent": parent_spec}
         self.models: dict = {}  # runnable models, loaded while passes remain
         self.batches: dict[str, list] = {}
@@ -283,7 +284,7 @@ class ActivationFeatures:
         cache = anchor.__dict__.setdefault("_activations", {})
         key = repr(sorted(self.options.items())) + self.how
         scaled = self.how != "none"  # rows used as they are need no moments pass
-        self._plan((int(key not in cache) + int(parent is not anchor)) * int(scaled))
+        self._plan((int(key not in cache) + len(self.sides) - 1) * int(scaled))
         if key not in cache:  # the anchor's batches, kept rows and moments: the same for every parent
             rules = self._rules("anchor")
             self.masks = keep_masks(row_counts(rules, self.batches["anchor"]), self.options["max_tokens"],
@@ -434,10 +435,9 @@ class ActivationFeatures:
         """One pass of both models over the data, side by side, batch by batch into the group's statistics."""
         pairs = {k: FeaturePair(fold, l1=self.l1) for k in group}
         entries = {k: list(self._entry_pairs(k)) for k in group}
-        same = self.sources["parent"] is self.sources["anchor"]
-        sides = ("anchor",) if same else ("anchor", "parent")
-        held: dict[str, dict[str, list[torch.Tensor]]] = {side: {} for side in sides}  # this batch's kept rows
-        seen: dict[str, dict[str, int]] = {side: {} for side in sides}  # this batch's rows per module so far
+        # this batch's kept rows, and its rows per module so far, for each model
+        held: dict[str, dict[str, list[torch.Tensor]]] = {side: {} for side in self.sides}
+        seen: dict[str, dict[str, int]] = {side: {} for side in self.sides}
 
         def sink_for(side: str):
             def sink(name, x, _kind, batch):
@@ -453,9 +453,9 @@ class ActivationFeatures:
 
         runs = [self._run(side, sorted({(ea if side == "anchor" else ep).tensor for k in group
                                         for ep, ea in entries[k]}), sink_for(side), "cross terms")
-                for side in sides]
+                for side in self.sides]
         for _ in zip(*runs):  # one batch of every model, then its rows go into the statistics
-            rows = {side: {name: torch.cat(parts) for name, parts in held[side].items()} for side in sides}
+            rows = {side: {name: torch.cat(parts) for name, parts in held[side].items()} for side in self.sides}
             rows.setdefault("parent", rows["anchor"])
             self.peak_rows = max([self.peak_rows, *(len(x) for x in rows["anchor"].values())])
             for k in group:
@@ -464,7 +464,7 @@ class ActivationFeatures:
                     up, ua = _unit_rows(rows["parent"], ep, sp.size), _unit_rows(rows["anchor"], ea, sa.size)
                     if up is not None and ua is not None and up.shape[1:] == ua.shape[1:]:
                         pairs[k].add(ep, up, ea, ua)
-            for side in sides:
+            for side in self.sides:
                 held[side].clear()
                 seen[side].clear()
         for run in runs:  # removes the hooks
@@ -475,8 +475,7 @@ class ActivationFeatures:
         if k not in self.pairs:
             if self.groups is None:
                 self.groups = self._groups(fold)
-                same = self.sources["parent"] is self.sources["anchor"]
-                self._plan(len(self.groups) * (1 if same else 2))
+                self._plan(len(self.groups) * len(self.sides))
             group = next(g for g in self.groups if k in g)
             self._collect(group, fold)
             self.groups.remove(group)

@@ -21,7 +21,7 @@ METRICS: dict[str, Callable] = {"sqeuclidean": sqeuclidean, "cosine": cosine}
 
 
 # per-feature standardisation of activation rows x (rows = samples), from each feature's mean and standard
-# deviation over every sample row (activations.Moments): (x, mean, std) -> standardised rows
+# deviation over the rows that enter the costs (activations.Moments): (x, mean, std) -> standardised rows
 def _zscore(x, mean, std):
     """Squared distance of z-scores = 2N(1 - correlation): correlation matching."""
     return (x - mean) / std.clamp_min(1e-6)
