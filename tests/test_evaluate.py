@@ -414,6 +414,35 @@ def test_translation_ensemble_decodes_with_the_mean_of_the_next_token_probabilit
             translate([ra], sources, max_length=8, num_beams=beams)
 
 
+def test_translation_ensemble_cache_gives_the_whole_prefix_distributions_in_beam_search(tmp_path, monkeypatch):
+    """The other members decode from caches reordered as beam search reorders its hypotheses. Oracle: at every
+    step of a real beam search, the mean of the lead's distribution and the second model's own forward over
+    each row's whole prefix (no cache) with its sentence's source."""
+    from otfuse_cli.evaluation import generation
+    a, tok = tiny_bart(tmp_path / "a", seed=0)
+    b, _ = tiny_bart(tmp_path / "b", seed=1)
+    sources = ["the film was good", "bad plot", "a very good movie was not bad"]
+    ra, rb = (load_runnable(open_checkpoint(tmp_path / n)) for n in ("a", "b"))
+    enc = tok(sources, padding=True, return_tensors="pt")
+    call, steps = generation.MeanProbabilities.__call__, []
+
+    def checked(self, input_ids, scores):
+        mixed = call(self, input_ids, scores)
+        with torch.no_grad():
+            theirs = b(input_ids=enc["input_ids"].repeat_interleave(3, 0),
+                       attention_mask=enc["attention_mask"].repeat_interleave(3, 0),
+                       decoder_input_ids=input_ids).logits[:, -1]
+        probs = (torch.softmax(scores.double(), -1) + torch.softmax(theirs.double(), -1)) / 2
+        live = scores > float("-inf")
+        assert torch.allclose(mixed.double()[live], probs.log()[live], atol=1e-5)
+        steps.append(input_ids.shape[1])
+        return mixed
+
+    monkeypatch.setattr(generation.MeanProbabilities, "__call__", checked)
+    generation.translate([ra, rb], sources, batch_size=3, max_length=8, num_beams=3)
+    assert len(steps) >= 3 and steps == list(range(1, len(steps) + 1))  # one call per step, prefixes grow by one
+
+
 def test_translation_columns_ensemble_row_and_progress(tmp_path):
     tiny_bart(tmp_path / "a", seed=0)
     tiny_bart(tmp_path / "b", seed=1)

@@ -175,9 +175,10 @@ def length_buckets(lengths: list[int], size: int) -> list[list[int]]:
 
 
 def train(model, batch: Callable[[torch.Generator], tuple[dict, torch.Tensor]], steps: int, lr: float,
-          seed: int) -> float:
-    """AdamW with 10% warm-up and linear decay; `batch(generator)` draws one (inputs, labels) batch. Returns
-    the wall-clock seconds spent."""
+          seed: int, after_step: Callable[[int], None] | None = None) -> float:
+    """AdamW with 10% warm-up and linear decay; `batch(generator)` draws one (inputs, labels) batch;
+    `after_step(steps done)` may look at the model mid-run (a learning curve). Returns the wall-clock seconds
+    spent, the callback's included."""
     start = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -186,7 +187,7 @@ def train(model, batch: Callable[[torch.Generator], tuple[dict, torch.Tensor]], 
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm + 1))))
-    for _ in range(steps):
+    for step in range(steps):
         inputs, labels = batch(g)
         loss = model(**inputs, labels=labels).loss
         loss.backward()
@@ -194,6 +195,9 @@ def train(model, batch: Callable[[torch.Generator], tuple[dict, torch.Tensor]], 
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(step + 1)
+            model.train()
     model.eval()
     return time.perf_counter() - start
 

@@ -119,7 +119,7 @@ def mt_model(scale: MTScale, vocab: int, seed: int, pre_norm: bool = True):
 
 
 def fit_mt(scale: MTScale, tok, pairs, seed: int, lr: float, steps: int | None = None, model=None,
-           pre_norm: bool = True):
+           pre_norm: bool = True, after_step=None):
     """Train (a new model, or `model` further) on (source, target) pairs: (model, steps, seconds)."""
     model = model if model is not None else mt_model(scale, len(tok), seed, pre_norm)
     src = tok([s for s, _ in pairs], truncation=True, max_length=scale.max_length)["input_ids"]
@@ -135,7 +135,7 @@ def fit_mt(scale: MTScale, tok, pairs, seed: int, lr: float, steps: int | None =
         return {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]}, labels
 
     steps = steps or max(1, int(scale.epochs * len(pairs) / scale.batch))
-    return model, steps, train(model, batch, steps, lr, seed)
+    return model, steps, train(model, batch, steps, lr, seed, after_step)
 
 
 def half_fused(fused: Path, anchor: Path, part: str, out: Path) -> Path:

@@ -4,11 +4,13 @@ The ensemble (fairseq's convention) decodes with the mean of the members' next-t
 step, in the same search (greedy or beam) a single model uses: the first member drives `generate` and a
 logits processor mixes in the others' distributions for every running hypothesis. The first member's own
 generation rules stay in force (a token it forbids, e.g. a forced language token or an n-gram ban, stays
-forbidden); the other members run their decoders on the whole prefix each step (no cache), which costs
-O(length²) — fine for sentences, slow for documents."""
+forbidden). The other members decode with their own key/value caches: each step feeds them only the new token,
+after reordering their caches the way the search reordered its hypotheses (beam search keeps the best beams
+of a sentence and drops the rest; which row each new row continues is read off the prefixes)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -20,19 +22,52 @@ from otfuse_cli.errors import OtfuseError
 from otfuse_cli.runnable import quiet_transformers
 
 
+def _cache_argument(module) -> str:
+    """The forward's name for the key/value cache: `cache` from transformers 5.x, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 class MeanProbabilities(LogitsProcessor):
     """Next-token log-probabilities of the mean of the lead's (as generate processed them) and the other
-    members' distributions. `others`: [(runnable, encoder output, source mask)] already repeated per beam."""
+    members' distributions. `others`: [(runnable, encoder output, source mask)] already repeated per beam;
+    `beams`: hypotheses per sentence (rows of one sentence are adjacent, as generate lays them out)."""
 
-    def __init__(self, others: list):
-        self.others = others
+    def __init__(self, others: list, beams: int = 1):
+        self.others, self.beams = others, beams
+        self.caches: list = [None] * len(others)
+        self.seen: torch.Tensor | None = None  # the prefixes the caches hold
+
+    def _parents(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """For each row, a row of the last step whose prefix it extends, within its own sentence (the same
+        prefix in another sentence has another encoder output); None when the caches cannot be continued."""
+        prev = self.seen
+        if prev is None or prev.shape != (input_ids.shape[0], input_ids.shape[1] - 1):
+            return None
+        prefix = input_ids[:, :-1]
+        if torch.equal(prefix, prev):
+            return torch.arange(len(prev), device=prev.device)
+        rows = prev.view(-1, self.beams, prev.shape[1])
+        same = (prefix.view(-1, self.beams, 1, prefix.shape[1]) == rows.unsqueeze(1)).all(-1)  # (sent, new, old)
+        if not same.any(-1).all():
+            return None
+        first = same.float().argmax(-1)  # any matching row: equal prefixes of one sentence have equal caches
+        return (first + torch.arange(rows.shape[0], device=prev.device).unsqueeze(1) * self.beams).flatten()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         lps = [torch.log_softmax(scores.float(), -1)]  # greedy passes logits, beam search log-probabilities
-        for m, encoded, mask in self.others:
-            out = m.module(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=input_ids.to(m.device),
-                           use_cache=False)
+        parents = self._parents(input_ids)
+        for k, (m, encoded, mask) in enumerate(self.others):
+            ids = input_ids.to(m.device)
+            cache = self.caches[k] if parents is not None else None
+            if cache is not None:
+                cache.reorder_cache(parents.to(m.device))
+                ids = ids[:, -1:]
+            name = _cache_argument(m.module)
+            out = m.module(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=ids, use_cache=True,
+                           **{name: cache})
+            self.caches[k] = getattr(out, name)
             lps.append(torch.log_softmax(out.logits[:, -1].float(), -1).to(scores.device))
+        self.seen = input_ids.clone()
         mixed = torch.logsumexp(torch.stack(lps), 0) - math.log(len(lps))
         return mixed.masked_fill(scores == float("-inf"), float("-inf"))  # the lead's rules still hold
 
@@ -66,7 +101,7 @@ def translate(members: list, sources: list[str], *, batch_size=32, max_length=25
                 extra = {}
                 if len(members) > 1:
                     extra["logits_processor"] = [MeanProbabilities([(m, *_encoded(m, enc, num_beams))
-                                                                    for m in members[1:]])]
+                                                                    for m in members[1:]], num_beams)]
                 gen = lead.module.generate(**enc, num_beams=num_beams, do_sample=False, max_new_tokens=ml, **extra)
             except (RuntimeError, ValueError) as e:
                 raise OtfuseError(f"model {name!r} failed to generate: {str(e).splitlines()[0]}") from None
