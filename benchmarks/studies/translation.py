@@ -47,6 +47,7 @@ class MTScale:
     batch: int = 64
     max_length: int = 64
     limit: int | None = None  # pairs per split (smoke mode)
+    steps: int | None = None  # optimizer steps per model, instead of `epochs` over its data
 
 
 # The layout and learning rate were chosen on validation before the study (seed 0, half A, 400 validation
@@ -134,7 +135,7 @@ def fit_mt(scale: MTScale, tok, pairs, seed: int, lr: float, steps: int | None =
         labels = y["input_ids"].masked_fill(y["attention_mask"] == 0, -100)
         return {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]}, labels
 
-    steps = steps or max(1, int(scale.epochs * len(pairs) / scale.batch))
+    steps = steps or scale.steps or max(1, int(scale.epochs * len(pairs) / scale.batch))
     return model, steps, train(model, batch, steps, lr, seed, after_step)
 
 

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     scale = replace(FULL, limit=None)
-    data = load(args.data_dir, scale, smoke=False)
+    data = load(args.data_dir, scale, smoke=False, max_words=None)
     train = {d: short(data[f"{d} train"], args.max_words) for d in DOMAINS}
     tok = train_tokenizer([t for d in DOMAINS for pair in train[d] for t in pair], scale.vocab)
     points, clock = [], {"train": 0.0, "since": time.perf_counter()}
