@@ -51,9 +51,9 @@ TEST_SIZE = {"full": 400, "smoke": 60}
 VALIDATION_SIZE = {"full": 500, "smoke": 30}  # strings per domain, before the length filter
 
 
-def words(pairs: list, most: int) -> list:
-    """The pairs whose English has at most `most` words."""
-    return [p for p in pairs if len(p[0].split()) <= most]
+def words(pairs: list, most: int | None) -> list:
+    """The pairs whose English has at most `most` words (every pair for None)."""
+    return [p for p in pairs if most is None or len(p[0].split()) <= most]
 
 
 def load(data_dir: Path, scale: MTScale, smoke: bool, max_words: int | None = MAX_WORDS) -> dict:
@@ -65,7 +65,7 @@ def load(data_dir: Path, scale: MTScale, smoke: bool, max_words: int | None = MA
         office = [json.loads(line) for line in f]
     size, val_size = (d["smoke" if smoke else "full"] for d in (TEST_SIZE, VALIDATION_SIZE))
     office_test = [(r["en"], r["fi"]) for r in office if r["id"] % 10 == 0]
-    office_test = (words(office_test, 2 * max_words) if max_words else office_test)[:size]
+    office_test = words(office_test, 2 * max_words if max_words else None)[:size]
     unseen = {near_duplicate_key(en) for en, _ in office_test}
     out = {f"{d} {split}": [] for d in DOMAINS for split in ("train", "val", "test")}
     dropped = 0
@@ -81,11 +81,10 @@ def load(data_dir: Path, scale: MTScale, smoke: bool, max_words: int | None = MA
                 dropped += 1
                 continue
             out[f"{domain} {split}"].append((r["en"], r["fi"]))
-    short = (lambda pairs: words(pairs, max_words)) if max_words else (lambda pairs: pairs)
     for d in DOMAINS:  # the file is in a fixed pseudo-random order (by id): prefixes are fixed subsamples
-        out[f"{d} train"] = short(out[f"{d} train"])[:scale.limit]
-        out[f"{d} val"] = short(out[f"{d} val"][:val_size])
-        out[f"{d} test"] = short(out[f"{d} test"])[:size]
+        out[f"{d} train"] = words(out[f"{d} train"], max_words)[:scale.limit]
+        out[f"{d} val"] = words(out[f"{d} val"][:val_size], max_words)
+        out[f"{d} test"] = words(out[f"{d} test"], max_words)[:size]
     train_en = [en for d in DOMAINS for en, _ in out[f"{d} train"] + out[f"{d} val"]]
     for d in DOMAINS:
         check_no_leak([en for en, _ in out[f"{d} test"]], train_en)

@@ -26,14 +26,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import DEFAULT_DATA, save_model  # noqa: E402
-from translation import fit_mt, train_tokenizer, write_pairs  # noqa: E402
-from translation_domains import DOMAINS, FULL, load  # noqa: E402
+from translation import fit_mt, mt_model, train_tokenizer, write_pairs  # noqa: E402
+from translation_domains import DOMAINS, FULL, load, words  # noqa: E402
 
 import otfuse_cli as otf  # noqa: E402
-
-
-def short(pairs, max_words: int | None):
-    return [p for p in pairs if max_words is None or len(p[0].split()) <= max_words]
 
 
 def main(argv=None) -> int:
@@ -51,18 +47,19 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     scale = replace(FULL, limit=None)
     data = load(args.data_dir, scale, smoke=False, max_words=None)
-    train = {d: short(data[f"{d} train"], args.max_words) for d in DOMAINS}
+    train = {d: words(data[f"{d} train"], args.max_words) for d in DOMAINS}
     tok = train_tokenizer([t for d in DOMAINS for pair in train[d] for t in pair], scale.vocab)
-    points, clock = [], {"train": 0.0, "since": time.perf_counter()}
+    model = mt_model(scale, len(tok), 0)
+    points, clock = [], {"train": 0.0}
     with tempfile.TemporaryDirectory(prefix="otfuse-curve-") as tmp:
-        val = {"own domain": write_pairs(Path(tmp) / "val.jsonl", short(data[f"{args.party} val"], args.max_words)),
+        val = {"own domain": write_pairs(Path(tmp) / "val.jsonl", words(data[f"{args.party} val"], args.max_words)),
                "own domain, every length": write_pairs(Path(tmp) / "val_all.jsonl", data[f"{args.party} val"])}
 
         def checkpoint(step: int) -> None:
             if step not in args.at:
                 return
             clock["train"] += time.perf_counter() - clock["since"]
-            path = save_model(model_ref[0], Path(tmp) / f"step{step}", tok)
+            path = save_model(model, Path(tmp) / f"step{step}", tok)
             point = {"step": step, "train_seconds": round(clock["train"], 1)}
             for name, file in val.items():
                 row = otf.evaluate({"party": str(path)}, file, task="translation", max_length=64,
@@ -72,17 +69,15 @@ def main(argv=None) -> int:
             print(json.dumps(point), flush=True)
             clock["since"] = time.perf_counter()
 
-        from translation import mt_model
-        model_ref = [mt_model(scale, len(tok), 0)]
         clock["since"] = time.perf_counter()
-        fit_mt(scale, tok, train[args.party], 0, args.lr, steps=args.steps, model=model_ref[0],
+        fit_mt(scale, tok, train[args.party], 0, args.lr, steps=args.steps, model=model,
                after_step=checkpoint)
-    words = f"max{args.max_words}words" if args.max_words else "all"
+    label = f"max{args.max_words}words" if args.max_words else "all"
     result = {"party": args.party, "max_words": args.max_words, "training_strings": len(train[args.party]),
-              "validation_strings": len(short(data[f"{args.party} val"], args.max_words)), "lr": args.lr,
+              "validation_strings": len(words(data[f"{args.party} val"], args.max_words)), "lr": args.lr,
               "threads": torch.get_num_threads(), "scale": scale.__dict__, "points": points}
     args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"translation_domains_curve_{args.party}_{words}.json"
+    path = args.results / f"translation_domains_curve_{args.party}_{label}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"→ {path}")
     return 0

@@ -34,6 +34,7 @@ class MeanProbabilities(LogitsProcessor):
 
     def __init__(self, others: list, beams: int = 1):
         self.others, self.beams = others, beams
+        self.cache_names = [_cache_argument(m.module) for m, _, _ in others]  # read once, not every step
         self.caches: list = [None] * len(others)
         self.seen: torch.Tensor | None = None  # the prefixes the caches hold
 
@@ -62,7 +63,7 @@ class MeanProbabilities(LogitsProcessor):
             if cache is not None:
                 cache.reorder_cache(parents.to(m.device))
                 ids = ids[:, -1:]
-            name = _cache_argument(m.module)
+            name = self.cache_names[k]
             out = m.module(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=ids, use_cache=True,
                            **{name: cache})
             self.caches[k] = getattr(out, name)
