@@ -172,6 +172,26 @@ def test_sketched_distances_approximate_the_exact_ones():
     np.testing.assert_allclose(mass, torch.cat(xs, 1).double().norm(dim=1).numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e19])  # 1e19: finite in float32, dot products are not
+def test_folded_cross_terms_match_float64_distances_even_where_float32_overflows(scale):
+    """Folded plain entries give scipy's float64 squared distances: to float32 precision for ordinary
+    weights, and exactly where float32 products of extreme but finite weights would overflow."""
+    from otfuse_cli.alignment.cost import FeaturePair, unit_cost
+    from otfuse_cli.arch.model import Entry
+
+    g = torch.Generator().manual_seed(1)
+    entries = [Entry("a.weight", 0, "out"), Entry("b.weight", 1, "in")]
+    xs = [torch.randn(30, 200, generator=g) * scale, torch.randn(30, 100, generator=g)]
+    ys = [torch.randn(30, 200, generator=g) * scale, torch.randn(30, 100, generator=g)]
+    pair = FeaturePair()
+    for e, x, y in zip(entries, xs, ys):
+        pair.add(e, x[:, None, None, :], e, y[:, None, None, :])
+    cost, _ = unit_cost(pair.parent, pair.anchor, "sqeuclidean", folded=pair.folded())
+    exact = cdist(torch.cat(xs, 1).double().numpy(), torch.cat(ys, 1).double().numpy(), "sqeuclidean")
+    assert np.isfinite(cost).all()
+    np.testing.assert_allclose(cost, exact, rtol=1e-5 if scale == 1.0 else 1e-12)
+
+
 @pytest.mark.parametrize("sketch", ["16"])  # the hardest: fewer buckets than the hidden width (64)
 def test_sketched_alignment_still_recovers_a_hidden_permutation(tmp_path, sketch):
     """A tiny Llama fused with an independently permuted copy of itself (+1% noise), --sketch D: the fused

@@ -35,14 +35,17 @@ class Features:
 
     folded: dict[int, torch.Tensor] = field(default_factory=dict)  # order -> per-unit sum |x|^order (folded)
 
-    def fold(self, x: torch.Tensor, l1: bool) -> None:
+    def fold(self, x: torch.Tensor, l1: bool) -> torch.Tensor:
         """Count plain features x (n, D) that were folded into a pair's cross term (see FeaturePair): only
-        their per-unit squared L2 sums stay (and L1 sums when l1 support masses need them), in float64."""
-        parts = [(2, torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) ** 2)]  # float32 squares overflow
+        their per-unit squared L2 sums stay (and L1 sums when l1 support masses need them), in float64.
+        Returns x's own per-unit squared norms."""
+        squares = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) ** 2  # float32 squares overflow
+        parts = [(2, squares)]
         if l1:
             parts.append((1, x.abs().sum(1, dtype=torch.float64)))
         for order, part in parts:
             self.folded[order] = self.folded[order] + part if order in self.folded else part
+        return squares
 
     def empty(self) -> bool:
         return not self.plain and not self.channels and not self.grouped and not self.folded
@@ -105,8 +108,7 @@ class FeaturePair:
             return
         dtype = torch.float64 if torch.float64 in (xp.dtype, xa.dtype) else torch.float32
         x, y = xp.reshape(len(xp), -1).to(dtype), xa.reshape(len(xa), -1).to(dtype)
-        self.parent.fold(x, self.l1)
-        self.anchor.fold(y, self.l1)
+        x_sq, y_sq = self.parent.fold(x, self.l1), self.anchor.fold(y, self.l1)
         if self.sketch:
             bucket, sign = _hash(ea, x.shape[1], self.sketch)
             if self.sketches is None:
@@ -115,14 +117,15 @@ class FeaturePair:
             self.sketches[0].index_add_(1, bucket, x.double() * sign)
             self.sketches[1].index_add_(1, bucket, y.double() * sign)
         else:
-            cross = cross_term(x, y)
+            cross = cross_term(x, y, x_sq, y_sq)
             self.dot = cross if self.dot is None else self.dot.add_(cross)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(cross term, parent squared norms, anchor squared norms) of the folded entries, or None."""
         if self.sketches is not None:
             xs, ys = self.sketches
-            return cross_term(xs.float(), ys.float()), (xs * xs).sum(1), (ys * ys).sum(1)
+            x_sq, y_sq = (xs * xs).sum(1), (ys * ys).sum(1)
+            return cross_term(xs.float(), ys.float(), x_sq, y_sq), x_sq, y_sq
         if self.dot is None:
             return None
         return self.dot, self.parent.folded[2], self.anchor.folded[2]
@@ -172,15 +175,22 @@ def _hash(entry, columns: int, buckets: int) -> tuple[torch.Tensor, torch.Tensor
     return bucket, sign
 
 
-def cross_term(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+# Largest |x|·|y| whose float32 dot product is computed without overflow: float32's max (3.4e38) with room
+# for the rounding of the partial sums.
+FLOAT32_SAFE_DOT = 1e37
+
+
+def cross_term(x: torch.Tensor, y: torch.Tensor, x_sq: torch.Tensor, y_sq: torch.Tensor) -> torch.Tensor:
     """x @ yᵀ over the last axis as float64, computed as a float32 product (twice float64's speed; float64
-    inputs stay float64), and again in float64 where extreme but finite weights overflow float32."""
+    inputs stay float64). x_sq, y_sq: the rows' squared norms in float64. Every partial sum of a dot
+    product is bounded by |x_i|·|y_j| (Cauchy-Schwarz), so the norms tell beforehand whether float32 can
+    overflow; extreme but finite weights take the float64 product instead. (A scan of the product for
+    Inf cost 6.6% of a 1.1B sweep.)"""
     if torch.float64 in (x.dtype, y.dtype):
         return x.double() @ y.double().transpose(-1, -2)
-    cross = (x.float() @ y.float().transpose(-1, -2)).double()
-    if not bool(torch.isfinite(cross).all()):
-        cross = x.double() @ y.double().transpose(-1, -2)
-    return cross
+    if len(x) and len(y) and not float(x_sq.max()) * float(y_sq.max()) < FLOAT32_SAFE_DOT ** 2:
+        return x.double() @ y.double().transpose(-1, -2)  # also where a norm is Inf or NaN
+    return (x.float() @ y.float().transpose(-1, -2)).double()
 
 
 def plain_cost(parent: Features, anchor: Features, metric: str, folded: tuple | None = None) -> torch.Tensor:
