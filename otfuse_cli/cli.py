@@ -233,6 +233,13 @@ ALIGN_FLAGS = ("--align", "--solver", "--reg", "--metric", "--marginals", "--cos
 SAMPLE_FLAGS = ("--samples", "--max-tokens", "--standardize", "--post-activation", "--max-length", "--device",
                 "--device-map", "--activation", "--seed")
 ACTIVATION_FLAGS = ("--max-tokens", "--standardize", "--post-activation", "--device-map")  # activation features
+
+
+def refuse_sketch_unless_weights(given: set[str], options: AlignOptions) -> None:
+    if options.align != "weights":
+        refuse_unused(given, ("--sketch",), "it sketches weight features (--align weights)")
+
+
 MODELS_ARG = typer.Argument(..., metavar="MODEL", help="Two or more checkpoints (files or HF folders).")
 ANCHOR_OPT = typer.Option(0, "--anchor", min=0, help="Index of the model whose basis and widths the result takes.")
 ACTIVATION_OPT = typer.Option(None, "--activation", help="Nonlinearity of bare MLP/CNN/ResNet state dicts.")
@@ -267,8 +274,7 @@ def align(
     check_device(data)
     if options.align != "activations":
         refuse_unused(given, SAMPLE_FLAGS, "they shape activation alignment (--align activations)")
-    if options.align != "weights":
-        refuse_unused(given, ("--sketch",), "it sketches weight features (--align weights)")
+    refuse_sketch_unless_weights(given, options)
     if dry_run:
         return print_plan_of_work(models, anchor, allow_config_mismatch, options, False, json_out)
 
@@ -318,8 +324,8 @@ def fuse(
     check_device(data)
     if plan:
         refuse_unused(given, ALIGN_FLAGS, "the plan file fixes the alignment (--plan)")
-    elif options.align != "weights":
-        refuse_unused(given, ("--sketch",), "it sketches weight features (--align weights)")
+    else:
+        refuse_sketch_unless_weights(given, options)
     if not reads_data(options, merge, plan, stats, repair):
         refuse_unused(given, SAMPLE_FLAGS, "no step reads --data here (activations, regmean/fisher, --repair)")
     elif options.align != "activations" or plan:

@@ -113,7 +113,8 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
     on_batch = _batch_counter(start(on_space, "activations"), len(parents.ckpts) - 1) \
         if tracked and options.align == "activations" else None
     work = space_estimates(parents, options) if tracked else None  # bars and ETAs move by estimated work
-    per_pass = sum(work.values()) * len(others) if work else None
+    space_pass = sum(work.values()) if work else None  # one pass over one parent's spaces
+    per_pass = space_pass and space_pass * len(others)
     first = start(on_space, "aligning", spaces * len(others), per_pass)
     refine = None  # created once the provider says whether it refines
     plans: list[dict[str, Plan]] = []
@@ -140,7 +141,7 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
                                 else on_space, refined if refine is not None else None, timings))
         if refine is not None and solves[0] < spaces * sweeps:  # converged early: the rest is not needed
             left = spaces * sweeps - solves[0]
-            refine.advance(left, detail=f"model {k} converged", work=work and sum(work.values()) * left / spaces)
+            refine.advance(left, detail=f"model {k} converged", work=space_pass and space_pass * left / spaces)
     timing_line("alignment: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in timings.items()))
     anchor_src.__dict__.pop("_activations", None)  # the anchor's recorded activations: not needed to merge
     return plans

@@ -99,10 +99,16 @@ def decoder_inputs(model, target: dict, avoid_length: int, limit: int) -> dict[s
     return {"decoder_input_ids": ids, "decoder_attention_mask": mask}
 
 
+def mask_index(masks, out: torch.Tensor) -> int | None:
+    """Which token mask (of a batch's masks: one, or source and target for an encoder-decoder) has out's
+    (batch, tokens) shape; None when none fits (not per-token rows)."""
+    return next((i for i, m in enumerate(masks) if tuple(out.shape[:2]) == tuple(m.shape)), None)
+
+
 def mask_for(masks, out: torch.Tensor) -> torch.Tensor | None:
-    """The token mask (of a batch's masks: one, or source and target for an encoder-decoder) whose shape is
-    out's (batch, tokens); None when none fits (not per-token rows)."""
-    return next((m for m in masks if tuple(out.shape[:2]) == tuple(m.shape)), None)
+    """The token mask mask_index picks, or None."""
+    i = mask_index(masks, out)
+    return None if i is None else masks[i]
 
 
 def loaded_names(module: nn.Module, tensors: list[str]) -> dict[str, str]:
@@ -156,11 +162,11 @@ class Tap:
             if self.masks is not None and out.dim() == 2 and out.shape[0] == self.masks[0].shape[0]:
                 kind = "sequence"  # one row per sequence (a pooler): every row counts
             elif self.masks is not None:
-                mask = mask_for(self.masks, out)
-                if mask is None:
+                i = mask_index(self.masks, out)
+                if i is None:
                     return  # e.g. position embeddings computed once per batch: not per-token rows
-                kind = f"mask{next(i for i, m in enumerate(self.masks) if m is mask)}"
-                out = out[mask]
+                kind = f"mask{i}"
+                out = out[self.masks[i]]
             self.sink(name, out.reshape(-1, out.shape[-1]).detach().float(), kind)
         return hook
 

@@ -25,13 +25,12 @@ class Features:
     def add(self, entry, x: torch.Tensor) -> None:
         """x: (units, rep, inner, D) slices of one entry; within-unit dims go to the entry's channel, and rep
         blocks stay apart where the entry's group map may reorder them."""
-        n = x.shape[0]
         if entry.group:
-            self.grouped.setdefault(entry.channel, []).append(x)
+            self.grouped.setdefault(entry.channel, []).append(channel_view(entry, x))
         elif entry.inner > 1:
-            self.channels.setdefault(entry.channel, []).append(x.transpose(1, 2).reshape(n, x.shape[2], -1))
+            self.channels.setdefault(entry.channel, []).append(channel_view(entry, x))
         else:
-            self.plain.append(x.reshape(n, -1))
+            self.plain.append(x.reshape(x.shape[0], -1))
 
     folded: dict[int, torch.Tensor] = field(default_factory=dict)  # order -> per-unit sum |x|^order (folded)
 
@@ -138,13 +137,16 @@ def _channel_key(entry) -> tuple[str, str]:
     return ("grouped" if entry.group else "channel", entry.channel)
 
 
+def channel_view(entry, x: torch.Tensor) -> torch.Tensor:
+    """A head channel's (units, rep, inner, D) slices as they are kept: (n, G, d, D) when the entry's group
+    map may reorder its rep blocks, else (n, d, rep·D) with the rep blocks side by side."""
+    return x if entry.group else x.transpose(1, 2).reshape(len(x), x.shape[2], -1)
+
+
 def _channel_rows(entry, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """(units, rep, inner, D) -> one row per within-unit dim, and the per-unit shape of those rows: (G, d)
-    when the entry's group map may reorder its rep blocks, else (d,) with the rep blocks side by side."""
-    n, rep, inner, cols = x.shape
-    if entry.group:
-        return x.reshape(n * rep * inner, cols), (rep, inner)
-    return x.transpose(1, 2).reshape(n * inner, rep * cols), (inner,)
+    """(units, rep, inner, D) -> one row per within-unit dim, and the per-unit shape of those rows."""
+    view = channel_view(entry, x)
+    return view.reshape(-1, view.shape[-1]), tuple(view.shape[1:-1])
 
 
 def gram(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

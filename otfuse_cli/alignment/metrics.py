@@ -8,8 +8,12 @@ from typing import Callable
 
 
 def sqeuclidean(dot, nx, ny):
-    """|x - y|^2 from x.y and the squared norms (float64: the expansion cancels no more than cdist)."""
-    return (nx[..., :, None] + ny[..., None, :] - 2 * dot).clamp_min(0)
+    """|x - y|^2 from x.y and the squared norms (float64: the expansion cancels no more than cdist). One new
+    (n, m) array, the rest in place: at n = 5,632 each fresh array is 254 MB of page faults."""
+    cost = dot * -2
+    cost += nx[..., :, None]
+    cost += ny[..., None, :]
+    return cost.clamp_min_(0)
 
 
 def cosine(dot, nx, ny):

@@ -515,7 +515,7 @@ def _write_shards(tmp: Path, items: Iterable, metadata: dict[str, str], max_shar
 
     for name, t in items:
         t = _prepare(name, t, seen)
-        if buf and size + _nbytes(t) > max_shard_size:
+        if _starts_shard(bool(buf), size, _nbytes(t), max_shard_size):
             flush()
         buf.append((name, t))
         size += _nbytes(t)
@@ -540,7 +540,7 @@ def _write_planned_shards(tmp: Path, items: Iterable, metadata: dict[str, str], 
     size = 0
     for entry in planned:
         nbytes = math.prod(entry[2]) * entry[1].itemsize
-        if not groups or (groups[-1] and max_shard_size is not None and size + nbytes > max_shard_size):
+        if not groups or _starts_shard(bool(groups[-1]), size, nbytes, max_shard_size):
             groups.append([])
             size = 0
         groups[-1].append(entry)
@@ -564,6 +564,12 @@ def _write_planned_shards(tmp: Path, items: Iterable, metadata: dict[str, str], 
     _write_index(tmp, files, [[(name, math.prod(shape) * dtype.itemsize) for name, dtype, shape in group]
                               for group in groups])
     return files
+
+
+def _starts_shard(filled: bool, size: int, nbytes: int, max_shard_size: int | None) -> bool:
+    """The rule both shard writers follow: a tensor that would take a shard holding something (size bytes)
+    past the limit starts the next shard; a tensor larger than the limit gets a shard of its own."""
+    return filled and max_shard_size is not None and size + nbytes > max_shard_size
 
 
 def _shard_names(count: int) -> list[str]:
