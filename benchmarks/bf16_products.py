@@ -9,7 +9,7 @@ to the solver) and `permuted` (a hidden permutation + 1% noise, the recovery tes
 squared distances |x|² + |y|² - 2 x·y with the norms in float64; plans come from otfuse's assignment solver;
 each plan is scored on the float64 cost. Reported per product dtype: seconds (best of --repeat) and GFLOP/s,
 the share of units assigned as float64 assigns them, the share of float64's alignment gain (identity cost -
-optimal cost) that is lost, and for `permuted` the cost error on matched units relative to their distance.
+optimal cost) that is lost, and for `permuted` the median cost error on matched units relative to their distance.
 
     .venv/bin/python benchmarks/bf16_products.py              # the 1.1B FFN shape, about 2 minutes
     .venv/bin/python benchmarks/bf16_products.py --units 512  # quick

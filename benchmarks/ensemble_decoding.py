@@ -4,8 +4,9 @@ it did before), measured side by side in one run, with identical outputs checked
 
 Two encoder-decoders of one shape from different seeds (untrained, and kept from ending a sentence, so every
 hypothesis runs to the length limit: the case where the prefix cost shows most), a tokenizer learnt on
-Multi30k's English and German, and Multi30k validation sources; greedy and beam 4, up to `--max-length` new tokens. Shapes: the studies' small
-mBART (128 wide, 2 layers a stack) and a Marian-base shape (512 wide, 6 layers, 8 heads, FFN 2048).
+Multi30k's English and German, and Multi30k validation sources; greedy and beam 4, up to `--max-length` new
+tokens. Shapes: the studies' small mBART (128 wide, 2 layers a stack) and a Marian-base shape (512 wide, 6
+layers, 8 heads, FFN 2048).
 
     .venv/bin/python benchmarks/ensemble_decoding.py                   # writes benchmarks/ensemble_decoding.json
     .venv/bin/python benchmarks/ensemble_decoding.py --sentences 16 --max-length 16 --out /tmp/e.json  # quick

@@ -25,10 +25,9 @@ class Features:
     def add(self, entry, x: torch.Tensor) -> None:
         """x: (units, rep, inner, D) slices of one entry; within-unit dims go to the entry's channel, and rep
         blocks stay apart where the entry's group map may reorder them."""
-        if entry.group:
-            self.grouped.setdefault(entry.channel, []).append(channel_view(entry, x))
-        elif entry.inner > 1:
-            self.channels.setdefault(entry.channel, []).append(channel_view(entry, x))
+        if entry.group or entry.inner > 1:
+            kept = self.grouped if entry.group else self.channels
+            kept.setdefault(entry.channel, []).append(channel_view(entry, x))
         else:
             self.plain.append(x.reshape(x.shape[0], -1))
 
