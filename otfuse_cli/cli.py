@@ -592,7 +592,7 @@ def stats(
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
     from otfuse_cli.pipeline import check_output
-    from otfuse_cli.stats import KINDS, compute_stats, save_stats
+    from otfuse_cli.merging.stats import KINDS, compute_stats, save_stats
 
     check_output(output, OutputOptions(force=force))
     ckpt = open_checkpoint(model)

@@ -371,7 +371,7 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
     tensors = report.counted(compressed_tensors(ckpt, Transporter(target, spec), plans, write, count), on_space,
                              "writing", len(ckpt.keys()))
     if repair:  # the whole compressed model in memory, to run it
-        from otfuse_cli.repair import repair_batchnorm
+        from otfuse_cli.merging.repair import repair_batchnorm
 
         tensors = repair_batchnorm(dict(tensors), ckpt, data)
     out = write_checkpoint(output, tensors,

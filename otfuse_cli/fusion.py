@@ -15,7 +15,7 @@ from otfuse_cli.checkpoint import provenance, sha256_file, write_checkpoint
 from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
 from otfuse_cli import report
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.merge import MERGES
+from otfuse_cli.merging.rules import MERGES
 from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOptions
 from otfuse_cli.pipeline import (Parents, check_output, check_shard_size, compute_plans, data_record, dtype_overrides,
                                  layout_of, open_parents, output_dtype, plan_summary)
@@ -112,7 +112,7 @@ def parent_stats(parents: Parents, merge: MergeOptions, data: DataOptions, stats
         if stats_files:
             raise OtfuseError(f"--stats is read by --merge regmean or fisher, not {merge.merge}")
         return None
-    from otfuse_cli.stats import compute_stats, load_stats
+    from otfuse_cli.merging.stats import compute_stats, load_stats
 
     if stats_files:
         if len(stats_files) != len(parents.ckpts):
@@ -205,7 +205,7 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
                              "merging", len(parents.ckpts[anchor].keys()))
     planned = fused_layout(parents.ckpts[anchor], write)
     if repair:  # needs the whole fused model in memory to run it
-        from otfuse_cli.repair import repair_fused
+        from otfuse_cli.merging.repair import repair_fused
 
         tensors, planned = repair_fused(dict(tensors), parents, plans, w, data), None
     out = write_checkpoint(output, tensors, layout=layout, source=parents.ckpts[anchor], planned=planned,

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from otfuse_cli.alignment.metrics import METRICS, STANDARDIZE
 from otfuse_cli.alignment.solvers import COST_NORMS, MARGINALS, SOLVERS
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.merge import MERGES
+from otfuse_cli.merging.rules import MERGES
 
 # Feature providers (pipeline.PROVIDERS), output dtypes and bare-net activations need torch to build, so
 # their names are declared here; tests check they match those tables.

@@ -269,7 +269,7 @@ def mass_routes(parents: list[Path], out: Path, align_data: str) -> tuple[dict[s
 def party_stats(model: Path, data: str, out: Path) -> Path:
     """`otfuse stats MODEL --data DATA`: the Gram matrices one party shares instead of its data."""
     from otfuse_cli.checkpoint import open_checkpoint
-    from otfuse_cli.stats import compute_stats, save_stats
+    from otfuse_cli.merging.stats import compute_stats, save_stats
 
     ckpt = open_checkpoint(model)
     result = compute_stats(ckpt, otf.DataOptions(data=data, samples=10_000), ("gram",))
