@@ -4,6 +4,7 @@ The library API (what the `otfuse` commands call):
 
     import otfuse_cli as otf
     otf.fuse(["a/", "b/"], "fused/", options=otf.AlignOptions(solver="sinkhorn", reg=0.02))
+    otf.fuse(["sst2/", "mnli/"], "merged/", base="bert/", merge=otf.MergeOptions(merge="ties", density=0.2))
     doc = otf.evaluate({"a": "a/", "fused": "fused/"}, "test.jsonl")
 
 Names load on first use, so `import otfuse_cli` (and the command line's option checks) stays instant.
@@ -24,6 +25,7 @@ _API = {
     "AlignOptions": "otfuse_cli.options",
     "DataOptions": "otfuse_cli.options",
     "OutputOptions": "otfuse_cli.options",
+    "MergeOptions": "otfuse_cli.options",
     "Plan": "otfuse_cli.alignment.transport",
     "load_plans": "otfuse_cli.alignment.plans",
     "OtfuseError": "otfuse_cli.errors",

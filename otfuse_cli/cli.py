@@ -302,13 +302,17 @@ def fuse(
     repair: bool = typer.Option(False, "--repair", "--repair-bn",
                                 help="REPAIR on --data: reset every fused unit's mean/std to its parents' (MLPs, "
                                      "CNNs); BatchNorm nets get their statistics re-estimated."),
+    base: Optional[str] = typer.Option(None, "--base", metavar="MODEL",
+                                       help="The parents' common pre-trained model: merge rules then combine "
+                                            "task vectors (parent - base) and add the base back."),
     anchor: int = ANCHOR_OPT, json_out: bool = JSON_OPTION, allow_config_mismatch: bool = ALLOW_MISMATCH_OPT,
     dry_run: bool = DRY_RUN_OPT, options: AlignOptions = None, merge: MergeOptions = None,
     data: DataOptions = None, write: OutputOptions = None,
 ) -> None:
     """Fuse two or more models: align them onto the anchor with OT, then merge them (weighted average,
-    RegMean or Fisher). Activation alignment runs every model on the same --data; the merge statistics can
-    come from each party's own data through --stats files instead.
+    RegMean, Fisher, or on task vectors with --base: task arithmetic, TIES, DARE). Activation alignment runs
+    every model on the same --data; the merge statistics can come from each party's own data through --stats
+    files instead. Parents with different task heads keep their own: OUT/<name>/ per parent.
 
     Examples:
 
@@ -317,21 +321,29 @@ def fuse(
       otfuse fuse a/ b/ -o fused/ --solver sinkhorn --reg 0.02
       otfuse fuse a/ b/ -o fused/ --merge regmean \\
           --stats a.stats.safetensors --stats b.stats.safetensors
+      otfuse fuse sst2/ mnli/ -o merged/ --base bert-base/ --merge ties --density 0.2
     """
     from otfuse_cli.fusion import fuse as fuse_models, reads_data
+    from otfuse_cli.merging.rules import MERGES
 
     given = explicit_flags()
+    rule_reads = MERGES[merge.merge].reads
     check_device(data)
     if plan:
         refuse_unused(given, ALIGN_FLAGS, "the plan file fixes the alignment (--plan)")
     else:
         refuse_sketch_unless_weights(given, options)
     if not reads_data(options, merge, plan, stats, repair):
-        refuse_unused(given, SAMPLE_FLAGS, "no step reads --data here (activations, regmean/fisher, --repair)")
+        unread = tuple(f for f in SAMPLE_FLAGS if f != "--seed" or "seed" not in rule_reads)
+        refuse_unused(given, unread, "no step reads --data here (activations, regmean/fisher, --repair)")
     elif options.align != "activations" or plan:
         refuse_unused(given, ACTIVATION_FLAGS, "they shape activation alignment (--align activations)")
     if merge.merge != "regmean":
         refuse_unused(given, ("--regmean-alpha",), "it is read by --merge regmean")
+    for option in ("scale", "density"):
+        if option not in rule_reads:
+            readers = ", ".join(name for name, rule in MERGES.items() if option in rule.reads)
+            refuse_unused(given, (f"--{option}",), f"it is read by --merge {readers}")
     if dry_run:
         return print_plan_of_work(models, anchor, allow_config_mismatch, options if not plan else
                                   replace(options, align="none"), True, json_out)
@@ -339,7 +351,7 @@ def fuse(
                        "max_shard_size": write.max_shard_size, "activation": data.activation}
     with report.Progress(enabled=not json_out) as progress:
         result = fuse_models(models, output, options=options, data=data, merge=merge, write=write, anchor=anchor,
-                             weights=weights, plan=plan, stats=stats, repair=repair,
+                             weights=weights, plan=plan, stats=stats, repair=repair, base=base,
                              command_options=command_options, on_space=progress,
                              allow_config_mismatch=allow_config_mismatch)
     if json_out:
@@ -349,6 +361,8 @@ def fuse(
             report.console.print(report.alignment_table(result["spaces"], "alignment"))
         report.console.print(f"[bold green]fused[/] {len(models)} {result['family']} models "
                              f"(align {result['align']}, merge {result['merge']}) → {escape_path(result['output'])}")
+        for name, path in result.get("members", {}).items():
+            report.console.print(f"  {escape_path(name)}: merged body + its own task head → {escape_path(path)}")
 
 
 def print_plan_of_work(models: list[str], anchor: int, allow_config_mismatch: bool, options: AlignOptions,

@@ -3,22 +3,25 @@ F = merge(T_out^T W_k T_in), streamed tensor by tensor."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from otfuse_cli.alignment.plans import check_plan_inputs, load_plans
 from otfuse_cli.alignment.transport import Plan, Transporter
-from otfuse_cli.alignment.weights import as_float
+from otfuse_cli.alignment.weights import TensorSource, as_float
+from otfuse_cli.arch.compat import head_tensors
 from otfuse_cli.card import card_for
-from otfuse_cli.checkpoint import provenance, sha256_file, write_checkpoint
+from otfuse_cli.checkpoint import open_checkpoint, provenance, sha256_file, write_checkpoint
 from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
 from otfuse_cli import report
 from otfuse_cli.errors import OtfuseError
-from otfuse_cli.merging.rules import MERGES
+from otfuse_cli.merging.rules import MERGES, Tensor
 from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOptions
 from otfuse_cli.pipeline import (Parents, check_output, check_shard_size, compute_plans, data_record, dtype_overrides,
-                                 layout_of, open_parents, output_dtype, plan_summary)
+                                 layout_of, open_parents, output_dtype, plan_summary, requested_layout)
 
 
 def parse_weights(text: str | None, count: int) -> list[float]:
@@ -47,13 +50,52 @@ def _statistic(rule, parents: Parents, movers, plans, stats, name: str, k: int):
     return fisher if k == parents.anchor else movers[k].move(name, fisher, plans[k])
 
 
+@dataclass
+class Base:
+    """The parents' common pre-trained model (--base): its tensors, by the parents' tensor names."""
+
+    source: TensorSource
+    names: dict[str, str]  # parent tensor name -> the base's (a bare body may lack the parents' prefix)
+
+
+def open_base(path: str, parents: Parents, allow_config_mismatch: bool) -> Base:
+    """Open --base and match every tensor the parents merge to one of the base's of the same shape. A base
+    saved as the bare body (BertModel) names its tensors without the task model's prefix ("bert.")."""
+    from otfuse_cli.arch.compat import check_config_match
+
+    ckpt = open_checkpoint(path)
+    anchor = parents.ckpts[parents.anchor]
+    kept = set(parents.heads[parents.anchor]) if parents.heads else set()
+    names = {}
+    for name in anchor.keys():
+        if name in kept or not anchor.dtype(name).is_floating_point:
+            continue
+        found = name if name in ckpt else None
+        if found is None and "." in name and name.split(".", 1)[1] in ckpt:
+            found = name.split(".", 1)[1]
+        if found is None:
+            hint = "; its task heads are not in the base: keep each parent's own with --heads keep" \
+                if name in head_tensors(anchor) else ""
+            raise OtfuseError(f"--base {path} has no tensor {name}{hint}")
+        if tuple(ckpt.shape(found)) != tuple(anchor.shape(name)):
+            raise OtfuseError(f"--base {path}: {found} has shape {tuple(ckpt.shape(found))}, the parents' "
+                              f"{tuple(anchor.shape(name))}; the base must be the parents' pre-trained model")
+        names[name] = found
+    if not allow_config_mismatch:
+        check_config_match(anchor, ckpt, f"--base {path}")
+    return Base(TensorSource(ckpt, f"--base {path}"), names)
+
+
 def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[float], merge: MergeOptions,
-                  write: OutputOptions, stats: list | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                  write: OutputOptions, stats: list | None = None, base: Base | None = None,
+                  seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """The merged tensors in the anchor's order; with `base`, the rule merges task vectors and the base is
+    added back. Task heads kept apart (parents.heads) are not among them."""
     anchor = parents.anchor
     movers = [Transporter(parents.specs[anchor], s) for s in parents.specs]
     rule = MERGES[merge.merge]
     ckpt = parents.ckpts[anchor]
-    for name, dtype, shape in fused_layout(ckpt, write):
+    for name, dtype, shape in fused_layout(ckpt, write, _kept(parents)):
         if not dtype.is_floating_point:  # integer buffers (num_batches_tracked) stay the anchor's
             yield name, ckpt.get(name)
             continue
@@ -70,17 +112,27 @@ def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[
         if rule.needs:
             extra = [_statistic(rule, parents, movers, plans, stats, name, k) for k in range(len(aligned))]
             extra = None if any(e is None for e in extra) else extra
+        tensor = Tensor(name, weights, merge, seed=seed)
+        origin = None if base is None else base.source.take(base.names[name], raw=rule.elementwise)
         if rule.elementwise:
-            yield name, _blockwise(rule, name, aligned, weights, extra, merge.regmean_alpha, dtype)
-        else:
-            yield name, rule(name, aligned, weights, extra, merge.regmean_alpha).to(dtype)
+            yield name, _blockwise(rule, tensor, aligned, extra, origin, dtype)
+            continue
+        if origin is not None:  # task vectors, then the base added back
+            origin = as_float(origin)
+            aligned = [as_float(x) - origin for x in aligned]
+        out = rule(aligned, replace(tensor, stats=extra))
+        yield name, (out if origin is None else out.to(origin.dtype) + origin).to(dtype)
 
 
-def fused_layout(ckpt, write: OutputOptions) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+def _kept(parents: Parents) -> set[str]:
+    return set(parents.heads[parents.anchor]) if parents.heads else set()
+
+
+def fused_layout(ckpt, write: OutputOptions, skip: set[str] = frozenset()) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """(name, dtype, shape) of every tensor fused_tensors yields, known from the anchor's header before any
     weight is read: the writer lays the shards out from it and writes each tensor as it comes."""
     return [(name, output_dtype(ckpt.dtype(name), write) if ckpt.dtype(name).is_floating_point
-             else ckpt.dtype(name), ckpt.shape(name)) for name in ckpt.keys()]
+             else ckpt.dtype(name), ckpt.shape(name)) for name in ckpt.keys() if name not in skip]
 
 
 # Elements per block of an elementwise merge. Its float32 temporaries (4 MiB) are reused from the allocator's
@@ -89,18 +141,29 @@ def fused_layout(ckpt, write: OutputOptions) -> list[tuple[str, torch.dtype, tup
 BLOCK = 1 << 20
 
 
-def _blockwise(rule, name: str, aligned: list[torch.Tensor], weights: list[float], extra: list | None, alpha: float,
+def _blockwise(rule, tensor: Tensor, aligned: list[torch.Tensor], extra: list | None, origin: torch.Tensor | None,
                dtype: torch.dtype) -> torch.Tensor:
     """rule applied to aligned blocks of the parents' elements (any dtype; computed in float32, float64 kept),
-    written straight into the output tensor of `dtype`."""
+    minus and plus the base's block when there is one, written straight into the output tensor of `dtype`.
+    A rule with a per-tensor preparation (TIES' thresholds) first streams over every parent's blocks."""
     out = torch.empty(aligned[0].shape, dtype=dtype)
     flat = out.view(-1)
     xs = [x.reshape(-1) for x in aligned]
     ss = None if extra is None else [s.reshape(-1) for s in extra]
+    bs = None if origin is None else origin.reshape(-1)
+
+    def block(k: int, part: slice) -> torch.Tensor:
+        x = as_float(xs[k][part])
+        return x if bs is None else x - as_float(bs[part])
+
+    if rule.prepare is not None:
+        tensor = replace(tensor, state=rule.prepare(
+            lambda k: (block(k, slice(s, s + BLOCK)) for s in range(0, flat.numel(), BLOCK)), tensor))
     for start in range(0, flat.numel(), BLOCK):
-        block = slice(start, start + BLOCK)
-        flat[block] = rule(name, [as_float(x[block]) for x in xs], weights,
-                           None if ss is None else [as_float(s[block]) for s in ss], alpha)
+        part = slice(start, start + BLOCK)
+        merged = rule([block(k, part) for k in range(len(xs))],
+                      replace(tensor, start=start, stats=None if ss is None else [as_float(s[part]) for s in ss]))
+        flat[part] = merged if bs is None else merged + as_float(bs[part])
     return out
 
 
@@ -160,25 +223,49 @@ def reads_data(options: AlignOptions, merge: MergeOptions, plan: str | None, sta
     return repair or (not plan and options.align == "activations") or (MERGES[merge.merge].needs and not stats)
 
 
+def member_names(parents: Parents) -> list[str]:
+    """Folder names of the per-parent outputs when task heads are kept: each parent's own folder or file stem,
+    numbered where two would collide."""
+    names = [Path(str(c.folder or c.path)).name.removesuffix(".safetensors") or f"model{k}"
+             for k, c in enumerate(parents.ckpts)]
+    return [n if names.count(n) == 1 else f"{n}-{k}" for k, n in enumerate(names)]
+
+
 def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions(),
          data: DataOptions = DataOptions(), merge: MergeOptions = MergeOptions(),
          write: OutputOptions = OutputOptions(), anchor: int = 0, weights: str | None = None,
-         plan: str | None = None, stats: list[str] | None = None, repair: bool = False,
+         plan: str | None = None, stats: list[str] | None = None, repair: bool = False, base: str | None = None,
          command_options: dict | None = None, on_space: Callable[[str], None] | None = None,
          allow_config_mismatch: bool = False) -> dict:
     """Fuse `models` into `output`: align onto the anchor (or reuse `plan`; options.align "none" keeps every
     parent in its own basis, the vanilla baseline), then merge by `merge.merge`, reading `stats` files (one
-    per model) or computing them on `data.data`. repair renormalises the fused units on `data.data` (REPAIR;
+    per model) or computing them on `data.data`. With `base` (the parents' common pre-trained model) the rule
+    merges task vectors theta_k - theta_base and the base is added back. Task heads that differ (or
+    merge.heads "keep") stay each parent's own: `output` then holds one model folder per parent, the merged
+    body with that parent's head and config. repair renormalises the fused units on `data.data` (REPAIR;
     BatchNorm nets: their statistics re-estimated). Parents whose config or tokenizer changes the function are
     refused unless allow_config_mismatch (the result runs with the anchor's config)."""
     check_output(output, write)
+    rule = MERGES[merge.merge]
+    if rule.task_vectors and not base:
+        raise OtfuseError(f"--merge {merge.merge} merges task vectors (each parent minus its pre-trained model); "
+                          "give that model with --base")
     if repair and not data.data:
         raise OtfuseError("--repair needs --data FILE with sample inputs")
-    parents = open_parents(models, anchor, allow_config_mismatch)
+    merge = merge.resolved()
+    parents = open_parents(models, anchor, allow_config_mismatch, heads=merge.heads)
+    if parents.heads is not None:
+        if requested_layout(output) == "file":
+            raise OtfuseError(f"-o {output}: the parents keep their own task heads, so the output is one model "
+                              "folder per parent; give a folder path")
+        if repair:
+            raise OtfuseError("--repair runs one fused model; with each parent's own task head there are several")
+    origin = open_base(base, parents, allow_config_mismatch) if base else None
     uses_data = reads_data(options, merge, plan, stats, repair)
-    refuse_overlap(output, input_paths(parents.ckpts, [plan, *(stats or []), data.data if uses_data else None]))
+    refuse_overlap(output, input_paths(parents.ckpts + ([origin.source.ckpt] if origin else []),
+                                       [plan, *(stats or []), data.data if uses_data else None]))
     w = parse_weights(weights, len(parents.ckpts))
-    layout = layout_of(parents.ckpts[anchor], output)
+    layout = "folder" if parents.heads is not None else layout_of(parents.ckpts[anchor], output)
     check_shard_size(layout, write)
     if data.data and not uses_data:
         raise OtfuseError("--data is read by --align activations, --merge regmean/fisher (without --stats) or "
@@ -197,12 +284,18 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
         extra = {"data": info} if info else {}
         plans = compute_plans(parents, options, data, on_space)
     parent_statistics = parent_stats(parents, merge, data, stats)
+    inputs = parents.ckpts + ([origin.source.ckpt] if origin else [])
     record = provenance("fuse", {**(command_options or {}), "merge": merge.to_json(), "anchor": anchor,
                                  "weights": w, "dtype": write.dtype, "align": align_record, "plan_file": plan,
                                  "stats_files": stats, "repair": str(data.data) if repair else None,
-                                 **extra}, parents.ckpts)
-    tensors = report.counted(fused_tensors(parents, plans, w, merge, write, parent_statistics), on_space,
-                             "merging", len(parents.ckpts[anchor].keys()))
+                                 "base": base, **extra}, inputs)
+    tensors = report.counted(fused_tensors(parents, plans, w, merge, write, parent_statistics, origin, data.seed),
+                             on_space, "merging", len(fused_layout(parents.ckpts[anchor], write, _kept(parents))))
+    result = {"family": parents.specs[anchor].family, "align": align_record.get("align", options.align),
+              "merge": merge.merge, "anchor": anchor, "weights": w, "spaces": plan_summary(plans, parents.specs, anchor)}
+    if parents.heads is not None:
+        members = write_members(output, tensors, parents, plans, write, record)
+        return {"output": str(output), "members": members, **result}
     planned = fused_layout(parents.ckpts[anchor], write)
     if repair:  # needs the whole fused model in memory to run it
         from otfuse_cli.merging.repair import repair_fused
@@ -212,6 +305,48 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
                            config_overrides=dtype_overrides(parents.ckpts[anchor], write) or None,
                            provenance=record, max_shard_size=write.max_shard_size, force=write.force,
                            card=card_for(layout, record, parents.ckpts, anchor))
-    return {"output": str(out), "family": parents.specs[anchor].family,
-            "align": align_record.get("align", options.align), "merge": merge.merge, "anchor": anchor, "weights": w,
-            "spaces": plan_summary(plans, parents.specs, anchor)}
+    return {"output": str(out), **result}
+
+
+def write_members(output: str, body: Iterator, parents: Parents, plans: list[dict[str, Plan]],
+                  write: OutputOptions, record: dict) -> dict[str, str]:
+    """OUTPUT/<name>/ for every parent: the merged body with that parent's own task head (moved into the
+    anchor's basis on its body axes) and its own config and tokenizer. The body is merged once, streamed into
+    the first folder, and read back from there for the others; the whole OUTPUT appears in one step."""
+    from otfuse_cli.arch import build_spec
+    from otfuse_cli.checkpoint.writer import write_bundle
+
+    names = member_names(parents)
+    anchor = parents.anchor
+    full = {k: build_spec(c) for k, c in enumerate(parents.ckpts)}  # the heads' body axes are in the full Specs
+
+    def head(k: int) -> Iterator[tuple[str, torch.Tensor]]:
+        mover = Transporter(full[anchor], full[k])
+        for name in parents.heads[k]:
+            x = parents.source(k).take(name)
+            if k != anchor:
+                x = mover.move(name, x, plans[k])
+            yield name, x.to(output_dtype(parents.ckpts[k].dtype(name), write))
+
+    def fill(tmp: Path) -> None:
+        first = None
+        for k, ckpt in enumerate(parents.ckpts):
+            if first is None:
+                tensors: Iterator = body
+            else:
+                tensors = ((name, first.get(name)) for name in first.keys() if name not in set(parents.heads[0]))
+            own = {**record, "member": names[k], "head_of": k}
+            write_checkpoint(tmp / names[k], _chain(tensors, head(k)), layout="folder", source=ckpt,
+                             config_overrides=dtype_overrides(ckpt, write) or None, provenance=own,
+                             max_shard_size=write.max_shard_size, card=card_for("folder", own, parents.ckpts, k))
+            if first is None:
+                first = open_checkpoint(tmp / names[k])
+        first.close()
+
+    write_bundle(output, fill, force=write.force)
+    return {name: str(Path(output) / name) for name in names}
+
+
+def _chain(*parts: Iterator) -> Iterator:
+    for part in parts:
+        yield from part

@@ -140,11 +140,38 @@ class OutputOptions(Options):
     force: bool = option(False, "--force", "Overwrite an existing output.")
 
 
+HEADS = ("auto", "merge", "keep")
+
+
 @dataclass(frozen=True)
 class MergeOptions(Options):
-    """How the aligned parents combine; regmean and fisher read statistics (--stats files, or --data)."""
+    """How the aligned parents combine; regmean and fisher read statistics (--stats files, or --data); the
+    task-vector rules (task-arithmetic, ties, dare, dare-ties) merge theta_k - theta_base (--base)."""
 
-    merge: str = option("average", "--merge", "average, regmean (Gram matrices of each linear layer's inputs) "
-                        "or fisher (diagonal Fisher).", MERGES)
+    merge: str = option("average", "--merge", "average, regmean (Gram matrices of each linear layer's inputs), "
+                        "fisher (diagonal Fisher), or with --base the task-vector rules task-arithmetic, ties, "
+                        "dare, dare-ties.", MERGES)
     regmean_alpha: float = option(0.9, "--regmean-alpha", "RegMean: weight of the off-diagonal Gram entries "
                                   "(1 = exact least squares, 0 = diagonal).", minimum=0.0, maximum=1.0)
+    scale: float | None = option(None, "--scale", "Task-vector rules: lambda, the merged task vector's scale "
+                                 "(default per rule: see README, chosen on validation).", minimum=0.0,
+                                 metavar="LAMBDA")
+    density: float | None = option(None, "--density", "ties / dare / dare-ties: fraction of each task vector "
+                                   "kept (ties: largest magnitudes; dare: at random, rescaled).", minimum=1e-6,
+                                   maximum=1.0)
+    heads: str = option("auto", "--heads", "Task heads (classifier, score): keep gives every parent its own "
+                        "head on the merged body, one model folder each (OUT/<name>/); merge fuses them; auto "
+                        "keeps them when the parents' label sets differ.", HEADS)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scale is not None and not math.isfinite(self.scale):
+            raise OtfuseError(f"--scale must be a finite number, got {self.scale!r}")
+
+    def resolved(self) -> "MergeOptions":
+        """Unset --scale / --density filled with the rule's defaults (merging.rules.DEFAULTS)."""
+        from otfuse_cli.merging.rules import DEFAULTS
+
+        given = DEFAULTS.get(self.merge, {})
+        return replace(self, scale=self.scale if self.scale is not None else given.get("scale", 1.0),
+                       density=self.density if self.density is not None else given.get("density", 1.0))

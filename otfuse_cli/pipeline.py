@@ -14,7 +14,7 @@ from otfuse_cli.alignment.engine import align_pair, refinement_sweeps
 from otfuse_cli.alignment.plans import input_record, save_plans
 from otfuse_cli.alignment.transport import Plan, Transporter
 from otfuse_cli.alignment.weights import TensorSource, WeightFeatures
-from otfuse_cli.arch.compat import check_models, label, width_differences
+from otfuse_cli.arch.compat import check_models, head_tensors, heads_differ, label, width_differences
 from otfuse_cli.arch.model import Spec
 from otfuse_cli.checkpoint import open_checkpoint, parse_size
 from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
@@ -32,6 +32,7 @@ class Parents:
     specs: list[Spec]
     anchor: int
     sources: dict = field(default_factory=dict, repr=False)  # k -> TensorSource, shared by alignment and merging
+    heads: list[list[str]] | None = None  # each parent's own task-head tensors when they are kept apart
 
     def label(self, k: int) -> str:
         return label(self.ckpts[k], k)
@@ -43,13 +44,18 @@ class Parents:
         return self.sources[k]
 
 
-def open_parents(paths: list[str], anchor: int = 0, allow_config_mismatch: bool = False) -> Parents:
+def open_parents(paths: list[str], anchor: int = 0, allow_config_mismatch: bool = False,
+                 heads: str = "merge") -> Parents:
+    """heads: "merge" fuses the task heads with the rest; "keep" leaves each parent its own (out of the
+    alignment and the merge); "auto" keeps them when the parents' heads or label names differ."""
     if len(paths) < 2:
         raise OtfuseError("fusion needs at least two models")
     if not 0 <= anchor < len(paths):
         raise OtfuseError(f"--anchor {anchor} is out of range for {len(paths)} models")
     ckpts = [open_checkpoint(p) for p in paths]
-    return Parents(ckpts, check_models(ckpts, anchor, allow_config_mismatch), anchor)
+    keep = heads == "keep" or (heads == "auto" and heads_differ(ckpts, anchor))
+    specs = check_models(ckpts, anchor, allow_config_mismatch, keep_heads=keep)
+    return Parents(ckpts, specs, anchor, heads=[head_tensors(c) for c in ckpts] if keep else None)
 
 
 # ---------------------------------------------------------------- features and plans
@@ -143,6 +149,10 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
             left = spaces * sweeps - solves[0]
             refine.advance(left, detail=f"model {k} converged", work=space_pass and space_pass * left / spaces)
     timing_line("alignment: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in timings.items()))
+    if all(p.moves_nothing() for model in plans for p in model.values()):
+        note_line("every plan is the identity: the parents share the anchor's basis (fine-tunes of one model "
+                  "do); where each unit's cost to its own counterpart is the least in its column, no matching "
+                  "can beat the identity and no assignment is solved")
     anchor_src.__dict__.pop("_activations", None)  # the anchor's recorded activations: not needed to merge
     return plans
 
@@ -262,7 +272,7 @@ def align(models: list[str], output: str, *, options: AlignOptions = AlignOption
     """Compute the plans mapping every model onto the anchor and write them to a plan file."""
     out = Path(output)
     check_output(out, OutputOptions(force=force), file_only=True)
-    parents = open_parents(models, anchor, allow_config_mismatch)
+    parents = open_parents(models, anchor, allow_config_mismatch, heads="auto")
     refuse_overlap(out, input_paths(parents.ckpts, [data.data if options.align == "activations" else None]))
     if data.data and options.align != "activations":
         raise OtfuseError("--data is read by --align activations; plans by weights need no data")

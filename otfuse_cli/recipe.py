@@ -5,7 +5,8 @@
     output: fused/
     anchor: 0
     options: {solver: sinkhorn, reg: 0.02}        # AlignOptions
-    merge: {merge: regmean, regmean_alpha: 0.9}   # MergeOptions
+    merge: {merge: regmean, regmean_alpha: 0.9}   # MergeOptions (ties: {merge: ties, density: 0.2}, heads)
+    base: pretrained/                             # task-vector rules: the parents' pre-trained model
     data: {data: calib.jsonl, samples: 256}       # DataOptions
     write: {dtype: float16, force: true}          # OutputOptions
 
@@ -23,11 +24,11 @@ from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOp
 GROUPS = {"options": AlignOptions, "data": DataOptions, "merge": MergeOptions, "write": OutputOptions}
 COMMANDS = {
     "align": {"models", "output", "anchor", "allow_config_mismatch", "options", "data", "write"},
-    "fuse": {"models", "output", "anchor", "weights", "plan", "stats", "repair", "allow_config_mismatch", "options",
-             "data", "merge", "write"},
+    "fuse": {"models", "output", "anchor", "weights", "plan", "stats", "repair", "base", "allow_config_mismatch",
+             "options", "data", "merge", "write"},
     "compress": {"model", "output", "ratio", "widths", "method", "options", "data", "write"},
 }
-PATH_KEYS = ("models", "output", "plan", "stats", "model")
+PATH_KEYS = ("models", "output", "plan", "stats", "model", "base")
 REQUIRED = {"align": ("models", "output"), "fuse": ("models", "output"), "compress": ("model", "output")}
 # key -> (check, what it must be)
 TYPES = {
@@ -37,6 +38,7 @@ TYPES = {
     "model": (lambda v: isinstance(v, str), "a path"),
     "output": (lambda v: isinstance(v, str) and v != "", "a path"),
     "plan": (lambda v: isinstance(v, str), "a path"),
+    "base": (lambda v: isinstance(v, str), "a path"),
     "anchor": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
     "weights": (lambda v: isinstance(v, str), "comma-separated numbers, e.g. \"0.5,0.5\""),
     "repair": (lambda v: isinstance(v, bool), "true or false"),
@@ -125,7 +127,8 @@ def run_recipe(path: str | Path, on_space=None) -> dict:
         return fuse(args["models"], args["output"], options=groups["options"], data=groups["data"],
                     merge=groups["merge"], write=groups["write"], anchor=int(recipe.get("anchor", 0)),
                     weights=recipe.get("weights"), plan=args.get("plan"), stats=args.get("stats"),
-                    repair=bool(recipe.get("repair", False)), command_options=record, on_space=on_space,
+                    repair=bool(recipe.get("repair", False)), base=args.get("base"), command_options=record,
+                    on_space=on_space,
                     allow_config_mismatch=recipe.get("allow_config_mismatch", False))
     from otfuse_cli.compression import compress
 

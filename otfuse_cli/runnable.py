@@ -155,8 +155,9 @@ def load_runnable(ckpt, *, activation: str | None = None, device: str | torch.de
                   device_map: str | None = None) -> RunnableModel:
     """A runnable model for an opened Checkpoint (HF folder or bare state dict). device_map: accelerate's
     placement of an HF model's layers over the GPUs, CPU memory and disk (instead of `device`)."""
-    hf = ckpt.config is not None and ckpt.folder is not None and any((ckpt.folder / f).is_file()
-                                                                      for f in HF_WEIGHT_FILES)
+    # a LoRA adapter's folder is its base's: its merged weights are built from the config, not loaded from there
+    hf = ckpt.config is not None and ckpt.folder is not None and ckpt.weights_in_folder and any(
+        (ckpt.folder / f).is_file() for f in HF_WEIGHT_FILES)
     if device_map and not hf:
         raise OtfuseError(f"--device-map places the layers of a Hugging Face model folder; {ckpt.path} is not one "
                           "(use --device)")

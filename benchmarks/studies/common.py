@@ -266,13 +266,15 @@ def mass_routes(parents: list[Path], out: Path, align_data: str) -> tuple[dict[s
     return paths, changed
 
 
-def party_stats(model: Path, data: str, out: Path) -> Path:
-    """`otfuse stats MODEL --data DATA`: the Gram matrices one party shares instead of its data."""
+def party_stats(model: Path, data: str, out: Path, kinds: tuple[str, ...] = ("gram",), samples: int = 10_000,
+                max_length: int = 128) -> Path:
+    """`otfuse stats MODEL --data DATA`: the Gram matrices (or diagonal Fisher, `kinds`) one party shares
+    instead of its data."""
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.merging.stats import compute_stats, save_stats
 
     ckpt = open_checkpoint(model)
-    result = compute_stats(ckpt, otf.DataOptions(data=data, samples=10_000), ("gram",))
+    result = compute_stats(ckpt, otf.DataOptions(data=data, samples=samples, max_length=max_length), kinds)
     return Path(save_stats(str(out), result, ckpt))
 
 

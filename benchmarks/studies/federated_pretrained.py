@@ -41,15 +41,16 @@ def pretrained_folder() -> Path:
     return folder
 
 
-def child(folder: Path, scale: TextScale, seed: int):
-    """The pre-trained body with a new 2-way head (its initialisation seeded), `scale.layers` of its layers."""
+def child(folder: Path, scale: TextScale, seed: int, labels: list[str] = LABELS):
+    """The pre-trained body with a new head over `labels` (its initialisation seeded), `scale.layers` of its
+    layers."""
     import torch
     import transformers as T
     from transformers.utils import logging
 
     torch.manual_seed(seed)
-    config = T.AutoConfig.from_pretrained(folder, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
-                                          label2id={n: i for i, n in enumerate(LABELS)},
+    config = T.AutoConfig.from_pretrained(folder, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                                          label2id={n: i for i, n in enumerate(labels)},
                                           num_hidden_layers=scale.layers)
     level = logging.get_verbosity()
     logging.set_verbosity_error()  # "some weights were newly initialised" (the head) is the point, not news

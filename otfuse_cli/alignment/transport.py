@@ -91,6 +91,14 @@ class Plan:
             self._identity = (src is not None and not self.inner and bool((src == torch.arange(len(src))).all()))
         return self._identity
 
+    def moves_nothing(self) -> bool:
+        """The identity on units and on every within-unit map (head dims, query heads)."""
+        src = self.hard_index()
+        if src is None or not bool((src == torch.arange(len(src))).all()):
+            return False
+        units = torch.arange(len(src))
+        return all(bool((m[units, units] == torch.arange(m.shape[-1])).all()) for m in self.inner.values())
+
     def weights(self, role: str) -> torch.Tensor:
         c = self.coupling
         if role == "out":  # anchor unit = barycentre of the parent units sent to it

@@ -8,6 +8,9 @@ no plan may move; only the Spec knows which axes move.
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
 from otfuse_cli.arch.model import Spec
 from otfuse_cli.arch.transformers import TOKEN_ID_KEYS
 from otfuse_cli.errors import OtfuseError
@@ -110,13 +113,55 @@ def check_config_match(anchor, parent, label: str) -> None:
                           "run with the anchor's config (--allow-config-mismatch to fuse anyway)")
 
 
-def check_models(ckpts: list, anchor: int = 0, allow_config_mismatch: bool = False) -> list[Spec]:
+def head_tensors(ckpt) -> list[str]:
+    """The task-head tensors of a checkpoint (its family's `heads`: classifier, score...); none for bare state
+    dicts and for families without a task head."""
+    from otfuse_cli.arch import hf_family  # the registry imports this module
+
+    family = hf_family(ckpt)
+    if family is None or not family.heads:
+        return []
+    return [name for name in ckpt.keys() if re.match(family.heads, name)]
+
+
+def _label_names(ckpt) -> list | None:
+    labels = (ckpt.config or {}).get("id2label")
+    return [labels[k] for k in sorted(labels, key=lambda k: int(k))] if isinstance(labels, dict) else None
+
+
+def heads_differ(ckpts: list, anchor: int = 0) -> bool:
+    """Whether the parents' task heads are for different tasks as far as the files tell: other head tensors or
+    shapes (label counts), or other label names in config.json."""
+    heads = [sorted(head_tensors(c)) for c in ckpts]
+    a = ckpts[anchor]
+    return any(h != heads[anchor] or any(tuple(c.shape(n)) != tuple(a.shape(n)) for n in h)
+               or _label_names(c) != _label_names(a) for c, h in zip(ckpts, heads))
+
+
+def without_tensors(spec: Spec, names: set[str]) -> Spec:
+    """The Spec with `names` taken out of every space (spaces left empty are dropped): what alignment sees of
+    models whose task heads are kept apart."""
+    spaces = [replace(s, entries=[e for e in s.entries if e.tensor not in names]) for s in spec.spaces]
+    return replace(spec, spaces=[s for s in spaces if s.entries])
+
+
+def check_models(ckpts: list, anchor: int = 0, allow_config_mismatch: bool = False,
+                 keep_heads: bool = False) -> list[Spec]:
     """Every model's Spec, after checking each parent against the anchor (structure, then, unless allowed,
-    the config fields and tokenizer that change the function); raises the first one-line reason."""
+    the config fields and tokenizer that change the function); raises the first one-line reason.
+    keep_heads: the task heads are not fused (each parent keeps its own), so they are left out of the check
+    and of the Specs."""
     from otfuse_cli.arch import build_spec  # the registry imports this module
 
     specs = [build_spec(c) for c in ckpts]
     shapes = [shapes_of(c) for c in ckpts]
+    if keep_heads:
+        heads = [set(head_tensors(c)) for c in ckpts]
+        if not heads[anchor]:
+            raise OtfuseError(f"--heads keep: {label(ckpts[anchor], anchor)} has no task head "
+                              f"({specs[anchor].family} models declare none); fuse the whole models instead")
+        specs = [without_tensors(s, h) for s, h in zip(specs, heads)]
+        shapes = [{n: v for n, v in sh.items() if n not in h} for sh, h in zip(shapes, heads)]
     for k, (ckpt, spec) in enumerate(zip(ckpts, specs)):
         if k != anchor:
             check_compatible(specs[anchor], spec, shapes[anchor], shapes[k], label(ckpt, k))
@@ -140,7 +185,14 @@ def judge(ckpts: list, allow_config_mismatch: bool = False) -> dict:
     try:
         specs = check_models(ckpts, allow_config_mismatch=allow_config_mismatch)
     except OtfuseError as e:
-        return {"compatible": False, "heterogeneous": False, "verdict": "incompatible", "reason": str(e)}
+        if not heads_differ(ckpts):
+            return {"compatible": False, "heterogeneous": False, "verdict": "incompatible", "reason": str(e)}
+        try:  # the bodies may still fuse, each parent keeping its own task head (fuse --heads auto)
+            check_models(ckpts, allow_config_mismatch=allow_config_mismatch, keep_heads=True)
+        except OtfuseError as inner:
+            return {"compatible": False, "heterogeneous": False, "verdict": "incompatible", "reason": str(inner)}
+        return {"compatible": True, "heterogeneous": False, "verdict": "shared body, different task heads",
+                "reason": None}
     shapes = [shapes_of(c) for c in ckpts]
     # A tensor shape can differ where no space size does only if the Spec misses an axis; count it anyway.
     heterogeneous = bool(width_differences(specs)) or any(s != shapes[0] for s in shapes[1:])

@@ -64,6 +64,7 @@ class Family:
     rope: bool = False  # RoPE: within-head q/k order stays fixed
     tied: dict[str, str] = field(default_factory=dict)  # dense space -> decoder tensor regex; absent = tied to embeddings
     note: str = ""  # said once whenever this family is aligned (a limit the user should know about)
+    heads: str = ""  # task-head tensors (regex from the name's start): trained per task, kept per parent on request
 
     @property
     def compress_heads(self) -> bool:
@@ -153,6 +154,7 @@ BERT = Family(
     ),
     ConfigKeys(hidden="hidden_size", heads="num_attention_heads", ffn="intermediate_size"),
     tied={"mlm": r"(?:cls\.predictions|lm_head)\.decoder\.weight"},
+    heads=r"(?:classifier|qa_outputs)\.",
 )
 
 DISTIL_LAYER = rf"transformer\.layer\.{L}"
@@ -177,6 +179,7 @@ DISTILBERT = Family(
     ),
     ConfigKeys(hidden="dim", heads="n_heads", ffn="hidden_dim"),
     tied={"mlm": r"vocab_projector\.weight"},
+    heads=r"(?:pre_classifier|classifier|qa_outputs)\.",
 )
 
 # ViT is saved in its legacy names (encoder.layer.N.attention.attention.query, ...) but transformers 5 holds
@@ -202,6 +205,7 @@ VIT = Family(
         rule(r"^classifier\.bias"),
     ),
     ConfigKeys(hidden="hidden_size", heads="num_attention_heads", ffn="intermediate_size"),
+    heads=r"classifier\.",
 )
 
 GPT2_LAYER = rf"h\.{L}"
@@ -228,6 +232,7 @@ GPT2 = Family(
         rule(r"score\.weight", reads(1, "res")),
     ),
     ConfigKeys(hidden="n_embd", heads="n_head", ffn="n_inner"),
+    heads=r"score\.",
 )
 
 LLAMA_LAYER = rf"layers\.{L}"
@@ -247,6 +252,7 @@ LLAMA = Family(
     ConfigKeys(hidden="hidden_size", heads="num_attention_heads", ffn="intermediate_size",
                kv_heads="num_key_value_heads", head_dim="head_dim"),
     rope=True,
+    heads=r"score\.",
 )
 
 S = r"(encoder|decoder)"
@@ -272,6 +278,7 @@ BART = Family(
         *linear(r"classification_head\.out_proj", None, "pooler"),
     ),
     ConfigKeys(hidden="d_model", heads="encoder_attention_heads", ffn="{stack}_ffn_dim"),
+    heads=r"(?:classification_head|qa_outputs)\.",
 )
 
 MARIAN = Family(

@@ -2,7 +2,8 @@
 
 Supported: a single ``.safetensors`` file, a folder holding ``model.safetensors``, a sharded set
 (``model.safetensors.index.json``), an HF model folder (config.json + either layout), and
-``.bin/.pt/.pth`` state dicts loaded with ``torch.load(weights_only=True)`` only.
+``.bin/.pt/.pth`` state dicts loaded with ``torch.load(weights_only=True)`` only. A PEFT LoRA adapter folder
+(adapter_config.json, no full weights) opens as the merged model over its base (adapter.py).
 
 Opening checks what every command relies on: at least one tensor, no zero-size axis, some floating-point
 weights, and a config.json that is well typed and describes these tensors (config.py).
@@ -77,6 +78,8 @@ def asset_files(folder: Path) -> list[Path]:
 
 class Checkpoint:
     """A checkpoint opened for lazy reading. Build it with :func:`open_checkpoint`."""
+
+    weights_in_folder = True  # its tensors are the folder's weight files (an adapter's are merged on read)
 
     def __init__(self, path: Path, format: str, folder: Path | None, config: dict | None,
                  metadata: dict[str, str], weight_files: list[Path],
@@ -313,6 +316,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         ckpt = _open(path)
     except OSError as e:  # permissions, I/O errors: still bad input, still one line
         raise OtfuseError(f"cannot read {e.filename or path}: {e.strerror or e}") from None
+    if not isinstance(ckpt, Checkpoint):
+        return ckpt  # an adapter: its base was checked when opened, and the merge keeps names and shapes
     _check_tensors(ckpt)
     if ckpt.config is not None:
         _check_config(ckpt)
@@ -342,6 +347,11 @@ def _check_tensors(ckpt: Checkpoint) -> None:
 def _open(path: Path) -> Checkpoint:
     if not path.exists():
         raise OtfuseError(f"no such file or folder: {path}")
+    adapter = path if path.is_dir() else path.parent if path.name.startswith("adapter_model.") else None
+    if adapter is not None and _is_adapter(adapter):
+        from otfuse_cli.checkpoint.adapter import open_adapter  # it builds on this module
+
+        return open_adapter(adapter)
     if path.is_dir():
         return _open_folder(path, path)
     name = path.name
@@ -353,6 +363,12 @@ def _open(path: Path) -> Checkpoint:
         return _from_torch(path, None, None, [path])
     raise OtfuseError(f"unknown checkpoint file type: {path} (expected .safetensors, .bin, .pt, .pth, "
                       "an index .json or a model folder)")
+
+
+def _is_adapter(folder: Path) -> bool:
+    """A PEFT adapter folder: its config, and no full model weights saved beside it (those would be the model)."""
+    full = ("model.safetensors", SAFETENSORS_INDEX, BIN_INDEX, "pytorch_model.bin")
+    return (folder / "adapter_config.json").is_file() and not any((folder / f).is_file() for f in full)
 
 
 def _open_folder(folder: Path, given: Path, index: Path | None = None) -> Checkpoint:

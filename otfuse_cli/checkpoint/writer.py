@@ -424,6 +424,23 @@ def write_file(target: str | Path, write: Callable[[Path], None], *, force: bool
     return target
 
 
+def write_bundle(target: str | Path, fill: Callable[[Path], None], *, force: bool = False) -> Path:
+    """A folder of several outputs (one model per parent, each written by write_checkpoint inside it),
+    published in one step under the --force rule: fill(tmp) writes them into a temporary sibling folder."""
+    target = Path(target)
+    try:
+        recover(target)
+        _check_target(target, force)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _temporary(target, folder=True) as tmp:
+            fill(tmp)
+            os.chmod(tmp, 0o777 & ~_umask())
+            _place(tmp, target, force)
+    except OSError as e:
+        raise OtfuseError(f"cannot write {target}: {e.strerror or e}") from None
+    return target
+
+
 def write_tensors(target: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
                   *, force: bool = False) -> Path:
     """One deterministic .safetensors file with the given header metadata (plan files), written atomically."""
