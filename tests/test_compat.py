@@ -43,7 +43,8 @@ PAIRS = [
     ("bert", "bert_wide", True, "heterogeneous widths", None),
     ("bert_wide", "bert", True, "heterogeneous widths", None),
     ("bert", "bert_vocab", False, "incompatible", "must not move"),
-    ("bert_cls2", "bert_cls3", False, "incompatible", "must not move"),
+    # different label sets: the bodies fuse, each parent keeping its own classifier (one folder each)
+    ("bert_cls2", "bert_cls3", True, "shared body, different task heads", None),
     ("bert", "bert_deep", False, "incompatible", "structure"),
     ("bert_cls2", "distilbert", False, "incompatible", "distilbert model"),
     ("bert", "gpt2", False, "incompatible", "gpt2 model"),

@@ -24,7 +24,7 @@ from common import DEFAULT_DATA, bar_plot, table  # noqa: E402
 
 STUDIES = {"languages": "languages", "vision": "vision", "shards": "shards", "federated": "federated",
            "federated_pretrained": "federated_pretrained",
-           "translation": "translation", "translation_domains": "translation_domains"}
+           "translation": "translation", "translation_domains": "translation_domains", "multitask": "multitask"}
 
 
 def main(argv=None) -> int:
@@ -55,6 +55,8 @@ def main(argv=None) -> int:
         result["seeds"] = seeds
         (args.results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     md = table(result["runs"], result["columns"], result["rows"]) + summary(result)
+    report = getattr(__import__(STUDIES[args.study]), "report", None)  # a study's own lines below the table
+    md += report(result) if report else ""
     (args.results / f"{name}.md").write_text(md)
     bar_plot(result["runs"], result["columns"], result["rows"], args.results / f"{name}.png",
              f"{args.study}: {result.get('metric', 'accuracy')}, mean ± 95% CI over {len(result['seeds'])} seed(s)",

@@ -118,7 +118,10 @@ def head_tensors(ckpt) -> list[str]:
     dicts and for families without a task head."""
     from otfuse_cli.arch import hf_family  # the registry imports this module
 
-    family = hf_family(ckpt)
+    try:
+        family = hf_family(ckpt)
+    except OtfuseError:  # an unsupported family: check_models says so
+        return []
     if family is None or not family.heads:
         return []
     return [name for name in ckpt.keys() if re.match(family.heads, name)]

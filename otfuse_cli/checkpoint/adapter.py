@@ -312,7 +312,7 @@ def _plan(path: Path, base: Checkpoint, config: dict,
             raise OtfuseError(f"{path}: module {module!r} has lora_A {a_shape} and lora_B {b_shape}, not rank {r} "
                               "as adapter_config.json says")
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
-        scale = alpha / r
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         weight = rename(module + ".weight")
         want, delta = base.shape(weight), (b_shape[0], a_shape[1])
         # PEFT stores an embedding's pair transposed; fan_in_fan_out marks GPT-2's Conv1D (in, out) weights, and a
