@@ -2,8 +2,8 @@
 
 The oracle is PEFT itself: every tensor the adapter checkpoint yields equals PEFT's merge_and_unload() of the
 same adapter over the same base, and a `fuse --align none` of two adapters runs (through transformers) like
-the average of the two PEFT-merged models. Tiny BERT, Llama and GPT-2 bases cover modules_to_save, LoRA-only
-biases, rank/alpha patterns, rsLoRA, embedding LoRA, GPT-2's Conv1D (fan_in_fan_out) and a base whose names
+the average of the two PEFT-merged models. Tiny BERT, Llama and GPT-2 bases cover modules_to_save, LoRA-only biases,
+lora_B biases, rank/alpha patterns, rsLoRA, embedding LoRA, GPT-2's Conv1D (fan_in_fan_out) and a base whose names
 carry a prefix the adapter's lack.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -41,13 +42,15 @@ def _adapter(cls, base, out, seed, wrap=None, bin_file=False, **lora):
     """A trained-looking adapter: PEFT zero-initialises lora_B, so every adapter tensor is randomised; returns
     PEFT's own merge (the oracle) as a state dict."""
     model = cls.from_pretrained(str(base)).eval()
-    peft_model = peft.get_peft_model(wrap(model) if wrap else model, peft.LoraConfig(**lora))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if p.requires_grad:
-                torch.nn.init.normal_(p, std=0.2)
-    peft_model.save_pretrained(out, safe_serialization=not bin_file)
+    with warnings.catch_warnings():  # PEFT's notes (embedding layers saved, lora_B biases taken for shards)
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(wrap(model) if wrap else model, peft.LoraConfig(**lora))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in peft_model.parameters():
+                if p.requires_grad:
+                    torch.nn.init.normal_(p, std=0.2)
+        peft_model.save_pretrained(out, safe_serialization=not bin_file)
     with torch.no_grad():
         return {k: v.clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
 
@@ -63,7 +66,7 @@ def zoo(tmp_path_factory):
         "bert_a": _adapter(T.BertForSequenceClassification, root / "bert", root / "bert_a", 1, r=4, lora_alpha=8,
                            target_modules=bert_targets, modules_to_save=["classifier"], bias="lora_only"),
         "bert_b": _adapter(T.BertForSequenceClassification, root / "bert", root / "bert_b", 2, r=4, lora_alpha=6,
-                           target_modules=bert_targets, modules_to_save=["classifier"],
+                           target_modules=bert_targets, modules_to_save=["classifier"], lora_bias=True,
                            rank_pattern={"value": 2}, alpha_pattern={r"layer\.1\.attention\.self\.query": 16}),
         "llama": _adapter(T.LlamaForCausalLM, root / "llama", root / "llama_a", 3, bin_file=True, r=4,
                           lora_alpha=4, task_type="CAUSAL_LM",
@@ -114,6 +117,8 @@ def test_files_name_adapter_and_base_from_the_base_folder(zoo):
     assert all(f.is_file() for f in ckpt.files())
     assert ckpt.num_parameters() == ckpt.base.num_parameters()
     assert ckpt.size_on_disk() > ckpt.base.size_on_disk()
+    assert open_checkpoint(root / "bert_b" / "adapter_model.safetensors").format == "lora adapter"
+    assert (root / "llama_a" / "adapter_model.bin").is_file()  # the .bin form is read too
 
 
 def test_runnable_runs_the_merged_weights(zoo):
@@ -183,8 +188,11 @@ def _rename_first_lora(tensors):
     ({"base_model_name_or_path": "org/not-here"}, None, "pass the base explicitly"),
     ({"use_dora": True}, None, "DoRA (use_dora) is not supported"),
     ({"peft_type": "IA3"}, None, "otfuse reads LoRA adapters only"),
-    (None, _rename_first_lora, "attention.self.nothing.base_layer.bias' (bert.encoder.layer.0.attention.self.nothing.bias) matches no tensor"),
+    (None, _rename_first_lora, "self.nothing.base_layer.bias' (bert.encoder.layer.0.attention.self.nothing.bias) "
+                               "matches no tensor"),
     (None, lambda t: {**t, "base_model.model.classifier.weight": torch.zeros(5, 32)}, "has shape (5, 32)"),
+    (None, lambda t: {k: v[..., None, None] if ".0.attention.self.query.lora_A" in k else v for k, v in t.items()},
+     "is a convolution LoRA"),
 ])
 def test_bad_adapters_fail_in_one_line(zoo, tmp_path, config, tensors, fragment):
     root, _ = zoo

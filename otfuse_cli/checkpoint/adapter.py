@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from otfuse_cli.checkpoint.reader import Checkpoint, _load_torch, _read_json, _safe_open, open_checkpoint
+from otfuse_cli.checkpoint.reader import (Checkpoint, _load_torch, _read_json, _read_or_interrupted, _safe_open,
+                                          open_checkpoint)
 from otfuse_cli.errors import OtfuseError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -27,9 +28,12 @@ PEFT_PREFIX = "base_model.model."
 UNMERGEABLE = {
     "use_dora": "DoRA (use_dora)", "use_qalora": "QALoRA (use_qalora)", "use_bdlora": "BD-LoRA (use_bdlora)",
     "kasa_config": "KaSA (kasa_config)", "monteclora_config": "MonteCLoRA (monteclora_config)",
-    "arrow_config": "Arrow routing (arrow_config)", "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-    "layer_replication": "layer replication (layer_replication)", "target_parameters": "parameter LoRA (target_parameters)",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)", "megatron_config": "Megatron layers (megatron_config)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "layer_replication": "layer replication (layer_replication)",
+    "target_parameters": "parameter LoRA (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "megatron_config": "Megatron layers (megatron_config)",
 }
 # <module>.lora_A[.adapter].weight, .lora_B[.adapter].{weight,bias}, .lora_embedding_{A,B}[.adapter]
 _LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
@@ -98,7 +102,8 @@ class AdapterCheckpoint:
     def _adapter_tensor(self, name: str) -> torch.Tensor:
         if self._memory is not None:
             return self._memory[name]
-        return self._adapter_handle().get_tensor(name)
+        return _read_or_interrupted(lambda: self._adapter_handle().get_tensor(name),
+                                    lambda e: OtfuseError(f"cannot read tensor {name!r} from {self._weights}: {e}"))
 
     def close(self) -> None:
         """Drop the open file handles (they are reopened on demand)."""
@@ -185,7 +190,8 @@ def open_adapter(adapter_folder: str | Path, base: str | Path | None = None) -> 
     except OtfuseError as e:
         raise OtfuseError(f"{folder}: cannot open its base model {base_path}: {e}") from None
     if isinstance(base_ckpt, AdapterCheckpoint):
-        raise OtfuseError(f"{folder}: its base {base_path} is itself an adapter; merge that one into a full model first")
+        raise OtfuseError(f"{folder}: its base {base_path} is itself an adapter; merge that one into a full model "
+                          "first")
     if base_ckpt.folder is None:
         raise OtfuseError(f"{folder}: its base {base_path} must be a model folder (config.json and weights), "
                           "not a single weight file")
@@ -226,11 +232,14 @@ def _base_path(folder: Path, config: dict) -> Path:
                       f"explicitly: set base_model_name_or_path in {folder / ADAPTER_CONFIG} to its folder")
 
 
-def _pattern_value(pattern: dict, module: str, default: float) -> float:
-    """PEFT's rule (get_pattern_key): the first key that matches the end of the module name at a dot."""
+def _pattern_value(where: Path, pattern: dict, module: str, default: float) -> float:
+    """PEFT's rule (get_pattern_key): the first key, a regex, that matches the end of the module name at a dot."""
     for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return pattern[key]
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return pattern[key]
+        except re.error as e:
+            raise OtfuseError(f"{where / ADAPTER_CONFIG}: pattern {key!r} is not a valid regex ({e})") from None
     return default
 
 
@@ -307,11 +316,11 @@ def _plan(path: Path, base: Checkpoint, config: dict,
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise OtfuseError(f"{path}: module {module!r} is a convolution LoRA ({len(a_shape)}-d lora_A); "
                               "otfuse merges LoRA on linear and embedding layers only")
-        r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        r = _pattern_value(path, config.get("rank_pattern") or {}, module, config["r"])
         if a_shape[0] != r or b_shape[1] != r:
             raise OtfuseError(f"{path}: module {module!r} has lora_A {a_shape} and lora_B {b_shape}, not rank {r} "
                               "as adapter_config.json says")
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        alpha = _pattern_value(path, config.get("alpha_pattern") or {}, module, config["lora_alpha"])
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         weight = rename(module + ".weight")
         want, delta = base.shape(weight), (b_shape[0], a_shape[1])
