@@ -29,12 +29,16 @@ def pair(tmp_path_factory):
     return scale, [scale.write_random_llama(root / name, SHAPE, seed) for seed, name in enumerate("ab")], root
 
 
-@pytest.mark.parametrize("route", [["--align", "none"], []], ids=["align-none", "weights"])
+# TIES with a base (here parent a itself) streams too: its per-tensor thresholds are found in two passes over
+# blocks, never from a whole-tensor float32 copy of a task vector
+@pytest.mark.parametrize("route", [["--align", "none"], [], ["--align", "none", "--base", "{a}", "--merge", "ties"]],
+                         ids=["align-none", "weights", "ties-base"])
 def test_fusion_memory_stays_within_the_scale_bound(pair, route):
     scale, (a, b), root = pair
     model_gib = scale.folder_bytes(a) / 2**30
     assert 0.2 < model_gib < 0.3
-    out = root / ("out-" + "-".join(route))
+    route = [r.format(a=a) for r in route]
+    out = root / ("out-" + "-".join(r for r in route if not r.startswith("/")).replace("--", ""))
     run = scale.measure([sys.executable, "-m", "otfuse_cli", "fuse", str(a), str(b), "-o", str(out), *route],
                         env={**os.environ, "PYTHONPATH": str(REPO)})
     assert (out / "model.safetensors").is_file()
