@@ -253,7 +253,7 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
     if repair and not data.data:
         raise OtfuseError("--repair needs --data FILE with sample inputs")
     merge = merge.resolved()
-    parents = open_parents(models, anchor, allow_config_mismatch, heads=merge.heads)
+    parents = open_parents(models, anchor, allow_config_mismatch, heads=merge.heads, base=base)
     if parents.heads is not None:
         if requested_layout(output) == "file":
             raise OtfuseError(f"-o {output}: the parents keep their own task heads, so the output is one model "

@@ -45,14 +45,15 @@ class Parents:
 
 
 def open_parents(paths: list[str], anchor: int = 0, allow_config_mismatch: bool = False,
-                 heads: str = "merge") -> Parents:
+                 heads: str = "merge", base: str | None = None) -> Parents:
     """heads: "merge" fuses the task heads with the rest; "keep" leaves each parent its own (out of the
-    alignment and the merge); "auto" keeps them when the parents' heads or label names differ."""
+    alignment and the merge); "auto" keeps them when the parents' heads or label names differ. base: LoRA
+    adapter folders among the parents are read over it (their common pre-trained model)."""
     if len(paths) < 2:
         raise OtfuseError("fusion needs at least two models")
     if not 0 <= anchor < len(paths):
         raise OtfuseError(f"--anchor {anchor} is out of range for {len(paths)} models")
-    ckpts = [open_checkpoint(p) for p in paths]
+    ckpts = [open_checkpoint(p, base) for p in paths]
     keep = heads == "keep" or (heads == "auto" and heads_differ(ckpts, anchor))
     specs = check_models(ckpts, anchor, allow_config_mismatch, keep_heads=keep)
     return Parents(ckpts, specs, anchor, heads=[head_tensors(c) for c in ckpts] if keep else None)

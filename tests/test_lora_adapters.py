@@ -202,3 +202,26 @@ def test_bad_adapters_fail_in_one_line(zoo, tmp_path, config, tensors, fragment)
     assert r.exit_code == 2, r.stderr
     assert_one_line_error(r.stderr, fragment)
     assert not out.exists()
+
+
+def test_adapters_naming_a_hub_base_merge_as_task_vectors_over_fuse_base(zoo, tmp_path):
+    """Two adapters whose config names a hub id: `fuse --base` reads them over the local base, and task
+    arithmetic gives base + lambda * sum_k (PEFT's merge_k - base), the heads (modules_to_save) included."""
+    root, oracles = zoo
+    moved = []
+    for name in ("bert_a", "bert_b"):
+        shutil.copytree(root / name, tmp_path / name)
+        cfg = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "org/x"}))
+        moved.append(tmp_path / name)
+    out = tmp_path / "merged"
+    r = cli("fuse", *moved, "-o", out, "--base", root / "bert", "--merge", "task-arithmetic", "--scale", "0.5",
+            "--heads", "merge", "--align", "none")
+    assert r.exit_code == 0, r.stderr
+    base = load_file(root / "bert" / "model.safetensors")
+    fused = load_file(out / "model.safetensors")
+    for k, v in fused.items():
+        if not v.is_floating_point():
+            continue
+        want = base[k] + 0.5 * sum(oracles[n][k] - base[k] for n in ("bert_a", "bert_b"))
+        _assert_close(v, want, k)

@@ -309,11 +309,12 @@ def _from_torch(path: Path, folder: Path | None, config: dict | None, files: lis
     return Checkpoint(path, "bin", folder, config, {}, files, tensors=tensors)
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a checkpoint (file, folder or index) for lazy reading; OtfuseError on any bad input."""
+def open_checkpoint(path: str | Path, base: str | Path | None = None) -> Checkpoint:
+    """Open a checkpoint (file, folder or index) for lazy reading; OtfuseError on any bad input. base: the model
+    a LoRA adapter folder is read over (fuse --base), in place of the one its adapter_config.json names."""
     path = Path(path)
     try:
-        ckpt = _open(path)
+        ckpt = _open(path, base)
     except OSError as e:  # permissions, I/O errors: still bad input, still one line
         raise OtfuseError(f"cannot read {e.filename or path}: {e.strerror or e}") from None
     if not isinstance(ckpt, Checkpoint):
@@ -344,14 +345,14 @@ def _check_tensors(ckpt: Checkpoint) -> None:
         raise OtfuseError(f"{ckpt.path} holds no floating-point tensors: no weights to fuse, compress or evaluate")
 
 
-def _open(path: Path) -> Checkpoint:
+def _open(path: Path, base: str | Path | None = None) -> Checkpoint:
     if not path.exists():
         raise OtfuseError(f"no such file or folder: {path}")
     adapter = path if path.is_dir() else path.parent if path.name.startswith("adapter_model.") else None
     if adapter is not None and _is_adapter(adapter):
         from otfuse_cli.checkpoint.adapter import open_adapter  # it builds on this module
 
-        return open_adapter(adapter)
+        return open_adapter(adapter, base)
     if path.is_dir():
         return _open_folder(path, path)
     name = path.name
