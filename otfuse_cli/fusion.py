@@ -260,6 +260,9 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
                               "folder per parent; give a folder path")
         if repair:
             raise OtfuseError("--repair runs one fused model; with each parent's own task head there are several")
+    if parents.heads is not None and merge.heads == "auto":
+        report.note_line("the parents' task heads differ (label sets or names): the bodies are merged and each "
+                         f"parent keeps its own head, one model folder each under {output}/ (--heads merge refuses)")
     origin = open_base(base, parents, allow_config_mismatch) if base else None
     uses_data = reads_data(options, merge, plan, stats, repair)
     refuse_overlap(output, input_paths(parents.ckpts + ([origin.source.ckpt] if origin else []),

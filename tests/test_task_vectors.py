@@ -213,6 +213,11 @@ def test_parents_with_different_heads_fuse_into_one_folder_each(tmp_path):
     res = cli("fuse", a, b, "-o", out, "--base", base, "--merge", "task-arithmetic", "--scale", "0.6",
               "--align", "none")
     assert res.exit_code == 0, res.stderr
+    assert "each parent keeps its own head" in res.stderr
+    (tmp_path / "d.jsonl").write_text('{"text": "the film was good", "label": "topic_0"}\n')
+    res = cli("evaluate", out, "--data", tmp_path / "d.jsonl")  # the bundle itself is not one model
+    assert res.exit_code == 2
+    assert_one_line_error(res.stderr, "holds 2 models", str(out / "topic"))
     bodies = []
     base_sd = {f"bert.{n}": v for n, v in load_file(base / "model.safetensors").items()}
     parents = {p.name: load_file(p / "model.safetensors") for p in (a, b)}

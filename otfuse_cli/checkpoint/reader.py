@@ -402,4 +402,9 @@ def _open_folder(folder: Path, given: Path, index: Path | None = None) -> Checkp
         return _from_torch(given, folder, config, bins)
     if len(bins) > 1:
         raise OtfuseError(f"{folder} holds several PyTorch weight files and no index; pass one file")
+    models = sorted(p.name for p in folder.iterdir() if p.is_dir() and any(
+        (p / f).is_file() for f in ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin")))
+    if models:  # e.g. fuse's output for parents that kept their own task heads: one model per parent
+        shown = ", ".join(f"{folder / m}" for m in models[:4]) + (" ..." if len(models) > 4 else "")
+        raise OtfuseError(f"{folder} holds {len(models)} models, not one; give them one by one: {shown}")
     raise OtfuseError(f"no weights found in {folder} (expected model.safetensors, a sharded index or pytorch_model.bin)")
