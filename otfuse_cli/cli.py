@@ -338,12 +338,10 @@ def fuse(
         refuse_unused(given, unread, "no step reads --data here (activations, regmean/fisher, --repair)")
     elif options.align != "activations" or plan:
         refuse_unused(given, ACTIVATION_FLAGS, "they shape activation alignment (--align activations)")
-    if merge.merge != "regmean":
-        refuse_unused(given, ("--regmean-alpha",), "it is read by --merge regmean")
-    for option in ("scale", "density"):
+    for option, flag in (("alpha", "--regmean-alpha"), ("scale", "--scale"), ("density", "--density")):
         if option not in rule_reads:
             readers = ", ".join(name for name, rule in MERGES.items() if option in rule.reads)
-            refuse_unused(given, (f"--{option}",), f"it is read by --merge {readers}")
+            refuse_unused(given, (flag,), f"it is read by --merge {readers}")
     if dry_run:
         return print_plan_of_work(models, anchor, allow_config_mismatch, options if not plan else
                                   replace(options, align="none"), True, json_out)

@@ -309,3 +309,61 @@ def test_bad_task_vector_inputs_get_one_line(tmp_path, case):
     assert_one_line_error(res.stderr, fragment)
     assert not (tmp_path / "o.safetensors").exists()
     assert before == {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths}
+
+
+def mlp_grams(sd: dict, x: np.ndarray) -> dict[str, np.ndarray]:
+    """X^T X of every Linear layer's input, by a numpy forward pass of the ReLU MLP (nn.Sequential naming)."""
+    grams, h = {}, x.astype(np.float64)
+    names = sorted({k.split(".")[0] for k in sd}, key=int)
+    for i, p in enumerate(names):
+        grams[f"{p}.weight"] = h.T @ h
+        h = h @ sd[f"{p}.weight"].T + sd[f"{p}.bias"]
+        h = np.maximum(h, 0) if i < len(names) - 1 else h
+    return grams
+
+
+def regmean_solve(taus: list[np.ndarray], grams: list[np.ndarray], alpha: float) -> np.ndarray:
+    tilde = [alpha * g + (1 - alpha) * np.diag(np.diag(g)) for g in grams]
+    return np.linalg.solve(sum(tilde), sum(t @ w.T for t, w in zip(tilde, taus))).T
+
+
+def test_regmean_on_ties_task_vectors_matches_the_closed_form(tmp_path):
+    """Linear maps: RegMean's solve on the trimmed task vectors cleared where they disagree with the elected
+    sign; biases: TIES' disjoint mean. Grams from a numpy forward pass of each child on the same inputs."""
+    from otfuse_cli import DataOptions
+
+    base, paths, b, taus = children(tmp_path, count=2, scale=0.2)
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(3))
+    save_file({"x": x}, tmp_path / "x.safetensors")
+    fuse(paths, str(tmp_path / "o.safetensors"), options=NONE, base=base,
+         merge=MergeOptions(merge="regmean-ties", density=0.5, scale=0.8, regmean_alpha=0.9),
+         data=DataOptions(data=str(tmp_path / "x.safetensors"), samples=64))
+    out = {n: v.double().numpy() for n, v in load_file(tmp_path / "o.safetensors").items()}
+    sds = [{n: b[n] + t[n] for n in b} for t in taus]
+    grams = [mlp_grams(sd, x.double().numpy()) for sd in sds]
+    for n in b:
+        trimmed_taus = [trimmed(t[n], 0.5) for t in taus]
+        if n.endswith("weight"):
+            sign = np.sign(sum(trimmed_taus))
+            agreeing = [np.where(np.sign(t) == sign, t, 0.0) for t in trimmed_taus]
+            expect = b[n] + 0.8 * regmean_solve(agreeing, [g[n] for g in grams], 0.9)
+        else:
+            expect = b[n] + 0.8 * elected_mean(trimmed_taus, [0.5, 0.5])
+        assert np.abs(out[n] - expect).max() <= 1e-5 * max(1.0, np.abs(expect).max()), n
+
+
+def test_regmean_on_dare_at_density_one_is_scaled_regmean(tmp_path):
+    from otfuse_cli import DataOptions
+
+    base, paths, b, taus = children(tmp_path, count=2, scale=0.2)
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(3))
+    save_file({"x": x}, tmp_path / "x.safetensors")
+    data = DataOptions(data=str(tmp_path / "x.safetensors"), samples=64)
+    fuse(paths, str(tmp_path / "o.safetensors"), options=NONE, base=base, data=data,
+         merge=MergeOptions(merge="regmean-dare", density=1.0, scale=0.5, regmean_alpha=0.9))
+    out = {n: v.double().numpy() for n, v in load_file(tmp_path / "o.safetensors").items()}
+    grams = [mlp_grams({n: b[n] + t[n] for n in b}, x.double().numpy()) for t in taus]
+    for n in b:
+        merged_tau = (regmean_solve([t[n] for t in taus], [g[n] for g in grams], 0.9) if n.endswith("weight")
+                      else sum(t[n] for t in taus) / 2)
+        assert np.abs(out[n] - (b[n] + 0.5 * merged_tau)).max() <= 1e-5 * max(1.0, np.abs(b[n]).max()), n

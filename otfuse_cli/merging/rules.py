@@ -11,7 +11,7 @@ Rules import torch only when they run, so the command line can list them without
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 
@@ -51,7 +51,7 @@ def average(xs: list, t: Tensor):
     return out
 
 
-@needs("gram")
+@needs("gram", reads=("alpha",))
 def regmean(xs: list, t: Tensor):
     """RegMean (Jin et al., 2023) for a linear map: W = (sum_k G~_k)^-1 sum_k G~_k W_k in (in, out)
     orientation, G~ = alpha*G + (1-alpha)*diag(G), each G_k weighted by w_k. stats[k] = (G_k, input axis).
@@ -169,6 +169,29 @@ def dare_ties(xs: list, t: Tensor):
     return t.options.scale * _elected_mean(_dare(xs, t), t)
 
 
+@needs("gram", task_vectors=True, reads=("alpha", "scale", "density"))
+def regmean_ties(xs: list, t: Tensor):
+    """RegMean on TIES' task vectors: each tau_k trimmed to its top --density and cleared where it disagrees
+    with the elected sign, then RegMean's least-squares solve for the linear maps; tensors without Grams take
+    TIES' disjoint mean. Scaled by lambda."""
+    import torch
+
+    if t.state is None:  # a whole tensor is at hand (RegMean is not blockwise): its thresholds directly
+        t = replace(t, state=[magnitude_threshold(lambda x=x: [x.reshape(-1)], t.options.density) for x in xs])
+    trimmed = _top_magnitude(xs, t)
+    if t.stats is None:
+        return t.options.scale * _elected_mean(trimmed, t)
+    sign = torch.sign(sum(w * x for w, x in zip(t.weights, trimmed)))
+    return t.options.scale * regmean([x.where(torch.sign(x) == sign, 0.0) for x in trimmed], t)
+
+
+@needs("gram", task_vectors=True, reads=("alpha", "scale", "density", "seed"))
+def regmean_dare(xs: list, t: Tensor):
+    """RegMean on DARE's task vectors (random drop and rescale); tensors without Grams take their weighted
+    average. Scaled by lambda."""
+    return t.options.scale * regmean(_dare(xs, t), t)
+
+
 # ---------------------------------------------------------------- DARE's masks and TIES' thresholds
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -260,10 +283,12 @@ DEFAULTS: dict[str, dict[str, float]] = {
     "ties": {"scale": 1.0, "density": 0.2},
     "dare": {"scale": 0.4, "density": 0.3},
     "dare-ties": {"scale": 1.0, "density": 0.3},
+    "regmean-ties": {"scale": 1.0, "density": 0.2},
+    "regmean-dare": {"scale": 1.0, "density": 0.3},
 }
 
 # rule(parents' aligned float32 tensors (task vectors with --base; a block of their elements for an
 # elementwise rule), Tensor)
 MERGES: dict[str, Callable] = {"average": average, "regmean": regmean, "fisher": fisher,
                                "task-arithmetic": task_arithmetic, "ties": ties, "dare": dare,
-                               "dare-ties": dare_ties}
+                               "dare-ties": dare_ties, "regmean-ties": regmean_ties, "regmean-dare": regmean_dare}
