@@ -229,7 +229,8 @@ def inspect(
 
 
 # Options shared by `align`, `fuse` and `compress` come from the typed groups in options.py.
-ALIGN_FLAGS = ("--align", "--solver", "--reg", "--metric", "--marginals", "--cost-norm", "--refine", "--sketch")
+ALIGN_FLAGS = ("--align", "--solver", "--reg", "--metric", "--marginals", "--cost-norm", "--refine", "--sketch",
+               "--max-iter")
 SAMPLE_FLAGS = ("--samples", "--max-tokens", "--standardize", "--post-activation", "--max-length", "--device",
                 "--device-map", "--activation", "--seed")
 ACTIVATION_FLAGS = ("--max-tokens", "--standardize", "--post-activation", "--device-map")  # activation features
@@ -238,6 +239,8 @@ ACTIVATION_FLAGS = ("--max-tokens", "--standardize", "--post-activation", "--dev
 def refuse_sketch_unless_weights(given: set[str], options: AlignOptions) -> None:
     if options.align != "weights":
         refuse_unused(given, ("--sketch",), "it sketches weight features (--align weights)")
+    if options.solver != "sinkhorn":
+        refuse_unused(given, ("--max-iter",), "it is the Sinkhorn solver's budget (--solver sinkhorn)")
 
 
 MODELS_ARG = typer.Argument(..., metavar="MODEL", help="Two or more checkpoints (files or HF folders).")
@@ -452,7 +455,7 @@ def evaluate(
     if plot:
         _check_plot(plot, force, interpolate, models, data)
     if not aligned:
-        refuse_unused(explicit_flags(), (*ALIGN_FLAGS, "--align-data"), "they shape the --aligned line")
+        refuse_unused(explicit_flags(), (*ALIGN_FLAGS, "--align-data", "--time-limit"), "they shape the --aligned line")
     elif options.align == "none":
         raise OtfuseError("--aligned --align none is the naive line again; use --align weights or activations")
     elif (options.align == "activations") != bool(align_data):  # activations read samples, weights none

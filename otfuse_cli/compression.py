@@ -25,6 +25,7 @@ from otfuse_cli.card import card_for
 from otfuse_cli.checkpoint import open_checkpoint, provenance, write_checkpoint
 from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
 from otfuse_cli import report
+from otfuse_cli import deadline
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import AlignOptions, DataOptions, OutputOptions
 from otfuse_cli.pipeline import (check_output, check_shard_size, data_record, dtype_overrides, feature_provider,
@@ -330,6 +331,7 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
     running statistics on data.data afterwards (merged channels no longer have their parents' statistics)."""
     if method not in METHODS:
         raise OtfuseError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
+    deadline.start(options.time_limit)
     check_output(output, write)
     if repair and not data.data:
         raise OtfuseError("--repair needs --data FILE with sample inputs")

@@ -16,7 +16,7 @@ from otfuse_cli.arch.compat import head_tensors
 from otfuse_cli.card import card_for
 from otfuse_cli.checkpoint import open_checkpoint, provenance, sha256_file, write_checkpoint
 from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
-from otfuse_cli import report
+from otfuse_cli import deadline, report
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.merging.rules import MERGES, Tensor
 from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOptions
@@ -96,6 +96,7 @@ def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[
     rule = MERGES[merge.merge]
     ckpt = parents.ckpts[anchor]
     for name, dtype, shape in fused_layout(ckpt, write, _kept(parents)):
+        deadline.check("merging")
         if not dtype.is_floating_point:  # integer buffers (num_batches_tracked) stay the anchor's
             yield name, ckpt.get(name)
             continue
@@ -245,6 +246,7 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
     body with that parent's head and config. repair renormalises the fused units on `data.data` (REPAIR;
     BatchNorm nets: their statistics re-estimated). Parents whose config or tokenizer changes the function are
     refused unless allow_config_mismatch (the result runs with the anchor's config)."""
+    deadline.start(options.time_limit)
     check_output(output, write)
     rule = MERGES[merge.merge]
     if rule.task_vectors and not base:
@@ -260,6 +262,10 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
                               "folder per parent; give a folder path")
         if repair:
             raise OtfuseError("--repair runs one fused model; with each parent's own task head there are several")
+    if repair:
+        from otfuse_cli.merging.repair import check_repairable
+
+        check_repairable(parents)
     if parents.heads is not None and merge.heads == "auto":
         report.note_line("the parents' task heads differ (label sets or names): the bodies are merged and each "
                          f"parent keeps its own head, one model folder each under {output}/ (--heads merge refuses)")

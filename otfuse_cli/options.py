@@ -72,6 +72,12 @@ class AlignOptions(Options):
     refine: int | None = option(None, "--refine", "Extra passes over all spaces until plans stop changing "
                                 "(weights; default 5 for exact plans, 1 for sinkhorn or --sketch, measured).",
                                 minimum=0)
+    max_iter: int = option(5000, "--max-iter", "Sinkhorn: iterations per solve before a plan that has not met "
+                           "its marginals is refused (a work budget: results never depend on the clock).",
+                           minimum=1)
+    time_limit: float | None = option(None, "--time-limit", "Abort (exit 2, nothing written) once this many "
+                                      "seconds of wall time have passed; never changes a result.", minimum=0.0,
+                                      metavar="SECONDS")
     sketch: int | None = option(None, "--sketch", "Weights: hash each space's per-unit weight columns into D "
                                 "buckets (a seeded CountSketch) so a cost costs O(width x D), not O(width x "
                                 "model); for 7B-class pairs.", minimum=16, metavar="D")
@@ -80,6 +86,8 @@ class AlignOptions(Options):
         super().__post_init__()
         if not math.isfinite(self.reg):
             raise OtfuseError(f"--reg must be a finite number, got {self.reg!r}")
+        if self.time_limit is not None and not math.isfinite(self.time_limit):
+            raise OtfuseError(f"--time-limit must be a finite number of seconds, got {self.time_limit!r}")
 
     @property
     def sweeps(self) -> int:

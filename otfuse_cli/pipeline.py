@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from otfuse_cli import deadline
 from otfuse_cli.alignment.engine import align_pair, refinement_sweeps
 from otfuse_cli.alignment.plans import input_record, save_plans
 from otfuse_cli.alignment.transport import Plan, Transporter
@@ -271,6 +272,7 @@ def align(models: list[str], output: str, *, options: AlignOptions = AlignOption
           data: DataOptions = DataOptions(), anchor: int = 0, force: bool = False,
           on_space: Callable[[str], None] | None = None, allow_config_mismatch: bool = False) -> dict:
     """Compute the plans mapping every model onto the anchor and write them to a plan file."""
+    deadline.start(options.time_limit)
     out = Path(output)
     check_output(out, OutputOptions(force=force), file_only=True)
     parents = open_parents(models, anchor, allow_config_mismatch, heads="auto")
@@ -294,6 +296,7 @@ def aligned_parent(models: list[str], options: AlignOptions = AlignOptions(),
                    allow_config_mismatch: bool = False) -> tuple[dict, dict, object]:
     """(anchor state dict, parent state dict moved into the anchor's basis, anchor checkpoint): the two
     endpoints of the aligned interpolation line."""
+    deadline.start(options.time_limit)
     parents = open_parents(models, 0, allow_config_mismatch)
     data = data.for_family(parents.specs[0].family)
     if differ := width_differences(parents.specs):

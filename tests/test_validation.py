@@ -428,11 +428,30 @@ def test_sinkhorn_matches_pot_and_stops_when_it_cannot_converge(monkeypatch):
     assert info["marginal_error"] < 1e-6
     with pytest.raises(OtfuseError, match=r"did not converge .* 5000 iterations .* larger --reg"):
         solvers.solve(cost, a, a, "sinkhorn", reg=1e-6)
-    monkeypatch.setattr(solvers, "SINKHORN_MAX_SECONDS", 0.01)
-    start = time.monotonic()
-    with pytest.raises(OtfuseError, match=r"0.01 s .* larger --reg"):
-        solvers.solve(cost, a, a, "sinkhorn", reg=1e-6)
-    assert time.monotonic() - start < 5
+    with pytest.raises(OtfuseError, match=r"did not converge .* 300 iterations .* --max-iter"):
+        solvers.solve(cost, a, a, "sinkhorn", reg=1e-6, max_iter=300)
+
+
+def test_no_result_depends_on_the_clock(tmp_path, mlps, monkeypatch):
+    """A clock that jumps an hour at every reading changes nothing in a Sinkhorn fuse (byte-identical output);
+    the iteration budget is in the provenance; only an opt-in --time-limit reacts to it, by aborting."""
+    from otfuse_cli import deadline
+
+    args = ["fuse", *mlps, "--solver", "sinkhorn", "--reg", "0.05", "--max-iter", "800"]
+    assert cli(*args, "-o", tmp_path / "calm.safetensors").exit_code == 0
+    ticks = iter(range(0, 10**9, 3600))
+    monkeypatch.setattr(deadline, "CLOCK", lambda: float(next(ticks)))
+    monkeypatch.setattr(time, "monotonic", lambda: float(next(ticks)))
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(ticks)))
+    assert cli(*args, "-o", tmp_path / "jumpy.safetensors").exit_code == 0
+    assert (tmp_path / "calm.safetensors").read_bytes() == (tmp_path / "jumpy.safetensors").read_bytes()
+    header = (tmp_path / "calm.safetensors").read_bytes()
+    meta = json.loads(header[8:8 + int.from_bytes(header[:8], "little")])["__metadata__"]
+    assert json.loads(meta["otfuse"])["options"]["align"]["max_iter"] == 800
+    res = cli(*args, "-o", tmp_path / "limited.safetensors", "--time-limit", "60")
+    assert res.exit_code == 2
+    assert_one_line_error(res.stderr, "--time-limit 60 s reached", "nothing was written")
+    assert not (tmp_path / "limited.safetensors").exists()
 
 
 def test_sinkhorn_at_a_hopeless_reg_is_one_line(tmp_path, mlps):

@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from otfuse_cli import deadline
 from otfuse_cli.alignment.cost import unit_cost
 from otfuse_cli.alignment.solvers import marginal, normalize, solve
 from otfuse_cli.alignment.transport import Plan
@@ -46,7 +47,8 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
                timings: dict[str, float] | None = None) -> dict[str, Plan]:
     """Plans mapping `parent` onto `anchor`, one per space, by name. on_space(name) follows each space's
     first solve, on_refine(name) each re-solve during refinement (for progress reporting). timings, when
-    given, accumulates wall seconds per step (kept out of the plans' stats, which plan files store)."""
+    given, accumulates wall seconds per step (kept out of the plans' stats, which plan files store: they are
+    reported, never used in a decision)."""
     plans: dict[str, Plan] = {}
     timings = {} if timings is None else timings
     clock = [time.perf_counter()]
@@ -58,6 +60,7 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
 
     def solve_space(k: int, first_pass: bool) -> Plan:
         sa, sp = anchor.spaces[k], parent.spaces[k]
+        deadline.check(f"aligning space {sa.name}")
         clock[0] = time.perf_counter()
         pair = provider.features(k, plans, first_pass)
         lap("features and cross terms")
@@ -71,7 +74,7 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
         b = marginal(fa, sa.size, options.marginals)
         cost_n = normalize(cost, options.cost_norm)
         lap("costs")
-        plan, info = solve(cost_n, a, b, options.solver, options.reg)
+        plan, info = solve(cost_n, a, b, options.solver, options.reg, options.max_iter)
         lap("solver")
         stats = plan_stats(cost, plan, info)
         if plan.ndim == 1:

@@ -84,7 +84,7 @@ def identity_is_optimal(cost: np.ndarray) -> bool:
     return cost.shape[0] == cost.shape[1] and bool((np.diagonal(cost) <= cost.min(0)).all())
 
 
-def exact(cost: np.ndarray, a: np.ndarray, b: np.ndarray, reg: float) -> tuple[np.ndarray, dict]:
+def exact(cost: np.ndarray, a: np.ndarray, b: np.ndarray, reg: float, max_iter: int = 0) -> tuple[np.ndarray, dict]:
     """Hard plans: linear assignment for equal widths and uniform masses (an index vector), else the
     network simplex (a dense coupling)."""
     n, m = cost.shape
@@ -101,58 +101,60 @@ def exact(cost: np.ndarray, a: np.ndarray, b: np.ndarray, reg: float) -> tuple[n
     return np.asarray(plan), {"solver": "emd"}
 
 
-# Sinkhorn's budget: it stops when a marginal is met to SINKHORN_STOP (L2, POT's criterion) or when the
-# iterations or seconds run out; a plan whose marginals are then still off by more than SINKHORN_TOL (L1 over
-# both) did not converge and is refused. Small --reg converges slowly; a too small one never does.
+# Sinkhorn's budget: it stops when a marginal is met to SINKHORN_STOP (L2, POT's criterion) or when its
+# iterations (--max-iter) run out; a plan whose marginals are then still off by more than SINKHORN_TOL (L1
+# over both) did not converge and is refused. Small --reg converges slowly; a too small one never does. Never
+# seconds: a clock would cut the solve at another iterate on a busier machine (--time-limit only aborts).
 SINKHORN_MAX_ITER = 5000
-SINKHORN_MAX_SECONDS = 600.0
-SINKHORN_CHUNK = 100  # iterations per POT call between clock checks (a multiple of POT's 10-step error check)
+SINKHORN_CHUNK = 100  # iterations per POT call between --time-limit checks (a multiple of POT's 10-step check)
 SINKHORN_STOP = 1e-9
 SINKHORN_TOL = 1e-3
 
 
-def sinkhorn(cost: np.ndarray, a: np.ndarray, b: np.ndarray, reg: float) -> tuple[np.ndarray, dict]:
+def sinkhorn(cost: np.ndarray, a: np.ndarray, b: np.ndarray, reg: float,
+             max_iter: int = SINKHORN_MAX_ITER) -> tuple[np.ndarray, dict]:
     """Soft plans: entropic OT in the log domain, stable at small reg where the plain kernel underflows. Run
-    in chunks that resume from the last dual potentials (the same iterates as one long run), so that the
-    time budget is checked as it goes."""
-    import time
-
+    in chunks that resume from the last dual potentials (the same iterates as one long run), so that an
+    opt-in --time-limit can abort between them."""
     import ot
+
+    from otfuse_cli import deadline
 
     if not (reg > 0 and np.isfinite(reg)):
         raise OtfuseError(f"--reg must be a positive finite number for the sinkhorn solver, got {reg!r}")
-    start, done, warm = time.monotonic(), 0, None
+    done, warm = 0, None
     while True:
+        deadline.check("solving Sinkhorn")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # non-convergence is judged below, by the marginals
-            plan, log = ot.sinkhorn(a, b, cost, reg, method="sinkhorn_log", numItermax=SINKHORN_CHUNK,
-                                    stopThr=SINKHORN_STOP, log=True, warmstart=warm)
+            plan, log = ot.sinkhorn(a, b, cost, reg, method="sinkhorn_log",
+                                    numItermax=min(SINKHORN_CHUNK, max_iter - done), stopThr=SINKHORN_STOP,
+                                    log=True, warmstart=warm)
         done += log["niter"] + 1
         warm = (log["log_u"], log["log_v"])
         converged = log["err"] and log["err"][-1] < SINKHORN_STOP
-        elapsed = time.monotonic() - start
-        if converged or done >= SINKHORN_MAX_ITER or elapsed >= SINKHORN_MAX_SECONDS:
+        if converged or done >= max_iter:
             break
     plan = np.asarray(plan)
     if not np.all(np.isfinite(plan)):
         raise OtfuseError(f"sinkhorn diverged at --reg {reg:g}; use a larger --reg (e.g. 0.01)")
     err = float(np.abs(plan.sum(1) - a).sum() + np.abs(plan.sum(0) - b).sum())
     if err > SINKHORN_TOL:
-        budget = f"{done} iterations" + (f" and {SINKHORN_MAX_SECONDS:g} s" if elapsed >= SINKHORN_MAX_SECONDS else "")
-        raise OtfuseError(f"sinkhorn did not converge on a {cost.shape[0]}x{cost.shape[1]} problem within {budget} "
-                          f"(marginal error {err:.1e}) at --reg {reg:g}; use a larger --reg (e.g. 0.01)")
-    return plan, {"solver": "sinkhorn", "marginal_error": err}
+        raise OtfuseError(f"sinkhorn did not converge on a {cost.shape[0]}x{cost.shape[1]} problem within {done} "
+                          f"iterations (marginal error {err:.1e}) at --reg {reg:g}; use a larger --reg (e.g. 0.01) "
+                          "or --max-iter")
+    return plan, {"solver": "sinkhorn", "marginal_error": err, "iterations": done}
 
 
 SOLVERS: dict[str, Callable[..., tuple[np.ndarray, dict]]] = {"exact": exact, "sinkhorn": sinkhorn}
 
 
 def solve(cost: np.ndarray, a: np.ndarray, b: np.ndarray, solver: str = "exact",
-          reg: float = 0.01) -> tuple[np.ndarray, dict]:
+          reg: float = 0.01, max_iter: int = SINKHORN_MAX_ITER) -> tuple[np.ndarray, dict]:
     """Plan P (n x m) with marginals a, b minimising <P, cost>, plus solver diagnostics."""
     cost = np.asarray(cost, dtype=np.float64)
     if not np.all(np.isfinite(cost)):
         raise OtfuseError("alignment cost contains NaN or Inf (a parent has non-finite weights or activations)")
     if solver not in SOLVERS:
         raise OtfuseError(f"unknown solver {solver!r}; use {' or '.join(SOLVERS)}")
-    return SOLVERS[solver](cost, a, b, reg)
+    return SOLVERS[solver](cost, a, b, reg, max_iter)

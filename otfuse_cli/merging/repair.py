@@ -115,6 +115,15 @@ def repair_units(state_dict: dict, like, targets: dict[str, tuple[torch.Tensor, 
     return finite(out)
 
 
+def check_repairable(parents) -> None:
+    """Refuse --repair before any work where it cannot apply: Hugging Face models have no unit layers to
+    renormalise and no BatchNorm (the same reason repair_fused would give after the whole alignment)."""
+    spec = parents.specs[parents.anchor]
+    if parents.ckpts[parents.anchor].config is not None and not repaired_layers(spec):
+        raise OtfuseError(f"--repair applies to MLPs and CNNs (and resets BatchNorm statistics), not to "
+                          f"{spec.family} models")
+
+
 def repair_fused(state_dict: dict, parents, plans: list, weights: list[float], data: DataOptions) -> dict:
     """`fuse --repair`: BatchNorm nets get their statistics re-estimated; BatchNorm-free MLPs and CNNs get
     REPAIR, every hidden unit's mean and std set to the weighted average of its aligned parent units'."""
