@@ -317,10 +317,14 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
     return {"output": str(out), **result}
 
 
+# config.json fields that describe a parent's task head rather than its body
+TASK_FIELDS = ("architectures", "id2label", "label2id", "num_labels", "problem_type", "finetuning_task")
+
+
 def write_members(output: str, body: Iterator, parents: Parents, plans: list[dict[str, Plan]],
                   write: OutputOptions, record: dict) -> dict[str, str]:
     """OUTPUT/<name>/ for every parent: the merged body with that parent's own task head (moved into the
-    anchor's basis on its body axes) and its own config and tokenizer. The body is merged once, streamed into
+    anchor's basis and widths on its body axes), the anchor's config and tokenizer with the parent's labels. The body is merged once, streamed into
     the first folder, and read back from there for the others; the whole OUTPUT appears in one step."""
     from otfuse_cli.arch import build_spec
     from otfuse_cli.checkpoint.writer import write_bundle
@@ -345,8 +349,10 @@ def write_members(output: str, body: Iterator, parents: Parents, plans: list[dic
             else:
                 tensors = ((name, first.get(name)) for name in first.keys() if name not in set(parents.heads[0]))
             own = {**record, "member": names[k], "head_of": k}
-            write_checkpoint(tmp / names[k], _chain(tensors, head(k)), layout="folder", source=ckpt,
-                             config_overrides=dtype_overrides(ckpt, write) or None, provenance=own,
+            # the anchor's config (the merged body has its widths) with this parent's task and labels
+            labels = {key: ckpt.config[key] for key in TASK_FIELDS if key in (ckpt.config or {})}
+            write_checkpoint(tmp / names[k], _chain(tensors, head(k)), layout="folder", source=parents.ckpts[anchor],
+                             config_overrides={**labels, **dtype_overrides(ckpt, write)} or None, provenance=own,
                              max_shard_size=write.max_shard_size, card=card_for("folder", own, parents.ckpts, k))
             if first is None:
                 first = open_checkpoint(tmp / names[k])

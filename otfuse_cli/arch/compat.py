@@ -132,13 +132,24 @@ def _label_names(ckpt) -> list | None:
     return [labels[k] for k in sorted(labels, key=lambda k: int(k))] if isinstance(labels, dict) else None
 
 
+def _label_shape(ckpt, name: str) -> tuple[int, ...]:
+    """A head tensor's extent on the axes no space moves (its labels): widths may differ, labels may not."""
+    from otfuse_cli.arch import build_spec  # the registry imports this module
+
+    covered = build_spec(ckpt).axis_index()
+    return tuple(n for axis, n in enumerate(ckpt.shape(name)) if (name, axis) not in covered)
+
+
 def heads_differ(ckpts: list, anchor: int = 0) -> bool:
-    """Whether the parents' task heads are for different tasks as far as the files tell: other head tensors or
-    shapes (label counts), or other label names in config.json."""
+    """Whether the parents' task heads are for different tasks as far as the files tell: other head tensors,
+    other label counts, or other label names in config.json."""
     heads = [sorted(head_tensors(c)) for c in ckpts]
     a = ckpts[anchor]
-    return any(h != heads[anchor] or any(tuple(c.shape(n)) != tuple(a.shape(n)) for n in h)
-               or _label_names(c) != _label_names(a) for c, h in zip(ckpts, heads))
+    try:
+        return any(h != heads[anchor] or any(_label_shape(c, n) != _label_shape(a, n) for n in h)
+                   or _label_names(c) != _label_names(a) for c, h in zip(ckpts, heads))
+    except OtfuseError:  # a model without a Spec: check_models says why
+        return False
 
 
 def without_tensors(spec: Spec, names: set[str]) -> Spec:
