@@ -461,12 +461,13 @@ def evaluate(
     elif (options.align == "activations") != bool(align_data):  # activations read samples, weights none
         raise OtfuseError("--aligned --align activations needs --align-data FILE (sample inputs to align on); "
                           "--align-data is read by --align activations only")
-    from otfuse_cli.evaluation.gates import check_applicable, missed, parse_gate
+    from otfuse_cli.evaluation.gates import check_applicable, check_gate_names, missed, parse_gate
 
     gates = [parse_gate(g, upper=False) for g in fail_under or []] + \
         [parse_gate(g, upper=True) for g in fail_over or []]
     if gates and not models:
         raise OtfuseError("--fail-under/--fail-over gate the MODEL rows; give the models to score")
+    check_gate_names(gates, _display_names(models) + (["ensemble"] if ensemble or ensemble_of else []), task)
     opts = dict(batch_size=batch_size, max_samples=max_samples, device=device, seed=seed, num_beams=num_beams,
                 max_length=max_length, columns={"source": source_field, "target": target_field})
     doc: dict = {}
@@ -531,6 +532,10 @@ def _check_plot(plot: str, force: bool, interpolate: tuple[str, str] | None, mod
 
     if not interpolate:
         raise OtfuseError("--plot draws the --interpolate curves; add --interpolate A B")
+    try:
+        import matplotlib  # noqa: F401  (the curves are drawn after every forward pass: say it now)
+    except ImportError:
+        raise OtfuseError("--plot needs matplotlib: pip install 'otfuse-cli[plot]'") from None
     refuse_overlap(plot, input_paths([open_checkpoint(p) for p in (*interpolate, *models)], [data]), what="--plot")
     if Path(plot).is_dir():
         raise OtfuseError(f"--plot {plot} is a folder; give a file name such as curve.png")

@@ -46,6 +46,19 @@ def parse_gate(text: str, upper: bool) -> Gate:
     return Gate(name if colon else None, metric, bound, upper)
 
 
+def check_gate_names(gates: list[Gate], rows: list[str], task: str) -> None:
+    """Before any model is read: every named row exists, and with an explicit --task every metric is one of
+    its metrics (check_applicable repeats both on the document once --task auto is resolved)."""
+    from otfuse_cli.evaluation.tasks import TASK_METRICS
+
+    for g in gates:
+        if g.model is not None and g.model not in rows:
+            raise OtfuseError(f"{g.flag}: no model named {g.model!r}; rows are {', '.join(map(str, rows))}")
+        scored = TASK_METRICS.get(task, []) + (TASK_METRICS["mlm"] if task == "lm" else [])  # lm: masked too
+        if task in TASK_METRICS and g.metric not in scored:
+            raise OtfuseError(f"{g.flag}: {g.metric} is not a {task} metric; it scores {', '.join(scored)}")
+
+
 def check_applicable(gates: list[Gate], doc: dict) -> None:
     """Every gate's metric is scored by this task and its model is a row (exit 2, not a silent pass)."""
     names = [r["model"] for r in doc.get("rows", [])]
