@@ -324,7 +324,8 @@ def fuse(
       otfuse fuse a/ b/ -o fused/ --solver sinkhorn --reg 0.02
       otfuse fuse a/ b/ -o fused/ --merge regmean \\
           --stats a.stats.safetensors --stats b.stats.safetensors
-      otfuse fuse sst2/ mnli/ -o merged/ --base bert-base/ --merge ties --density 0.2
+      otfuse fuse sst2/ mnli/ -o merged/ --base bert-base/ \\
+          --merge ties --density 0.2
     """
     from otfuse_cli.fusion import fuse as fuse_models, reads_data
     from otfuse_cli.merging.rules import MERGES

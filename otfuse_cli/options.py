@@ -157,9 +157,9 @@ class MergeOptions(Options):
     task-vector rules (task-arithmetic, ties, dare, dare-ties) merge theta_k - theta_base (--base)."""
 
     merge: str = option("average", "--merge", "average, regmean (Gram matrices of each linear layer's inputs), "
-                        "fisher (diagonal Fisher), or with --base the task-vector rules task-arithmetic, ties, "
-                        "dare, dare-ties, and RegMean on TIES' or DARE's task vectors (regmean-ties, "
-                        "regmean-dare).", MERGES)
+                        "fisher (diagonal Fisher); with --base also the task-vector rules task-arithmetic, ties, "
+                        "dare, dare-ties, and RegMean on TIES' or DARE's task vectors: regmean-ties, "
+                        "regmean-dare.", MERGES, metavar="RULE")
     regmean_alpha: float = option(0.9, "--regmean-alpha", "RegMean: weight of the off-diagonal Gram entries "
                                   "(1 = exact least squares, 0 = diagonal).", minimum=0.0, maximum=1.0)
     scale: float | None = option(None, "--scale", "Task-vector rules: lambda, the merged task vector's scale "

@@ -18,9 +18,11 @@ from rich.table import Table
 class ResultConsole(Console):
     """stdout for results. When stdout is not a terminal (a pipe, a CI log) tables are printed at their
     natural width rather than squeezed to COLUMNS (80 by default), so no name or number is folded or
-    elided with an ellipsis; log viewers scroll instead."""
+    elided with an ellipsis, and text lines are never wrapped; log viewers scroll instead."""
 
     def print(self, *objects, **kwargs) -> None:
+        if not self.is_terminal and not any(isinstance(o, Table) for o in objects):
+            kwargs.setdefault("soft_wrap", True)  # a summary line stays one line for grep and tail -1
         natural = max((Measurement.get(self, self.options.update_width(10_000), o).maximum
                        for o in objects if isinstance(o, Table)), default=0)
         if self.is_terminal or natural <= self.width:

@@ -43,3 +43,13 @@ def test_plot_without_matplotlib_is_refused_before_the_curves(nothing_runs, monk
     assert res.exit_code == 2, res.stderr
     assert_one_line_error(res.stderr, "--plot needs matplotlib", "otfuse-cli[plot]")
     assert not (tmp_path / "c.png").exists()
+
+
+def test_piped_summary_lines_are_never_wrapped(tmp_path):
+    from conftest import cli_subprocess
+
+    out = tmp_path / ("a-rather-long-folder-name-" * 3) / "fused.safetensors"
+    res = cli_subprocess("fuse", A, B, "-o", out, "--align", "none")
+    assert res.returncode == 0, res.stderr
+    (line,) = [l for l in res.stdout.splitlines() if l.strip()]
+    assert line.startswith("fused 2 mlp models") and line.endswith(str(out)), res.stdout

@@ -116,7 +116,8 @@ def test_help_names_values_like_click_and_shows_examples():
         assert max(map(len, text.splitlines())) <= 80, command
     fuse = subprocess.run([sys.executable, "-m", "otfuse_cli", "fuse", "--help"], capture_output=True, text=True,
                           env=env, timeout=60).stdout
-    assert "--solver [exact|sinkhorn]" in fuse and "--merge [average|regmean|fisher]" in fuse
+    assert "--solver [exact|sinkhorn]" in fuse and "--merge RULE" in fuse  # nine rules: named in the help text
+    assert all(rule in " ".join(fuse.split()) for rule in ("regmean-ties", "regmean-dare", "dare-ties"))
     assert re.search(r"--repair, --repair-bn +REPAIR", fuse)  # a flag takes no value
 
     # the group hands out the same command object every time: naming its values must not stack up
