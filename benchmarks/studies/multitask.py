@@ -25,9 +25,11 @@ its peak RSS (benchmarks/scale.py's `measure`).
 Splits: IMDB and tweets as in study 2 (a hash of the text: test 20%, validation 10%); the shared data by the
 README's rule (id % 10: test 0, validation 1, training the rest), each split balanced over the classes (round
 robin in id order). Near-duplicates of any task's test texts are dropped from every training and validation
-set. Scale as study 2b (a MiniLM step costs about 0.4-0.6 s here): TRAIN_LIMIT texts per task, one epoch,
-48 tokens, 400 test and VAL_LIMIT validation texts per task; the learning rate is study 2b's validation choice
-for the same model and budget (1e-4). Smoke mode keeps one of MiniLM's six layers and skips mergekit.
+set. Scale as study 2b (a MiniLM step costs about 0.4-0.6 s here): 1,000 training texts per task, one epoch,
+48 tokens, 400 test and 150 validation texts per task; the learning rate is study 2b's validation choice for
+the same model and budget (1e-4). RegMean's Gram matrices come from 512 of each child's training texts, the
+diagonal Fisher from 64. Smoke mode stands a tiny random BERT over MiniLM's vocabulary in for MiniLM and skips
+mergekit.
 
 Set OTFUSE_STUDY8_CACHE=DIR to keep the trained children and multi-task models (and their training times)
 there, so a rerun of the merges does not retrain them.
@@ -44,6 +46,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -59,31 +62,40 @@ import otfuse_cli as otf
 from otfuse_cli.options import MergeOptions
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from scale import MERGEKIT_VENV, measure  # noqa: E402
+from scale import MERGEKIT_VENV  # noqa: E402
+from scale import measure as scale_measure  # noqa: E402
 
 FULL = TextScale(hidden=384, layers=6, heads=12, ffn=1536, vocab=30522, max_length=48, epochs=1.0, lrs=(1e-4,),
                  batch=16, limit=1000)
-SMOKE = TextScale(hidden=384, layers=1, heads=12, ffn=1536, vocab=30522, max_length=24, epochs=1.0, lrs=(1e-4,),
+SMOKE = TextScale(hidden=32, layers=1, heads=2, ffn=64, vocab=30522, max_length=24, epochs=1.0, lrs=(1e-4,),
                   batch=16, limit=32)
-TEST_LIMIT, VAL_LIMIT = 400, 200
-FISHER_SAMPLES = 128  # per child: one backward pass each
+TEST_LIMIT, VAL_LIMIT = 400, 150
+GRAM_SAMPLES, FISHER_SAMPLES = 512, 64  # per child, from its own training texts (Fisher: one backward pass each)
 SENTIMENT = ["negative", "positive"]
 SECTIONS = ("games", "gnome", "kde", "graphics", "devel", "libs")  # the 6 largest, `localization` left out
 MODULES = ("shared", "swriter", "scalc", "sbasic", "simpress", "sdatabase")  # the 6 largest in EN-DE
 TASKS = {"imdb": "IMDB", "tweets": "tweets", "debian": "Debian section", "libreoffice": "LibreOffice module"}
 MEAN = "mean over tasks"
 
-# the validation grid, the same for both tools (smoke: one point)
+# The validation grid, the same for both tools (smoke: one point). lambda x density is searched one axis at a
+# time: lambda over its grid at density START_DENSITY, then density over its grid at the chosen lambda (7 merges
+# instead of 16: the whole grid, for three rules and two tools, would not fit the study's budget).
 GRID = {"scale": (0.3, 0.5, 0.7, 1.0), "density": (0.1, 0.2, 0.4, 0.6), "alpha": (0.5, 0.9)}
 SMOKE_GRID = {"scale": (1.0,), "density": (0.4,), "alpha": (0.9,)}
+START_DENSITY = 0.2
 # row: (otfuse --merge rule, grid axes)
 OTFUSE = {"otfuse average": ("average", ()), "otfuse task arithmetic": ("task-arithmetic", ("scale",)),
           "otfuse TIES": ("ties", ("scale", "density")), "otfuse DARE": ("dare", ("scale", "density")),
           "otfuse DARE-TIES": ("dare-ties", ("scale", "density")), "otfuse Fisher": ("fisher", ()),
-          "otfuse RegMean": ("regmean", ("alpha",))}
+          "otfuse RegMean": ("regmean", ("alpha",)),
+          "otfuse RegMean-TIES": ("regmean-ties", ()), "otfuse RegMean-DARE": ("regmean-dare", ())}
+# RegMean's solve on TIES' / DARE's task vectors, no grid of their own: RegMean's chosen alpha, the density chosen
+# for TIES / DARE, scale 1 (the solve is a mean, as TIES' disjoint mean is)
+ON_REGMEAN = {"otfuse RegMean-TIES": "otfuse TIES", "otfuse RegMean-DARE": "otfuse DARE"}
 # row: (mergekit merge_method, grid axes); mergekit's lambda is the scale
 MERGEKIT = {"mergekit linear": ("linear", ()), "mergekit task_arithmetic": ("task_arithmetic", ("scale",)),
-            "mergekit ties": ("ties", ("scale", "density")), "mergekit dare_linear": ("dare_linear", ("scale", "density")),
+            "mergekit ties": ("ties", ("scale", "density")),
+            "mergekit dare_linear": ("dare_linear", ("scale", "density")),
             "mergekit dare_ties": ("dare_ties", ("scale", "density"))}
 SAME_RULE = {"otfuse average": "mergekit linear", "otfuse task arithmetic": "mergekit task_arithmetic",
              "otfuse TIES": "mergekit ties", "otfuse DARE": "mergekit dare_linear",
@@ -91,6 +103,7 @@ SAME_RULE = {"otfuse average": "mergekit linear", "otfuse task arithmetic": "mer
 INDIVIDUAL = "individual (each fine-tune, own task)"
 JOINT = "multi-task (one body, 4 heads)"
 ZERO = "pre-trained body, own heads"
+ALIGNED = "otfuse average, --align weights (timed only)"
 
 
 # ---------------------------------------------------------------- data
@@ -192,7 +205,8 @@ def fit_joint(scale: TextScale, tok, folder: Path, split: dict, labels: dict, se
 def trained(seed: int, root: Path, scale: TextScale, tok, folder: Path, data: dict, lr: float):
     """Seed `seed`'s four children and multi-task model ({task: folder} each) and their training seconds; kept
     in (and reused from) $OTFUSE_STUDY8_CACHE when it is set and holds the same scale, data and seed."""
-    key = hashlib.sha256(json.dumps([scale.__dict__, lr, seed, data["split"]], sort_keys=True).encode()).hexdigest()
+    what = [scale.__dict__, lr, seed, data["labels"], {t: d["train"] for t, d in data["split"].items()}]
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
     cache = Path(os.environ["OTFUSE_STUDY8_CACHE"]) / f"seed{seed}" if os.environ.get("OTFUSE_STUDY8_CACHE") else None
     where = cache or root
     done = where / "trained.json"
@@ -214,39 +228,54 @@ def trained(seed: int, root: Path, scale: TextScale, tok, folder: Path, data: di
     return kids, joint, cost
 
 
-def base_folders(folder: Path, scale: TextScale, tok, out: Path) -> tuple[Path, Path]:
-    """The pre-trained model in the children's shape (`scale.layers` layers): as a classifier with an untrained
-    2-way head (otfuse's --base; the head is never used, --heads keep) and as a bare BertModel body
-    (mergekit's base_model)."""
+def tiny_pretrained(scale: TextScale, out: Path) -> Path:
+    """Smoke mode's stand-in for MiniLM: a random BERT of `scale`'s size over MiniLM's vocabulary (MiniLM's
+    embeddings alone would make every merge of the smoke run as slow as a real one)."""
     import transformers as T
 
-    cls = save_model(child(folder, scale, 0), out / "base", tok)
-    body = T.BertModel.from_pretrained(folder, num_hidden_layers=scale.layers)
-    body.save_pretrained(out / "base_body")
-    return cls, out / "base_body"
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=scale.vocab, hidden_size=scale.hidden, num_hidden_layers=scale.layers,
+                          num_attention_heads=scale.heads, intermediate_size=scale.ffn)
+    T.BertModel(config).save_pretrained(out / "tiny_pretrained")
+    return out / "tiny_pretrained"
 
 
-def bodies(kids: dict[str, Path], out: Path) -> dict[str, Path]:
-    """Head-less copies of the children (their `bert` module, saved as a BertModel) for mergekit, which
-    refuses to merge tensors of different shapes (the heads)."""
+def base_folder(folder: Path, scale: TextScale, tok, out: Path) -> Path:
+    """The pre-trained model in the children's shape (`scale.layers` layers) with an untrained 2-way head:
+    otfuse's --base (the head is never used: --heads keep)."""
+    return save_model(child(folder, scale, 0), out / "base", tok)
+
+
+def placeholder_heads(kids: dict[str, Path], base: Path, out: Path) -> tuple[dict[str, Path], Path]:
+    """mergekit's inputs: the children and the base with one shared placeholder head (a zero 2-way
+    classifier) in place of their own. mergekit refuses tensors of different shapes (the heads differ by
+    task), and its BertModel layout cannot be used (mergekit 0.1.5 fails on its optional position_ids alias);
+    the merged placeholder is thrown away and each task's own head put back (`with_heads`)."""
     import transformers as T
 
     paths = {}
-    for t, kid in kids.items():
-        T.BertForSequenceClassification.from_pretrained(kid).bert.save_pretrained(out / t)
-        paths[t] = out / t
-    return paths
+    for name, source in {**kids, "base": base}.items():
+        model = T.BertForSequenceClassification.from_pretrained(source)
+        model.classifier = torch.nn.Linear(model.config.hidden_size, 2)
+        torch.nn.init.zeros_(model.classifier.weight)
+        torch.nn.init.zeros_(model.classifier.bias)
+        model.config.num_labels = 2
+        model.save_pretrained(out / name)
+        paths[name] = out / name
+    return {t: paths[t] for t in kids}, paths["base"]
 
 
 def with_heads(body: Path, kids: dict[str, Path], out: Path, tok) -> dict[str, Path]:
-    """Each task's child with its body replaced by `body` (a BertModel folder): the task's own head on it."""
+    """Each task's child with its body replaced by `body`'s (`bert.*`, or a BertModel's tensors): the task's
+    own head on the merged body."""
     import transformers as T
     from safetensors.torch import load_file
 
     state = {}
     for f in sorted(body.glob("*.safetensors")):
         state.update(load_file(f))
-    state = {k.removeprefix("bert."): v for k, v in state.items() if "position_ids" not in k}
+    state = {k.removeprefix("bert."): v for k, v in state.items()
+             if "position_ids" not in k and not k.startswith("classifier.")}
     paths = {}
     for t, kid in kids.items():
         model = T.BertForSequenceClassification.from_pretrained(kid)
@@ -271,7 +300,9 @@ def otfuse_options(rule: str, params: dict) -> MergeOptions:
 
 
 def otfuse_stats(rule: str, stats: dict) -> list[str] | None:
-    return [str(p) for p in stats[rule]] if rule in stats else None
+    """The children's statistics files a rule reads: Fisher's, or Gram matrices for every RegMean rule."""
+    kind = "fisher" if rule == "fisher" else "regmean" if rule.startswith("regmean") else None
+    return [str(p) for p in stats[kind]] if kind else None
 
 
 def otfuse_merge(kids: dict, base: Path, out: Path, rule: str, params: dict, seed: int, stats: dict) -> dict:
@@ -284,7 +315,7 @@ def otfuse_merge(kids: dict, base: Path, out: Path, rule: str, params: dict, see
 def otfuse_command(kids: dict, base: Path, out: Path, rule: str, params: dict, seed: int, stats: dict,
                    align: str = "none") -> list[str]:
     cmd = [sys.executable, "-m", "otfuse_cli", "fuse", *map(str, kids.values()), "-o", str(out), "--base", str(base),
-           "--merge", rule, "--heads", "keep", "--align", align, "--seed", str(seed)]
+           "--merge", rule, "--heads", "keep", "--align", align] + (["--seed", str(seed)] if "dare" in rule else [])
     for flag, key in (("--scale", "scale"), ("--density", "density"), ("--regmean-alpha", "alpha")):
         if key in params:
             cmd += [flag, str(params[key])]
@@ -309,12 +340,12 @@ def mergekit_yaml() -> Path:
     return MERGEKIT_VENV / "bin" / "mergekit-yaml"
 
 
-def mergekit_command(tool: Path, bodies_: dict, base_body: Path, out: Path, method: str, params: dict,
+def mergekit_command(tool: Path, inputs: dict, base_body: Path, out: Path, method: str, params: dict,
                      seed: int) -> list[str]:
     """mergekit-yaml on a config written beside `out` (JSON is YAML)."""
     each = {"weight": 1.0, **({"density": params["density"]} if "density" in params else {})}
     config = {"merge_method": method, "dtype": "float32",
-              "models": [{"model": str(b), "parameters": each} for b in bodies_.values()]}
+              "models": [{"model": str(b), "parameters": each} for b in inputs.values()]}
     if method != "linear":  # linear is the plain mean of the models (no base); the others add task vectors
         config["base_model"] = str(base_body)
         config["parameters"] = {"lambda": params.get("scale", 1.0), **({"normalize": True}
@@ -331,33 +362,96 @@ def task_scores(rows: dict[str, dict[str, Path]], files: dict, part: str) -> dic
     record = {}
     for t, column in TASKS.items():
         paths = {row: p[t] for row, p in rows.items() if t in p}
-        for row, acc in score(paths, files[(t, part)]).items():
-            record[f"{row}|{column}"] = acc
+        folders = {}  # a folder listed under several rows is scored once
+        for row, path in paths.items():
+            folders.setdefault(str(path), row)
+        accs = score({row: path for path, row in folders.items()}, files[(t, part)])
+        for row, path in paths.items():
+            record[f"{row}|{column}"] = accs[folders[str(path)]]
     for row, p in rows.items():
         if len(p) == len(TASKS):
             record[f"{row}|{MEAN}"] = sum(record[f"{row}|{c}"] for c in TASKS.values()) / len(TASKS)
     return record
 
 
-def validate(kids, base, body_of, base_body, stats, files, out: Path, grid: dict, tool: Path | None, tok) -> dict:
-    """Mean validation accuracy over the tasks of every grid point of every tuned route (the first seed's
-    children): {row: {point's label: accuracy}}."""
-    scores = {}
-    for row, (rule, axes) in OTFUSE.items():
-        for params in points(axes, grid) if axes else ():
-            folder = out / "grid"
-            paths = otfuse_merge(kids, base, folder, rule, params, 0, stats)
-            scores.setdefault(row, {})[label(params)] = task_scores({row: paths}, files, "val")[f"{row}|{MEAN}"]
-            shutil.rmtree(folder)
-    for row, (method, axes) in MERGEKIT.items() if tool else ():
-        for params in points(axes, grid) if axes else ():
-            folder = out / "grid_mergekit"
-            measure(mergekit_command(tool, body_of, base_body, folder, method, params, 0))
-            paths = with_heads(folder, kids, out / "grid_heads", tok)
-            scores.setdefault(row, {})[label(params)] = task_scores({row: paths}, files, "val")[f"{row}|{MEAN}"]
-            shutil.rmtree(folder)
+def validate(kids, base, body_of, base_body, stats, files, out: Path, grid: dict, tool: Path | None,
+             tok) -> tuple[dict, dict]:
+    """Mean validation accuracy over the tasks of the grid points of every tuned route (the first seed's
+    children), {row: {point's label: accuracy}}, and the best point of each, {row: parameters}. lambda x
+    density: lambda first (at START_DENSITY), then density at the chosen lambda."""
+    scores, best = {}, {}
+    tuned = {row: (rule, axes) for row, (rule, axes) in {**OTFUSE, **(MERGEKIT if tool else {})}.items() if axes}
+
+    def stage(todo: dict[str, list[dict]]) -> None:
+        """Merge and score every row's points: otfuse's in this process, mergekit's in one process of its own
+        (its start-up, ~7 s, would otherwise double the grid's cost)."""
+        jobs = {}
+        for row, params in todo.items():
+            for p in params:
+                if row in OTFUSE:
+                    paths = otfuse_merge(kids, base, out / "grid", OTFUSE[row][0], p, 0, stats)
+                    scores.setdefault(row, {})[label(p)] = task_scores({row: paths}, files, "val")[f"{row}|{MEAN}"]
+                    shutil.rmtree(out / "grid")
+                else:
+                    jobs[row, label(p)] = mergekit_command(tool, body_of, base_body, out / f"grid_mergekit_{len(jobs)}",
+                                                           MERGEKIT[row][0], p, 0)
+        if jobs:
+            (out / "grid_mergekit.json").write_text(json.dumps([cmd[1:] for cmd in jobs.values()]))
+            measure([str(MERGEKIT_VENV / "bin" / "python"), "-c", MERGEKIT_MANY, str(out / "grid_mergekit.json")],
+                    MERGEKIT_ENV)
+        for (row, point), cmd in jobs.items():
+            paths = with_heads(Path(cmd[2]), kids, out / "grid_heads", tok)
+            scores.setdefault(row, {})[point] = task_scores({row: paths}, files, "val")[f"{row}|{MEAN}"]
+            shutil.rmtree(cmd[2])
             shutil.rmtree(out / "grid_heads")
-    return scores
+
+    def choose(row: str, params: list[dict]) -> dict:
+        return max(params, key=lambda p: scores[row][label(p)])
+
+    start = min(grid["density"], key=lambda d: abs(d - START_DENSITY))
+    first = {row: [p for p in points(axes, grid) if len(axes) == 1 or p["density"] == start]
+             for row, (_, axes) in tuned.items()}
+    stage(first)
+    second = {}
+    for row, (_, axes) in tuned.items():
+        best[row] = choose(row, first[row])
+        if len(axes) == 2:
+            second[row] = [{"scale": best[row]["scale"], "density": d} for d in grid["density"] if d != start]
+    stage(second)
+    for row, params in second.items():
+        best[row] = choose(row, [best[row], *params])
+    derived = {row: {"scale": 1.0, "density": best[of]["density"], "alpha": best["otfuse RegMean"]["alpha"]}
+               for row, of in ON_REGMEAN.items()}
+    stage({row: [p] for row, p in derived.items()})  # their validation score, for the record
+    return scores, {**best, **derived}
+
+
+def measure(cmd: list[str], env: dict) -> dict:
+    """Run cmd as its own process: wall and CPU seconds and peak RSS (GiB) from /usr/bin/time. (The rusage of
+    a child forked from this process is no good for memory: Linux carries the parent's resident size at the
+    fork into the child's ru_maxrss, so every command would weigh at least what this process does.)"""
+    if not Path("/usr/bin/time").is_file():
+        return scale_measure(cmd, env)
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
+        start = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", report.name, *cmd], env=env,
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+        user, system, kib = report.read().split("\n")[-2].split()
+    return {"wall_s": wall, "cpu_s": float(user) + float(system), "peak_rss_gib": int(kib) / 2**20}
+
+
+OTFUSE_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's otfuse, whatever the environment holds
+MERGEKIT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}  # local folders only: never a hub request
+# mergekit-yaml's own entry point, run once per argument list in one process of mergekit's environment
+MERGEKIT_MANY = """
+import json, sys
+from mergekit.scripts.run_yaml import main
+for args in json.load(open(sys.argv[1])):
+    main(args, standalone_mode=False)
+"""
 
 
 def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dict:
@@ -368,57 +462,67 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
     data = load(data_dir, scale, smoke)
     split = data["split"]
     files = {(t, p): write_jsonl(out / f"{t}_{p}.jsonl", split[t][p]) for t in TASKS for p in ("train", "val", "test")}
-    folder = pretrained_folder()
-    tok = AutoTokenizer.from_pretrained(folder, model_max_length=scale.max_length)
+    tok = AutoTokenizer.from_pretrained(pretrained_folder(), model_max_length=scale.max_length)
+    folder = tiny_pretrained(scale, out) if smoke else pretrained_folder()
     lr = scale.lrs[0]
     tool = None if smoke else mergekit_yaml()
-    base, base_body = base_folders(folder, scale, tok, out)
-    samples = scale.limit if smoke else FISHER_SAMPLES
+    base = base_folder(folder, scale, tok, out)
+    grams, fishers = (8, 8) if smoke else (GRAM_SAMPLES, FISHER_SAMPLES)
 
-    validation, chosen, runs, timing, merges = {}, {}, [], [], []
+    validation, params, runs, timing, merges, grid_seconds = {}, {}, [], [], [], 0.0
     for seed in seeds:
         root = out / f"seed{seed}"
         root.mkdir(parents=True, exist_ok=True)
         kids, joint, cost = trained(seed, root, scale, tok, folder, data, lr)
         start = time.perf_counter()  # each child's statistics on its own training texts (`otfuse stats`)
-        stats = {"regmean": [party_stats(kids[t], files[(t, "train")], root / f"gram_{t}.safetensors",
-                                         max_length=scale.max_length) for t in TASKS],
+        stats = {"regmean": [party_stats(kids[t], files[(t, "train")], root / f"gram_{t}.safetensors", ("gram",),
+                                         grams, scale.max_length) for t in TASKS],
                  "fisher": [party_stats(kids[t], files[(t, "train")], root / f"fisher_{t}.safetensors", ("fisher",),
-                                        samples, scale.max_length) for t in TASKS]}
+                                        fishers, scale.max_length) for t in TASKS]}
         cost["statistics (Gram and Fisher, 4 children)"] = time.perf_counter() - start
-        body_of = bodies(kids, root / "bodies") if tool else {}
-        if not chosen:  # hyper-parameters on validation only, the first seed's children
+        body_of, base_body = placeholder_heads(kids, base, root / "mergekit_inputs")
+        if seed == seeds[0]:  # hyper-parameters on validation only, the first seed's children
             start = time.perf_counter()
-            validation = validate(kids, base, body_of, base_body, stats, files, root, grid, tool, tok)
-            chosen = {row: max(v, key=v.get) for row, v in validation.items()}
-            cost["validation grid (both tools)"] = time.perf_counter() - start
-        params = {row: next((p for p in points(axes, grid) if label(p) == chosen[row]), {}) if axes else {}
-                  for row, (_, axes) in {**OTFUSE, **MERGEKIT}.items()}
+            validation, params = validate(kids, base, body_of, base_body, stats, files, root, grid, tool, tok)
+            grid_seconds = time.perf_counter() - start
         rows = {INDIVIDUAL: kids, **{f"{TASKS[t]} fine-tune": {t: kids[t]} for t in TASKS}, JOINT: joint,
                 ZERO: with_heads(base_body, kids, root / "zero", tok)}
         measured = {}
         for row, (rule, _) in OTFUSE.items():
             target = root / row.replace(" ", "_")
-            measured[row] = measure(otfuse_command(kids, base, target, rule, params[row], seed, stats))
+            if smoke and row != "otfuse TIES":  # smoke: the library, no process start-up (one command line kept)
+                start = time.perf_counter()
+                otfuse_merge(kids, base, target, rule, params.get(row, {}), seed, stats)
+                measured[row] = {"wall_s": time.perf_counter() - start}
+            else:
+                measured[row] = measure(otfuse_command(kids, base, target, rule, params.get(row, {}), seed, stats),
+                                        OTFUSE_ENV)
             rows[row] = {t: target / t for t in TASKS}
+        if seed == seeds[0] and not smoke:  # what OT alignment costs where the children share the base's basis
+            measured[ALIGNED] = measure(otfuse_command(kids, base, root / "aligned", "average", {}, seed, stats,
+                                                       align="weights"), OTFUSE_ENV)
         for row, (method, _) in MERGEKIT.items() if tool else ():
             target = root / row.replace(" ", "_")
-            measured[row] = measure(mergekit_command(tool, body_of, base_body, target, method, params[row], seed))
+            measured[row] = measure(mergekit_command(tool, body_of, base_body, target, method, params.get(row, {}),
+                                                     seed), MERGEKIT_ENV)
             rows[row] = with_heads(target, kids, root / f"{row.replace(' ', '_')}_heads", tok)
-        for row, m in measured.items():
-            cost[f"merge: {row}"] = m["wall_s"]
         runs.append(task_scores(rows, files, "test"))
         timing.append(cost)
         merges.append(measured)
-    return result(runs, timing, merges, lr, scale, data, grid, validation, chosen, tool is not None)
+        for made in root.iterdir():  # the merged models (about 0.4 GB each), not the cached children
+            if made.is_dir() and made.name not in ("children", "multitask"):
+                shutil.rmtree(made)
+    return {**result(runs, timing, merges, lr, scale, data, grid, validation, params, tool is not None),
+            "validation_seconds": round(grid_seconds, 1)}
 
 
-def result(runs, timing, merges, lr, scale, data, grid, validation, chosen, mergekit: bool) -> dict:
+def result(runs, timing, merges, lr, scale, data, grid, validation, params, mergekit: bool) -> dict:
     rows = [*(f"{n} fine-tune" for n in TASKS.values()), INDIVIDUAL, JOINT, ZERO, *OTFUSE,
             *(MERGEKIT if mergekit else ())]
     return {"study": "multitask", "runs": runs, "rows": rows, "columns": [*TASKS.values(), MEAN], "timing": timing,
             "merge_cost": merges, "lr": lr, "lr_validation": {}, "scale": scale.__dict__,
-            "grid": {k: list(v) for k, v in grid.items()}, "validation": validation, "chosen": chosen,
+            "grid": {k: list(v) for k, v in grid.items()}, "validation": validation,
+            "chosen": {row: label(p) for row, p in params.items()}, "chosen_params": params,
             "labels": data["labels"], "sizes": {t: {p: len(v) for p, v in d.items()} for t, d in data["split"].items()},
             "dropped_near_duplicates": data["dropped_near_duplicates"],
             "note": "the learning rate is study 2b's validation choice for the same model and budget"}
@@ -426,29 +530,31 @@ def result(runs, timing, merges, lr, scale, data, grid, validation, chosen, merg
 
 def report(result: dict) -> str:
     """Below the table: the validation-chosen hyper-parameters, and each merge's cost (otfuse beside the mergekit
-    method that computes the same rule), mean over seeds."""
-    lines = ["\nHyper-parameters chosen on validation (seed 0, mean validation accuracy over the tasks):\n",
+    method that computes the same rule), mean ± 95% CI over the seeds."""
+    lines = [f"\nHyper-parameters chosen on validation (seed {result['seeds'][0]}'s children, mean validation "
+             f"accuracy over the tasks; grid {result['grid']}; {result.get('validation_seconds', 0) / 60:.1f} min):\n",
              "| route | chosen | validation mean | grid points |", "|---|---|---:|---:|"]
     for row, value in result["chosen"].items():
         lines.append(f"| {row} | {value} | {100 * result['validation'][row][value]:.1f} | "
                      f"{len(result['validation'][row])} |")
     merges = result.get("merge_cost") or []
-    if merges:
-        def cell(row, key, fmt):
-            vals = [m[row][key] for m in merges if row in m]
-            if not vals:
-                return "–"
-            mean, half = mean_ci(vals)
-            return fmt.format(mean) + ("" if len(vals) < 2 else " ± " + fmt.format(half))
+    measures = (("wall_s", "{:.1f}"), ("cpu_s", "{:.1f}"), ("peak_rss_gib", "{:.2f}"))
 
-        lines += ["\nCost of each merge (its own process: wall seconds, CPU seconds, peak RSS GiB; mean over seeds):\n",
-                  "| otfuse route | wall s | CPU s | peak RSS | mergekit route | wall s | CPU s | peak RSS |",
+    def cells(row):
+        out = []
+        for key, fmt in measures:
+            vals = [m[row][key] for m in merges if row and key in m.get(row, {})]
+            mean, half = mean_ci(vals) if vals else (float("nan"), float("nan"))
+            out.append("–" if not vals else fmt.format(mean) + ("" if len(vals) < 2 else " ± " + fmt.format(half)))
+        return out
+
+    if merges:
+        lines += ["\nCost of each merge, run as its own process (wall and CPU seconds, peak RSS in GiB), beside the "
+                  "mergekit method that computes the same rule:\n",
+                  "| otfuse | wall s | CPU s | peak RSS | mergekit | wall s | CPU s | peak RSS |",
                   "|---|---:|---:|---:|---|---:|---:|---:|"]
-        for row in OTFUSE:
+        for row in [*OTFUSE, ALIGNED]:
             other = SAME_RULE.get(row)
-            theirs = [cell(other, k, f) for k, f in (("wall_s", "{:.1f}"), ("cpu_s", "{:.1f}"),
-                                                      ("peak_rss_gib", "{:.2f}"))] if other else ["–"] * 3
-            lines.append(f"| {row} | " + " | ".join(cell(row, k, f) for k, f in (
-                ("wall_s", "{:.1f}"), ("cpu_s", "{:.1f}"), ("peak_rss_gib", "{:.2f}"))) + f" | {other or '–'} | "
-                + " | ".join(theirs) + " |")
+            lines.append(f"| {row} | " + " | ".join(cells(row)) + f" | {other or '–'} | " + " | ".join(cells(other))
+                         + " |")
     return "\n".join(lines) + "\n"
