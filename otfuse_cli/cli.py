@@ -240,7 +240,7 @@ def refuse_sketch_unless_weights(given: set[str], options: AlignOptions) -> None
     if options.align != "weights":
         refuse_unused(given, ("--sketch",), "it sketches weight features (--align weights)")
     if options.solver != "sinkhorn":
-        refuse_unused(given, ("--max-iter",), "it is the Sinkhorn solver's budget (--solver sinkhorn)")
+        refuse_unused(given, ("--reg", "--max-iter"), "they shape the Sinkhorn solver (--solver sinkhorn)")
 
 
 MODELS_ARG = typer.Argument(..., metavar="MODEL", help="Two or more checkpoints (files or HF folders).")

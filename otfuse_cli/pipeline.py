@@ -209,7 +209,9 @@ def check_output(output: str | Path, write: OutputOptions, file_only: bool = Fal
 
     recover(Path(output))  # a replace interrupted by a kill is put back before "exists" is judged
     if Path(output).exists() and not write.force:
-        raise OtfuseError(f"{output} exists; use --force to overwrite")
+        from otfuse_cli.checkpoint.writer import _exists_message
+
+        raise OtfuseError(_exists_message(Path(output)))
     layout = requested_layout(output)  # refuses pickle suffixes before any work
     if file_only and layout != "file":
         raise OtfuseError(f"-o {output}: this output is one safetensors file; give a path ending in .safetensors")

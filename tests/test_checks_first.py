@@ -53,3 +53,24 @@ def test_piped_summary_lines_are_never_wrapped(tmp_path):
     assert res.returncode == 0, res.stderr
     (line,) = [l for l in res.stdout.splitlines() if l.strip()]
     assert line.startswith("fused 2 mlp models") and line.endswith(str(out)), res.stdout
+
+
+def test_a_parent_given_as_the_output_is_named_as_a_swap_not_offered_force(tmp_path):
+    import shutil
+
+    a = shutil.copy(A, tmp_path / "a.safetensors")
+    before = (tmp_path / "a.safetensors").read_bytes()
+    res = cli("compress", "-o", a, B, "--ratio", "0.5")  # the output and the input swapped
+    assert res.exit_code == 2
+    assert_one_line_error(res.stderr, "is a model otfuse did not write", "swapped")
+    assert "--force" not in res.stderr and (tmp_path / "a.safetensors").read_bytes() == before
+    out = tmp_path / "fused.safetensors"  # an earlier output of ours: the usual --force advice
+    assert cli("fuse", A, B, "-o", out, "--align", "none").exit_code == 0
+    res = cli("fuse", A, B, "-o", out, "--align", "none")
+    assert_one_line_error(res.stderr, "exists; use --force to overwrite")
+
+
+def test_reg_without_sinkhorn_is_refused():
+    res = cli("fuse", A, B, "-o", "never.safetensors", "--reg", "0.02")
+    assert res.exit_code == 2
+    assert_one_line_error(res.stderr, "--reg does not apply", "--solver sinkhorn")

@@ -232,7 +232,17 @@ def _remove(path: Path) -> None:
 
 
 def _exists_message(target: Path) -> str:
-    return f"{target} exists; use --force to overwrite"
+    """A model that otfuse did not write, at the output path, is more likely a swapped argument (a parent) than
+    an old output to replace: say so instead of offering --force (which would overwrite it)."""
+    plain = f"{target} exists; use --force to overwrite"
+    try:
+        with open_checkpoint(target) as ckpt:
+            if (ckpt.folder is not None and (ckpt.folder / PROVENANCE_FILE).is_file()) or \
+                    {"otfuse", "otfuse.plans"} & set(ckpt.metadata or {}):  # provenance, or a plan file
+                return plain  # an earlier output of ours
+    except (OtfuseError, OSError):
+        return plain
+    return f"{target} exists and is a model otfuse did not write; were the arguments swapped? Give a new output path"
 
 
 def _scratch_prefix(target: Path, kind: str) -> str:
