@@ -86,8 +86,10 @@ def _parse_widths(widths) -> list[tuple[str, int]]:
 
 def target_widths(spec: Spec, family: Family | None, ratio: float | None, widths) -> tuple[dict[str, int], dict[str, str]]:
     """(space -> new width, space -> why it keeps its width)."""
-    if (ratio is None) == (not widths):
-        raise OtfuseError("give either --ratio R or --width KIND=N (not both)")
+    if ratio is not None and widths:
+        raise OtfuseError("give either --ratio R or --width KIND=N, not both")
+    if ratio is None and not widths:
+        raise OtfuseError("say how much to compress: --ratio R (e.g. 0.5) or --width KIND=N (e.g. ffn=1536)")
     reasons = {s.name: why for s in spec.spaces if (why := blocked(s, family))}
     targets: dict[str, int] = {}
     if ratio is not None:

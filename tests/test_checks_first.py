@@ -74,3 +74,23 @@ def test_reg_without_sinkhorn_is_refused():
     res = cli("fuse", A, B, "-o", "never.safetensors", "--reg", "0.02")
     assert res.exit_code == 2
     assert_one_line_error(res.stderr, "--reg does not apply", "--solver sinkhorn")
+
+
+def test_stats_reports_the_samples_it_used_and_compress_says_what_is_missing(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.randn(40, 784), "y": torch.zeros(40, dtype=torch.long)}, tmp_path / "x.safetensors")
+    res = cli("stats", A, "--data", tmp_path / "x.safetensors", "--samples", "256", "--activation", "relu",
+              "--kind", "gram", "-o", tmp_path / "s.safetensors", "--json")
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.stdout)["data"]
+    assert data["samples"] == 40 and data["requested"] == 256, data
+    res = cli("stats", A, "--data", tmp_path / "x.safetensors", "--samples", "256", "--activation", "relu",
+              "--kind", "gram", "-o", tmp_path / "t.safetensors")
+    assert "on 40 samples" in res.stdout, res.stdout
+    res = cli("compress", A, "-o", tmp_path / "c.safetensors")
+    assert res.exit_code == 2
+    assert_one_line_error(res.stderr, "say how much to compress", "--ratio")

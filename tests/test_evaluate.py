@@ -201,7 +201,7 @@ def test_classification_errors(mlp_pair, tmp_path):
     (a, ca), (b, cb), x, y, data = mlp_pair
     ra = load_runnable(ca)
     np.savez(tmp_path / "bad.npz", x=x.numpy(), y=np.full(70, 7))
-    with pytest.raises(OtfuseError, match=r"label 7 is not in model 'A'.s label set \{0..3\}"):
+    with pytest.raises(OtfuseError, match=r"label 7 is not in the label set of model 'A', \{0..3\}"):
         evaluate_models([("A", ra)], tmp_path / "bad.npz")
     np.savez(tmp_path / "nolabel.npz", x=x.numpy())
     with pytest.raises(OtfuseError, match="no usable field"):
@@ -321,7 +321,7 @@ def test_bert_errors(sentiment, tmp_path):
     root, model, tok, recs, data = sentiment
     r = load_runnable(open_checkpoint(root / "cls"))
     (tmp_path / "neutral.jsonl").write_text('{"text": "good film", "label": "neutral"}\n')
-    with pytest.raises(OtfuseError, match=r"label 'neutral' is not in model 'bert'.s label set \{negative, positive\}"):
+    with pytest.raises(OtfuseError, match=r"label 'neutral' is not in the label set of model 'bert', \{negative, positive\}"):
         evaluate_models([("bert", r)], tmp_path / "neutral.jsonl")
     bert_folder(tmp_path / "base", "BertModel")
     base = load_runnable(open_checkpoint(tmp_path / "base"))

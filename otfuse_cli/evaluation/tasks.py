@@ -143,7 +143,7 @@ def _gold_ids(name: str, m, data: EvalData) -> np.ndarray:
         y = y.long()
         bad = ((y < 0) | (y >= k)).nonzero()
         if len(bad):
-            raise OtfuseError(f"{data.path}: label {int(y[bad[0, 0]])} is not in model {name!r}'s label set {_label_set(m)}")
+            raise OtfuseError(f"{data.path}: label {int(y[bad[0, 0]])} is not in the label set of model {name!r}, {_label_set(m)}")
         return y.numpy()
     l2id = m.label2id
     lower = {n.lower(): i for n, i in l2id.items()}
@@ -166,7 +166,7 @@ def _gold_ids(name: str, m, data: EvalData) -> np.ndarray:
             elif s.lstrip("-").isdigit():
                 idx = int(s)
         if idx is None or not 0 <= idx < k:
-            raise OtfuseError(f"{data.path}: record {i}: label {v!r} is not in model {name!r}'s label set {_label_set(m)}")
+            raise OtfuseError(f"{data.path}: record {i}: label {v!r} is not in the label set of model {name!r}, {_label_set(m)}")
         out.append(idx)
     return np.asarray(out, dtype=np.int64)
 

@@ -109,6 +109,14 @@ def _fisher(model, batches, tensors: list[str], seed: int, bar=None) -> dict[str
     return {name: t / max(count, 1) for name, t in total.items()}
 
 
+def _batch_size(batch, mask) -> int:
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    if isinstance(batch, dict):
+        return len(next(iter(batch.values())))
+    return len(mask)
+
+
 def compute_stats(ckpt, data: DataOptions, kinds: tuple[str, ...] = KINDS, progress=None) -> Stats:
     """The statistics of `ckpt` on its party's data file (`data.data`). progress: a report.Progress (Gram:
     batches; Fisher: samples, one backward pass each), or None."""
@@ -127,8 +135,9 @@ def compute_stats(ckpt, data: DataOptions, kinds: tuple[str, ...] = KINDS, progr
     model = load_runnable(ckpt, activation=data.activation, device=resolve_device(data.device))
     tensors = list(ckpt.keys())
     batches = sample_batches(model, data.data, data.samples, data.seed, data.max_length, label=str(ckpt.path))
-    stats = Stats(info={"data": {"file": str(data.data), "sha256": sha256_file(data.data),
-                                 "samples": data.samples, "seed": data.seed, "max_length": data.max_length},
+    used = sum(_batch_size(b, m) for b, m in batches)  # fewer than --samples when the file is shorter
+    stats = Stats(info={"data": {"file": str(data.data), "sha256": sha256_file(data.data), "samples": used,
+                                 "requested": data.samples, "seed": data.seed, "max_length": data.max_length},
                         "kinds": list(kinds)})
     if "gram" in kinds:
         state: dict = {}
@@ -146,8 +155,7 @@ def compute_stats(ckpt, data: DataOptions, kinds: tuple[str, ...] = KINDS, progr
             for h in handles:
                 h.remove()
     if "fisher" in kinds:
-        samples = sum(len(b) if isinstance(b, torch.Tensor) else len(m) for b, m in batches)
-        stats.fisher = _fisher(model, batches, tensors, data.seed, start(progress, "fisher", samples))
+        stats.fisher = _fisher(model, batches, tensors, data.seed, start(progress, "fisher", used))
     return stats
 
 
