@@ -505,8 +505,10 @@ def evaluate(
                                                activation=activation, progress=progress, **opts))
         if plot:
             plot_curve(curves, plot, names=tuple(_display_names(list(interpolate))), force=force)
+    failures = missed(gates, doc)
     if json_out:
-        report.print_json({**doc, **({"interpolation": curves} if curves else {})} if doc else
+        gate_record = {"gates": {"failed": failures, "passed": not failures}} if gates else {}
+        report.print_json({**doc, **({"interpolation": curves} if curves else {}), **gate_record} if doc else
                           {"interpolation": curves})
     else:
         if doc:
@@ -518,7 +520,7 @@ def evaluate(
             report.console.print(render_curve_table(curve))
         if plot and curves:
             report.console.print(f"plot → {escape_path(plot)}")
-    if failures := missed(gates, doc):  # after the results: CI logs show the scores behind the failure
+    if failures:  # after the results: CI logs show the scores behind the failure
         report.error_line("gate failed: " + "; ".join(failures))
         raise typer.Exit(EXIT_GATE)
 
@@ -597,8 +599,9 @@ def compress(
 def stats(
     model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint whose statistics to compute."),
     output: str = typer.Option(..., "-o", "--output", metavar="PATH", help="Statistics file to write (.safetensors)."),
-    kind: Optional[list[StatKind]] = typer.Option(None, "--kind", help="Which statistics (repeatable; default: "
-                                                                       "all): gram (RegMean), fisher."),
+    kind: Optional[list[StatKind]] = typer.Option(None, "--kind", metavar="[gram|fisher]",
+                                                  help="Which statistics (repeatable; default: all): gram "
+                                                       "(RegMean), fisher."),
     force: bool = FORCE_OPT, json_out: bool = JSON_OPTION, data: DataOptions = None,
 ) -> None:
     """Compute, on this party's own data, the statistics merge rules need (Gram matrices of every linear
@@ -632,7 +635,7 @@ def stats(
 
 @app.command("run")
 def run_recipe_command(
-    recipe: str = typer.Argument(..., metavar="RECIPE", help="YAML recipe (see otfuse_cli/recipe.py)."),
+    recipe: str = typer.Argument(..., metavar="RECIPE", help="YAML recipe (README, Recipes): command, models, output and option sections."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Run an align, fuse or compress job described by a YAML recipe (one file per CI job).

@@ -57,6 +57,14 @@ def open_parents(paths: list[str], anchor: int = 0, allow_config_mismatch: bool 
     ckpts = [open_checkpoint(p, base) for p in paths]
     keep = heads == "keep" or (heads == "auto" and heads_differ(ckpts, anchor))
     specs = check_models(ckpts, anchor, allow_config_mismatch, keep_heads=keep)
+    seen: dict[Path, int] = {}
+    for k, ckpt in enumerate(ckpts):  # said once the models are known to fuse: an error stays one line
+        if (where := Path(ckpt.path).resolve()) in seen:
+            from otfuse_cli.report import note_line
+
+            note_line(f"model {k} and model {seen[where]} are the same checkpoint ({ckpt.path}); a model fused with "
+                      "itself is itself")
+        seen.setdefault(where, k)
     return Parents(ckpts, specs, anchor, heads=[head_tensors(c) for c in ckpts] if keep else None)
 
 

@@ -94,3 +94,26 @@ def test_stats_reports_the_samples_it_used_and_compress_says_what_is_missing(tmp
     res = cli("compress", A, "-o", tmp_path / "c.safetensors")
     assert res.exit_code == 2
     assert_one_line_error(res.stderr, "say how much to compress", "--ratio")
+
+
+def test_a_data_file_given_as_a_model_is_named(tmp_path):
+    res = cli("fuse", A, TEST, "-o", tmp_path / "o.safetensors")
+    assert res.exit_code == 2
+    assert_one_line_error(res.stderr, TEST, "a data file rather than a model", "order of the arguments")
+
+
+def test_json_records_a_failed_gate():
+    import json
+
+    res = cli("evaluate", A, "--data", TEST, "--activation", "relu", "--json", "--fail-under", "accuracy=0.999")
+    assert res.exit_code == 3
+    gates = json.loads(res.stdout)["gates"]
+    assert gates["passed"] is False and "accuracy" in gates["failed"][0]
+    res = cli("evaluate", A, "--data", TEST, "--activation", "relu", "--json", "--fail-under", "accuracy=0.1")
+    assert res.exit_code == 0 and json.loads(res.stdout)["gates"] == {"failed": [], "passed": True}
+
+
+def test_a_model_fused_with_itself_gets_a_note(tmp_path):
+    res = cli("fuse", A, A, "-o", tmp_path / "o.safetensors", "--align", "none")
+    assert res.exit_code == 0
+    assert "model 1 and model 0 are the same checkpoint" in res.stderr

@@ -50,7 +50,13 @@ def build_spec(ckpt) -> Spec:
     shapes = shapes_of(ckpt)
     config = getattr(ckpt, "config", None)
     family = hf_family(ckpt)
-    spec = build(family, config, shapes) if family is not None else bare_family(shapes).spec(shapes)
+    if family is not None:
+        spec = build(family, config, shapes)
+    else:
+        try:
+            spec = bare_family(shapes).spec(shapes)
+        except OtfuseError as e:  # name the file: with several models, which one is it?
+            raise OtfuseError(f"{ckpt.path}: {e}") from None
     for tensor in {e.tensor for s in spec.spaces for e in s.entries}:
         if not ckpt.dtype(tensor).is_floating_point:  # an integer weight would pass through unmerged
             raise OtfuseError(f"tensor {tensor!r} is {str(ckpt.dtype(tensor)).removeprefix('torch.')}; "

@@ -122,6 +122,10 @@ def _why_no_chain(prefixes: list[str], shapes: dict) -> str:
     if family:
         return (f"this looks like a {family} checkpoint without its config.json; pass the Hugging Face folder "
                 "(config.json next to the weights)")
+    if all("." not in n and n not in ("weight", "bias") for n in shapes):  # x, y, input_ids: data files
+        names = ", ".join(sorted(shapes)[:4])
+        return (f"its tensors ({names}) have no module names: a data file rather than a model? Check the order "
+                "of the arguments")
     bare = next((n for n in shapes if "." not in n), None)
     if bare is not None:
         return (f"tensor {bare!r} has no module prefix (bare state dicts need names like '0.weight'; "

@@ -21,7 +21,7 @@ def format_metric(name: str, value) -> str:
     if name == "tokens":
         return f"{int(value):,}"
     if name in PERCENT:
-        return f"{100 * value:.2f}%"
+        return f"{100 * value + 0.0:.2f}%".replace("-0.00%", "0.00%")  # no negative zero in a table
     if name in ("perplexity", "pseudo_perplexity"):
         return f"{value:.2f}" if abs(value) < 1e5 else f"{value:.3e}"
     if name in ("bleu", "chrf"):
