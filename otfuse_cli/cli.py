@@ -163,6 +163,16 @@ ALLOW_MISMATCH_OPT = typer.Option(
     "with the anchor's config.")
 
 
+def require_models(*paths) -> None:
+    """A model path that does not exist is said before anything heavy is imported (torch takes seconds),
+    in the words the reader would use."""
+    from pathlib import Path
+
+    for p in paths:
+        if p is not None and not Path(p).exists():
+            raise OtfuseError(f"no such file or folder: {p}")
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"otfuse {__version__}")
@@ -201,6 +211,7 @@ def inspect(
       otfuse inspect fused/ --spaces
       otfuse inspect a/ b/ --check --json
     """
+    require_models(*models)
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.inspect import compare, summarize
     from otfuse_cli.arch import build_spec
@@ -271,6 +282,7 @@ def align(
       otfuse align a/ b/ -o plans.safetensors
       otfuse fuse a/ b/ -o fused/ --plan plans.safetensors
     """
+    require_models(*models)
     from otfuse_cli.pipeline import align as align_models
 
     given = explicit_flags()
@@ -327,6 +339,7 @@ def fuse(
       otfuse fuse sst2/ mnli/ -o merged/ --base bert-base/ \\
           --merge ties --density 0.2
     """
+    require_models(*models, base)
     from otfuse_cli.fusion import fuse as fuse_models, reads_data
     from otfuse_cli.merging.rules import MERGES
 
@@ -442,6 +455,7 @@ def evaluate(
       otfuse evaluate a/ b/ --data test.tsv --source-field en --target-field de \\
           --num-beams 4 --ensemble
     """
+    require_models(*(models or []), *(interpolate or ()))
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.evaluation import (evaluate_models, interpolate as interpolate_line, plot_curve,
                                      render_curve_table, render_table)
@@ -573,6 +587,7 @@ def compress(
       otfuse compress cnn.safetensors -o small.safetensors --ratio 0.5 \\
           --repair --data calib.safetensors
     """
+    require_models(model)
     from otfuse_cli.compression import compress as compress_model
 
     check_device(data)
@@ -613,6 +628,7 @@ def stats(
       otfuse stats party_a/ --data private.jsonl -o a.stats.safetensors
       otfuse stats party_a/ --data private.jsonl -o a.safetensors --kind gram
     """
+    require_models(model)
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
     from otfuse_cli.pipeline import check_output

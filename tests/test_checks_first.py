@@ -117,3 +117,18 @@ def test_a_model_fused_with_itself_gets_a_note(tmp_path):
     res = cli("fuse", A, A, "-o", tmp_path / "o.safetensors", "--align", "none")
     assert res.exit_code == 0
     assert "model 1 and model 0 are the same checkpoint" in res.stderr
+
+
+@pytest.mark.parametrize("args", [["fuse", "nope_a", B, "-o", "x.safetensors"], ["inspect", "nope_a"],
+                                  ["evaluate", "nope_a", "--data", TEST], ["compress", "nope_a", "-o", "x",
+                                                                            "--ratio", "0.5"]])
+def test_a_missing_model_is_said_before_torch_is_imported(args):
+    """Measured by what the process imported, not by time: no torch for a path that does not exist."""
+    import subprocess
+
+    code = ("import sys\nfrom otfuse_cli.cli import main\nsys.argv = ['otfuse', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.stdout.split() == ["2", "False"], (out.stdout, out.stderr)
+    assert_one_line_error(out.stderr, "no such file or folder: nope_a")
