@@ -3,6 +3,7 @@ F = merge(T_out^T W_k T_in), streamed tensor by tensor."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -324,8 +325,9 @@ TASK_FIELDS = ("architectures", "id2label", "label2id", "num_labels", "problem_t
 def write_members(output: str, body: Iterator, parents: Parents, plans: list[dict[str, Plan]],
                   write: OutputOptions, record: dict) -> dict[str, str]:
     """OUTPUT/<name>/ for every parent: the merged body with that parent's own task head (moved into the
-    anchor's basis and widths on its body axes), the anchor's config and tokenizer with the parent's labels. The body is merged once, streamed into
-    the first folder, and read back from there for the others; the whole OUTPUT appears in one step."""
+    anchor's basis and widths on its body axes), and the anchor's config and tokenizer with the parent's task
+    fields. The body is merged once, streamed into the first folder and read back from there for the others;
+    the whole OUTPUT appears in one step."""
     from otfuse_cli.arch import build_spec
     from otfuse_cli.checkpoint.writer import write_bundle
 
@@ -341,27 +343,21 @@ def write_members(output: str, body: Iterator, parents: Parents, plans: list[dic
                 x = mover.move(name, x, plans[k])
             yield name, x.to(output_dtype(parents.ckpts[k].dtype(name), write))
 
+    def member(tmp: Path, k: int, tensors: Iterator) -> None:
+        ckpt = parents.ckpts[k]
+        own = {**record, "member": names[k], "head_of": k}
+        task = {key: ckpt.config[key] for key in TASK_FIELDS if key in (ckpt.config or {})}
+        write_checkpoint(tmp / names[k], itertools.chain(tensors, head(k)), layout="folder",
+                         source=parents.ckpts[anchor], config_overrides={**task, **dtype_overrides(ckpt, write)},
+                         provenance=own, max_shard_size=write.max_shard_size,
+                         card=card_for("folder", own, parents.ckpts, k))
+
     def fill(tmp: Path) -> None:
-        first = None
-        for k, ckpt in enumerate(parents.ckpts):
-            if first is None:
-                tensors: Iterator = body
-            else:
-                tensors = ((name, first.get(name)) for name in first.keys() if name not in set(parents.heads[0]))
-            own = {**record, "member": names[k], "head_of": k}
-            # the anchor's config (the merged body has its widths) with this parent's task and labels
-            labels = {key: ckpt.config[key] for key in TASK_FIELDS if key in (ckpt.config or {})}
-            write_checkpoint(tmp / names[k], _chain(tensors, head(k)), layout="folder", source=parents.ckpts[anchor],
-                             config_overrides={**labels, **dtype_overrides(ckpt, write)} or None, provenance=own,
-                             max_shard_size=write.max_shard_size, card=card_for("folder", own, parents.ckpts, k))
-            if first is None:
-                first = open_checkpoint(tmp / names[k])
-        first.close()
+        member(tmp, 0, body)
+        with open_checkpoint(tmp / names[0]) as first:
+            shared = [name for name in first.keys() if name not in set(parents.heads[0])]
+            for k in range(1, len(parents.ckpts)):
+                member(tmp, k, ((name, first.get(name)) for name in shared))
 
     write_bundle(output, fill, force=write.force)
     return {name: str(Path(output) / name) for name in names}
-
-
-def _chain(*parts: Iterator) -> Iterator:
-    for part in parts:
-        yield from part
