@@ -217,9 +217,9 @@ def check_output(output: str | Path, write: OutputOptions, file_only: bool = Fal
 
     recover(Path(output))  # a replace interrupted by a kill is put back before "exists" is judged
     if Path(output).exists() and not write.force:
-        from otfuse_cli.checkpoint.writer import _exists_message
+        from otfuse_cli.checkpoint.writer import exists_message
 
-        raise OtfuseError(_exists_message(Path(output)))
+        raise OtfuseError(exists_message(Path(output)))
     layout = requested_layout(output)  # refuses pickle suffixes before any work
     if file_only and layout != "file":
         raise OtfuseError(f"-o {output}: this output is one safetensors file; give a path ending in .safetensors")

@@ -288,7 +288,7 @@ def bad_inputs(tmp_path_factory):
     ("mlp.safetensors", ["--width", "hidden=0"], ["must be at least 1"]),
     ("mlp.safetensors", ["--width", "ffn=4"], ["unknown space kind 'ffn'; compressible here: hidden (spaces 0, 2)"]),
     ("mlp.safetensors", ["--width", "hidden"], ["--width takes KIND=N"]),
-    ("mlp.safetensors", [], ["give either --ratio R or --width KIND=N"]),
+    ("mlp.safetensors", [], ["say how much to compress", "--ratio R"]),
     ("mlp.safetensors", ["--ratio", "0.5", "--width", "0=4"], ["give either --ratio R or --width KIND=N"]),
     ("mlp.safetensors", ["--ratio", "0.5", "--method", "prune"], ["'prune' is not one of 'ot', 'magnitude', 'random'"]),
     ("mlp.safetensors", ["--ratio", "0.5", "--align", "activations"], ["--align activations needs --data"]),

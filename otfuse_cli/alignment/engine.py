@@ -44,7 +44,7 @@ def refinement_sweeps(provider, options: AlignOptions) -> int:
 def identity_probe_applies(provider, options: AlignOptions) -> bool:
     """Whether align_pair first tries the identity as the answer: exact assignments (the certificate in
     solvers.assignment decides without a solve) on weight features, which refine over all spaces."""
-    return options.solver == "exact" and options.marginals == "uniform" and hasattr(provider, "neighbours")
+    return options.solver == "exact" and options.marginals == "uniform" and getattr(provider, "needs_refinement", True)
 
 
 def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,

@@ -232,16 +232,20 @@ def _remove(path: Path) -> None:
 
 
 def _exists_message(target: Path) -> str:
-    """A model that otfuse did not write, at the output path, is more likely a swapped argument (a parent) than
-    an old output to replace: say so instead of offering --force (which would overwrite it)."""
-    plain = f"{target} exists; use --force to overwrite"
+    return f"{target} exists; use --force to overwrite"
+
+
+def exists_message(target: Path) -> str:
+    """For a command's output path, checked before any work: a model that otfuse did not write there is more
+    likely a swapped argument (a parent) than an old output to replace, so say that instead of offering
+    --force (which would overwrite it)."""
     try:
         with open_checkpoint(target) as ckpt:
             if (ckpt.folder is not None and (ckpt.folder / PROVENANCE_FILE).is_file()) or \
                     {"otfuse", "otfuse.plans"} & set(ckpt.metadata or {}):  # provenance, or a plan file
-                return plain  # an earlier output of ours
+                return _exists_message(target)  # an earlier output of ours
     except (OtfuseError, OSError):
-        return plain
+        return _exists_message(target)
     return f"{target} exists and is a model otfuse did not write; were the arguments swapped? Give a new output path"
 
 
