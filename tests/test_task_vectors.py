@@ -367,3 +367,25 @@ def test_regmean_on_dare_at_density_one_is_scaled_regmean(tmp_path):
         merged_tau = (regmean_solve([t[n] for t in taus], [g[n] for g in grams], 0.9) if n.endswith("weight")
                       else sum(t[n] for t in taus) / 2)
         assert np.abs(out[n] - (b[n] + 0.5 * merged_tau)).max() <= 1e-5 * max(1.0, np.abs(b[n]).max()), n
+
+
+@pytest.mark.parametrize("band_cap", [None, 0])  # 0: every selection through the radix fallback
+def test_magnitude_threshold_is_numpys_kth_largest_on_awkward_tensors(monkeypatch, band_cap):
+    """TIES' per-tensor threshold, streamed in blocks, against numpy's sort: zeros (an untouched layer),
+    mostly zeros, coarsely quantised values, bf16 steps, tiny tensors."""
+    from otfuse_cli.merging import rules
+
+    if band_cap is not None:
+        monkeypatch.setattr(rules, "BAND_CAP", band_cap)
+    gen = torch.Generator().manual_seed(0)
+    sparse = torch.zeros(300_000)
+    sparse[:9_000] = torch.randn(9_000, generator=gen)
+    cases = [torch.randn(100_000, generator=gen), torch.zeros(50_000), sparse,
+             torch.round(torch.randn(200_000, generator=gen) * 8) / 8,
+             torch.randn(200_000, generator=gen).to(torch.bfloat16).float(), torch.randn(7, generator=gen)]
+    for x in cases:
+        for density in (0.01, 0.2, 0.5, 0.97):
+            blocks = lambda x=x: (x[i:i + 4096] for i in range(0, x.numel(), 4096))
+            k = int(np.ceil(density * x.numel()))
+            expect = np.sort(np.abs(x.numpy()))[::-1][k - 1] if k < x.numel() else 0.0
+            assert rules.magnitude_threshold(blocks, density) == expect, (x.numel(), density)

@@ -224,9 +224,10 @@ def magnitude_threshold(blocks: Callable, density: float) -> float:
     """The smallest magnitude among the ceil(density * n) largest |x| of the blocks `blocks()` yields (float32
     tensors), exact, streamed: never a copy of the whole tensor.
 
-    A strided sample of every block brackets the answer; one more pass counts the magnitudes above the bracket
-    and keeps those inside it (about 1% of the tensor), where the exact one is picked. Should the bracket miss
-    (it holds the answer but for a small chance), an exact radix selection on the float32 bits takes over."""
+    A strided sample of every block brackets the answer [lo, hi]; one more pass counts the magnitudes above hi,
+    at hi and at lo, and keeps those strictly inside (about 1% of the tensor, at most BAND_CAP), where the
+    exact one is picked. Magnitudes that repeat (zeros of an untouched layer, bf16 steps) are counted, not
+    kept. Should the bracket miss or overflow, an exact radix selection on the float32 bits takes over."""
     import math
 
     import torch
@@ -244,17 +245,31 @@ def magnitude_threshold(blocks: Callable, density: float) -> float:
     sample = torch.sort(torch.cat(sample), descending=True).values
     # the sample's rank (a binomial count) is within 6 sd of its expectation but for a chance of 1e-9
     where, spread = rank / total * len(sample), 6 * math.sqrt(len(sample) * density * (1 - density)) + 2
-    hi = float(sample[max(0, int(where - spread))]) if where - spread >= 0 else math.inf
+    hi = float(sample[int(where - spread)]) if where - spread >= 0 else math.inf
     lo = float(sample[min(len(sample) - 1, int(where + spread))])
-    above, band = 0, []
+    above = at_hi = at_lo = kept = 0
+    inside = []
     for block in blocks():
         mags = block.reshape(-1).abs()
         above += int((mags > hi).sum())
-        band.append(mags[(mags >= lo) & (mags <= hi)])
-    band = torch.cat(band)
-    if above < rank <= above + band.numel():
-        return float(torch.topk(band, rank - above).values[-1])
-    return _radix_threshold(blocks, rank)
+        at_hi += int((mags == hi).sum())
+        at_lo += int((mags == lo).sum()) if lo != hi else 0
+        inner = mags[(mags > lo) & (mags < hi)]
+        kept += inner.numel()
+        if kept > BAND_CAP:
+            return _radix_threshold(blocks, rank)
+        inside.append(inner)
+    inside = torch.cat(inside)
+    for count, pick in ((above, None), (at_hi, lambda r: hi), (inside.numel(),
+                                                               lambda r: float(torch.topk(inside, r).values[-1])),
+                        (at_lo, lambda r: lo)):
+        if rank <= count:
+            return _radix_threshold(blocks, rank) if pick is None else pick(rank)
+        rank -= count
+    return _radix_threshold(blocks, rank + above + at_hi + inside.numel() + at_lo)
+
+
+BAND_CAP = 1 << 22  # magnitudes kept inside the bracket (16 MiB); more means the sample misled: radix instead
 
 
 def _radix_threshold(blocks: Callable, rank: int) -> float:
