@@ -85,3 +85,24 @@ def test_merge_concatenates_seeds_and_refuses_different_studies(tmp_path):
         run.merged([_part([0], 0.5), {**_part([1], 0.5), "rows": ["a"]}])
     with pytest.raises(SystemExit, match="twice"):
         run.merged([_part([0], 0.5), _part([0], 0.5)])
+
+
+def test_llm_domains_smoke(tmp_path):
+    """Study 9's pipeline in smoke mode (a tiny random Llama instead of SmolLM2, no mergekit): every row scored on
+    both domains with a finite perplexity, lambda and density the validation grid's best, every merge timed."""
+    import run
+
+    assert run.main(["llm_domains", "--smoke", "--results", str(tmp_path), "--data-dir", str(DATA)]) == 0
+    result = json.loads((tmp_path / "llm_domains_smoke.json").read_text())
+    assert result["seeds"] == [0] and len(result["runs"]) == 1 and result["metric"] == "perplexity"
+    run0 = result["runs"][0]
+    for row in result["rows"]:
+        values = [run0[f"{row}|{col}"] for col in result["columns"]]
+        assert all(1.0 <= v < float("inf") for v in values), (row, values)
+    assert {"Debian child", "LibreOffice child", "otfuse TIES", "otfuse RegMean"} <= set(result["rows"])
+    for row, scores in result["validation"].items():  # perplexity: the lowest grid point is chosen
+        assert scores[result["chosen"][row]] == min(scores.values())
+    assert set(result["merge_cost"][0]) == {r for r in result["rows"] if r.startswith("otfuse")}
+    table = (tmp_path / "llm_domains_smoke.md").read_text()
+    assert all(f"| {row} |" in table for row in result["rows"]) and "Cost of each merge" in table
+    assert (tmp_path / "llm_domains_smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -24,7 +24,8 @@ from common import DEFAULT_DATA, bar_plot, table  # noqa: E402
 
 STUDIES = {"languages": "languages", "vision": "vision", "shards": "shards", "federated": "federated",
            "federated_pretrained": "federated_pretrained",
-           "translation": "translation", "translation_domains": "translation_domains", "multitask": "multitask"}
+           "translation": "translation", "translation_domains": "translation_domains", "multitask": "multitask",
+           "llm_domains": "llm_domains"}
 
 
 def main(argv=None) -> int:
@@ -54,13 +55,19 @@ def main(argv=None) -> int:
         result["seconds"] = round(time.perf_counter() - start, 1)
         result["seeds"] = seeds
         (args.results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = table(result["runs"], result["columns"], result["rows"]) + summary(result)
-    report = getattr(__import__(STUDIES[args.study]), "report", None)  # a study's own lines below the table
+    # fractions are shown x100; a study whose values are not fractions (perplexity) says value_scale 1
+    md = table(result["runs"], result["columns"], result["rows"], scale=result.get("value_scale", 100.0)) \
+        + summary(result)
+    module = __import__(STUDIES[args.study])
+    report = getattr(module, "report", None)  # a study's own lines below the table
     md += report(result) if report else ""
     (args.results / f"{name}.md").write_text(md)
-    bar_plot(result["runs"], result["columns"], result["rows"], args.results / f"{name}.png",
-             f"{args.study}: {result.get('metric', 'accuracy')}, mean ± 95% CI over {len(result['seeds'])} seed(s)",
-             ylabel=f"{result.get('metric', 'accuracy')} (%)" if "metric" in result else "accuracy (%)")
+    if hasattr(module, "plot"):  # a study's own plot
+        module.plot(result, args.results / f"{name}.png")
+    else:
+        bar_plot(result["runs"], result["columns"], result["rows"], args.results / f"{name}.png",
+                 f"{args.study}: {result.get('metric', 'accuracy')}, mean ± 95% CI over {len(result['seeds'])} "
+                 f"seed(s)", ylabel=f"{result.get('metric', 'accuracy')} (%)" if "metric" in result else "accuracy (%)")
     print(md)
     print(f"{args.study}: {result['seconds']} s, seeds {result['seeds']} → {args.results / name}.{{json,md,png}}")
     return 0
