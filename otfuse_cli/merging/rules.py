@@ -292,14 +292,15 @@ def _radix_threshold(blocks: Callable, rank: int) -> float:
     return float(torch.tensor([(top << 16) | bottom], dtype=torch.int32).view(torch.float32))
 
 
-# --scale and --density when not given, per rule. Study 8 (benchmarks/STUDIES.md) chose them on validation.
+# --scale and --density when not given, per rule: the points study 9 chose on validation (benchmarks/STUDIES.md;
+# two SmolLM2 children; the grid: lambda 0.5 or 1, density 0.2 or 0.5). The RegMean variants' are unvalidated.
 DEFAULTS: dict[str, dict[str, float]] = {
-    "task-arithmetic": {"scale": 0.4},
+    "task-arithmetic": {"scale": 0.5},
     "ties": {"scale": 1.0, "density": 0.2},
-    "dare": {"scale": 0.4, "density": 0.3},
-    "dare-ties": {"scale": 1.0, "density": 0.3},
+    "dare": {"scale": 0.5, "density": 0.5},
+    "dare-ties": {"scale": 1.0, "density": 0.5},
     "regmean-ties": {"scale": 1.0, "density": 0.2},
-    "regmean-dare": {"scale": 1.0, "density": 0.3},
+    "regmean-dare": {"scale": 1.0, "density": 0.5},
 }
 
 # rule(parents' aligned float32 tensors (task vectors with --base; a block of their elements for an
