@@ -509,6 +509,8 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         runs.append(task_scores(rows, files, "test"))
         timing.append(cost)
         merges.append(measured)
+        print(f"seed {seed}: " + json.dumps({"scores": runs[-1], "seconds": cost, "merges": measured,  # a run cut
+                                             "validation": validation, "chosen": params}), flush=True)  # short keeps it
         for made in root.iterdir():  # the merged models (about 0.4 GB each), not the cached children
             if made.is_dir() and made.name not in ("children", "multitask"):
                 shutil.rmtree(made)
