@@ -202,18 +202,39 @@ def fit_joint(scale: TextScale, tok, folder: Path, split: dict, labels: dict, se
     return dict(zip(TASKS, models)), seconds
 
 
+def cached(seed: int) -> Path | None:
+    """Seed `seed`'s folder in $OTFUSE_STUDY8_CACHE (None when it is not set)."""
+    root = os.environ.get("OTFUSE_STUDY8_CACHE")
+    return Path(root) / f"seed{seed}" if root else None
+
+
+def digest(*what) -> str:
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def recall(path: Path | None, key: str) -> dict | None:
+    """A cached document written by `keep` under the same key, or None."""
+    if path is None or not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    return doc if doc.get("key") == key else None
+
+
+def keep(path: Path | None, key: str, **doc) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": key, **doc}, indent=1))
+
+
 def trained(seed: int, root: Path, scale: TextScale, tok, folder: Path, data: dict, lr: float):
-    """Seed `seed`'s four children and multi-task model ({task: folder} each) and their training seconds; kept
-    in (and reused from) $OTFUSE_STUDY8_CACHE when it is set and holds the same scale, data and seed."""
-    what = [scale.__dict__, lr, seed, data["labels"], {t: d["train"] for t, d in data["split"].items()}]
-    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
-    cache = Path(os.environ["OTFUSE_STUDY8_CACHE"]) / f"seed{seed}" if os.environ.get("OTFUSE_STUDY8_CACHE") else None
-    where = cache or root
-    done = where / "trained.json"
-    if cache and done.is_file() and json.loads(done.read_text())["key"] == key:
-        cost = json.loads(done.read_text())["seconds"]
+    """Seed `seed`'s four children and multi-task model ({task: folder} each), their training seconds, the key
+    of what they were trained from and whether they came from $OTFUSE_STUDY8_CACHE (kept there when it is
+    set, reused when it holds the same scale, training data and seed)."""
+    key = digest(scale.__dict__, lr, seed, data["labels"], {t: d["train"] for t, d in data["split"].items()})
+    where = cached(seed) or root
+    if hit := recall(cached(seed) and where / "trained.json", key):
         return ({t: where / "children" / t for t in TASKS}, {t: where / "multitask" / t for t in TASKS},
-                {**cost, "(children and multi-task model reused from the cache)": 0.0})
+                hit["seconds"], key, True)
     split, labels = data["split"], data["labels"]
     kids, cost, steps = {}, {}, 0
     for i, t in enumerate(TASKS):
@@ -223,9 +244,8 @@ def trained(seed: int, root: Path, scale: TextScale, tok, folder: Path, data: di
         steps += n
     models, cost[JOINT] = fit_joint(scale, tok, folder, split, labels, seed + 9000, lr, steps)
     joint = {t: save_model(m, where / "multitask" / t, tok) for t, m in models.items()}
-    if cache:
-        done.write_text(json.dumps({"key": key, "seconds": cost}))
-    return kids, joint, cost
+    keep(cached(seed) and where / "trained.json", key, seconds=cost)
+    return kids, joint, cost, key, False
 
 
 def tiny_pretrained(scale: TextScale, out: Path) -> Path:
@@ -469,22 +489,44 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
     base = base_folder(folder, scale, tok, out)
     grams, fishers = (8, 8) if smoke else (GRAM_SAMPLES, FISHER_SAMPLES)
 
-    validation, params, runs, timing, merges, grid_seconds = {}, {}, [], [], [], 0.0
+    validation, params, runs, timing, merges, grid_seconds, reused = {}, {}, [], [], [], 0.0, {}
     for seed in seeds:
         root = out / f"seed{seed}"
         root.mkdir(parents=True, exist_ok=True)
-        kids, joint, cost = trained(seed, root, scale, tok, folder, data, lr)
-        start = time.perf_counter()  # each child's statistics on its own training texts (`otfuse stats`)
-        stats = {"regmean": [party_stats(kids[t], files[(t, "train")], root / f"gram_{t}.safetensors", ("gram",),
-                                         grams, scale.max_length) for t in TASKS],
-                 "fisher": [party_stats(kids[t], files[(t, "train")], root / f"fisher_{t}.safetensors", ("fisher",),
-                                        fishers, scale.max_length) for t in TASKS]}
-        cost["statistics (Gram and Fisher, 4 children)"] = time.perf_counter() - start
+        kids, joint, cost, key, reused_models = trained(seed, root, scale, tok, folder, data, lr)
+        store = cached(seed)
+        stats = {}
+
+        def statistics() -> dict:  # each child's statistics on its own training texts (`otfuse stats`), once
+            if not stats:
+                start = time.perf_counter()
+                stats.update({"regmean": [party_stats(kids[t], files[(t, "train")], root / f"gram_{t}.safetensors",
+                                                      ("gram",), grams, scale.max_length) for t in TASKS],
+                              "fisher": [party_stats(kids[t], files[(t, "train")], root / f"fisher_{t}.safetensors",
+                                                     ("fisher",), fishers, scale.max_length) for t in TASKS]})
+                cost["statistics (Gram and Fisher, 4 children)"] = time.perf_counter() - start
+            return stats
+
         body_of, base_body = placeholder_heads(kids, base, root / "mergekit_inputs")
         if seed == seeds[0]:  # hyper-parameters on validation only, the first seed's children
-            start = time.perf_counter()
-            validation, params = validate(kids, base, body_of, base_body, stats, files, root, grid, tool, tok)
-            grid_seconds = time.perf_counter() - start
+            vkey = digest(key, grid, VAL_LIMIT, START_DENSITY, grams, tool is not None, list(OTFUSE), list(MERGEKIT))
+            if hit := recall(store and store / "validation.json", vkey):
+                validation, params, grid_seconds = hit["validation"], hit["chosen"], hit["seconds"]
+            else:
+                start = time.perf_counter()
+                validation, params = validate(kids, base, body_of, base_body, statistics(), files, root, grid, tool,
+                                              tok)
+                grid_seconds = time.perf_counter() - start
+                keep(store and store / "validation.json", vkey, validation=validation, chosen=params,
+                     seconds=grid_seconds)
+        rkey = digest(key, params, TEST_LIMIT, grams, fishers, tool is not None, seed == seeds[0])
+        if hit := recall(store and store / "record.json", rkey):  # this seed was scored by a run cut short
+            runs.append(hit["scores"])
+            timing.append(hit["seconds"])
+            merges.append(hit["merges"])
+            reused[seed] = "scores"
+            continue
+        reused.update({seed: "models"} if reused_models else {})
         rows = {INDIVIDUAL: kids, **{f"{TASKS[t]} fine-tune": {t: kids[t]} for t in TASKS}, JOINT: joint,
                 ZERO: with_heads(base_body, kids, root / "zero", tok)}
         measured = {}
@@ -492,14 +534,14 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
             target = root / row.replace(" ", "_")
             if smoke and row != "otfuse TIES":  # smoke: the library, no process start-up (one command line kept)
                 start = time.perf_counter()
-                otfuse_merge(kids, base, target, rule, params.get(row, {}), seed, stats)
+                otfuse_merge(kids, base, target, rule, params.get(row, {}), seed, statistics())
                 measured[row] = {"wall_s": time.perf_counter() - start}
             else:
-                measured[row] = measure(otfuse_command(kids, base, target, rule, params.get(row, {}), seed, stats),
-                                        OTFUSE_ENV)
+                measured[row] = measure(otfuse_command(kids, base, target, rule, params.get(row, {}), seed,
+                                                       statistics()), OTFUSE_ENV)
             rows[row] = {t: target / t for t in TASKS}
         if seed == seeds[0] and not smoke:  # what OT alignment costs where the children share the base's basis
-            measured[ALIGNED] = measure(otfuse_command(kids, base, root / "aligned", "average", {}, seed, stats,
+            measured[ALIGNED] = measure(otfuse_command(kids, base, root / "aligned", "average", {}, seed, {},
                                                        align="weights"), OTFUSE_ENV)
         for row, (method, _) in MERGEKIT.items() if tool else ():
             target = root / row.replace(" ", "_")
@@ -509,13 +551,18 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         runs.append(task_scores(rows, files, "test"))
         timing.append(cost)
         merges.append(measured)
+        keep(store and store / "record.json", rkey, scores=runs[-1], seconds=cost, merges=measured)
         print(f"seed {seed}: " + json.dumps({"scores": runs[-1], "seconds": cost, "merges": measured,  # a run cut
                                              "validation": validation, "chosen": params}), flush=True)  # short keeps it
         for made in root.iterdir():  # the merged models (about 0.4 GB each), not the cached children
             if made.is_dir() and made.name not in ("children", "multitask"):
                 shutil.rmtree(made)
-    return {**result(runs, timing, merges, lr, scale, data, grid, validation, params, tool is not None),
-            "validation_seconds": round(grid_seconds, 1)}
+    doc = result(runs, timing, merges, lr, scale, data, grid, validation, params, tool is not None)
+    if reused:
+        doc["note"] += ("; taken from $OTFUSE_STUDY8_CACHE, written by an earlier run of the same code and data: "
+                        + ", ".join(f"seed {k}'s {v}" for k, v in reused.items())
+                        + " (their recorded seconds are that run's)")
+    return {**doc, "validation_seconds": round(grid_seconds, 1)}
 
 
 def result(runs, timing, merges, lr, scale, data, grid, validation, params, mergekit: bool) -> dict:
