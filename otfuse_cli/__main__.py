@@ -1,3 +1,3 @@
-from otfuse_cli.cli import main
+from otfuse_cli.entry import main
 
 main()

@@ -12,7 +12,6 @@ OtfuseError anywhere in a command becomes `error: <message>` on stderr and exit 
 from __future__ import annotations
 
 import enum
-import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import replace
@@ -21,12 +20,12 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from otfuse_cli import __version__, report
+from otfuse_cli import __version__, interrupts, report
 from otfuse_cli.cli_options import explicit_flags, refuse_unused, with_options
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import ACTIVATIONS, AlignOptions, DataOptions, MergeOptions, OutputOptions
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = interrupts.EXIT_CODE
 EXIT_GATE = 3  # a CI gate failed (inspect --check, evaluate --fail-under): the inputs were fine
 
 # Usage errors: typer >= 0.24 vendors click (typer.TyperException); older typer raises click's own.
@@ -39,39 +38,19 @@ except ImportError:  # pragma: no cover
     pass
 
 
-# Set when SIGINT/SIGTERM arrived: a library may swallow the KeyboardInterrupt and raise something else
-# instead (torch/safetensors: "could not determine the shape of object type 'UntypedStorage'"), which must
-# still be reported as "interrupted".
-_interrupted = False
-
-
-def _on_signal(signum, frame) -> None:
-    global _interrupted
-    _interrupted = True
-    raise KeyboardInterrupt  # unwinds through every writer's cleanup (temporaries removed)
-
-
 @contextmanager
 def _interrupt_signals():
-    """SIGINT and SIGTERM both raise KeyboardInterrupt while the CLI runs; the outermost use installs them."""
-    global _interrupted
-    try:
-        if signal.getsignal(signal.SIGINT) is _on_signal:
-            previous = {}  # an outer level (main) already handles them and owns the flag
-        else:
-            previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-            _interrupted = False
-    except ValueError:  # not the main thread (e.g. a test runner's worker): signals stay as they are
-        previous = {}
+    """SIGINT and SIGTERM end the command with exit 130 while the CLI runs (otfuse_cli.interrupts); the outermost
+    use installs the handler (the entry point already has, before the heavy imports)."""
+    previous = interrupts.install()
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        interrupts.restore(previous)
 
 
 def _interrupted_exit() -> typer.Exit:
-    report.error_line("interrupted")
+    interrupts.report()
     return typer.Exit(EXIT_INTERRUPTED)
 
 
@@ -84,7 +63,7 @@ def _one_line_errors():
         except KeyboardInterrupt:
             raise _interrupted_exit() from None
         except OtfuseError as e:
-            if _interrupted:
+            if interrupts.arrived():
                 raise _interrupted_exit() from None
             report.error_line(str(e))
             raise typer.Exit(e.exit_code) from None
@@ -96,10 +75,10 @@ def _one_line_errors():
             report.error_line(e.format_message() + hint)
             raise typer.Exit(getattr(e, "exit_code", 2)) from None
         except Exception:
-            if _interrupted:  # whatever a library made of the KeyboardInterrupt
+            if interrupts.arrived():  # whatever a library made of the KeyboardInterrupt
                 raise _interrupted_exit() from None
             raise
-        if _interrupted:  # the interrupt was swallowed and the command ran on: still say so
+        if interrupts.arrived():  # the interrupt was swallowed and the command ran on: still say so
             raise _interrupted_exit()
 
 
@@ -696,50 +675,36 @@ def escape_path(path: str) -> str:
 
 
 def main() -> None:
-    """Console-script entry point (`otfuse`) and `python -m otfuse_cli`."""
+    """Console-script entry point (`otfuse`) and `python -m otfuse_cli` (through otfuse_cli.entry, which has
+    installed the signal handler before this module's imports)."""
     code: int | str | None = 0
     with _interrupt_signals():  # from here on, also between parsing and the command
         try:
             try:
+                interrupts.check()  # a signal during the imports
                 app(prog_name="otfuse")
             except SystemExit as e:
                 code = e.code
             except KeyboardInterrupt:
-                report.error_line("interrupted")
+                interrupts.report()
                 code = EXIT_INTERRUPTED
             except OtfuseError as e:  # raised outside a command (e.g. while parsing): same contract
-                report.error_line("interrupted" if _interrupted else str(e))
-                code = EXIT_INTERRUPTED if _interrupted else e.exit_code
-        except KeyboardInterrupt:  # a second signal while the first was being reported
+                if interrupts.arrived():
+                    interrupts.report()
+                else:
+                    report.error_line(str(e))
+                code = EXIT_INTERRUPTED if interrupts.arrived() else e.exit_code
+        except KeyboardInterrupt:  # a signal while the outcome was being reported
             code = EXIT_INTERRUPTED
         # once the outcome is known, later signals must not turn exit 130 into death by signal at shutdown
         # (set before the handlers are restored, and kept after)
-        ignore = {s: signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in ignore:
-            signal.signal(s, signal.SIG_IGN)
-    for s in ignore:
-        signal.signal(s, signal.SIG_IGN)
-    if _interrupted and code != EXIT_INTERRUPTED:
-        code = EXIT_INTERRUPTED
+        interrupts.ignore()
+        if interrupts.arrived():
+            code = EXIT_INTERRUPTED
+    interrupts.ignore()
     if code == EXIT_INTERRUPTED:
-        _forget_unhandled_interrupt()
+        interrupts.forget_unhandled_interrupt()
     sys.exit(code)
-
-
-def _forget_unhandled_interrupt() -> None:
-    """Keep exit 130 under `python -m otfuse_cli`.
-
-    CPython marks "KeyboardInterrupt left the program" whenever one escapes an embedded PyRun_* call (C
-    extensions run module code that way while being imported, e.g. inside scipy). The mark is never cleared when
-    the exception is caught later, so `-m` ends the process by re-raising SIGINT (exit -2) even though we handled
-    the interrupt. Every PyRun_* call clears the mark first, so running an empty statement through one resets it.
-    """
-    import ctypes
-
-    try:
-        ctypes.pythonapi.PyRun_SimpleString(b"pass")
-    except (AttributeError, OSError):  # pragma: no cover - an interpreter without the C API (PyPy)
-        pass
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from otfuse_cli import interrupts
 from otfuse_cli.errors import OtfuseError
 
 RECORD_SUFFIXES = (".jsonl", ".csv", ".tsv", ".txt")
@@ -219,4 +220,5 @@ def batched(n: int, batch_size: int):
     if batch_size < 1:
         raise OtfuseError(f"batch size must be at least 1, got {batch_size}")
     for start in range(0, n, batch_size):
+        interrupts.check()  # a batch is a unit of work
         yield slice(start, min(start + batch_size, n))

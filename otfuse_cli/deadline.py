@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from otfuse_cli import interrupts
 from otfuse_cli.errors import OtfuseError
 
 CLOCK = time.monotonic  # tests inject a clock that jumps
@@ -20,5 +21,7 @@ def start(seconds: float | None) -> None:
 
 
 def check(doing: str) -> None:
+    """Between units of work: a pending Ctrl-C/SIGTERM is raised here, then the limit is checked."""
+    interrupts.check()
     if _deadline is not None and CLOCK() > _deadline:
         raise OtfuseError(f"--time-limit {_limit:g} s reached while {doing}; nothing was written")

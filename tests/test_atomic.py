@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import fcntl
 import os
 import shutil
 import subprocess
@@ -163,16 +164,24 @@ def test_stale_temporaries_of_dead_processes_are_removed_by_the_next_write(tmp_p
     dead, alive = dead_pid(), os.getpid()
     stale = [f".out.safetensors.otfuse-tmp-{dead}-ab12cd34.safetensors", f".out.safetensors.otfuse-tmp-{dead}-ffff0000",
              f".out.safetensors.otfuse-old-{dead}-0a0b0c0d"]
-    kept = [f".out.safetensors.otfuse-tmp-{alive}-11112222.safetensors",  # a live writer's
-            f".other.safetensors.otfuse-tmp-{dead}-ab12cd34.safetensors",  # another output's
+    stale.append(f".out.safetensors.otfuse-tmp-{alive}-99990000")  # our pid, but no writer holds it: pid reuse
+    live = [f".out.safetensors.otfuse-tmp-{alive}-11112222.safetensors",  # a live writer's (locked)
+            f".out.safetensors.otfuse-tmp-{dead}-22223333"]  # a live writer's in another pid namespace (locked)
+    kept = [*live, f".other.safetensors.otfuse-tmp-{dead}-ab12cd34.safetensors",  # another output's
             ".out.safetensors.otfuse-tmp-notes"]  # no pid: not ours to judge
     for n in stale + kept:
         (tmp_path / n).write_bytes(b"partial")
     (tmp_path / stale[1]).unlink()
     (tmp_path / stale[1]).mkdir()
     (tmp_path / stale[1] / "shard-00001.safetensors").write_bytes(b"partial")
-
-    write_checkpoint(target, tensors(1), layout="file", force=True)
+    holders = [os.open(tmp_path / n, os.O_RDONLY) for n in live]
+    try:
+        for fd in holders:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        write_checkpoint(target, tensors(1), layout="file", force=True)
+    finally:
+        for fd in holders:
+            os.close(fd)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["out.safetensors"])
     assert torch.equal(open_checkpoint(target).get("0.weight"), tensors(1)["0.weight"])
 

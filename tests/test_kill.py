@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -181,3 +182,36 @@ def test_python_dash_m_exits_130_after_an_interrupt_that_crossed_an_embedded_pyr
                           capture_output=True, text=True, timeout=120)
     assert "KeyboardInterrupt" in proc.stderr  # the mark was set
     assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (130, "error: interrupted")
+
+
+# ---------------------------------------------------------------- signals at random moments (benchmarks/signals.py)
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import signals as random_signals  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def merged(big, tmp_path_factory) -> dict:
+    """The `--align none` output of the pair, uninterrupted: what a complete output is for these trials."""
+    digest, seconds = random_signals.reference(big["pair"], tmp_path_factory.mktemp("merged"))
+    return {"sha": digest, "seconds": seconds}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_at_any_moment_after_the_first_line_is_exit_130(big, merged, tmp_path, sig):
+    """A handful of benchmarks/signals.py's trials: moments counted from when otfuse's handler is in place (the
+    process catches SIGTERM: a machine-speed-free start). 0 s lands in the heavy imports (where torch's
+    pybind11 code once turned the handler's exception into an abort); the others, drawn over a whole run, in
+    reading, merging, writing or exit. The slow set sends 50 of each at moments drawn from process start."""
+    rng = random.Random(int(sig))
+    for i, offset in enumerate([0.0, rng.uniform(0, merged["seconds"]), rng.uniform(0, merged["seconds"])]):
+        rec = random_signals.trial(big["pair"], tmp_path / f"t{i}", merged["sha"], sig, offset, script=bool(i % 2),
+                                   rerun=i == 1, after_handler=True)
+        assert rec["problems"] == [], rec
+
+
+@pytest.mark.slow
+def test_fifty_signals_of_each_kind_at_random_moments(tmp_path):
+    doc = random_signals.run(50, 0, tmp_path)
+    summary = random_signals.summary(doc)
+    assert all(s["failures"] == 0 for s in summary.values()), (summary, [r for r in doc["records"] if r["problems"]])

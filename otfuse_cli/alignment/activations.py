@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from otfuse_cli import interrupts
 from otfuse_cli.alignment.cost import FeaturePair
 from otfuse_cli.alignment.metrics import STANDARDIZE
 from otfuse_cli.alignment.weights import TensorSource
@@ -346,6 +347,7 @@ class ActivationFeatures:
                   self._post(side))
         try:
             for b, (batch, mask) in enumerate(batches):
+                interrupts.check()
                 current[0] = b
                 tap.masks = tuple(m.to(model.device) for m in mask) if mask is not None else None
                 try:

@@ -24,6 +24,11 @@ import shutil
 import struct
 import sys
 import warnings
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: staleness falls back to the pid
+    fcntl = None
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -31,6 +36,7 @@ import torch
 from safetensors import safe_open
 
 import otfuse_cli
+from otfuse_cli import interrupts
 from otfuse_cli.checkpoint.reader import (
     PROVENANCE_FILE,
     SAFETENSORS_INDEX,
@@ -116,6 +122,7 @@ def provenance(command: str, options: dict, inputs: list[Checkpoint]) -> dict:
 # ---------------------------------------------------------------- safetensors serialisation
 
 def _prepare(name: object, t: object, seen: set[str], own: bool = True) -> torch.Tensor:
+    interrupts.check()  # each tensor written is a unit of work
     if not isinstance(name, str) or not name:
         raise OtfuseError(f"invalid tensor name {name!r}")
     if name in seen:
@@ -202,8 +209,10 @@ class _SafetensorsFile:
 #
 # Every output is written to a temporary sibling `.NAME.otfuse-tmp-<pid>-*`, loaded back, then moved to NAME
 # in one step. A replace (--force) swaps the two names atomically where the OS can (Linux renameat2
-# RENAME_EXCHANGE); elsewhere the old output is first set aside as `.NAME.otfuse-old-<pid>-*`. The pid lets
-# a later run tell leftovers of a dead process (SIGKILL, power loss) from a concurrent writer's files.
+# RENAME_EXCHANGE); elsewhere the old output is first set aside as `.NAME.otfuse-old-<pid>-*`. The writer holds
+# an flock on each of its scratch entries for as long as it lives, so a later run tells leftovers of a dead
+# process (SIGKILL, power loss) from a live writer's files even when that writer runs in another container
+# sharing the volume, where its pid means nothing. Only on a file system without locks does the pid decide.
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
@@ -291,6 +300,61 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _hold(path: Path) -> int | None:
+    """An open descriptor of path holding an exclusive flock (released when it is closed or the process dies);
+    None where the file system or OS has no locks."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and not path.is_symlink() else 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks only while a recover() probing this entry holds it
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return None
+        raise
+    return fd
+
+
+def _still_named(fd: int | None, path: Path) -> bool:
+    """The locked entry is still the one at path (a recover() did not remove it before the lock was taken)."""
+    if fd is None:
+        return True
+    try:
+        here, held = os.lstat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
+
+@contextlib.contextmanager
+def _probe(entry: Path, pid: int):
+    """Yields whether entry is a dead writer's leftover; while the caller acts on a yes, the probe's shared
+    lock keeps a writer that is just creating an entry of that name from taking it (it then picks a new name)."""
+    fd = None
+    try:
+        if fcntl is not None:
+            try:
+                fd = os.open(entry, os.O_RDONLY | (os.O_DIRECTORY if entry.is_dir() and not entry.is_symlink()
+                                                   else 0))
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # a live writer holds it, wherever it runs
+                yield False
+                return
+            except FileNotFoundError:  # gone meanwhile
+                yield False
+                return
+            except OSError:  # no locks here, or not ours to open: the pid decides
+                yield not _alive(pid)
+                return
+            yield True
+            return
+        yield not _alive(pid)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def recover(target: str | Path) -> None:
     """Tidy what dead processes left next to target: their temporaries are removed, and an old output that
     a replace had set aside when it was killed comes back to target if target is missing."""
@@ -302,13 +366,16 @@ def recover(target: str | Path) -> None:
         return
     for name in names:
         m = _SCRATCH.fullmatch(name[len(prefix):])
-        if m is None or _alive(int(m["pid"])):
+        if m is None:
             continue
         entry = target.parent / name
-        if m["kind"] == "old" and not _exists(target):
-            os.rename(entry, target)
-        else:
-            _remove(entry)
+        with _probe(entry, int(m["pid"])) as stale:
+            if not stale:
+                continue
+            if m["kind"] == "old" and not _exists(target):
+                os.rename(entry, target)
+            else:
+                _remove(entry)
 
 
 def _check_target(target: Path, force: bool) -> None:
@@ -322,20 +389,31 @@ def _temporary(target: Path, folder: bool, suffix: str = ""):
     # The name is chosen before the entry exists, so an interrupt at any point, even right after it is
     # created, finds it below. (An entry already there with our pid and this random part could only be a dead
     # process's leftover.)
-    tmp = target.parent / (_scratch_prefix(target, "tmp") + secrets.token_hex(4) + suffix)
+    lock = None
     try:
-        if folder:
-            os.mkdir(tmp, 0o700)
-        else:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        while True:
+            tmp = target.parent / (_scratch_prefix(target, "tmp") + secrets.token_hex(4) + suffix)
+            if folder:
+                os.mkdir(tmp, 0o700)
+            else:
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            lock = _hold(tmp)
+            if _still_named(lock, tmp):
+                break
+            os.close(lock)  # another run's recover() took it for a leftover before the lock: a new name
+            lock = None
         yield tmp
     except BaseException:
         _remove(tmp)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def _place(tmp: Path, target: Path, force: bool) -> None:
     """Move the finished temporary to target. A replace never leaves target missing or half-written."""
+    interrupts.check()  # the last moment a pending interrupt can still leave nothing behind
     if not _exists(target):
         try:  # NOREPLACE: a target that appeared meanwhile (a concurrent run) is not clobbered
             if not _renameat2(tmp, target, _RENAME_NOREPLACE):
@@ -357,13 +435,18 @@ def _keep_then_swap(tmp: Path, target: Path) -> None:
     """Without an atomic exchange: set the old output aside, move the new one in, drop the old. A process
     killed between the two renames leaves `.NAME.otfuse-old-<pid>-*`, which recover() puts back."""
     old = target.with_name(_scratch_prefix(target, "old") + secrets.token_hex(4))
-    os.rename(target, old)  # fails as a whole (e.g. EBUSY on a mount point): nothing is left behind
+    lock = _hold(target)  # moves with it: while this run lives, nobody takes the set-aside output for a leftover
     try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    _remove(old)
+        os.rename(target, old)  # fails as a whole (e.g. EBUSY on a mount point): nothing is left behind
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        _remove(old)
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def _load_back(tmp: Path, target: Path, count: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from otfuse_cli import interrupts
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import DataOptions
 
@@ -31,6 +32,7 @@ def repair_batchnorm(state_dict: dict, like, data: DataOptions) -> dict:
         bn.momentum = None  # cumulative moving average over all batches
         bn.train()
     for batch, _ in batches:
+        interrupts.check()
         model.predict_logits(batch)
     for bn in norms:
         bn.eval()

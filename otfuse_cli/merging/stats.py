@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from otfuse_cli import interrupts
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import DataOptions
 
@@ -90,6 +91,7 @@ def _fisher(model, batches, tensors: list[str], seed: int, bar=None) -> dict[str
     gen = torch.Generator().manual_seed(seed)
     count = 0
     for batch, masks in batches:
+        interrupts.check()
         mask = None if masks is None else masks[0]  # one mask: encoder-decoders were refused above
         size = len(batch) if isinstance(batch, torch.Tensor) else len(mask)
         for i in range(size):  # per-sample gradients: the Fisher is a mean of squares, not a square of means
@@ -146,6 +148,7 @@ def compute_stats(ckpt, data: DataOptions, kinds: tuple[str, ...] = KINDS, progr
         try:
             with torch.no_grad():
                 for batch, mask in batches:
+                    interrupts.check()
                     state["masks"] = tuple(m.to(model.device) for m in mask) if mask is not None else None
                     model.predict_logits(batch)
                     bar.advance()
