@@ -92,12 +92,12 @@ def handler_installed(pid: int) -> bool | None:
     """otfuse's handler is in place: the process catches SIGTERM (/proc/PID/status SigCgt; Python itself only
     catches SIGINT). None where there is no /proc, or the process is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
-    except (OSError, ValueError):
+        masks = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                     if line.startswith(("SigCgt:", "SigIgn:")))
+        bit = 1 << (signal.SIGTERM - 1)
+        return bool((int(masks["SigCgt"], 16) | int(masks["SigIgn"], 16)) & bit)  # ignored: the outcome is known
+    except (OSError, ValueError, KeyError):
         return None
-    return None
 
 
 def wait_for_handler(proc: subprocess.Popen, limit: float = 120) -> None:
