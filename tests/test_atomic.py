@@ -5,14 +5,16 @@ plots) follows the --force rule, and an output that equals, contains or lies ins
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
-import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -184,6 +186,83 @@ def test_stale_temporaries_of_dead_processes_are_removed_by_the_next_write(tmp_p
             os.close(fd)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["out.safetensors"])
     assert torch.equal(open_checkpoint(target).get("0.weight"), tensors(1)["0.weight"])
+
+
+ANOTHER_NAMESPACE = textwrap.dedent("""
+    import os, sys, time, torch
+    from pathlib import Path
+    from otfuse_cli.checkpoint import write_checkpoint
+    from otfuse_cli.checkpoint import writer
+    target, go, dead = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    os.getpid = lambda: dead  # its pid, seen from the other container, is no live process there
+    def tensors():
+        while not go.exists():  # holds its temporary until the test says go
+            time.sleep(0.01)
+        yield "w", torch.ones(3, 3)
+    write_checkpoint(target, tensors(), layout="folder", force=True)
+""")
+
+
+@pytest.mark.parametrize("namespace", [False, True], ids=["same-namespace", "own-pid-namespace"])
+def test_a_live_writer_in_another_pid_namespace_keeps_its_temporary(tmp_path, namespace):
+    """Two containers sharing a volume: the other writer's pid means nothing here (its temporary is named with
+    a pid that is dead in this namespace), but its lock on the temporary is seen on the shared file system, so
+    this run's tidy-up leaves it alone, and both writes succeed. Once that writer is SIGKILLed, the lock is
+    gone and the next write removes its temporary."""
+    if namespace and (shutil.which("unshare") is None or
+                      subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode):
+        pytest.skip("no pid namespaces here (unshare --pid)")
+    target, go = tmp_path / "out", tmp_path / "go"
+    (tmp_path / "other.py").write_text(ANOTHER_NAMESPACE)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def start(dead: int) -> subprocess.Popen:
+        cmd = [sys.executable, str(tmp_path / "other.py"), str(target), str(go), str(dead)]
+        return subprocess.Popen((["unshare", "--pid", "--fork", "--kill-child"] if namespace else []) + cmd, env=env,
+                                stderr=subprocess.PIPE, text=True)
+
+    def scratch() -> list[str]:
+        return sorted(p.name for p in tmp_path.iterdir() if ".otfuse-tmp-" in p.name)
+
+    other = start(dead_pid())
+    try:
+        for _ in range(12000):  # a hang guard, not a speed assumption
+            if scratch() or other.poll() is not None:
+                break
+            time.sleep(0.01)
+        theirs = scratch()
+        assert len(theirs) == 1, (theirs, other.poll())
+        write_checkpoint(tmp_path / "mine", {"w": torch.zeros(2)}, layout="folder")
+        writer.recover(target)  # what this run's write of the same output does first
+        assert scratch() == theirs, "a live writer's temporary was taken for a dead one's"
+        go.touch()
+        _, err = other.communicate(timeout=300)
+        assert other.returncode == 0, err
+        assert torch.equal(open_checkpoint(target).get("w"), torch.ones(3, 3)) and scratch() == []
+
+        go.unlink()
+        other = start(dead_pid())
+        for _ in range(12000):
+            if scratch() or other.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert len(scratch()) == 1
+        other.kill()  # SIGKILL (with unshare, the namespace's init: its child dies with it)
+        other.wait()
+        for _ in range(12000):  # the lock goes when the last process holding it has gone
+            with contextlib.suppress(BlockingIOError):
+                fd = os.open(tmp_path / scratch()[0], os.O_RDONLY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                finally:
+                    os.close(fd)
+            time.sleep(0.01)
+        write_checkpoint(target, {"w": torch.zeros(3, 3)}, layout="folder", force=True)
+        assert scratch() == [] and torch.equal(open_checkpoint(target).get("w"), torch.zeros(3, 3))
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_every_temporary_name_carries_the_process_id(tmp_path, monkeypatch):
