@@ -18,7 +18,7 @@ from torch import nn
 from otfuse_cli import interrupts
 from otfuse_cli.alignment.cost import FeaturePair
 from otfuse_cli.alignment.metrics import STANDARDIZE
-from otfuse_cli.alignment.weights import TensorSource
+from otfuse_cli.alignment.weights import TensorSource, WeightFeatures
 from otfuse_cli.checkpoint import sha256_file
 from otfuse_cli.data import (counting_truncation, is_tensor_file, load_records, load_tensors, tokenize_targets,
                              tokenize_texts, truncation_note)
@@ -311,6 +311,7 @@ class ActivationFeatures:
             self.moments["parent"] = self._moments("parent") if scaled else None
         self.kept_rows = {name: int(sum(int(m.sum()) for m in ms)) for name, ms in self.masks.items()}
         self.peak_rows = 0  # the most rows of one module held at once (one batch's kept rows)
+        self.weights: WeightFeatures | None = None  # tie_features' provider, built on first use
 
     # ------------------------------------------------------------ running the models
 
@@ -490,6 +491,15 @@ class ActivationFeatures:
             if not self.groups:
                 self.models.clear()  # every statistic is collected: free the models
         return self.pairs.pop(k)
+
+    def tie_features(self, k: int, plans: dict, first_pass: bool) -> FeaturePair:
+        """The features that break ties between units whose activation features are identical (units dead
+        after the nonlinearity on every sample): the units' weights, as --align weights reads them (see
+        alignment/ties.py). Computed only for spaces that have such ties."""
+        if self.weights is None:
+            self.weights = WeightFeatures(self.anchor_spec, self.parent_spec, self.sources["anchor"],
+                                          self.sources["parent"], l1=False)
+        return self.weights.features(k, plans, first_pass)
 
 
 def _unit_rows(rows: dict[str, torch.Tensor], entry, size: int) -> torch.Tensor | None:

@@ -1,5 +1,6 @@
 """The one alignment engine: walks a Spec's spaces in order, builds each cost from a feature provider
-(weights or activations), solves OT, and refines over all spaces until no plan changes (bounded)."""
+(weights or activations), solves OT, breaks ties between identical units by the provider's tie features
+(ties.py), and refines over all spaces until no plan changes (bounded)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from otfuse_cli import deadline
 from otfuse_cli.alignment.cost import unit_cost
 from otfuse_cli.alignment.solvers import marginal, normalize, solve
+from otfuse_cli.alignment.ties import break_ties, tie_classes
 from otfuse_cli.alignment.transport import Plan
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.arch.model import Spec
@@ -70,6 +72,20 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
         timings[step] = timings.get(step, 0.0) + now - clock[0]
         clock[0] = now
 
+    # Units with identical features (activations of units dead on every sample) tie: their matching is
+    # redone by the provider's tie_features (ties.py), first with the plans solved so far, then, once every
+    # space has a plan, with all of them until no tie's matching changes (a dead unit's incoming weights
+    # may all be alike where its outgoing ones are not).
+    tied: dict[int, tuple] = {}
+
+    def tie_cost(k: int, first_pass: bool) -> np.ndarray:
+        pair = provider.tie_features(k, plans, first_pass)
+        if pair.empty():
+            n, m = parent.spaces[k].size, anchor.spaces[k].size
+            return np.zeros((n, m))
+        return unit_cost(pair.parent, pair.anchor, options.metric, anchor.spaces[k].fixed_inner,
+                         folded=pair.folded(), grams=pair.grams)[0]
+
     def solve_space(k: int, first_pass: bool) -> Plan:
         sa, sp = anchor.spaces[k], parent.spaces[k]
         deadline.check(f"aligning space {sa.name}")
@@ -88,6 +104,12 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
         lap("costs")
         plan, info = solve(cost_n, a, b, options.solver, options.reg, options.max_iter)
         lap("solver")
+        if plan.ndim == 1 and hasattr(provider, "tie_features"):
+            classes = tie_classes(cost)
+            if classes[0] or classes[1]:
+                tied[k] = classes
+                plan = break_ties(plan, classes, tie_cost(k, first_pass))
+                lap("ties")
         stats = plan_stats(cost, plan, info)
         if plan.ndim == 1:
             return Plan(index=torch.from_numpy(plan), inner=inner, stats=stats)
@@ -115,6 +137,17 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
         plans[space.name] = solve_space(k, True)
         if on_space:
             on_space(space.name)
+    for _ in range(options.sweeps if tied else 0):
+        changed = False
+        for k, classes in tied.items():
+            old = plans[anchor.spaces[k].name]
+            src = break_ties(old.index.numpy(), classes, tie_cost(k, False))
+            if not np.array_equal(src, old.index.numpy()):
+                changed = True
+                stats = {**old.stats, "stay": float((src == np.arange(len(src))).mean())}  # its cost is the same
+                plans[anchor.spaces[k].name] = Plan(index=torch.from_numpy(src), inner=old.inner, stats=stats)
+        if not changed:
+            break
     # A space's refinement cost reads only its neighbours' plans: once it has been re-solved, it is solved
     # again only after one of them changed (the same inputs give the same plan).
     neighbours = [provider.neighbours(k) if hasattr(provider, "neighbours") else None
