@@ -1,5 +1,7 @@
 """Seeded fuzzing of otfuse's inputs: mutated checkpoints, config.json files and data files run through
-`inspect`, `fuse`, `evaluate` and `compress` (issue 14).
+`inspect`, `fuse`, `evaluate` and `compress` (issue 14), and hostile inputs (issue 30, about 15% of the cases):
+sparse size bombs, FIFOs and devices, JSON and YAML nested thousands deep, hostile option values, through those
+commands and `run` (see HOSTILE_KINDS).
 
 Every case copies the few real fixtures it needs (digit MLPs/CNNs, sentiment BERTs, a slice of their data)
 into its own folder, mutates one file with a seeded mutation, runs one command in-process (typer's
@@ -52,6 +54,7 @@ MODELS = {  # family -> (mutable model, its unmutated partner, data file, layout
     "bert": ("bert_a", "bert_b", "sent.jsonl", "folder"),
 }
 COMMANDS = ("inspect", "fuse", "evaluate", "compress")
+ALL_COMMANDS = (*COMMANDS, "run")  # hostile recipes run too
 DEFAULT_TIMEOUT = 120
 
 
@@ -407,6 +410,7 @@ class Case:
     mutation: str = ""
     command: str = ""
     args: list = field(default_factory=list)   # with {d} for the case folder
+    hostile: str = ""       # a hostile-input kind (HOSTILE_KINDS) instead of a mutation of a real file
 
     def argv(self, folder: Path) -> list[str]:
         return [a.replace("{d}", str(folder)) for a in self.args]
@@ -450,11 +454,230 @@ def make_case(number: int, seed: int) -> Case:
     else:
         extra = ["--align", "activations", "--data", dat, "--samples", "32"] if on_data else []
         case.args = ["compress", m, "-o", out, "--json", *shrink, *extra]
+    hostile = random.Random(f"otfuse-fuzz-hostile:{seed}:{number}")  # its own stream: other cases stay as they were
+    if hostile.random() < HOSTILE_SHARE:
+        hostile_case(case, hostile)
     return case
+
+
+# ---------------------------------------------------------------- hostile inputs (issue 30)
+
+# Inputs built to hang a command, exhaust its memory or overflow its parser, rather than mutations of real files:
+#   sparse_bomb       an 8 GiB (or 64 GiB, or just over the cap) sparse file in a small-file or data slot, or a
+#                     safetensors header length that claims gigabytes;
+#   fifo              a FIFO, /dev/zero or a socket where a file is read;
+#   deep_json         JSON nested 101 to 100,000 levels: config.json, an index, a jsonl record, plan and stats
+#                     metadata, a safetensors header;
+#   deep_yaml         recipes nested 101 to 5,000 levels, alias bombs and cycles, unparseable scalars;
+#   bad_option_value  a hostile value for an option: empty, NaN, 10**30, 5000 digits, non-UTF-8 bytes...
+HOSTILE_SHARE = 0.15
+HOSTILE_KINDS = {"sparse_bomb": 3, "fifo": 2, "deep_json": 3, "deep_yaml": 2, "bad_option_value": 4}
+GIB = 1 << 30
+# slot -> (file, relative to the case folder, "{m}" the mutable model; the command family that reads it)
+HOSTILE_SLOTS = {
+    "bert": {"config.json": ("{m}/config.json", "model"), "index": ("{m}/model.safetensors.index.json", "model"),
+             "tokenizer.json": ("{m}/tokenizer.json", "model"), "weights": ("{m}/model.safetensors", "model"),
+             "generation_config.json": ("{m}/generation_config.json", "model"), "README.md": ("{m}/README.md", "model"),
+             "jsonl": ("sent.jsonl", "data"), "plan": ("plan.safetensors", "plan"),
+             "stats": ("stats.safetensors", "stats"), "recipe": ("job.yaml", "run")},
+    "file": {"weights": ("{m}", "model"), "data": ("digits.safetensors", "data"), "plan": ("plan.safetensors", "plan"),
+             "stats": ("stats.safetensors", "stats"), "recipe": ("job.yaml", "run")},
+}
+DEEP_SLOTS = {"bert": ("config.json", "index", "jsonl", "plan", "stats", "weights"),
+              "file": ("weights", "plan", "stats")}
+OPTION_VALUES = ["", " ", "0", "-1", "1.5", "nan", "inf", "-inf", "1e400", str(10**30), "abc", "1,", "9" * 5000,
+                 "\udcff", "1e-320"]
+OPTIONS = {  # command -> [(flag, what makes the flag read)]
+    "fuse": [("--weights", []), ("--sketch", []), ("--refine", []), ("--reg", ["--solver", "sinkhorn"]),
+             ("--max-iter", ["--solver", "sinkhorn"]), ("--anchor", []), ("--time-limit", []),
+             ("--max-shard-size", []), ("--samples", ["--align", "activations", "--data", "{dat}"]),
+             ("--max-tokens", ["--align", "activations", "--data", "{dat}"]),
+             ("--max-length", ["--align", "activations", "--data", "{dat}"]),
+             ("--seed", ["--align", "activations", "--data", "{dat}"]), ("--data", ["--align", "activations"]),
+             ("--regmean-alpha", ["--merge", "regmean", "--data", "{dat}"]), ("-o", [])],
+    "compress": [("--ratio", []), ("--width", []), ("--seed", ["--ratio", "0.5"]), ("-o", ["--ratio", "0.5"])],
+    "evaluate": [("--max-samples", []), ("--batch-size", []), ("--max-length", []), ("--fail-under", []),
+                 ("--steps", ["--interpolate", "{m}", "{p}"]), ("--ensemble-of", ["{p}"])],
+}
+OUTPUT_NAMES = ["", ".", "..", "x" * 300 + ".safetensors", "\udcffout.safetensors", "/".join(["y" * 200] * 25)]
+PLAN_FLAGS = [("--solver", "sinkhorn"), ("--metric", "cosine"), ("--marginals", "l1"), ("--cost-norm", "max"),
+              ("--refine", "2"), ("--max-iter", "10"), ("--reg", "0.5"), ("--sketch", "64")]
+
+
+def hostile_case(case: Case, rng: random.Random) -> None:
+    """Turn the case into a hostile one (its family kept): which kind, which slot, which command."""
+    model, partner, data, layout = MODELS[case.family]
+    where = "bert" if layout == "folder" else "file"
+    case.hostile = kind = rng.choices(list(HOSTILE_KINDS), weights=list(HOSTILE_KINDS.values()))[0]
+    m, p, dat = "{d}/" + model, "{d}/" + partner, "{d}/" + data
+    out = "{d}/out" + (".safetensors" if layout == "file" else "")
+    if kind == "bad_option_value":
+        case.target = ""
+        if rng.random() < 0.15:  # --align none with an option of the solve: nothing would read it
+            flag, value = rng.choice(PLAN_FLAGS)
+            case.command, case.args = "fuse", ["fuse", m, p, "-o", out, "--align", "none", flag, value]
+            return
+        case.command = rng.choice(list(OPTIONS))
+        flag, needs = rng.choice(OPTIONS[case.command])
+        value = rng.choice(OUTPUT_NAMES if flag == "-o" else OPTION_VALUES)
+        if flag == "-o":
+            value = value if value.strip(" .") == "" else "{d}/" + value
+        needs = [a.replace("{dat}", dat).replace("{m}", m).replace("{p}", p) for a in needs]
+        if case.command == "fuse":
+            case.args = ["fuse", m, p, *(["-o", out] if flag != "-o" else []), "--json", *needs, flag, value]
+        elif case.command == "compress":
+            shrink = [] if flag in ("--ratio", "--width") or "--ratio" in needs else ["--ratio", "0.5"]
+            case.args = ["compress", m, *(["-o", out] if flag != "-o" else []), "--json", *shrink, *needs, flag, value]
+        else:
+            case.args = ["evaluate", *([] if "--interpolate" in needs else [m]), *needs, "--data", dat, "--json",
+                         flag, value]
+        return
+    slots = HOSTILE_SLOTS[where] if kind != "deep_json" else {k: HOSTILE_SLOTS[where][k] for k in DEEP_SLOTS[where]}
+    if kind == "deep_yaml":
+        slots = {"recipe": HOSTILE_SLOTS[where]["recipe"]}
+    slot = rng.choice(sorted(slots))
+    target, reader = slots[slot]
+    case.target = target.replace("{m}", model)
+    if reader == "model":
+        case.command = rng.choice(COMMANDS)
+        case.args = {"inspect": ["inspect", "--json", m], "evaluate": ["evaluate", m, "--data", dat, "--json"],
+                     "fuse": ["fuse", m, p, "-o", out, "--json"],
+                     "compress": ["compress", m, "-o", out, "--json",
+                                  *(["--width", "ffn=64"] if where == "bert" else ["--ratio", "0.5"])]}[case.command]
+    elif reader == "data":
+        case.command = rng.choice(["evaluate", "fuse"])
+        case.args = (["evaluate", m, "--data", "{d}/" + case.target, "--json"] if case.command == "evaluate" else
+                     ["fuse", m, p, "-o", out, "--json", "--align", "activations", "--data", "{d}/" + case.target])
+    elif reader == "plan":
+        case.command = "fuse"
+        case.args = ["fuse", m, p, "-o", out, "--json", "--plan", "{d}/" + case.target]
+    elif reader == "stats":
+        case.command = "fuse"
+        case.args = ["fuse", m, p, "-o", out, "--json", "--merge", rng.choice(["regmean", "fisher"]),
+                     "--stats", "{d}/" + case.target, "--stats", "{d}/" + case.target]
+    else:
+        case.command = "run"
+        case.args = ["run", "{d}/" + case.target, "--json"]
+
+
+def _nested_json(depth: int, rng: random.Random) -> str:
+    opens, closes = [], []
+    for _ in range(depth):
+        obj = rng.random() < 0.5
+        opens.append('{"k": ' if obj else "[")
+        closes.append("}" if obj else "]")
+    return "".join(opens) + "1" + "".join(reversed(closes))
+
+
+def _recipe(case: Case, folder: Path, extra: str = "") -> str:
+    model, partner, _, layout = MODELS[case.family]
+    out = folder / ("out" + (".safetensors" if layout == "file" else ""))
+    return f"command: fuse\nmodels: [{folder / model}, {folder / partner}]\noutput: {out}\n{extra}"
+
+
+def _deep_yaml(case: Case, folder: Path, rng: random.Random) -> tuple[str, str]:
+    depth = rng.choice([101, 150, 1000, 5000])
+    style = rng.choice(["flow list", "flow map", "block list", "block map", "laughs", "alias chain", "alias cycle",
+                        "digits", "date", "binary"])
+    if style == "flow list":
+        value = "[" * depth + "]" * depth
+    elif style == "flow map":
+        value = "{a: " * depth + "1" + "}" * depth
+    elif style == "block list":
+        value = "\n" + "".join("  " * i + "-\n" for i in range(1, depth + 1)) + "  " * (depth + 1) + "x"
+    elif style == "block map":
+        value = "\n" + "".join("  " * i + "a:\n" for i in range(1, depth + 1)) + "  " * (depth + 1) + "x"
+    if style in ("flow list", "flow map", "block list", "block map"):
+        key = rng.choice(["models", "options", "data", "unknown"])
+        return _recipe(case, folder).replace(f"\n{key}:", "\nignored:") + f"{key}: {value}\n", f"{style}, depth {depth} in {key}"
+    if style == "laughs":
+        levels = rng.choice([5, 9, 12])
+        text = "l0: &l0 [lol]\n" + "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n"
+                                            for i in range(1, levels + 1))
+        return text + _recipe(case, folder, f"options: *l{levels}\n"), f"alias bomb, 10^{levels} nodes"
+    if style == "alias chain":
+        text = "a0: &a0 [x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, depth + 1))
+        return text + _recipe(case, folder, f"data: *a{depth}\n"), f"alias chain {depth} deep"
+    if style == "alias cycle":
+        return _recipe(case, folder, "options: &o {align: weights, x: *o}\n"), "alias inside its own anchor"
+    if style == "digits":
+        return _recipe(case, folder, "anchor: 1" + "0" * 5000 + "\n"), "an integer of 5001 digits"
+    if style == "date":
+        return _recipe(case, folder, "options: {refine: 2021-13-45}\n"), "an impossible date"
+    return _recipe(case, folder, "options: {refine: !!binary x}\n"), "bad !!binary"
+
+
+def _sparse(path: Path, size: int, head: bytes = b"") -> None:
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(max(size, len(head)))
+
+
+def _special(path: Path, rng: random.Random) -> str:
+    variant = rng.choice(["FIFO", "FIFO", "/dev/zero", "/dev/null", "socket"])
+    if variant == "FIFO":
+        os.mkfifo(path)
+    elif variant == "socket" and len(os.fsencode(str(path))) < 100:
+        import socket
+
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(path))
+    else:
+        variant = variant if variant != "socket" else "/dev/zero"
+        os.symlink(variant, path)
+    return variant
+
+
+def hostile_mutation(case: Case, folder: Path, rng: random.Random) -> str:
+    """Build the hostile input of a hostile case in its folder; returns its description."""
+    kind = case.hostile
+    if kind == "bad_option_value":
+        return f"bad_option_value: {' '.join(a[:40] for a in case.args[-2:])!r}"
+    path = folder / case.target
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    if kind == "deep_yaml":
+        text, what = _deep_yaml(case, folder, rng)
+        path.write_text(text)
+        return f"deep_yaml: {what}"
+    if kind == "fifo":
+        return f"fifo: {case.target} is {_special(path, rng)}"
+    if kind == "sparse_bomb":
+        from otfuse_cli import inputs
+
+        cap = {".json": inputs.JSON_MAX_BYTES, ".yaml": inputs.YAML_MAX_BYTES, ".md": inputs.TEXT_MAX_BYTES,
+               ".jsonl": inputs.RECORD_MAX_BYTES}.get(path.suffix, GIB)
+        size = rng.choice([cap + 1, GIB, 8 * GIB, 8 * GIB, 64 * GIB])
+        head = b""
+        if path.suffix == ".safetensors" and rng.random() < 0.5:
+            head = rng.choice([2 * GIB, 100_000_001, size]).to_bytes(8, "little")  # a header claiming gigabytes
+        elif path.suffix == ".jsonl" and rng.random() < 0.5:
+            head = (FIX / "sentiment" / "test.jsonl").read_bytes()[:4096].rsplit(b"\n", 1)[0] + b"\n"
+        _sparse(path, size, head)
+        return f"sparse_bomb: {case.target} of {size:,} bytes" + (f", {len(head)} real bytes first" if head else "")
+    # deep_json
+    depth = rng.choice([101, 128, 1000, 100_000])
+    deep = _nested_json(depth, rng)
+    if path.suffix == ".jsonl":
+        path.write_text('{"text": "fine", "label": 1}\n{"text": "deep", "label": ' + deep + "}\n")
+    elif path.name in ("plan.safetensors", "stats.safetensors"):
+        from safetensors.torch import save_file
+        import torch
+
+        key = "otfuse.plans" if path.name == "plan.safetensors" else "otfuse"
+        save_file({"x": torch.zeros(2)}, path, metadata={key: deep})
+    elif path.suffix == ".safetensors":  # the header itself
+        path.write_bytes(_join(b'{"__metadata__": {"x": "y"}, "deep": ' + deep.encode() + b"}", b""))
+    else:
+        path.write_text('{"weight_map": {}, "deep": ' + deep + "}")
+    return f"deep_json: {case.target} nested {depth} levels"
 
 
 def apply_mutation(case: Case, folder: Path) -> None:
     rng = random.Random(f"otfuse-fuzz-mutation:{case.seed}:{case.number}")
+    if case.hostile:
+        case.mutation = hostile_mutation(case, folder, rng)
+        return
     path = folder / case.target
     raw = path.read_bytes()
     name = path.name
@@ -478,8 +701,17 @@ def apply_mutation(case: Case, folder: Path) -> None:
 
 
 def holds_nonfinite(path: Path) -> bool:
-    """Whether a (possibly mutated) safetensors file loads and holds NaN/Inf in a floating tensor."""
+    """Whether a (possibly mutated) safetensors file loads and holds NaN/Inf in a floating tensor (never asked
+    of a FIFO, a device or a size bomb: reading those is what is under test)."""
+    import stat
+
     if not path.name.endswith(".safetensors"):
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size > BIG_FILE:
         return False
     try:
         import torch
@@ -531,18 +763,41 @@ def run_cli(argv: list[str], timeout: int = DEFAULT_TIMEOUT) -> dict:
             "seconds": time.monotonic() - t0}
 
 
+BIG_FILE = 64 << 20
+
+
+def _digest(p: Path, st: os.stat_result) -> str:
+    if st.st_size <= BIG_FILE:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    # a (sparse) size bomb: hashing 8 GiB before and after every case would be the whole run; its size, mtime
+    # and first and last MiB stand for it
+    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(p, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(-(1 << 20), os.SEEK_END)
+        h.update(f.read())
+    return "big:" + h.hexdigest()
+
+
 def sha_tree(root: Path) -> dict[str, str]:
+    """Every entry under root: sha256 of regular files (see _digest for large ones), link targets, folders, and
+    the kind of anything else (FIFOs, sockets, devices are never opened: reading a FIFO blocks)."""
+    import stat
+
     out: dict[str, str] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = Path(dirpath) / name
             rel = p.relative_to(root).as_posix()
-            if p.is_symlink():
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
                 out[rel] = "link:" + os.readlink(p)
-            elif p.is_dir():
+            elif stat.S_ISDIR(st.st_mode):
                 out[rel] = "dir"
+            elif stat.S_ISREG(st.st_mode):
+                out[rel] = _digest(p, st)
             else:
-                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+                out[rel] = f"special:{stat.S_IFMT(st.st_mode):o}"
     return out
 
 
@@ -620,7 +875,7 @@ def run_case(case: Case, corpus: Path, work: Path, timeout: int = DEFAULT_TIMEOU
         r = run_cli(case.argv(folder), timeout)
         after = sha_tree(folder)
         out = folder / ("out" + (".safetensors" if MODELS[case.family][3] == "file" else ""))
-        outputs = {"out", "out.safetensors"} if case.command in ("fuse", "compress") else set()
+        outputs = {"out", "out.safetensors"} if case.command in ("fuse", "compress", "run") else set()
         problems: list[str] = []
         kinds: set[str] = set()
         changed = sorted(k for k in before if after.get(k) != before[k])
@@ -648,7 +903,7 @@ def run_case(case: Case, corpus: Path, work: Path, timeout: int = DEFAULT_TIMEOU
             if new:
                 problems.append("unexpected new files: " + ", ".join(new[:5]))
                 kinds.add("leftover")
-            if case.command in ("fuse", "compress"):
+            if case.command in ("fuse", "compress", "run"):
                 bad = output_problems(out)
                 if bad:
                     problems += bad
@@ -835,7 +1090,7 @@ def table(summary: dict) -> str:
 
 def by_command(records: list[dict]) -> str:
     rows = ["| command | cases | exit 0 | exit 2 | failed |", "|---|---:|---:|---:|---:|"]
-    for c in COMMANDS:
+    for c in ALL_COMMANDS:
         rs = [r for r in records if r["case"]["command"] == c]
         rows.append(f"| {c} | {len(rs)} | {sum(r['code'] == 0 for r in rs)} | {sum(r['code'] == 2 for r in rs)} | "
                     f"{sum(bool(r['problems']) for r in rs)} |")

@@ -25,7 +25,10 @@ def card_title(ckpt) -> str | None:
 def _own_card(ckpt) -> str | None:
     if ckpt.folder is None or not (ckpt.folder / CARD_FILE).is_file():
         return None
-    return (ckpt.folder / CARD_FILE).read_text(encoding="utf-8", errors="replace")
+    from otfuse_cli import inputs
+
+    return inputs.read_small(ckpt.folder / CARD_FILE, "model card", inputs.TEXT_MAX_BYTES).decode("utf-8",
+                                                                                               errors="replace")
 
 
 def _body(text: str) -> str:

@@ -28,8 +28,8 @@ from otfuse_cli import report
 from otfuse_cli import deadline
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import AlignOptions, DataOptions, OutputOptions
-from otfuse_cli.pipeline import (check_output, check_shard_size, data_record, dtype_overrides, feature_provider,
-                                 layout_of, output_dtype)
+from otfuse_cli.pipeline import (check_data, check_output, check_shard_size, data_record, dtype_overrides,
+                                 feature_provider, layout_of, output_dtype)
 from otfuse_cli.arch import build_spec, hf_family
 from otfuse_cli.arch.transformers import Family
 from otfuse_cli.arch.model import Space, Spec
@@ -70,8 +70,11 @@ def _choices(spec: Spec, family: Family | None) -> str:
 
 
 def _parse_widths(widths) -> list[tuple[str, int]]:
-    if isinstance(widths, dict):
-        return [(str(k), int(v)) for k, v in widths.items()]
+    if isinstance(widths, dict):  # a recipe's mapping {ffn: 64}: whole numbers only (YAML may give "abc" or 1.5)
+        bad = next(((k, v) for k, v in widths.items() if isinstance(v, bool) or not isinstance(v, int)), None)
+        if bad is not None:
+            raise OtfuseError(f"widths: {bad[0]} must be a whole number of units, got {bad[1]!r}")
+        return [(str(k), v) for k, v in widths.items()]
     out = []
     for item in widths:
         key, sep, value = str(item).partition("=")
@@ -333,6 +336,9 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
     running statistics on data.data afterwards (merged channels no longer have their parents' statistics)."""
     if method not in METHODS:
         raise OtfuseError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "ot" and options.align == "none":  # was a KeyError traceback
+        raise OtfuseError("compress --method ot clusters units by their weights or activations (--align weights "
+                          "or activations); --align none gives it nothing to cluster by")
     deadline.start(options.time_limit)
     check_output(output, write)
     if repair and not data.data:
@@ -351,7 +357,8 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
     spec = build_spec(ckpt)
     family = hf_family(ckpt)
     targets, reasons = target_widths(spec, family, ratio, widths)
-    info = data_record(options, data) if method == "ot" else None
+    if method == "ot":
+        check_data(options, data)
     src = TensorSource(ckpt, str(ckpt.path))
     fallback = WeightFeatures(spec, spec, src, src)
     provider = feature_provider(options, data, spec, spec, src, src) if method == "ot" else None
@@ -363,6 +370,7 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
             if on_space:
                 on_space(space.name)
     src.cache.clear()
+    info = data_record(options, data) if method == "ot" else None  # the data read and accepted first, then hashed
     target = copy.deepcopy(spec)
     for s in target.spaces:
         s.size = targets.get(s.name, s.size)

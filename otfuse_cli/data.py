@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from otfuse_cli import interrupts
+from otfuse_cli import inputs, interrupts
 from otfuse_cli.errors import OtfuseError
 
 RECORD_SUFFIXES = (".jsonl", ".csv", ".tsv", ".txt")
@@ -28,25 +28,16 @@ def is_tensor_file(path: str | Path) -> bool:
 
 
 def _check_file(path: Path, kinds: Sequence[str]) -> None:
-    if not path.exists():
-        raise OtfuseError(f"data file not found: {path}")
-    if not path.is_file():
-        raise OtfuseError(f"data path is not a file: {path}")
+    """A regular file (never a FIFO or device: inputs.check_input) of a known kind, not empty."""
+    st = inputs.check_input(path, "data file", missing=f"data file not found: {path}")
     if path.suffix.lower() not in kinds:
         raise OtfuseError(f"unknown data file type {path.suffix or '(none)'!r} for {path} "
                           f"(expected one of {', '.join(RECORD_SUFFIXES + TENSOR_SUFFIXES)})")
-    if path.stat().st_size == 0:
+    if st.st_size == 0:
         raise OtfuseError(f"data file is empty: {path}")
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM from spreadsheet exports
-    except UnicodeDecodeError as e:
-        raise OtfuseError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def subsample(items: list, max_samples: int | None, seed: int = 0) -> list:
+def subsample(items: Sequence, max_samples: int | None, seed: int = 0) -> list:
     """A seeded subsample of at most max_samples items, kept in file order (deterministic)."""
     if max_samples is not None and max_samples < 1:
         raise OtfuseError(f"max_samples must be at least 1, got {max_samples}")
@@ -56,43 +47,137 @@ def subsample(items: list, max_samples: int | None, seed: int = 0) -> list:
     return [items[i] for i in idx]
 
 
-def _lines(text: str) -> list[str]:
-    """Lines split at \\n (and \\r\\n) only: str.splitlines() would also split inside a JSON string or a text at
-    U+2028, U+0085 or \\x1c, which real reviews contain."""
-    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+def _decoded(path: Path, number: int, offset: int, raw: bytes) -> str:
+    """One line as text: UTF-8 (a BOM from a spreadsheet export tolerated at the start of the file)."""
+    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw, offset = raw[3:], offset + 3
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OtfuseError(f"{path} is not UTF-8 text ({e.reason} at byte {offset + e.start})") from None
+
+
+def _text_values(path: Path, where: int, record: dict) -> dict:
+    """A record's text must be text: JSON's \\ud800 escapes decode to lone UTF-16 surrogates, which no
+    tokenizer (and no UTF-8 writer) accepts."""
+    for key, value in record.items():
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise OtfuseError(f"{path}:{where}: field {key!r} holds a lone UTF-16 surrogate "
+                                  f"({value[e.start]!r}), not text") from None
+    return record
+
+
+def _jsonl(path: Path):
+    for number, offset, raw in inputs.iter_lines(path):
+        text = _decoded(path, number, offset, raw)
+        if not text.strip():
+            continue
+        if inputs.too_deep(raw):
+            raise OtfuseError(f"{path}:{number}: JSON nested deeper than {inputs.MAX_DEPTH} levels")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise OtfuseError(f"{path}:{number}: malformed JSON line ({e.msg})") from None
+        except ValueError as e:  # an integer of more than 4300 digits
+            raise OtfuseError(f"{path}:{number}: malformed JSON line ({e})") from None
+        except RecursionError:  # last resort: too_deep should have said so
+            raise OtfuseError(f"{path}:{number}: JSON nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise OtfuseError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+        yield _text_values(path, number, obj)
+
+
+def _table(path: Path, delimiter: str):
+    """csv/tsv rows as records. Lines come in bounded chunks (inputs.iter_lines) and a row, which quoted
+    newlines may spread over several lines, is refused once it passes inputs.RECORD_MAX_BYTES; csv's own
+    field limit is raised to the same size while reading (its default, 128 KiB, refused real long texts
+    with a traceback)."""
+    row_bytes = [0]
+    line = [1]
+
+    def lines():
+        for number, offset, raw in inputs.iter_lines(path):
+            line[0] = number
+            row_bytes[0] += len(raw) + 1
+            if row_bytes[0] > inputs.RECORD_MAX_BYTES:
+                raise OtfuseError(f"{path}:{number}: a row longer than {inputs.human(inputs.RECORD_MAX_BYTES)}; "
+                                  "a record must be smaller")
+            # split again at a lone \r, as a file opened with newline="" is (old Mac line ends)
+            yield from io.StringIO(_decoded(path, number, offset, raw) + "\n", newline="")
+
+    limit = csv.field_size_limit()
+    csv.field_size_limit(inputs.RECORD_MAX_BYTES)
+    try:
+        reader = csv.DictReader(lines(), delimiter=delimiter)
+        try:
+            fields = reader.fieldnames
+            row_bytes[0] = 0
+            if not fields:
+                raise OtfuseError(f"data file is empty: {path}")
+            for row in reader:
+                row_bytes[0] = 0
+                if None in row:  # more cells than header columns: a mis-split file
+                    raise OtfuseError(f"{path}:{reader.line_num}: row has more cells than the header "
+                                      f"({len(fields)} columns)")
+                yield {k: v for k, v in row.items()}
+        except csv.Error as e:  # a NUL byte, a field past the limit, a stray quote at the end...
+            raise OtfuseError(f"{path}:{line[0]}: not a readable {path.suffix.lstrip('.')} row ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _text_lines(path: Path):
+    for number, offset, raw in inputs.iter_lines(path):
+        text = _decoded(path, number, offset, raw)
+        text = text[:-1] if text.endswith("\r") else text
+        if text.strip():
+            yield {"text": text}
+
+
+def _records(path: Path):
+    """The file's records, one at a time (memory: one record)."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _jsonl(path)
+    if suffix in (".csv", ".tsv"):
+        return _table(path, "\t" if suffix == ".tsv" else ",")
+    return _text_lines(path)
 
 
 def load_records(path: str | Path, *, max_samples: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-    """Records from .jsonl (one object per line), .csv/.tsv (header row) or .txt ({"text": line})."""
+    """Records from .jsonl (one object per line), .csv/.tsv (header row) or .txt ({"text": line}), read in
+    bounded chunks (a record above inputs.RECORD_MAX_BYTES is refused). Every record is checked; with
+    max_samples only the seeded subsample is kept (a second pass picks it once the count is known), so a
+    large file costs memory for max_samples records, not for all of them."""
     path = Path(path)
     _check_file(path, RECORD_SUFFIXES)
-    text = _read_text(path)
-    suffix = path.suffix.lower()
+    if max_samples is not None and max_samples < 1:
+        raise OtfuseError(f"max_samples must be at least 1, got {max_samples}")
     records: list[dict[str, Any]] = []
-    if suffix == ".jsonl":
-        for n, line in enumerate(_lines(text), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise OtfuseError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise OtfuseError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            records.append(obj)
-    elif suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
-        if not reader.fieldnames:
-            raise OtfuseError(f"data file is empty: {path}")
-        for n, row in enumerate(reader, 2):
-            if None in row:  # more cells than header columns: a mis-split file
-                raise OtfuseError(f"{path}:{n}: row has more cells than the header ({len(reader.fieldnames)} columns)")
-            records.append({k: v for k, v in row.items()})
-    else:  # .txt
-        records = [{"text": line} for line in _lines(text) if line.strip()]
-    if not records:
+    count = 0
+    for record in _records(path):
+        count += 1
+        if max_samples is None or count <= max_samples:
+            records.append(record)
+        elif records:
+            records = []  # more than max_samples: only counted now, picked in a second pass
+    if not count:
         raise OtfuseError(f"data file has no records: {path}")
-    return subsample(records, max_samples, seed)
+    if max_samples is None or count <= max_samples:
+        return records
+    keep = subsample(range(count), max_samples, seed)  # the indices subsample(all records) would pick
+    wanted = iter(keep)
+    next_index = next(wanted, None)
+    for index, record in enumerate(_records(path)):
+        if index == next_index:
+            records.append(record)
+            next_index = next(wanted, None)
+            if next_index is None:
+                break
+    return records
 
 
 def fields_of(records: list[dict]) -> list[str]:
@@ -126,6 +211,8 @@ def load_tensors(path: str | Path, *, max_samples: int | None = None, seed: int 
             raise OtfuseError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from None
     else:
         from safetensors.torch import load_file
+        if problem := inputs.safetensors_problem(path, "data file"):
+            raise OtfuseError(f"cannot read {path} as safetensors ({problem})")
         try:
             out = load_file(str(path))
         except Exception as e:
@@ -135,6 +222,9 @@ def load_tensors(path: str | Path, *, max_samples: int | None = None, seed: int 
     n = out["x"].shape[0] if out["x"].dim() else 0
     if n == 0 or out["x"].numel() == 0:
         raise OtfuseError(f"{path}: array 'x' holds no samples")
+    if out["x"].is_complex():
+        raise OtfuseError(f"{path}: 'x' holds {str(out['x'].dtype).removeprefix('torch.')} values; inputs are real "
+                          "numbers")
     if "y" in out and (out["y"].dim() != 1 or out["y"].shape[0] != n):
         raise OtfuseError(f"{path}: 'y' has shape {tuple(out['y'].shape)}, expected ({n},) to match 'x'")
     if "y" in out and (out["y"].dtype == torch.bool or out["y"].is_complex()):

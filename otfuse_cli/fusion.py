@@ -21,17 +21,28 @@ from otfuse_cli import deadline, report
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.merging.rules import MERGES, Tensor
 from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOptions
-from otfuse_cli.pipeline import (Parents, check_output, check_shard_size, compute_plans, data_record, dtype_overrides,
-                                 layout_of, open_parents, output_dtype, plan_summary, requested_layout)
+from otfuse_cli.pipeline import (Parents, check_data, check_output, check_shard_size, compute_plans, data_record,
+                                 dtype_overrides, layout_of, open_parents, output_dtype, plan_summary,
+                                 requested_layout)
+
+
+def weight_numbers(text: str | None) -> list[float] | None:
+    """--weights as numbers, checked before any model is read; None when not given. An empty string is not
+    "not given": it is refused like any other text that holds no numbers."""
+    if text is None:
+        return None
+    try:
+        if not isinstance(text, str):
+            raise ValueError
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise OtfuseError(f"--weights must be comma-separated numbers, got {text!r}") from None
 
 
 def parse_weights(text: str | None, count: int) -> list[float]:
-    if not text:
+    weights = weight_numbers(text)
+    if weights is None:
         return [1.0 / count] * count
-    try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise OtfuseError(f"--weights must be comma-separated numbers, got {text!r}") from None
     if len(weights) != count or any(not w >= 0 for w in weights) or not 0 < sum(weights) < float("inf"):
         raise OtfuseError(f"--weights needs {count} non-negative numbers with a positive sum, got {text!r}")
     return [w / sum(weights) for w in weights]
@@ -203,6 +214,9 @@ def check_stats_source(stats, ckpt, path: str, label: str) -> None:
     weights = [f for f in ckpt.files() if f.suffix in (".safetensors", ".bin", ".pt")]
     if not weights or any(sha256_file(f) not in recorded for f in weights):
         raise OtfuseError(f"{path} was not computed from {label}: its weights differ from the stats' source")
+    from otfuse_cli.merging.stats import check_fits
+
+    check_fits(stats, ckpt, path)
 
 
 def check_plans(plans, parents: Parents) -> None:
@@ -249,6 +263,7 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
     refused unless allow_config_mismatch (the result runs with the anchor's config)."""
     deadline.start(options.time_limit)
     check_output(output, write)
+    weight_numbers(weights)  # the text's form now; its count once the models are open
     rule = MERGES[merge.merge]
     if rule.task_vectors and not base:
         raise OtfuseError(f"--merge {merge.merge} merges task vectors (each parent minus its pre-trained model); "
@@ -290,9 +305,10 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
         align_record = plan_meta.get("options", {})
         extra = {"plan_sha256": sha256_file(plan), **({"data": plan_meta["data"]} if "data" in plan_meta else {})}
     else:
-        info = data_record(options, data)
-        extra = {"data": info} if info else {}
+        check_data(options, data)
         plans = compute_plans(parents, options, data, on_space)
+        info = data_record(options, data)  # the data read and accepted first, then hashed
+        extra = {"data": info} if info else {}
     parent_statistics = parent_stats(parents, merge, data, stats)
     inputs = parents.ckpts + ([origin.source.ckpt] if origin else [])
     record = provenance("fuse", {**(command_options or {}), "merge": merge.to_json(), "anchor": anchor,

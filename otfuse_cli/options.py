@@ -8,6 +8,7 @@ any model is read. This module stays light (no torch, POT or SciPy) so that the 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from otfuse_cli.alignment.metrics import METRICS, STANDARDIZE
@@ -18,6 +19,9 @@ from otfuse_cli.merging.rules import MERGES
 # Feature providers (pipeline.PROVIDERS), output dtypes and bare-net activations need torch to build, so
 # their names are declared here; tests check they match those tables.
 ALIGN_BY = ("weights", "activations", "none")
+MAX_SKETCH = 1 << 16
+# AlignOptions fields that shape the transport plans: none is read with --align none.
+PLAN_FIELDS = ("solver", "reg", "metric", "marginals", "cost_norm", "refine", "max_iter", "sketch")
 DTYPES = ("keep", "float32", "float16", "bfloat16")
 ACTIVATIONS = ("relu", "gelu", "tanh")
 DEVICE_MAPS = ("auto", "balanced", "sequential")  # accelerate's placements (transformers device_map)
@@ -37,6 +41,22 @@ def option(default, flag: str, help: str, choices=None, minimum=None, maximum=No
     return field(default=default, metadata=meta)
 
 
+# A field's declared type -> the Python types its value may have, and how to say so. Library calls and recipes
+# (YAML) give values the command line's parser never saw: `refine: 1.5` or `reg: "abc"` must fail here, in
+# one line, not as a TypeError deep in a solver. bool is an int to Python, so it is refused for numbers.
+_VALUE_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "text"),
+                "bool": ((bool,), "true or false")}
+
+
+def _type_problem(f, value) -> str | None:
+    declared = [t for t in str(f.type).split(" | ") if t != "None"]  # "int | None" -> ["int"]
+    if not declared or any(t not in _VALUE_TYPES for t in declared):
+        return None
+    if any(isinstance(value, _VALUE_TYPES[t][0]) and (t == "bool" or not isinstance(value, bool)) for t in declared):
+        return None
+    return f"{f.metadata['flag']} must be {' or '.join(_VALUE_TYPES[t][1] for t in declared)}, got {value!r}"
+
+
 class Options:
     """Shared checks and serialisation for the option dataclasses."""
 
@@ -45,6 +65,8 @@ class Options:
             value, meta = getattr(self, f.name), f.metadata
             if value is None:
                 continue
+            if problem := _type_problem(f, value):
+                raise OtfuseError(problem)
             if "choices" in meta and value not in meta["choices"]:
                 raise OtfuseError(f"unknown {meta['flag']} {value!r}; choose from {', '.join(meta['choices'])}")
             if "minimum" in meta and not (isinstance(value, (int, float)) and value >= meta["minimum"]):
@@ -78,9 +100,12 @@ class AlignOptions(Options):
     time_limit: float | None = option(None, "--time-limit", "Abort (exit 2, nothing written) once this many "
                                       "seconds of wall time have passed; never changes a result.", minimum=0.0,
                                       metavar="SECONDS")
+    # At most 2**16 buckets: 16x the 4096 measured at 7B (README, Large models), relative error ~0.6%, where an
+    # exact cost is the better tool; each side's sketch is width x D float64 (11,008 x 65,536: 5.8 GB), and
+    # 10**12 was an allocation failure with a traceback.
     sketch: int | None = option(None, "--sketch", "Weights: hash each space's per-unit weight columns into D "
                                 "buckets (a seeded CountSketch) so a cost costs O(width x D), not O(width x "
-                                "model); for 7B-class pairs.", minimum=16, metavar="D")
+                                "model); for 7B-class pairs.", minimum=16, maximum=MAX_SKETCH, metavar="D")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,6 +113,12 @@ class AlignOptions(Options):
             raise OtfuseError(f"--reg must be a finite number, got {self.reg!r}")
         if self.time_limit is not None and not math.isfinite(self.time_limit):
             raise OtfuseError(f"--time-limit must be a finite number of seconds, got {self.time_limit!r}")
+        if self.align == "none":  # vanilla merging: no plan is computed, so no option of the solve is read
+            unused = [f.metadata["flag"] for f in fields(self)
+                      if f.name in PLAN_FIELDS and getattr(self, f.name) != f.default]
+            if unused:
+                raise OtfuseError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply: --align "
+                                  "none computes no transport plans (vanilla merging)")
 
     @property
     def sweeps(self) -> int:
@@ -126,6 +157,13 @@ class DataOptions(Options):
                                     "sequential. For models that do not fit one device; overrides --device.",
                                     DEVICE_MAPS)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.data, os.PathLike):  # library callers pass Path objects
+            object.__setattr__(self, "data", os.fspath(self.data))
+        super().__post_init__()
+        if self.data is not None and not self.data.strip():
+            raise OtfuseError(f"--data needs a file name, got {self.data!r}")
+
     def for_family(self, family: str) -> "DataOptions":
         """Unset activation choices filled with the family's measured defaults (arch.activation_defaults)."""
         from otfuse_cli.arch import activation_defaults
@@ -144,8 +182,16 @@ class OutputOptions(Options):
     """How a checkpoint is written."""
 
     dtype: str = option("keep", "--dtype", "Output dtype (keep = each input tensor's own).", DTYPES)
-    max_shard_size: str = option("5GB", "--max-shard-size", "Shard folder outputs above this size.", metavar="SIZE")
+    max_shard_size: str | int = option("5GB", "--max-shard-size", "Shard folder outputs above this size.", metavar="SIZE")
     force: bool = option(False, "--force", "Overwrite an existing output.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # parse_size (checkpoint.writer) reads the size; a number of hundreds of digits became float('inf') there
+        # and an OverflowError traceback. No real size needs more than a few characters.
+        if isinstance(self.max_shard_size, str) and len(self.max_shard_size) > 32:
+            raise OtfuseError(f"--max-shard-size {self.max_shard_size[:24]!r}... is not a size (examples: 5GB, 200MB, "
+                              "500KB)")
 
 
 HEADS = ("auto", "merge", "keep")

@@ -93,14 +93,24 @@ def feature_provider(options: AlignOptions, data: DataOptions, anchor_spec, spec
                                     sketch=options.sketch, l1=options.marginals == "l1")
 
 
-def data_record(options: AlignOptions, data: DataOptions) -> dict | None:
-    """For activation plans: check the data file exists and describe it (hash, sampling) for provenance."""
+def check_data(options: AlignOptions, data: DataOptions) -> None:
+    """For activation plans: --data is given and is a regular file (a FIFO or device would block its reader)."""
     if options.align != "activations":
-        return None
+        return
     if not data.data:
         raise OtfuseError("--align activations needs --data FILE with sample inputs")
-    if not Path(data.data).is_file():
-        raise OtfuseError(f"data file not found: {data.data}")
+    from otfuse_cli import inputs
+
+    inputs.check_input(data.data, "data file", missing=f"data file not found: {data.data}")
+
+
+def data_record(options: AlignOptions, data: DataOptions) -> dict | None:
+    """For activation plans: describe the data file (hash, sampling) for provenance. Called once the plans are
+    computed, so the data has been read and accepted first: hashing an 8 GiB sparse "jsonl" mapped all of it
+    (and took most of a minute) before its reader refused the first line."""
+    check_data(options, data)
+    if options.align != "activations":
+        return None
     from otfuse_cli.alignment.activations import data_info
 
     return data_info(data)
@@ -209,9 +219,54 @@ def plan_summary(plans: list[dict[str, Plan]], specs: list[Spec], anchor: int) -
 
 # ---------------------------------------------------------------- outputs
 
+# The writer's temporaries and set-aside outputs are siblings named `.NAME.otfuse-tmp-<pid>-<8 hex>.safetensors`:
+# 41 bytes around NAME with a 7-digit pid (Linux's largest); 48 leaves a margin.
+SCRATCH_ROOM = 48
+
+
+def check_output_name(output: str | Path, flag: str = "-o") -> None:
+    """The output path as a name, before any work: not empty, not `.` or `..`, valid UTF-8 (safetensors and the
+    JSON provenance cannot hold other bytes: an `out\xff` used to fail only after the whole run), and short
+    enough for the file system, temporaries included (a 300-byte name was an ENAMETOOLONG traceback)."""
+    import os
+
+    text = os.fspath(output)
+    if not isinstance(text, str) or not text.strip():
+        raise OtfuseError(f"{flag} needs a path, got {text!r}")
+    try:
+        raw = os.fsencode(text)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OtfuseError(f"{flag} {ascii(text)[1:-1]}: the name is not valid UTF-8 text; choose a UTF-8 name") \
+            from None
+    if b"\0" in raw:
+        raise OtfuseError(f"{flag} {text!r}: a path cannot hold a NUL byte")
+    path = Path(text)
+    if path.name in ("", ".", ".."):
+        raise OtfuseError(f"{flag} {text}: give the output its own name (not the folder {text} itself)")
+    where = next((p for p in (path.absolute(), *path.absolute().parents) if os.path.exists(p)), Path("/"))
+    try:
+        name_max = os.pathconf(where, "PC_NAME_MAX")
+        path_max = os.pathconf(where, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        room = SCRATCH_ROOM if part == path.parts[-1] else 0
+        if size + room > name_max:
+            raise OtfuseError(f"{flag}: the name {part[:40]}... is {size} bytes; this file system takes names of at "
+                              f"most {name_max} bytes" + (f", and the output's temporaries add {room}: use at most "
+                                                          f"{name_max - room}" if room else ""))
+    if len(os.fsencode(str(path.absolute()))) + SCRATCH_ROOM > path_max:
+        raise OtfuseError(f"{flag}: the path is longer than this file system allows ({path_max} bytes, temporaries "
+                          "included)")
+
+
 def check_output(output: str | Path, write: OutputOptions, file_only: bool = False) -> None:
-    """Fail before any work when the output exists (the writer checks again at the end), its path asks for a
-    form we cannot write (file_only: plan files) or its options are bad."""
+    """Fail before any work when the output's name cannot be written, the output exists (the writer checks
+    again at the end), its path asks for a form we cannot write (file_only: plan files) or its options are
+    bad."""
+    check_output_name(output)
     parse_size(write.max_shard_size)
     from otfuse_cli.checkpoint.writer import recover
 
@@ -290,8 +345,9 @@ def align(models: list[str], output: str, *, options: AlignOptions = AlignOption
     if data.data and options.align != "activations":
         raise OtfuseError("--data is read by --align activations; plans by weights need no data")
     data = data.for_family(parents.specs[anchor].family)
-    info = data_record(options, data)
+    check_data(options, data)
     plans = compute_plans(parents, options, data, on_space)
+    info = data_record(options, data)
     # every input's file hashes and spaces' fingerprint: fuse --plan checks them (check_plan_inputs)
     meta = {"anchor": anchor, "options": options.to_json(),
             "inputs": [input_record(c, s) for c, s in zip(parents.ckpts, parents.specs)],
@@ -311,7 +367,7 @@ def aligned_parent(models: list[str], options: AlignOptions = AlignOptions(),
     data = data.for_family(parents.specs[0].family)
     if differ := width_differences(parents.specs):
         raise OtfuseError(f"interpolation needs two models of the same widths; widths differ in {', '.join(differ)}")
-    data_record(options, data)
+    check_data(options, data)
     plans = compute_plans(parents, options, data, on_space)
     mover = Transporter(parents.specs[0], parents.specs[1])
     moved = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
+from otfuse_cli import inputs
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOptions
 
@@ -31,14 +32,25 @@ COMMANDS = {
 PATH_KEYS = ("models", "output", "plan", "stats", "model", "base")
 REQUIRED = {"align": ("models", "output"), "fuse": ("models", "output"), "compress": ("model", "output")}
 # key -> (check, what it must be)
+def _is_path(v) -> bool:
+    """A non-empty string the file system can take as a name (YAML's "\\ud800" escape cannot be one)."""
+    if not isinstance(v, str) or not v.strip() or "\0" in v:
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 TYPES = {
-    "models": (lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(p, str) for p in v),
+    "models": (lambda v: isinstance(v, list) and len(v) >= 2 and all(_is_path(p) for p in v),
                "a list of at least two paths"),
-    "stats": (lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v), "a list of paths"),
-    "model": (lambda v: isinstance(v, str), "a path"),
-    "output": (lambda v: isinstance(v, str) and v != "", "a path"),
-    "plan": (lambda v: isinstance(v, str), "a path"),
-    "base": (lambda v: isinstance(v, str), "a path"),
+    "stats": (lambda v: isinstance(v, list) and all(_is_path(p) for p in v), "a list of paths"),
+    "model": (_is_path, "a path"),
+    "output": (_is_path, "a path"),
+    "plan": (_is_path, "a path"),
+    "base": (_is_path, "a path"),
     "anchor": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
     "weights": (lambda v: isinstance(v, str), "comma-separated numbers, e.g. \"0.5,0.5\""),
     "repair": (lambda v: isinstance(v, bool), "true or false"),
@@ -52,15 +64,9 @@ BOOL_FIELDS = ("force", "post_activation")
 
 
 def load_recipe(path: str | Path) -> dict:
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise OtfuseError(f"recipe not found: {path}")
-    try:
-        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise OtfuseError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    inputs.check_input(path, "recipe", missing=f"recipe not found: {path}")
+    recipe = inputs.load_yaml(path, "recipe")  # a regular file, size and nesting capped, aliases bounded
     if not isinstance(recipe, dict) or recipe.get("command") not in COMMANDS:
         raise OtfuseError(f"{path}: a recipe is a mapping with command: {' | '.join(COMMANDS)}")
     unknown = set(recipe) - COMMANDS[recipe["command"]] - {"command"}
@@ -88,7 +94,7 @@ def _group(name: str, section, where: Path):
     for key in BOOL_FIELDS:
         if key in section and section[key] is not None and not isinstance(section[key], bool):
             raise OtfuseError(f"{where}: {name}.{key} must be true or false, got {section[key]!r}")
-    if name == "data" and section.get("data"):
+    if name == "data" and isinstance(section.get("data"), str) and _is_path(section["data"]):
         section = {**section, "data": str(where.parent / section["data"])}
     return cls(**section)
 

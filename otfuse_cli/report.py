@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import sys
 import time
 
@@ -15,12 +17,83 @@ from rich.table import Table
 
 
 
+def _reserve_standard_fds() -> None:
+    """Started with stdin, stdout or stderr closed (`otfuse fuse ... >&-`), the process would hand that
+    descriptor to the next file it opens (an output being written), and whatever a library prints to fd 1 or
+    2 would land inside it. Each closed one is pointed at /dev/null first."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                null = os.open(os.devnull, os.O_RDWR)
+            except OSError:  # pragma: no cover - no /dev/null
+                return
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+_reserve_standard_fds()
+
+# Results on a stdout that is closed (`>&-`) or whose reader has gone (`| head -1`) cannot be shown. The work
+# they describe is done (an output written, a gate judged), so such a run ends as it would have with the
+# results shown: exit 0 (or the gate's 3), nothing more on stderr, the way `ls | head -1` ends quietly.
+# Before, fuse wrote its output and then died with rich's SystemExit(1) (a broken pipe) or a traceback
+# (`--json` with stdout closed). Other write errors (a full disk behind `> file`) are one error line.
+_stdout = {"gone": False}
+
+
+def _stdout_gone() -> None:
+    """Nobody reads stdout: drop every later result, and point fd 1 at /dev/null so that the interpreter's
+    final flush of what is still buffered succeeds instead of printing "Exception ignored"."""
+    _stdout["gone"] = True
+    try:
+        fd = sys.stdout.fileno() if sys.stdout is not None else None
+    except (AttributeError, ValueError, OSError):  # an in-memory stdout (tests): nothing to redirect
+        fd = None
+    if fd is not None:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+        except OSError:  # pragma: no cover
+            pass
+
+
+def write_stdout(text: str) -> None:
+    """Write results to stdout (see _stdout_gone for a stdout nobody reads)."""
+    out = sys.stdout
+    if out is None or _stdout["gone"]:  # started with stdout closed: Python gives no sys.stdout at all
+        return
+    try:
+        out.write(text)
+        out.flush()
+    except OSError as e:
+        if isinstance(e, BrokenPipeError) or e.errno in (errno.EPIPE, errno.EBADF):
+            _stdout_gone()
+            return
+        from otfuse_cli.errors import OtfuseError
+
+        raise OtfuseError(f"cannot write the results to stdout: {e.strerror or e}") from None
+
+
+def _write_stderr(text: str) -> None:
+    """Error, note and timing lines; a stderr that is closed or gone cannot take them, and the exit code
+    still says what happened."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (AttributeError, ValueError, OSError):
+        pass
+
+
 class ResultConsole(Console):
     """stdout for results. When stdout is not a terminal (a pipe, a CI log) tables are printed at their
     natural width rather than squeezed to COLUMNS (80 by default), so no name or number is folded or
     elided with an ellipsis, and text lines are never wrapped; log viewers scroll instead."""
 
-    def print(self, *objects, **kwargs) -> None:
+    def _print(self, *objects, **kwargs) -> None:
         if not self.is_terminal and not any(isinstance(o, Table) for o in objects):
             kwargs.setdefault("soft_wrap", True)  # a summary line stays one line for grep and tail -1
         natural = max((Measurement.get(self, self.options.update_width(10_000), o).maximum
@@ -33,6 +106,23 @@ class ResultConsole(Console):
         finally:
             self._width = saved
 
+    def print(self, *objects, **kwargs) -> None:  # noqa: F811 - the wrapper below around the one above
+        if _stdout["gone"]:
+            return
+        try:
+            return self._print(*objects, **kwargs)
+        except OSError as e:  # rich reports only a broken pipe to on_broken_pipe; EBADF comes here
+            if e.errno in (errno.EPIPE, errno.EBADF):
+                return _stdout_gone()
+            from otfuse_cli.errors import OtfuseError
+
+            raise OtfuseError(f"cannot write the results to stdout: {e.strerror or e}") from None
+
+    def on_broken_pipe(self) -> None:
+        """rich's default ends the process with exit 1; the results are simply not shown (see _stdout)."""
+        self.quiet = True
+        _stdout_gone()
+
 
 console = ResultConsole(highlight=False)          # stdout: results
 err_console = Console(stderr=True, highlight=False)  # stderr: progress, warnings
@@ -41,8 +131,7 @@ err_console = Console(stderr=True, highlight=False)  # stderr: progress, warning
 def print_json(obj) -> None:
     """One strict JSON document on stdout (plain write: rich would wrap and colour it). NaN and Infinity are
     not JSON: non-finite numbers become null."""
-    sys.stdout.write(json.dumps(finite_or_null(obj), indent=2, default=str, allow_nan=False) + "\n")
-    sys.stdout.flush()
+    write_stdout(json.dumps(finite_or_null(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def finite_or_null(obj):
@@ -60,23 +149,20 @@ def finite_or_null(obj):
 
 def error_line(message: str) -> None:
     """The single `error: ...` line on stderr (plain write: rich would wrap long paths)."""
-    sys.stderr.write("error: " + " ".join(str(message).split()) + "\n")
-    sys.stderr.flush()
+    _write_stderr("error: " + " ".join(str(message).split()) + "\n")
 
 
 def note_line(message: str) -> None:
     """A `note: ...` line on stderr for something the user should know but that is not an error (silent with
     --quiet)."""
     if not Verbosity.quiet:
-        sys.stderr.write("note: " + " ".join(str(message).split()) + "\n")
-        sys.stderr.flush()
+        _write_stderr("note: " + " ".join(str(message).split()) + "\n")
 
 
 def timing_line(message: str) -> None:
     """With --verbose: where the time of a step went, one line on stderr."""
     if Verbosity.verbose and not Verbosity.quiet:
-        sys.stderr.write("  " + message + "\n")
-        sys.stderr.flush()
+        _write_stderr("  " + message + "\n")
 
 
 def human_bytes(n: int) -> str:
@@ -237,6 +323,7 @@ def set_verbosity(quiet: bool = False, verbose: bool = False) -> None:
     still appear); --verbose adds a timed line per finished step."""
     Verbosity.quiet, Verbosity.verbose = quiet, verbose
     console.quiet = err_console.quiet = quiet
+    _stdout["gone"] = False  # judged anew by each invocation (tests run many in one process)
 
 
 class Task:

@@ -1,6 +1,7 @@
 """Seeded fuzzing in the suite (issue 14): 300 mutated checkpoints, config.json files and data files through
-`inspect`, `fuse`, `evaluate` and `compress`. The engine is benchmarks/fuzz.py (`python benchmarks/fuzz.py
---cases 10000` for long runs; `--case N` replays one).
+`inspect`, `fuse`, `evaluate` and `compress`, about 15% of them hostile inputs instead (issue 30: sparse size
+bombs, FIFOs and devices, deeply nested JSON and YAML, hostile option values; recipes through `run` too). The
+engine is benchmarks/fuzz.py (`python benchmarks/fuzz.py --cases 10000` for long runs; `--case N` replays one).
 
 Each case holds when: exit 0 or 2; on 2 exactly one `error:` line, no traceback, no new files; on 0 an output
 that loads and is finite (fuse, compress) or strict JSON with finite or null numbers (inspect, evaluate); no
@@ -41,9 +42,10 @@ def test_fuzz_case(records, number):
 
 
 def test_the_cases_cover_every_command_family_and_mutator(records):
-    """300 cases reach every command, every family, data and config mutations, and both outcomes."""
+    """300 cases reach every command, every family, data and config mutations, every hostile kind, and both
+    outcomes."""
     cases = [r["case"] for r in records.values()]
-    assert set(Counter(c["command"] for c in cases)) == set(fuzz.COMMANDS)
+    assert set(Counter(c["command"] for c in cases)) == set(fuzz.ALL_COMMANDS)
     assert set(Counter(c["family"] for c in cases)) == set(fuzz.MODELS)
     targets = Counter(c["target"].split("/")[-1] for c in cases)
     for t in ("config.json", "model.safetensors", "digits.safetensors", "sent.jsonl", "mlp_a.safetensors",
@@ -51,7 +53,7 @@ def test_the_cases_cover_every_command_family_and_mutator(records):
         assert targets[t] > 0, targets
     mutations = " ".join(c["mutation"] for c in cases)
     for word in ("flip_header", "flip_data", "truncate", "header_json", "nonfinite", "semantic", "config",
-                 "jsonl", "data:"):
+                 "jsonl", "data:", *fuzz.HOSTILE_KINDS):
         assert word in mutations, word
     codes = Counter(r["code"] for r in records.values())
     assert codes[0] >= 20 and codes[2] >= 20, codes

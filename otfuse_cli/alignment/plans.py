@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from otfuse_cli import inputs
 from otfuse_cli.alignment.transport import Plan
 from otfuse_cli.checkpoint.writer import sha256_file, write_tensors
 from otfuse_cli.errors import OtfuseError
@@ -39,15 +40,17 @@ def load_plans(path: str | Path) -> tuple[list[dict[str, Plan]], dict]:
     """Plans and metadata of a plan file, checked against the schema save_plans writes (OtfuseError naming
     the first thing wrong): a hand-edited or foreign file fails here, not deep inside the transport."""
     path = Path(path)
-    if not path.is_file():
-        raise OtfuseError(f"plan file not found: {path}")
+    inputs.check_input(path, "plan file", missing=f"plan file not found: {path}")  # never a FIFO or device
+    if problem := inputs.safetensors_problem(path, "plan file"):
+        raise OtfuseError(f"{path} is not an otfuse plan file ({problem})")
     try:
         tensors = load_file(str(path))
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["otfuse.plans"])
+            raw = (f.metadata() or {})["otfuse.plans"]
     except (SafetensorError, KeyError, ValueError, OSError) as exc:
         raise OtfuseError(f"{path} is not an otfuse plan file ({exc.__class__.__name__})") from None
+    meta = inputs.parse_json(raw, f"{path} (its otfuse.plans metadata)")  # size and nesting limited
     models, stats = _plan_meta(meta, path)
     plans: list[dict[str, Plan]] = [{} for _ in range(models)]
     inner = []

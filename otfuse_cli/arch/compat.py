@@ -81,14 +81,15 @@ def _config_value(ckpt, key: str):
 
 
 def _tokenizer_part(path, parts):
-    import json
+    from otfuse_cli import inputs
 
+    raw = inputs.read_small(path, "tokenizer file")  # a regular file within the JSON cap, like every small file
     if parts is None:
-        return path.read_bytes()
+        return raw
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return path.read_bytes()  # unreadable as JSON: compare the bytes
+        doc = inputs.parse_json(raw.decode("utf-8"), str(path))
+    except (OtfuseError, UnicodeDecodeError):
+        return raw  # unreadable as JSON: compare the bytes
     return {k: doc.get(k) for k in parts} if isinstance(doc, dict) else doc
 
 

@@ -19,6 +19,7 @@ import torch
 
 from otfuse_cli.checkpoint.reader import (Checkpoint, _load_torch, _read_json, _read_or_interrupted, _safe_open,
                                           open_checkpoint)
+from otfuse_cli import inputs
 from otfuse_cli.errors import OtfuseError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -179,6 +180,7 @@ def open_adapter(adapter_folder: str | Path, base: str | Path | None = None) -> 
     folder = Path(adapter_folder)
     if not is_adapter_folder(folder):
         raise OtfuseError(f"{folder} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+    inputs.check_model_folder(folder)
     config = _read_json(folder / ADAPTER_CONFIG)
     _check_adapter_config(folder, config)
     weights = next((folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()), None)

@@ -11,7 +11,6 @@ weights, and a config.json that is well typed and describes these tensors (confi
 
 from __future__ import annotations
 
-import json
 import pickle
 import warnings
 from pathlib import Path, PurePosixPath
@@ -22,6 +21,7 @@ from safetensors import safe_open
 
 from otfuse_cli.arch import HF_FAMILIES
 from otfuse_cli.checkpoint.config import ModelConfig, check_loads, check_weights, parse_config
+from otfuse_cli import inputs
 from otfuse_cli.errors import OtfuseError
 
 T = TypeVar("T")
@@ -209,14 +209,13 @@ def _open_error(file: Path, e: Exception) -> OtfuseError:
 
 
 def _safe_open(file: Path):
+    inputs.check_safetensors(file, "weight file")  # a regular file whose header length fits, before any read
     return _read_or_interrupted(lambda: safe_open(str(file), framework="pt"), lambda e: _open_error(file, e))
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise OtfuseError(f"cannot parse {path}: {e}") from None
+    """config.json, an index, adapter_config.json: size and nesting capped before parsing (inputs.py)."""
+    data = inputs.load_json(path, path.name)
     if not isinstance(data, dict):
         raise OtfuseError(f"cannot parse {path}: expected a JSON object")
     return data
@@ -235,8 +234,7 @@ def _shard_path(folder: Path, rel: object, index: Path) -> Path:
         path.resolve().relative_to(folder.resolve())
     except ValueError:
         raise OtfuseError(f"{index}: refusing shard path {rel!r} outside the model folder") from None
-    if not path.is_file():
-        raise OtfuseError(f"{index}: shard {rel!r} is missing")
+    inputs.check_input(path, "shard", missing=f"{index}: shard {rel!r} is missing")
     return path
 
 
@@ -272,6 +270,7 @@ def _torch_error(file: Path, e: Exception) -> OtfuseError:
 
 
 def _load_torch(file: Path) -> dict[str, torch.Tensor]:
+    inputs.check_input(file, "weight file", missing=f"missing weight file: {file}")  # a FIFO would block torch.load
     obj = _read_or_interrupted(lambda: _torch_load(file), lambda e: _torch_error(file, e))
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model"):  # training checkpoints wrap the weights
@@ -346,8 +345,11 @@ def _check_tensors(ckpt: Checkpoint) -> None:
 
 
 def _open(path: Path, base: str | Path | None = None) -> Checkpoint:
-    if not path.exists():
-        raise OtfuseError(f"no such file or folder: {path}")
+    inputs.check_input(path, "model", folder=True, missing=f"no such file or folder: {path}")
+    folder = path if path.is_dir() else path.parent if path.name.startswith("adapter_model.") or \
+        path.name.endswith(".index.json") else None
+    if folder is not None:
+        inputs.check_model_folder(folder)
     adapter = path if path.is_dir() else path.parent if path.name.startswith("adapter_model.") else None
     if adapter is not None and _is_adapter(adapter):
         from otfuse_cli.checkpoint.adapter import open_adapter  # it builds on this module

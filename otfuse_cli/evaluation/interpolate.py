@@ -18,6 +18,10 @@ from otfuse_cli.evaluation.metrics import HIGHER_IS_BETTER
 from otfuse_cli.runnable import resolve_device, runnable_from_state_dict
 
 
+# Points on an interpolation line: steps of 0.001 in alpha are finer than any curve needs, and each point is a
+# full evaluation; 10**17 was an overflow traceback inside torch.linspace.
+MAX_STEPS = 1001
+
 def require_same_layout(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
     """The arithmetic's own precondition, for state dicts whose configs are gone. Whether two checkpoints
     may be interpolated at all (family, fixed axes, widths) is otfuse_cli.arch.compat.check_interpolatable's
@@ -53,8 +57,8 @@ def interpolate(model_a_sd: Mapping[str, torch.Tensor], model_b_sd: Mapping[str,
     progress: a report.Progress (steps x batches), or None."""
     from otfuse_cli.report import start
 
-    if steps < 2:
-        raise OtfuseError(f"steps must be at least 2, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= MAX_STEPS:
+        raise OtfuseError(f"--steps must be a whole number from 2 to {MAX_STEPS}, got {steps!r}")
     require_same_layout(model_a_sd, model_b_sd)
     dev = resolve_device(device)
     data = tasks.load_eval_data(data_path, max_samples=max_samples, seed=seed, columns=columns)

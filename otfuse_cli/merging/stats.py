@@ -10,14 +10,13 @@ Convolutions have no Gram here: RegMean falls back to the weighted average for t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from otfuse_cli import interrupts
+from otfuse_cli import inputs, interrupts
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import DataOptions
 
@@ -176,32 +175,76 @@ def save_stats(path: str | Path, stats: Stats, ckpt, force: bool = False) -> Pat
 
 
 def load_stats(path: str | Path) -> Stats:
+    """A stats file, checked against the schema save_stats writes: a regular file with a sane header, its
+    metadata's size and nesting limited (inputs.py), every count a positive integer (statistics of no samples
+    would merge as if they said something), every Gram a square matrix, all values finite."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise OtfuseError(f"stats file not found: {path}")
+    inputs.check_input(path, "stats file", missing=f"stats file not found: {path}")  # never a FIFO or device
+    if problem := inputs.safetensors_problem(path, "stats file"):
+        raise OtfuseError(f"{path} is not an otfuse stats file ({problem})")
     try:
         with safe_open(str(path), framework="pt") as f:
-            record = json.loads((f.metadata() or {})["otfuse"])
-            if record.get("command") != "stats":
-                raise KeyError("command")
+            raw = (f.metadata() or {})["otfuse"]
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        opts = record["options"]
-        stats = Stats(in_axis={k: int(v) for k, v in opts["in_axis"].items()},
-                      counts={k: int(v) for k, v in opts["counts"].items()},
-                      info={**{k: v for k, v in opts.items() if k not in ("in_axis", "counts")},
-                            "inputs": record["inputs"]})
     except (SafetensorError, KeyError, ValueError, TypeError, AttributeError, OSError) as exc:
         raise OtfuseError(f"{path} is not an otfuse stats file ({exc.__class__.__name__})") from None
+    record = inputs.parse_json(raw, f"{path} (its otfuse metadata)")
+    try:
+        if record.get("command") != "stats":
+            raise KeyError("command")
+        opts = record["options"]
+        stats = Stats(in_axis={str(k): _whole(v, (0, 1)) for k, v in opts["in_axis"].items()},
+                      counts={str(k): _whole(v) for k, v in opts["counts"].items()},
+                      info={**{k: v for k, v in opts.items() if k not in ("in_axis", "counts")},
+                            "inputs": record["inputs"]})
+        samples = opts["data"]["samples"]
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise OtfuseError(f"{path} is not an otfuse stats file ({exc.__class__.__name__})") from None
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise OtfuseError(f"{path}: the statistics claim {samples!r} samples; statistics of no data say nothing "
+                          "about the model")
+    if any(c < 1 for c in stats.counts.values()):
+        name = next(n for n, c in stats.counts.items() if c < 1)
+        raise OtfuseError(f"{path}: the Gram matrix of {name} claims {stats.counts[name]} input rows; statistics "
+                          "of no data say nothing about the model")
     for key, t in tensors.items():
-        if not bool(torch.isfinite(t).all()):
-            raise OtfuseError(f"{path}: statistic {key} contains NaN or Inf")
+        if not (t.is_floating_point() and bool(torch.isfinite(t).all())):
+            raise OtfuseError(f"{path}: statistic {key} contains NaN or Inf" if t.is_floating_point() else
+                              f"{path}: statistic {key} holds {str(t.dtype).removeprefix('torch.')} values, "
+                              "not real numbers")
         kind, _, name = key.partition("/")
         if kind == "gram" and name in stats.in_axis:
+            if t.dim() != 2 or t.shape[0] != t.shape[1]:
+                raise OtfuseError(f"{path}: Gram matrix {name} has shape {tuple(t.shape)}; a Gram matrix is square")
             stats.grams[name] = t.double()
         elif kind == "fisher":
             stats.fisher[name] = t.double()
         else:
             raise OtfuseError(f"{path} is not an otfuse stats file (unexpected tensor {key!r})")
     return stats
+
+
+def _whole(value, allowed: tuple[int, ...] | None = None) -> int:
+    """An integer from the metadata, strictly (no 1.5 or "3" or true), within `allowed` when given."""
+    if isinstance(value, bool) or not isinstance(value, int) or (allowed is not None and value not in allowed):
+        raise ValueError(value)
+    return value
+
+
+def check_fits(stats: Stats, ckpt, path) -> None:
+    """Every statistic belongs to a tensor of `ckpt` and has its shape: a Gram is (in, in) for the input axis
+    of its weight, a Fisher the shape of its parameter (a mismatched file fails here, not inside the merge)."""
+    for name, gram in stats.grams.items():
+        axis = stats.in_axis[name]
+        if name not in ckpt or axis >= len(ckpt.shape(name)):
+            raise OtfuseError(f"{path}: Gram matrix {name} does not match a weight of {ckpt.path}")
+        want = ckpt.shape(name)[axis]
+        if tuple(gram.shape) != (want, want):
+            raise OtfuseError(f"{path}: Gram matrix {name} has shape {tuple(gram.shape)}; the weight's "
+                              f"{want} inputs need ({want}, {want})")
+    for name, fisher in stats.fisher.items():
+        if name not in ckpt or tuple(fisher.shape) != tuple(ckpt.shape(name)):
+            raise OtfuseError(f"{path}: Fisher tensor {name} has shape {tuple(fisher.shape)}, not that of a "
+                              f"parameter of {ckpt.path}")
