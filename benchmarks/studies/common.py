@@ -77,12 +77,144 @@ def near_duplicate_key(text: str) -> str:
 
 
 def check_no_leak(test: list[str], *others: list[str]) -> int:
-    """Raise if a test text (or a near-duplicate) occurs in a training or validation list; return how many
-    test texts were checked."""
+    """Raise if a test text occurs in a training or validation list, by either of two notions of a
+    near-duplicate: the same `near_duplicate_key` (the key the studies drop by, so it only guards against a
+    skipped drop), or, independently of that key, character 5-gram Jaccard similarity >= 0.9 after a different
+    normalisation (`similar_texts`). Returns how many test texts were checked."""
     seen = {near_duplicate_key(t) for group in others for t in group}
     leaked = [t for t in test if near_duplicate_key(t) in seen]
     if leaked:
         raise AssertionError(f"{len(leaked)} test texts also occur in training/validation, e.g. {leaked[0]!r}")
+    pool = [t for group in others for t in group]
+    similar = similar_texts(test, pool)
+    if similar:
+        i, j, s = similar[0]
+        raise AssertionError(f"{len({p[0] for p in similar})} test texts have a near-duplicate in training/"
+                             f"validation (character 5-gram Jaccard >= {JACCARD}), e.g. {test[i]!r} ~ {pool[j]!r} "
+                             f"({s:.3f})")
+    return len(test)
+
+
+# ---------------------------------------------------------------- the independent near-duplicate checks
+
+JACCARD = 0.9  # character 5-gram Jaccard similarity from which two texts count as near-duplicates
+SHINGLE = 5
+_MULT = [pow(0x9E3779B97F4A7C15, SHINGLE - 1 - j, 2**64) for j in range(SHINGLE)]
+
+
+def shingles(text: str, n: int = SHINGLE) -> np.ndarray:
+    """The sorted distinct 64-bit hashes of a text's character n-grams, after a normalisation unlike
+    `near_duplicate_key`'s: Unicode NFKC, case-folded, runs of white space made one space; punctuation, digits and
+    accents kept. A text shorter than n characters is one shingle."""
+    norm = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    codes = np.frombuffer(norm.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64) + np.uint64(1)
+    if len(codes) < n:
+        codes = np.concatenate([codes, np.zeros(n - len(codes), dtype=np.uint64)])
+    windows = np.lib.stride_tricks.sliding_window_view(codes, n)
+    with np.errstate(over="ignore"):  # arithmetic modulo 2**64
+        h = (windows * np.array(_MULT, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+        h ^= h >> np.uint64(31)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(29)
+    return np.unique(h)
+
+
+def similar_sets(left: list[np.ndarray], right: list[np.ndarray], threshold: float = JACCARD,
+                 max_candidates: int = 50_000_000) -> list[tuple[int, int, float]]:
+    """Every (i, j, Jaccard) with Jaccard(left[i], right[j]) >= threshold, for sorted arrays of distinct
+    integers. Exact, not sampled: the AllPairs prefix filter (Bayardo et al., 2007). With the elements ordered
+    rarest first, two sets that reach the threshold share an element among each one's first
+    |x| - ceil(threshold |x|) + 1; only pairs sharing such an element (and of compatible sizes) are compared."""
+    if not left or not right:
+        return []
+    sets = left + right
+    sizes = np.array([len(s) for s in sets])
+    flat = np.concatenate(sets)
+    uniq, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    del flat
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[np.lexsort((uniq, counts))] = np.arange(len(uniq))
+    ranks = rank[inverse]
+    del inverse
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    keep = sizes - np.ceil(threshold * sizes - 1e-9).astype(np.int64) + 1
+    tok, owner = [], []
+    for k in range(len(sets)):
+        prefix = np.sort(ranks[starts[k]:starts[k + 1]])[:keep[k]]
+        tok.append(prefix)
+        owner.append(np.full(len(prefix), k, dtype=np.int64))
+    tok, owner = np.concatenate(tok), np.concatenate(owner)
+    is_left = owner < len(left)
+    lt, lo = tok[is_left], owner[is_left]
+    order = np.argsort(tok[~is_left], kind="stable")
+    rt, ro = tok[~is_left][order], owner[~is_left][order] - len(left)
+    a, b = np.searchsorted(rt, lt, "left"), np.searchsorted(rt, lt, "right")
+    n = b - a
+    if int(n.sum()) > max_candidates:
+        raise MemoryError(f"{int(n.sum())} candidate pairs: too many for the prefix filter")
+    i = np.repeat(lo, n)
+    j = ro[np.repeat(a, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))]
+    pairs = np.unique(i * len(right) + j)
+    i, j = pairs // len(right), pairs % len(right)
+    si, sj = sizes[i], sizes[len(left) + j]
+    ok = (sj >= threshold * si - 1e-9) & (si >= threshold * sj - 1e-9)
+    found = []
+    for x, y in zip(i[ok].tolist(), j[ok].tolist()):
+        inter = len(np.intersect1d(left[x], right[y], assume_unique=True))
+        jac = inter / (len(left[x]) + len(right[y]) - inter)
+        if jac >= threshold:
+            found.append((x, y, jac))
+    return found
+
+
+def similar_texts(test: list[str], others: list[str], threshold: float = JACCARD) -> list[tuple[int, int, float]]:
+    """(test index, other index, Jaccard) for every pair of texts whose character 5-gram sets (`shingles`) have
+    Jaccard similarity >= threshold."""
+    return similar_sets([shingles(t) for t in test], [shingles(t) for t in others], threshold)
+
+
+PIXEL_L2 = 1.5  # the images' L2 distance (pixels in [0, 1]) below which two 28x28 images are near-duplicates
+
+
+def similar_images(test: np.ndarray, others: np.ndarray, threshold: float = PIXEL_L2,
+                   chunk: int = 1024) -> list[tuple[int, int, float]]:
+    """(test index, other index, L2 distance) for every pair of images (N, H, W; H, W multiples of 4) closer
+    than `threshold`. Exact: the images are first compared 4x4-average-pooled, and since pooling contracts
+    distances (4 |pool(x) - pool(y)| <= |x - y|), only the pairs whose pooled distance allows it are compared at
+    full resolution."""
+    def pool(x):
+        n, h, w = x.shape
+        return x.reshape(n, h // 4, 4, w // 4, 4).mean(axis=(2, 4)).reshape(n, -1)
+
+    test, others = np.asarray(test, dtype=np.float64), np.asarray(others, dtype=np.float64)
+    pt, po = pool(test).astype(np.float32), pool(others).astype(np.float32)
+    no = (po.astype(np.float64) ** 2).sum(1)
+    bound = (threshold / 4) ** 2 + 1e-3  # float32 rounding margin on squared pooled distances
+    found = []
+    for s in range(0, len(pt), chunk):
+        block = pt[s:s + chunk]
+        d2 = (block.astype(np.float64) ** 2).sum(1)[:, None] + no[None, :] - 2.0 * (block @ po.T)
+        for x, y in zip(*np.nonzero(d2 <= bound)):
+            dist = float(np.sqrt(((test[s + x] - others[y]) ** 2).sum()))
+            if dist < threshold:
+                found.append((s + int(x), int(y), dist))
+    return found
+
+
+def check_no_image_leak(test, *others) -> int:
+    """Raise if a test image is byte-identical to, or closer than PIXEL_L2 (`similar_images`) to, a training or
+    validation image (arrays of N x H x W pixels in [0, 1]); return how many test images were checked."""
+    test = np.asarray(test)
+    pool = np.concatenate([np.asarray(o) for o in others])
+    seen = {im.tobytes() for im in pool}
+    same = sum(im.tobytes() in seen for im in test)
+    if same:
+        raise AssertionError(f"{same} test images also occur in training/validation")
+    similar = similar_images(test, pool)
+    if similar:
+        i, j, d = similar[0]
+        raise AssertionError(f"{len({p[0] for p in similar})} test images are within L2 {PIXEL_L2} of a "
+                             f"training/validation image, e.g. test {i} ~ {j} ({d:.3f})")
     return len(test)
 
 
