@@ -1,0 +1,633 @@
+"""The studies' prose, checked: every comparative sentence of benchmarks/STUDIES.md (studies 1-7) and of
+README.md's studies summary, held here as data and evaluated against the committed results/<study>.json, so
+that a sentence whose claim stops holding (a rerun, an edited number) fails the test suite
+(tests/test_study_claims.py). A claim about "every seed" is checked seed by seed, never on the mean.
+
+    .venv/bin/python benchmarks/studies/claims.py            # every claim, its values, and what fails
+    .venv/bin/python benchmarks/studies/claims.py --study shards
+
+FORMAT. A claim is a tuple
+
+    (study, scope, left, op, right, columns, quote)
+
+study    the results' stem: "shards" reads results/shards.json.
+scope    which values are compared:
+           "every seed"       the comparison must hold for each seed's values separately;
+           "some seed"        it must hold for at least one seed (in at least one of the columns);
+           "mean"             on the means over the seeds (unrounded; the tables show them rounded);
+           "seed N"           seed N only (N as listed in the JSON's "seeds");
+           "seeds N M ..."    each of those seeds separately.
+left, right
+         terms, in the tables' units (fractions x100; a study's own `value_scale` where it has one):
+           "row"              the row's value in the claim's column;
+           "row@column"       the row's value in another column;
+           "study::row"       the same row (and column, or "study::row@column") in another study's results, seeds
+                              paired in order;
+           "mass:route"       study 4's plan-change fraction of a mass route, in % (no column);
+           "time:key"         the wall-clock seconds the run recorded under that key (its "timing");
+           a number           a constant;
+           (fn, term, ...)    fn one of "max", "min", "mean" (over any number of terms), "-", "+", "*", "/" (two
+                              terms), "abs" (one). With scope "mean" every row is first averaged over the seeds,
+                              then fn applied: ("max", "a", "b") is the larger of the two means.
+op       "<", "<=", ">", ">=";
+         "==": equal to 1e-9 (the same model in two rows);
+         "~": |left - right| <= tol, with right given as (term, tol);
+         "in": low <= left <= high, with right given as (low, high), each a term.
+columns  a column name, a list of them (the claim must hold in each), "*" (every column of the study), or None
+         (the terms name their own columns or are "mass:" terms).
+quote    a short exact quote of the sentence the claim backs. The test checks that it still occurs (white space
+         folded, "*" emphasis dropped) in benchmarks/STUDIES.md or README.md, so a sentence cannot be rewritten
+         without its claim, nor a claim outlive its sentence.
+
+Writing claims: one tuple per comparison a sentence makes, under a comment naming the study (studies 8 and 9 add
+their own section the same way; a perplexity study compares in its own units, lower is better, so "beats" is
+"<"). Compare unrounded values: a sentence's "within 0.2 points" is checked as <= 0.2, and a number it quotes
+("3.5 points below") as a range of its rounding, ("in", (3.45, 3.55)). "every seed" claims are the point of this
+file: a sentence saying "every seed" or "on each seed" gets a per-seed claim, one about the mean a "mean" claim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DOCS = (HERE.parents[1] / "benchmarks" / "STUDIES.md", HERE.parents[1] / "README.md")
+
+PARTIES_2 = ["IMDB party", "Rotten Tomatoes party", "tweets party", "Amazon party"]
+DOMAINS_2 = ["IMDB", "Rotten Tomatoes", "tweets", "Amazon"]
+ONE_SHOT_7 = ["vanilla average", "OT weights (exact)", "OT activations", "RegMean", "OT + RegMean"]
+TESTS_7 = ["desktop test", "system test", "LibreOffice help (unseen)"]
+COLS_7 = [f"{m}, {t}" for t in TESTS_7 for m in ("BLEU", "chrF")]
+CHRF_7 = [f"chrF, {t}" for t in TESTS_7]
+# Study 6's rows by greedy BLEU on the mean, best first (as the prose says beam 4 ranks them too)
+ORDER_6 = ["whole data", "ensemble", "half B", "half A + fine-tune", "half A", "OT + RegMean, encoders only",
+           "OT + RegMean + fine-tune", "OT activations + fine-tune", "OT weights (exact) + fine-tune",
+           "OT + RegMean, decoders only", "vanilla average, encoders only", "vanilla average + fine-tune",
+           "OT + RegMean", "OT activations", "RegMean", "OT weights (exact)", "vanilla average, decoders only",
+           "vanilla average"]
+MASS_ROWS = {"OT weights, l1 masses": "OT weights (exact)", "OT weights, l2 masses": "OT weights (exact)",
+             "OT activations, activation masses": "OT activations"}
+
+CLAIMS: list[tuple] = [
+    # ------------------------------------------------------------ study 1: shards (IMDB)
+    ("shards", "seed 2", "shard 2", "~", (50.0, 0.5), "k=2",
+     "One seed (2) produced a shard-2 model at chance (50.2%"),
+    ("shards", "seed 2", ("max", "vanilla average", "OT weights (exact)", "OT weights (sinkhorn)", "OT activations",
+                          "OT weights, l1 masses", "OT weights, l2 masses", "OT activations, activation masses"),
+     "<=", 50.2, "k=2", "every one-shot fusion that includes it fell to chance"),
+    ("shards", "seed 2", ("max", "OT weights (exact)", "OT weights (sinkhorn)", "OT activations"), "<",
+     ("min", "shard 1", "shard 2"), "k=2", "every OT route at 49.8, below both shards"),
+    ("shards", "seed 2", "RegMean", ">", 60.0, "k=2", "except RegMean (70.2) and OT + RegMean (61.7)"),
+    ("shards", "seed 2", "OT + RegMean", ">", 60.0, "k=2", "except RegMean (70.2) and OT + RegMean (61.7)"),
+    ("shards", "seeds 0 1", ("min", "OT weights (exact)", "OT weights (sinkhorn)", "OT activations"), ">",
+     ("max", "shard 1", "shard 2"), "k=2", "On the other two seeds OT fusion of the two shard models"),
+    ("shards", "seeds 0 1", ("abs", ("-", "OT weights (exact)", "whole data")), "<=", 0.3, "k=2",
+     "comes within 0.3 points of the whole-data model (74.6, 74.8)"),
+    ("shards", "mean", ("max", "time:k=4: shards in parallel (slowest)", "time:k=4: fusion (all routes)"), "<",
+     "time:whole data", None, "the four shards train in 11 s each in parallel against 42 s for the whole-data model"),
+    ("shards", "every seed", "vanilla average", "~", (50.0, 0.5), "k=4",
+     "With k = 4 vanilla averaging is at chance on every seed"),
+    ("shards", "every seed", ("min", "OT activations", "OT weights (sinkhorn)"), ">", 70.8 - 0.05, "k=4",
+     "keep most of the accuracy (at least 70.8 on every seed)"),
+    ("shards", "mean", "OT activations", ">", ("max", "vanilla average", "OT weights (exact)", "OT weights (sinkhorn)",
+                                               "RegMean", "OT + RegMean"), "k=4",
+     "the best one-shot route on the mean, OT on activations"),
+    ("shards", "every seed", "OT activations", "<", "ensemble", "k=4",
+     "is below the ensemble on every seed (74.2, 73.3, 72.8 against 74.6, 74.2, 74.6)"),
+    ("shards", "seed 0", "OT weights (exact)", ">", "ensemble", "k=4",
+     "other routes pass it on single seeds only (OT on weights 74.8 on seed 0, OT + RegMean 74.7 on seed 1)"),
+    ("shards", "seed 1", "OT + RegMean", ">", "ensemble", "k=4",
+     "other routes pass it on single seeds only (OT on weights 74.8 on seed 0, OT + RegMean 74.7 on seed 1)"),
+    ("shards", "mean", ("max", "vanilla average", "OT weights (exact)", "OT weights (sinkhorn)", "OT activations",
+                        "RegMean", "OT + RegMean"), "<", "ensemble", "k=4",
+     "other routes pass it on single seeds only"),
+    ("shards", "mean", ("-", "OT weights (exact) + fine-tune", "whole data"), "in", (-0.45, 0.0), "k=4",
+     "come within 0.4 points of the whole-data model on the mean"),
+    ("shards", "mean", ("-", "OT + RegMean + fine-tune", "whole data"), "in", (-0.45, 0.0), "k=4",
+     "come within 0.4 points of the whole-data model on the mean"),
+    ("shards", "every seed", ("-", ("min", "OT weights (exact) + fine-tune", "OT + RegMean + fine-tune"), "whole data"),
+     ">=", -1.75, "k=4", "per seed from 0.4 above it to 1.7 below"),
+    ("shards", "every seed", ("-", ("max", "OT weights (exact) + fine-tune", "OT + RegMean + fine-tune"), "whole data"),
+     "<=", 0.45, "k=4", "per seed from 0.4 above it to 1.7 below"),
+    ("shards", "every seed", ("min", "OT weights (exact) + fine-tune", "OT + RegMean + fine-tune"), ">",
+     "shard 1 + fine-tune", "k=4", "and beat the fine-tuned shard (69.5) on every seed"),
+    ("shards", "seed 1", "vanilla average + fine-tune", ">", 70.0, "k=4",
+     "vanilla + fine-tune recovers on one seed only"),
+    ("shards", "seeds 0 2", "vanilla average + fine-tune", "<", 51.0, "k=4",
+     "vanilla + fine-tune recovers on one seed only"),
+    ("shards", "mean", "OT weights (exact) + fine-tune", "<", "whole data", "k=4",
+     "comes close to the whole-data model on the mean but does not beat it"),
+    ("shards", "mean", "OT weights (exact) + fine-tune", "<", "whole data", "k=2",
+     "comes close to the whole-data model on the mean but does not beat it"),
+    ("shards", "mean", "OT + RegMean + fine-tune", "<", "whole data", ["k=2", "k=4"],
+     "comes close to the whole-data model on the mean but does not beat it"),
+    ("shards", "every seed", ("-", ("max", "OT weights (exact) + fine-tune", "OT + RegMean + fine-tune"), "whole data"),
+     "<=", 0.45, ["k=2", "k=4"], "(above it on single seeds by at most 0.4 points)"),
+    # ------------------------------------------------------------ study 2a: federated, from scratch
+    *[("federated", "every seed", p, ">", ("max", *[f"{p}@{o}" for o in DOMAINS_2 if o != d]), d,
+       "Every party's model is good on its own domain and poor elsewhere") for p, d in zip(PARTIES_2, DOMAINS_2)],
+    ("federated", "mean", ("min", *PARTIES_2), "in", (60.0, 66.0), "in-domain mean", "(in-domain means 60–66)"),
+    ("federated", "mean", ("max", *PARTIES_2), "in", (60.0, 66.0), "in-domain mean", "(in-domain means 60–66)"),
+    ("federated", "every seed", "OT + RegMean", ">", ("max", *PARTIES_2), "in-domain mean",
+     "is above every party on every seed"),
+    ("federated", "mean", ("-", "OT + RegMean", ("max", *PARTIES_2)), "in", (5.15, 5.25), "in-domain mean",
+     "by 5.2–10.7 points on the mean"),
+    ("federated", "mean", ("-", "OT + RegMean", ("min", *PARTIES_2)), "in", (10.65, 10.75), "in-domain mean",
+     "by 5.2–10.7 points on the mean"),
+    ("federated", "every seed", ("-", "OT + RegMean", ("max", *PARTIES_2)), ">=", 3.55, "in-domain mean",
+     "3.6 at the least on one seed"),
+    ("federated", "every seed", ("-", "OT + RegMean", "ensemble"), "in", (0.25, 2.35), "in-domain mean",
+     "above the four-model ensemble on every seed (by 0.3–2.3 points"),
+    ("federated", "mean", ("-", "multi-task (union of the data)", "OT + RegMean"), "in", (3.45, 3.55),
+     "in-domain mean", "3.5 points below the multi-task model that needs everyone's data"),
+    ("federated", "every seed", "OT + RegMean", "<", "multi-task (union of the data)", "in-domain mean",
+     "(74.3 ± 2.3, below it on every seed)"),
+    ("federated", "every seed", "vanilla average", "<", ("min", *PARTIES_2), "in-domain mean",
+     "vanilla averaging (55.6, and 39.1 on NYT) is below every party"),
+    ("federated", "every seed", "vanilla average", "<", ("min", *PARTIES_2), "NYT (unseen)",
+     "vanilla averaging (55.6, and 39.1 on NYT) is below every party"),
+    ("federated", "every seed", "OT weights (sinkhorn)", ">", "multi-task (union of the data)", "NYT (unseen)",
+     "Sinkhorn OT (63.9 ± 1.4) is above the multi-task model (59.2) on every seed"),
+    ("federated", "mean", ("abs", ("-", "OT weights (sinkhorn)", ("max", *PARTIES_2))), "<=", 0.1, "NYT (unseen)",
+     "level with the best party (63.9) and within 1 point of the ensemble (64.7) on the mean"),
+    ("federated", "mean", ("abs", ("-", "OT weights (sinkhorn)", "ensemble")), "<=", 1.0, "NYT (unseen)",
+     "level with the best party (63.9) and within 1 point of the ensemble (64.7) on the mean"),
+    ("federated", "every seed", "RegMean", ">", "vanilla average", "*",
+     "merging from Gram matrices beats averaging"),
+    ("federated", "mean", "OT + RegMean", ">", ("max", "OT weights (exact)", "OT weights (sinkhorn)", "OT activations",
+                                                 "RegMean", "vanilla average"), "in-domain mean",
+     "is the best merge on the mean (70.8 against 69.3–69.9"),
+    *[("federated", "mean", (fn, "OT weights (exact)", "OT weights (sinkhorn)", "OT activations", "RegMean"), "in",
+       (69.25, 69.95), "in-domain mean", "(70.8 against 69.3–69.9 for the other OT and RegMean routes)")
+      for fn in ("min", "max")],
+    ("federated", "seed 1", ("min", "OT weights (exact)", "OT activations", "RegMean"), ">", "OT + RegMean",
+     "in-domain mean", "not on every seed (seed 1: OT activations 71.6, RegMean 71.4 and OT on weights 71.2"),
+    # ------------------------------------------------------------ study 2b: children of all-MiniLM-L6-v2
+    ("federated_pretrained", "every seed", "OT weights (exact)", "==", "vanilla average", "*",
+     "OT on weights, exact and Sinkhorn, equals the vanilla average in every cell of every seed"),
+    ("federated_pretrained", "every seed", "OT weights (sinkhorn)", "==", "vanilla average", "*",
+     "OT on weights, exact and Sinkhorn, equals the vanilla average in every cell of every seed"),
+    ("federated_pretrained", "every seed", "OT + RegMean", "==", "RegMean", "*",
+     "OT + RegMean equals RegMean for the same reason"),
+    ("federated_pretrained", "every seed", "vanilla average", ">", "federated::vanilla average", "in-domain mean",
+     "Plain averaging already works (78.8 in-domain, against 55.6"),
+    ("federated_pretrained", "every seed", "RegMean", ">", "vanilla average", "in-domain mean",
+     "RegMean adds 1.5 points (80.4 ± 1.9; more than averaging on every seed)"),
+    ("federated_pretrained", "mean", ("-", "RegMean", "vanilla average"), "in", (1.45, 1.55), "in-domain mean",
+     "RegMean adds 1.5 points (80.4 ± 1.9; more than averaging on every seed)"),
+    ("federated_pretrained", "every seed", "RegMean", ">", ("max", *PARTIES_2, "ensemble"), "in-domain mean",
+     "That is above every party (68.1–76.4) and the four-model ensemble (76.8 ± 2.1) on every seed"),
+    ("federated_pretrained", "every seed", "RegMean", "<", "multi-task (union of the data)", "in-domain mean",
+     "1.4 points below the multi-task model that needs everyone's data (81.8 ± 1.1; below it on every seed)"),
+    ("federated_pretrained", "mean", ("-", "multi-task (union of the data)", "RegMean"), "in", (1.35, 1.45),
+     "in-domain mean", "1.4 points below the multi-task model that needs everyone's data"),
+    ("federated_pretrained", "every seed", ("min", "vanilla average", "OT activations", "RegMean"), ">",
+     "multi-task (union of the data)", "NYT (unseen)",
+     "every merge (85.2–85.7) is above the multi-task model (82.3) on every seed"),
+    ("federated_pretrained", "mean", ("-", "ensemble", ("max", "vanilla average", "OT activations", "RegMean")), "in",
+     (0.0, 1.0), "NYT (unseen)", "within 1 point of the ensemble (86.1) on the mean"),
+    ("federated_pretrained", "mean", ("-", "ensemble", ("min", "vanilla average", "OT activations", "RegMean")), "in",
+     (0.0, 1.0), "NYT (unseen)", "within 1 point of the ensemble (86.1) on the mean"),
+    ("federated_pretrained", "mean", "RegMean", ">", "vanilla average", "*",
+     "RegMean above simple averaging and close to multi-task training"),
+    ("federated_pretrained", "every seed", ("abs", ("-", "OT activations", "vanilla average")), "<=", 1.35,
+     "in-domain mean", "this changes the in-domain mean by at most 1.3 points on any seed"),
+    ("federated_pretrained", "seed 1", "IMDB party", "<", 50.0, "tweets",
+     "(the IMDB and Amazon parties on tweets)"),
+    ("federated_pretrained", "seed 0", "Amazon party", "<", 60.0, "tweets",
+     "(the IMDB and Amazon parties on tweets)"),
+    # ------------------------------------------------------------ study 3: languages
+    ("languages", "every seed", "EN party", "<", 39.2, "FI test",
+     "Each parent is near chance (below the majority rate) in the other language"),
+    ("languages", "every seed", "FI party", "<", 39.2, "EN test",
+     "Each parent is near chance (below the majority rate) in the other language"),
+    ("languages", "every seed", "vanilla average", "~", (39.2, 1.0), "mean",
+     "Vanilla averaging gives the majority rate (39.4)"),
+    ("languages", "every seed", ("max", "OT weights (exact)", "OT weights (sinkhorn)", "OT activations"), "<",
+     "ensemble", "mean", "is below the ensemble (54.1) on every seed"),
+    ("languages", "mean", ("-", "ensemble", ("max", "OT weights (exact)", "OT weights (sinkhorn)")), "in",
+     (2.75, 2.95), "mean", "by 2.8–2.9 points on the mean"),
+    ("languages", "mean", ("-", "ensemble", ("min", "OT weights (exact)", "OT weights (sinkhorn)")), "in",
+     (2.75, 2.95), "mean", "by 2.8–2.9 points on the mean"),
+    ("languages", "every seed", ("min", "OT weights (exact)", "OT weights (sinkhorn)", "OT activations"), ">",
+     ("max", "EN party@FI test", "FI party@EN test"), ["EN test", "FI test"],
+     "each parent's score in its other language"),
+    ("languages", "every seed", "RegMean", ">", ("max", "vanilla average", "OT weights (exact)",
+                                                "OT weights (sinkhorn)", "OT activations", "OT weights, l1 masses",
+                                                "OT weights, l2 masses", "OT activations, activation masses",
+                                                "OT + RegMean"), "mean",
+     "RegMean is the best fusion on every seed"),
+    ("languages", "every seed", ("-", "RegMean", "OT + RegMean"), "in", (0.15, 1.45), "mean",
+     "OT + RegMean 0.2–1.4 points behind it"),
+    ("languages", "every seed", "RegMean", ">", "ensemble", "mean", "above the ensemble on every seed"),
+    ("languages", "mean", ("-", "RegMean", "ensemble"), "in", (6.15, 6.25), "mean", "6.2 points on the mean"),
+    ("languages", "mean", ("-", "FI party", "RegMean"), "in", (0.0, 2.0), "FI test",
+     "on the mean within 2 points of the Finnish parent on Finnish but 6 below the English parent on English"),
+    ("languages", "mean", ("-", "EN party", "RegMean"), "in", (5.5, 6.5), "EN test",
+     "on the mean within 2 points of the Finnish parent on Finnish but 6 below the English parent on English"),
+    ("languages", "every seed", "RegMean", "<", "joint (both parties' data)", "mean",
+     "4 below the joint model that needs both datasets"),
+    ("languages", "mean", ("-", "joint (both parties' data)", "RegMean"), "in", (3.5, 4.5), "mean",
+     "4 below the joint model that needs both datasets"),
+    ("languages", "every seed", "RegMean", "<", "EN party", "EN test",
+     "does not match each parent in its own language"),
+    ("languages", "every seed", "RegMean", "<", "FI party", "FI test",
+     "does not match each parent in its own language"),
+    ("languages", "every seed", ("min", "RegMean", "OT + RegMean"), ">", ("max", "EN party", "FI party", "ensemble"),
+     "mean", "gives one model better than either parent and than their ensemble over both languages, on every seed"),
+    ("languages", "mean", ("max", "OT weights (exact)", "OT weights (sinkhorn)"), "in", (51.15, 51.35), "mean",
+     "OT fusion (51.2–51.3 on weights, 50.5 on activations)"),
+    # ------------------------------------------------------------ study 4: support masses
+    *[("shards", "every seed", ("abs", ("-", m, MASS_ROWS[m])), "<=", 0.2, "k=2",
+       "l1 and l2 masses within 0.2 points of uniform on every seed") for m in list(MASS_ROWS)[:2]],
+    ("shards", "every seed", ("abs", ("-", "OT activations, activation masses", "OT activations")), "<=", 0.4, "k=2",
+     "activation masses within 0.4"),
+    ("shards", "some seed", ("abs", ("-", "OT activations, activation masses", "OT activations")), ">", 0.2, "k=2",
+     "activation masses within 0.4"),
+    ("languages", "every seed", "OT activations, activation masses", "<", "OT activations", "mean",
+     "activation masses 46.0 vs 50.5 (lower on all three seeds)"),
+    *[(s, "mean", ("-", m, MASS_ROWS[m]), "<=", 1.0, c,
+       "no mass row is more than 1 point above its uniform row on the mean")
+      for s, c in (("languages", "mean"), ("shards", "k=2"), ("vision", "test")) for m in MASS_ROWS],
+    *[(s, "every seed", f"mass:{m}", ">", 0.0, None,
+       "Each option does change the plans") for s in ("shards", "languages", "vision") for m in MASS_ROWS],
+    # ------------------------------------------------------------ study 5: vision
+    ("vision", "every seed", ("min", "OT weights (exact)", "OT weights (sinkhorn)", "OT activations"), ">",
+     "vanilla average", "test", "OT fusion is better than vanilla averaging on every seed"),
+    *[("vision", "mean", (fn, "OT weights (exact)", "OT weights (sinkhorn)", "OT activations"), "in", (31.5, 54.5),
+       "test", "(32–54% against 19% on the mean") for fn in ("min", "max")],
+    ("vision", "mean", "vanilla average", "in", (18.5, 19.5), "test", "(32–54% against 19% on the mean"),
+    ("vision", "seed 1", ("-", "OT weights (exact)", "vanilla average"), "in", (1.75, 1.85), "test",
+     "weights by only 1.8 points on seed 1: 20.5 against 18.7"),
+    ("vision", "every seed", ("max", "OT weights (exact)", "OT weights (sinkhorn)", "OT activations"), "<",
+     ("min", "parent A", "parent B"), "test", "but far below the parents (84%)"),
+    ("vision", "every seed", "OT weights (exact) + fine-tune", ">", "vanilla average + fine-tune", "test",
+     "After 85 steps, OT (80.6 ± 1.6) beats vanilla + fine-tune"),
+    ("vision", "every seed", "OT weights (exact) + fine-tune", "<", ("min", "parent A", "parent B",
+                                                                     "parent A + fine-tune"), "test",
+     "but not the parents or a parent given the same steps (84.2), on every seed"),
+    ("vision", "every seed", "wide → narrow OT + fine-tune", ">", "narrow from scratch (fine-tune steps)", "test",
+     "against 59.8 ± 4.6 for a narrow model trained from scratch for those steps"),
+    ("vision", "every seed", "wide → narrow OT + fine-tune", "<", ("min", "parent A", "parent B"), "test",
+     "though it stays below the narrow parents trained in full (84.3 / 84.4) on every seed"),
+    # ------------------------------------------------------------ study 6: translation (Multi30k)
+    ("translation", "every seed", "ensemble", ">", ("max", "half A", "half B"), "BLEU greedy",
+     "their ensemble gains a little (21.5, above both halves on every seed)"),
+    ("translation", "every seed", "vanilla average", "==", 0.0, "BLEU greedy",
+     "vanilla averaging produces nothing (0.0 in every seed)"),
+    ("translation", "every seed", "OT + RegMean", ">", 10.0, "BLEU greedy", "the only one-shot route that translates"),
+    ("translation", "every seed", ("max", "vanilla average", "OT weights (exact)", "OT activations", "RegMean"), "<",
+     6.0, "BLEU greedy", "the only one-shot route that translates"),
+    ("translation", "mean", ("/", "OT + RegMean", ("mean", "half A", "half B")), "in", (0.55, 0.65), "BLEU greedy",
+     "at about 60% of the parents' BLEU"),
+    ("translation", "mean", ("min", "vanilla average + fine-tune", "OT weights (exact) + fine-tune",
+                             "OT activations + fine-tune", "OT + RegMean + fine-tune"), ">=", 13.95, "BLEU greedy",
+     "every fused model recovers to 14–19 BLEU"),
+    ("translation", "mean", ("max", "vanilla average + fine-tune", "OT weights (exact) + fine-tune",
+                             "OT activations + fine-tune", "OT + RegMean + fine-tune"), "<", 19.05, "BLEU greedy",
+     "every fused model recovers to 14–19 BLEU"),
+    ("translation", "every seed", "OT + RegMean + fine-tune", ">", ("max", "vanilla average + fine-tune",
+                                                                   "OT weights (exact) + fine-tune",
+                                                                   "OT activations + fine-tune"), "BLEU greedy",
+     "OT + RegMean best (18.6, chrF 44.0, on every seed)"),
+    ("translation", "every seed", "OT + RegMean + fine-tune", ">", ("max", "vanilla average + fine-tune",
+                                                                   "OT weights (exact) + fine-tune",
+                                                                   "OT activations + fine-tune"), "chrF greedy",
+     "OT + RegMean best (18.6, chrF 44.0, on every seed)"),
+    ("translation", "every seed", "half A + fine-tune", ">", ("max", "vanilla average + fine-tune",
+                                                             "OT weights (exact) + fine-tune",
+                                                             "OT activations + fine-tune", "OT + RegMean + fine-tune"),
+     ["BLEU greedy", "chrF greedy", "BLEU beam 4", "chrF beam 4"],
+     "but none beats half A given the same 204 steps (20.3) on any seed"),
+    *[("translation", "every seed", lo, "<", hi, "BLEU greedy",
+       "vanilla < OT weights, OT activations < OT + RegMean holds in every seed with and without the fine-tune")
+      for ft in ("", " + fine-tune") for lo, hi in
+      ((f"vanilla average{ft}", f"OT weights (exact){ft}"), (f"vanilla average{ft}", f"OT activations{ft}"),
+       (f"OT weights (exact){ft}", f"OT + RegMean{ft}"), (f"OT activations{ft}", f"OT + RegMean{ft}"))],
+    *[("translation", "every seed", ("abs", ("-", f"OT weights (exact){ft}", f"OT activations{ft}")), "<=", 3.4,
+       "BLEU greedy", "OT on weights and on activations are within 3.4 BLEU of each other")
+      for ft in ("", " + fine-tune")],
+    ("translation", "every seed", "vanilla average, encoders only", ">", "vanilla average, decoders only",
+     "BLEU greedy", "Averaging only the encoders (vanilla, decoder from A) keeps 15.4 BLEU"),
+    ("translation", "every seed", "vanilla average, decoders only", "==", 0.0, "BLEU greedy",
+     "averaging only the decoders gives 0.0"),
+    ("translation", "every seed", "OT + RegMean, encoders only", ">", "OT + RegMean, decoders only", "BLEU greedy",
+     "with OT + RegMean, fusing the encoders only keeps 19.7 ± 3.5"),
+    ("translation", "every seed", "OT + RegMean, decoders only", ">", "OT + RegMean", "BLEU greedy",
+     "against 12.2 for both (the same order on every seed)"),
+    ("translation", "every seed", ("-", "half A", "OT + RegMean, encoders only"), "in", (0.0, 0.85), "BLEU greedy",
+     "(0.1–0.8 below half A's own 20.1 on each seed)"),
+    ("translation", "mean", ("max", *[("-", f"{r}@BLEU beam 4", f"{r}@BLEU greedy") for r in ORDER_6]), "in",
+     (2.55, 2.65), None, "beam adds up to 2.6 BLEU on the mean"),
+    *[("translation", "mean", hi, ">" if i < len(ORDER_6) - 2 else ">=", lo, ["BLEU greedy", "BLEU beam 4"],
+       "Greedy and beam 4 rank the rows the same way on the mean")
+      for i, (hi, lo) in enumerate(zip(ORDER_6, ORDER_6[1:]))],
+    ("translation", "seed 1", "vanilla average, encoders only", ">", "OT + RegMean, decoders only", "BLEU greedy",
+     "not on every seed"),
+    ("translation", "seed 1", "vanilla average, encoders only", "<", "OT + RegMean, decoders only", "BLEU beam 4",
+     "not on every seed"),
+    ("translation", "every seed", "OT + RegMean", ">", "vanilla average", "BLEU greedy",
+     "here the first half holds (vanilla 0.0 against 12.2)"),
+    ("translation", "every seed", "OT + RegMean + fine-tune", "<", ("min", "half A", "half B"),
+     ["BLEU greedy", "BLEU beam 4"],
+     "but the recovery does not overtake a parent"),
+    # ------------------------------------------------------------ study 7: translation across software domains
+    ("translation_domains", "every seed", ("max", *ONE_SHOT_7), "<", ("min", "desktop party", "system party"),
+     [c for c in COLS_7 if c != "BLEU, LibreOffice help (unseen)"],
+     "Every one-shot fusion is below both parents on every test and seed but one near-zero cell"),
+    ("translation_domains", "seeds 1 2", ("max", *ONE_SHOT_7), "<", ("min", "desktop party", "system party"),
+     "BLEU, LibreOffice help (unseen)", "Every one-shot fusion is below both parents on every test and seed but one"),
+    ("translation_domains", "seed 0", "OT + RegMean", ">=", "desktop party", "BLEU, LibreOffice help (unseen)",
+     "(LibreOffice BLEU on seed 0: OT + RegMean 0.53 against the desktop party's 0.52)"),
+    ("translation_domains", "seed 0", ("max", "vanilla average", "OT weights (exact)", "OT activations", "RegMean"),
+     "<", ("min", "desktop party", "system party"), "BLEU, LibreOffice help (unseen)",
+     "Every one-shot fusion is below both parents on every test and seed but one near-zero cell"),
+    ("translation_domains", "mean", ("/", "OT + RegMean", ("mean", "desktop party", "system party")), "in",
+     (0.4, 0.6), ["BLEU, desktop test", "BLEU, system test"], "keeps about half the parents' mean BLEU on each domain"),
+    ("translation_domains", "mean", ("max", "OT weights (exact)", "OT activations"), "<=", 0.95,
+     ["BLEU, desktop test", "BLEU, system test"], "little more (0.3–0.9 BLEU, 6–7 chrF)"),
+    ("translation_domains", "mean", ("min", "OT weights (exact)", "OT activations"), "in", (5.95, 7.15),
+     ["chrF, desktop test", "chrF, system test"], "little more (0.3–0.9 BLEU, 6–7 chrF)"),
+    ("translation_domains", "every seed", "vanilla average", "==", 0.0, COLS_7, "vanilla averaging produces nothing"),
+    *[("translation_domains", "every seed", lo, "<", hi, CHRF_7,
+       "In chrF the order is the same on every test and every seed: vanilla < OT weights, OT activations < RegMean < "
+     "OT + RegMean < both parties") for lo, hi in (
+        ("vanilla average", ("min", "OT weights (exact)", "OT activations")),
+        (("max", "OT weights (exact)", "OT activations"), "RegMean"), ("RegMean", "OT + RegMean"),
+        ("OT + RegMean", ("min", "desktop party", "system party")))],
+    ("translation_domains", "some seed", ("max", "OT weights (exact)", "OT activations"), ">", "RegMean",
+     ["BLEU, desktop test", "BLEU, system test"], "(OT alone above RegMean on some seeds)"),
+    ("translation_domains", "every seed", ("max", "OT weights (exact)", "OT activations", "RegMean"), "<", 2.0,
+     COLS_7[::2], "in BLEU, where OT alone and RegMean all stay below 2, they swap places"),
+    ("translation_domains", "every seed", "ensemble", "<", "system party", "BLEU, system test",
+     "but below the system party on system strings on every seed (BLEU 8.8 / 10.8 / 10.0 against 11.5 / 13.1 / 11.9)"),
+    ("translation_domains", "every seed", "ensemble", ">", "desktop party", "BLEU, system test",
+     "between the two parents there"),
+    ("translation_domains", "every seed", "ensemble", ">", ("max", "desktop party", "system party"),
+     ["BLEU, desktop test", "chrF, desktop test"], "it is above both on desktop strings (10.8)"),
+    ("translation", "every seed", "ensemble", ">", ("max", "half A", "half B"), "*",
+     "Unlike study 6, the ensemble is not above both parents"),
+    ("translation_domains", "every seed", "ensemble", ">", ("max", *ONE_SHOT_7), COLS_7,
+     "the ensemble is the only combination of the parties at or above a parent"),
+    ("translation_domains", "every seed", "joint (both domains' data)", ">",
+     ("max", "desktop party", "system party", "ensemble", *ONE_SHOT_7), COLS_7,
+     "The joint model trained on both domains is far ahead on every test"),
+    ("translation_domains", "every seed", "joint (both domains' data)", ">",
+     ("+", 10.0, ("max", "desktop party", "system party", "ensemble")), ["BLEU, desktop test", "BLEU, system test",
+                                                                        "chrF, LibreOffice help (unseen)"],
+     "(25 BLEU on each domain, 25.3 chrF on LibreOffice)"),
+    ("translation_domains", "every seed", "system party", ">", "desktop party", "BLEU, system test",
+     "the system party beats the desktop party there on every seed"),
+    ("translation_domains", "mean", "system party", ">=", "desktop party", "BLEU, desktop test",
+     "on desktop strings the desktop party is not better than the system party"),
+    ("translation_domains", "seeds 0 1", "system party", ">", "desktop party", "BLEU, desktop test",
+     "(7.7 against 8.0; ahead on one seed of three)"),
+    ("translation_domains", "seed 2", "desktop party", ">", "system party", "BLEU, desktop test",
+     "(7.7 against 8.0; ahead on one seed of three)"),
+    ("translation_domains", "every seed", ("max", "desktop party", "system party", "ensemble", *ONE_SHOT_7,
+                                           "joint (both domains' data)"), "<", 2.0,
+     "BLEU, LibreOffice help (unseen)", "The unseen LibreOffice help stays below 2 BLEU for every model"),
+    ("translation_domains", "every seed", ("-", "RegMean", ("max", "OT weights (exact)", "OT activations")), ">", 1.0,
+     "chrF, LibreOffice help (unseen)", "chrF separates the rows that BLEU leaves near zero there"),
+    ("translation_domains", "every seed", "desktop party", "in", (5.55, 9.05), "BLEU, desktop test",
+     "own-domain BLEU 5.6–9.0 for the desktop party"),
+    ("translation_domains", "mean", ("max", "desktop party@BLEU, desktop test", "system party@BLEU, system test"),
+     "<", 13.3, None, "The test BLEU of the parties (5–12) is below the pilot's validation point"),
+    # ------------------------------------------------------------ README: the studies summary
+    ("shards", "every seed", "OT activations", "<", "ensemble", "k=4",
+     "with 4 shards the best one-shot route (OT on activations, 73.4) is below the ensemble (74.5) on every seed"),
+    ("shards", "mean", "OT activations", ">", ("max", "vanilla average", "OT weights (exact)", "OT weights (sinkhorn)",
+                                               "RegMean", "OT + RegMean"), "k=4",
+     "with 4 shards the best one-shot route (OT on activations, 73.4)"),
+    ("shards", "seed 2", ("max", "OT weights (exact)", "OT weights (sinkhorn)", "OT activations"), "<",
+     ("min", "shard 1", "shard 2"), "k=2", "drags every OT route to 49.8, below both shards"),
+    ("shards", "mean", ("-", "ensemble", "OT weights (exact) + fine-tune"), "in", (0.0, 0.2), "k=4",
+     "only a short fine-tune brings fusion within 0.2 points of the ensemble (74.3 against 74.5 on the mean)"),
+    ("shards", "mean", ("-", "ensemble", ("max", "OT weights (exact)", "OT weights (sinkhorn)", "OT activations",
+                                         "RegMean", "OT + RegMean", "vanilla average")), ">", 1.0, "k=4",
+     "only a short fine-tune brings fusion within 0.2 points of the ensemble"),
+    *[(st, "every seed", best, ">", ("max", *parties, "ensemble"), col,
+       "the best merge is above every party and above the ensemble on every seed")
+      for st, best, parties, col in (("federated", "OT + RegMean", PARTIES_2, "in-domain mean"),
+                                     ("federated_pretrained", "RegMean", PARTIES_2, "in-domain mean"),
+                                     ("languages", "RegMean", ["EN party", "FI party"], "mean"))],
+    *[(st, "mean", best, ">", ("max", *others), col,
+       "(OT + RegMean on four sentiment domains; RegMean across English and Finnish, and for children of one")
+      for st, best, col, others in (
+          ("federated", "OT + RegMean", "in-domain mean", ("vanilla average", "OT weights (exact)",
+                                                           "OT weights (sinkhorn)", "OT activations", "RegMean")),
+          ("federated_pretrained", "RegMean", "in-domain mean", ("vanilla average", "OT weights (exact)",
+                                                                 "OT weights (sinkhorn)", "OT activations")),
+          ("languages", "RegMean", "mean", ("vanilla average", "OT weights (exact)", "OT weights (sinkhorn)",
+                                            "OT activations", "OT + RegMean", *MASS_ROWS)))],
+    *[(st, "every seed", best, "<", upper, col, "and below the model trained on everyone's data on every seed")
+      for st, best, upper, col in (("federated", "OT + RegMean", "multi-task (union of the data)", "in-domain mean"),
+                                   ("federated_pretrained", "RegMean", "multi-task (union of the data)",
+                                    "in-domain mean"),
+                                   ("languages", "RegMean", "joint (both parties' data)", "mean"))],
+    ("federated_pretrained", "every seed", "RegMean", ">", "vanilla average", "in-domain mean",
+     "RegMean 1.5 points above averaging, on every seed"),
+    ("federated_pretrained", "mean", ("-", "RegMean", "vanilla average"), "in", (1.45, 1.55), "in-domain mean",
+     "RegMean 1.5 points above averaging, on every seed"),
+    ("vision", "every seed", ("max", "OT weights (exact)", "OT weights (sinkhorn)", "OT activations",
+                              "OT weights (exact) + fine-tune"), "<", ("min", "parent A", "parent B"), "test",
+     "fusion does not reach the parents, even after a short fine-tune"),
+    *[(s, "mean", f"mass:{m}", "in", (11.15, 73.25), None, "Support masses change the plans (11–73% of matches)")
+      for s in ("shards", "languages", "vision") for m in MASS_ROWS],
+    *[(s, "mean", ("-", m, MASS_ROWS[m]), "<=", 1.0, c, "but do not raise the accuracy beyond the seeds' noise")
+      for s, c in (("languages", "mean"), ("shards", "k=2"), ("vision", "test")) for m in MASS_ROWS],
+    ("translation", "mean", "half A + fine-tune", ">", "OT + RegMean + fine-tune", "BLEU greedy",
+     "a short fine-tune does not beat a parent given the same steps (18.6 against 20.3)"),
+    ("translation_domains", "every seed", "ensemble", ">", ("max", "desktop party", "system party"),
+     "BLEU, desktop test",
+     "the ensemble is above both parents on desktop strings but below the system party on system strings"),
+    ("translation_domains", "every seed", "ensemble", "<", "system party", "BLEU, system test",
+     "the ensemble is above both parents on desktop strings but below the system party on system strings"),
+    ("translation_domains", "mean", ("/", "OT + RegMean", ("mean", "desktop party", "system party")), "in",
+     (0.4, 0.6), ["BLEU, desktop test", "BLEU, system test"], "the best fusion keeps about half a parent's BLEU"),
+    ("translation", "mean", ("/", "OT + RegMean", ("mean", "half A", "half B")), "in", (0.55, 0.65), "BLEU greedy",
+     "one-shot OT + RegMean keeps about 60% of the parents' BLEU"),
+    ("translation", "every seed", "vanilla average", "==", 0.0, "BLEU greedy", "(vanilla averaging none)"),
+    ("translation", "every seed", ("-", "half A", "OT + RegMean, encoders only"), ">", 0.0, "BLEU greedy",
+     "fusing only the encoders keeps 19.7 BLEU against half A's 20.1"),
+    ("translation", "every seed", "OT + RegMean, encoders only", ">", "OT + RegMean, decoders only", "BLEU greedy",
+     "the ablation puts the damage in the decoders"),
+    ("translation_domains", "every seed", "joint (both domains' data)", ">", ("max", "desktop party", "system party",
+                                                                             "ensemble"), COLS_7,
+     "a joint model on both domains' strings is far ahead"),
+]
+
+
+# ---------------------------------------------------------------- evaluation
+
+@lru_cache(maxsize=None)
+def load(study: str, results: Path = RESULTS) -> dict:
+    return json.loads((results / f"{study}.json").read_text())
+
+
+def _seed_indices(doc: dict, scope: str) -> list[int] | str:
+    seeds = list(doc["seeds"])
+    if scope in ("every seed", "some seed"):
+        return list(range(len(seeds)))
+    if scope == "mean":
+        return "mean"
+    words = scope.split()
+    if words[0] in ("seed", "seeds") and len(words) > 1:
+        wanted = [int(w) for w in words[1:]]
+        missing = [s for s in wanted if s not in seeds]
+        if missing:
+            raise ValueError(f"seed(s) {missing} not in the results (seeds {seeds})")
+        return [seeds.index(s) for s in wanted]
+    raise ValueError(f"unknown scope {scope!r}")
+
+
+def _cell(study: str, row: str, column: str | None, k: int | str, results: Path) -> float:
+    doc = load(study, results)
+    if row.startswith("mass:"):
+        name = row[len("mass:"):]
+        values = [c[name] * 100 for c in doc["mass_changes"]]
+    elif row.startswith("time:"):
+        name = row[len("time:"):]
+        values = [t[name] for t in doc["timing"]]
+    else:
+        if "@" in row:
+            row, column = row.rsplit("@", 1)
+        if column is None:
+            raise ValueError(f"term {row!r} needs a column")
+        key = f"{row}|{column}"
+        if row not in doc["rows"] or column not in doc["columns"]:
+            raise KeyError(f"{study}: no row {row!r} or column {column!r}")
+        scale = doc.get("value_scale", 100.0)
+        values = [r[key] * scale for r in doc["runs"]]
+    return sum(values) / len(values) if k == "mean" else values[k]
+
+
+def value(study: str, term, column: str | None, k: int | str, results: Path = RESULTS) -> float:
+    """A term's value for seed index k (or "mean")."""
+    if isinstance(term, (int, float)):
+        return float(term)
+    if isinstance(term, str):
+        if "::" in term:
+            other, row = term.split("::", 1)
+            return _cell(other, row, column, k, results)
+        return _cell(study, term, column, k, results)
+    fn, *args = term
+    vals = [value(study, a, column, k, results) for a in args]
+    if fn == "max":
+        return max(vals)
+    if fn == "min":
+        return min(vals)
+    if fn == "mean":
+        return sum(vals) / len(vals)
+    if fn == "abs":
+        (v,) = vals
+        return abs(v)
+    a, b = vals
+    if fn == "-":
+        return a - b
+    if fn == "+":
+        return a + b
+    if fn == "*":
+        return a * b
+    if fn == "/":
+        return a / b
+    raise ValueError(f"unknown function {fn!r}")
+
+
+def _holds(op: str, left: float, right) -> bool:
+    if op == "<":
+        return left < right
+    if op == "<=":
+        return left <= right
+    if op == ">":
+        return left > right
+    if op == ">=":
+        return left >= right
+    if op == "==":
+        return abs(left - right) <= 1e-9
+    if op == "~":
+        target, tol = right
+        return abs(left - target) <= tol
+    if op == "in":
+        low, high = right
+        return low <= left <= high
+    raise ValueError(f"unknown op {op!r}")
+
+
+def evaluate(claim: tuple, results: Path = RESULTS) -> tuple[bool, list[str]]:
+    """(holds, one line per (column, seed) compared) for one claim."""
+    study, scope, left, op, right, columns, quote = claim
+    doc = load(study, results)
+    if columns == "*":
+        columns = list(doc["columns"])
+    elif columns is None or isinstance(columns, str):
+        columns = [columns]
+    indices = _seed_indices(doc, scope)
+    checks, lines = [], []
+    for column in columns:
+        for k in (["mean"] if indices == "mean" else indices):
+            lv = value(study, left, column, k, results)
+            if op == "~":
+                rv = (value(study, right[0], column, k, results), right[1])
+            elif op == "in":
+                rv = tuple(value(study, r, column, k, results) for r in right)
+            else:
+                rv = value(study, right, column, k, results)
+            ok = _holds(op, lv, rv)
+            checks.append(ok)
+            where = "mean" if k == "mean" else f"seed {doc['seeds'][k]}"
+            shown = f"({rv[0]:.3f}, {rv[1]:.3f})" if isinstance(rv, tuple) else f"{rv:.3f}"
+            lines.append(f"{'ok ' if ok else 'NO '} {column or '-'} | {where}: {lv:.3f} {op} {shown}")
+    holds = any(checks) if scope == "some seed" else all(checks)
+    return holds, lines
+
+
+def fold(text: str) -> str:
+    """White space folded and Markdown emphasis dropped, for finding a quote in the prose."""
+    return " ".join(text.replace("*", "").split())
+
+
+def missing_quotes(claims: list[tuple] = CLAIMS, docs=DOCS) -> list[str]:
+    prose = " ".join(fold(Path(d).read_text()) for d in docs)
+    return sorted({c[-1] for c in claims if fold(c[-1]) not in prose})
+
+
+def check(claims: list[tuple] = CLAIMS, results: Path = RESULTS) -> list[tuple[tuple, list[str]]]:
+    """The claims that do not hold, each with its comparisons."""
+    failed = []
+    for claim in claims:
+        holds, lines = evaluate(claim, results)
+        if not holds:
+            failed.append((claim, lines))
+    return failed
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--study", default=None, help="only this study's claims")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--quiet", action="store_true", help="print only what fails")
+    args = ap.parse_args(argv)
+    claims = [c for c in CLAIMS if args.study in (None, c[0])]
+    bad = 0
+    for claim in claims:
+        holds, lines = evaluate(claim, args.results)
+        bad += not holds
+        if not holds or not args.quiet:
+            print(f"{'PASS' if holds else 'FAIL'} [{claim[0]}, {claim[1]}] {claim[-1]!r}")
+            for line in lines:
+                print("     " + line)
+    quotes = missing_quotes(claims)
+    for q in quotes:
+        print(f"QUOTE NOT FOUND in STUDIES.md / README.md: {q!r}")
+    print(f"{len(claims) - bad} of {len(claims)} claims hold; {len(quotes)} quotes not found")
+    return int(bool(bad or quotes))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
