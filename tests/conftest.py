@@ -11,6 +11,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One compute thread, here and in every otfuse the tests start: the suite's time then does not depend on how
+# busy the machine is (torch's default, a thread per core, made commands 2-7x slower on a loaded machine) and
+# in-process and subprocess runs reduce in the same order.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def make_tiny_bert(path: Path, hidden: int = 32, intermediate: int = 64, layers: int = 2, seed: int = 0,
                    max_shard_size: str | None = None):
