@@ -485,8 +485,8 @@ HOSTILE_SLOTS = {
 }
 DEEP_SLOTS = {"bert": ("config.json", "index", "jsonl", "plan", "stats", "weights"),
               "file": ("weights", "plan", "stats")}
-OPTION_VALUES = ["", " ", "0", "-1", "1.5", "nan", "inf", "-inf", "1e400", str(10**30), "abc", "1,", "9" * 5000,
-                 "\udcff", "1e-320"]
+OPTION_VALUES = ["", " ", "0", "-1", "1.5", "nan", "inf", "-inf", "1e400", "1e300", "3.5e38", str(10**30), "abc",
+                 "1,", "9" * 5000, "\udcff", "1e-320"]
 OPTIONS = {  # command -> [(flag, what makes the flag read)]
     "fuse": [("--weights", []), ("--sketch", []), ("--refine", []), ("--reg", ["--solver", "sinkhorn"]),
              ("--max-iter", ["--solver", "sinkhorn"]), ("--anchor", []), ("--time-limit", []),
@@ -494,7 +494,9 @@ OPTIONS = {  # command -> [(flag, what makes the flag read)]
              ("--max-tokens", ["--align", "activations", "--data", "{dat}"]),
              ("--max-length", ["--align", "activations", "--data", "{dat}"]),
              ("--seed", ["--align", "activations", "--data", "{dat}"]), ("--data", ["--align", "activations"]),
-             ("--regmean-alpha", ["--merge", "regmean", "--data", "{dat}"]), ("-o", [])],
+             ("--regmean-alpha", ["--merge", "regmean", "--data", "{dat}"]),
+             ("--scale", ["--base", "{m}", "--merge", "task-arithmetic"]),
+             ("--density", ["--base", "{m}", "--merge", "ties"]), ("--dtype", []), ("-o", [])],
     "compress": [("--ratio", []), ("--width", []), ("--seed", ["--ratio", "0.5"]), ("-o", ["--ratio", "0.5"])],
     "evaluate": [("--max-samples", []), ("--batch-size", []), ("--max-length", []), ("--fail-under", []),
                  ("--steps", ["--interpolate", "{m}", "{p}"]), ("--ensemble-of", ["{p}"])],
@@ -830,6 +832,9 @@ def output_problems(path: Path) -> list[str]:
 
     if not path.exists():
         return ["exit 0 but no output"]
+    if path.is_dir() and not any(path.glob("*.safetensors")) and any(p.is_dir() for p in path.iterdir()):
+        # fuse kept each parent's own task head: one model folder per parent, each checked as an output
+        return [f"{m.name}: {x}" for m in sorted(p for p in path.iterdir() if p.is_dir()) for x in output_problems(m)]
     problems = []
     r = run_cli(["inspect", "--spaces", "--json", str(path)])
     if r["code"] != 0:

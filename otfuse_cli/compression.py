@@ -27,6 +27,7 @@ from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
 from otfuse_cli import report
 from otfuse_cli import deadline
 from otfuse_cli.errors import OtfuseError
+from otfuse_cli.fusion import check_finite_output
 from otfuse_cli.options import AlignOptions, DataOptions, OutputOptions
 from otfuse_cli.pipeline import (check_data, check_output, check_shard_size, data_record, dtype_overrides,
                                  feature_provider, layout_of, output_dtype)
@@ -323,7 +324,7 @@ def compressed_tensors(ckpt, mover: Transporter, plans: dict[str, Plan], write: 
             continue
         y = mover.move(name, checked_float(x, str(ckpt.path), name), plans)
         count[0] += y.numel()
-        yield name, y.to(output_dtype(x.dtype, write))
+        yield name, check_finite_output(name, y.to(output_dtype(x.dtype, write)))
 
 
 def compress(model: str, output: str, *, ratio: float | None = None, widths=None, method: str = "ot",

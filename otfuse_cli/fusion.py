@@ -128,13 +128,31 @@ def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[
         tensor = Tensor(name, weights, merge, seed=seed)
         origin = None if base is None else base.source.take(base.names[name], raw=rule.elementwise)
         if rule.elementwise:
-            yield name, _blockwise(rule, tensor, aligned, extra, origin, dtype)
+            yield name, check_finite_output(name, _blockwise(rule, tensor, aligned, extra, origin, dtype), merge)
             continue
         if origin is not None:  # task vectors, then the base added back
             origin = as_float(origin)
             aligned = [as_float(x) - origin for x in aligned]
         out = rule(aligned, replace(tensor, stats=extra))
-        yield name, (out if origin is None else out.to(origin.dtype) + origin).to(dtype)
+        yield name, check_finite_output(name, (out if origin is None else out.to(origin.dtype) + origin).to(dtype),
+                                        merge)
+
+
+def check_finite_output(name: str, t: torch.Tensor, merge: MergeOptions | None = None) -> torch.Tensor:
+    """An output tensor (fused or compressed) must be finite: the inputs are (checked when read), so NaN/Inf
+    here is an overflow, e.g. `--scale 1e308` times a task vector, --dtype float16 below values past 65504, or
+    compress summing huge outgoing weights (exit 0 with an Inf-filled output before). Checked in blocks: no
+    tensor-sized temporary."""
+    if not t.is_floating_point():
+        return t
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), BLOCK):
+        if not bool(torch.isfinite(flat[start:start + BLOCK]).all()):
+            hint = f" (--scale {merge.scale:g} is too large)" if merge is not None and merge.scale not in (None, 1.0) \
+                else ""
+            raise OtfuseError(f"output tensor {name} overflows {str(t.dtype).removeprefix('torch.')}{hint}; nothing "
+                              "was written")
+    return t
 
 
 def _kept(parents: Parents) -> set[str]:

@@ -511,6 +511,32 @@ def test_output_names_are_checked_up_front(ws, command, name, ok):
         refused(ws, *args, "-o", out, fragment="-o")
 
 
+def _big(ws: Workspace) -> None:
+    for name in ("mlp_a", "mlp_b"):
+        sd = load_file(ws.inp / f"{name}.safetensors")
+        sd["4.weight"] = sd["4.weight"] * 1e6  # finite in float32, past float16's 65504
+        save_file(sd, ws.inp / f"{name}_big.safetensors", metadata=_meta(ws.inp / f"{name}.safetensors"))
+
+
+OVERFLOWS = {
+    "--scale 1e308 on task vectors": ["fuse", A, B, "-o", OUT, "--align", "none", "--base", A, "--merge",
+                                      "task-arithmetic", "--scale", "1e308"],
+    "--scale 1e300 on TIES": ["fuse", A, B, "-o", OUT, "--base", A, "--merge", "ties", "--scale", "1e300"],
+    "fuse --dtype float16 of values past 65504": ["fuse", "{i}/mlp_a_big.safetensors", "{i}/mlp_b_big.safetensors",
+                                                  "-o", OUT, "--align", "none", "--dtype", "float16"],
+    "compress --dtype float16 of values past 65504": ["compress", "{i}/mlp_a_big.safetensors", "-o", OUT, "--ratio",
+                                                      "0.5", "--dtype", "float16"],
+}
+
+
+@pytest.mark.parametrize("args", OVERFLOWS.values(), ids=OVERFLOWS.keys())
+def test_option_values_that_overflow_the_output(ws, args):
+    """Values within each option's range that still make the output overflow: refused, never written as Inf
+    (exit 0 with an Inf-filled model before)."""
+    _big(ws)
+    refused(ws, *args, fragment="overflows")
+
+
 def test_empty_data_name(ws):
     refused(ws, "fuse", A, B, "-o", OUT, "--align", "activations", "--data", "", fragment="--data")
 
