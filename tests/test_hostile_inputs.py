@@ -537,6 +537,21 @@ def test_option_values_that_overflow_the_output(ws, args):
     refused(ws, *args, fragment="overflows")
 
 
+@pytest.mark.parametrize("where", ["adapter base", "shard"])
+def test_overlong_names_inside_inputs(ws, where):
+    """Names read from an input's own files: Path.exists raises ENAMETOOLONG where os.path.exists says no."""
+    long = "x" * 300
+    if where == "adapter base":
+        (ws.inp / "adapter").mkdir()
+        (ws.inp / "adapter" / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "base_model_name_or_path": long}))
+        shutil.copyfile(ws.inp / "mlp_a.safetensors", ws.inp / "adapter" / "adapter_model.safetensors")
+        refused(ws, "inspect", "{i}/adapter", fragment="base model")
+    else:
+        (_bert(ws) / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": long}}))
+        refused(ws, *INSPECT_M, fragment="too long|missing")
+
+
 def test_empty_data_name(ws):
     refused(ws, "fuse", A, B, "-o", OUT, "--align", "activations", "--data", "", fragment="--data")
 

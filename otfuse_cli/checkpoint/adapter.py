@@ -228,7 +228,7 @@ def _base_path(folder: Path, config: dict) -> Path:
     given = Path(name).expanduser()
     candidates = [given] if given.is_absolute() else [folder / given, given]
     for cand in candidates:
-        if cand.exists():
+        if os.path.exists(cand):  # never raises (a 300-byte name: ENAMETOOLONG from Path.exists)
             return cand
     raise OtfuseError(f"{folder}: base model {name!r} is not a local path (otfuse downloads nothing); pass the base "
                       f"explicitly: set base_model_name_or_path in {folder / ADAPTER_CONFIG} to its folder")
