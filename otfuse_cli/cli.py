@@ -145,11 +145,11 @@ ALLOW_MISMATCH_OPT = typer.Option(
 def require_models(*paths) -> None:
     """A model path that does not exist is said before anything heavy is imported (torch takes seconds),
     in the words the reader would use."""
-    from pathlib import Path
+    from otfuse_cli.inputs import check_input
 
-    for p in paths:
-        if p is not None and not Path(p).exists():
-            raise OtfuseError(f"no such file or folder: {p}")
+    for p in paths:  # also refuses FIFOs, devices and names too long for the file system, in one line
+        if p is not None:
+            check_input(p, "model", folder=True, missing=f"no such file or folder: {p}")
 
 
 def _version(value: bool) -> None:
@@ -394,7 +394,7 @@ def evaluate(
                                               help="Ensemble only these models (indices), e.g. the parents 0,1."),
     interpolate: Optional[tuple[str, str]] = typer.Option(None, "--interpolate", metavar="A B",
                                                           help="Score the straight line between two parents."),
-    steps: int = typer.Option(11, "--steps", min=2, help="Points on the interpolation line."),
+    steps: int = typer.Option(11, "--steps", min=2, max=1001, help="Points on the interpolation line."),
     aligned: bool = typer.Option(False, "--aligned", help="Also the line after aligning B onto A (by --align, "
                                                           "--solver, ... as in fuse)."),
     align_data: Optional[str] = typer.Option(None, "--align-data", metavar="FILE",
@@ -526,8 +526,11 @@ def _check_plot(plot: str, force: bool, interpolate: tuple[str, str] | None, mod
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
 
+    from otfuse_cli.pipeline import check_output_name
+
     if not interpolate:
         raise OtfuseError("--plot draws the --interpolate curves; add --interpolate A B")
+    check_output_name(plot, "--plot")
     try:
         import matplotlib  # noqa: F401  (the curves are drawn after every forward pass: say it now)
     except ImportError:
