@@ -398,6 +398,40 @@ CLAIMS: list[tuple] = [
      "own-domain BLEU 5.6–9.0 for the desktop party"),
     ("translation_domains", "mean", ("max", "desktop party@BLEU, desktop test", "system party@BLEU, system test"),
      "<", 13.3, None, "The test BLEU of the parties (5–12) is below the pilot's validation point"),
+    # ------------------------------------------------------------ study 8: four classifiers of one base
+    *[("multitask", "every seed", best, "<", other, "mean over tasks",
+       "are below the multi-task model (64.3) and the four fine-tunes each on its own task (65.4) on every seed")
+      for best in ("otfuse DARE-TIES", "otfuse DARE")
+      for other in ("multi-task (one body, 4 heads)", "individual (each fine-tune, own task)")],
+    *[("multitask", "every seed", row, "<", "multi-task (one body, 4 heads)", "mean over tasks",
+       "no merge reaches the multi-task model or the separate fine-tunes")
+      for row in ("otfuse average", "otfuse task arithmetic", "otfuse TIES", "otfuse DARE", "otfuse DARE-TIES",
+                  "otfuse Fisher", "otfuse RegMean", "otfuse RegMean-TIES", "otfuse RegMean-DARE", "mergekit linear",
+                  "mergekit task_arithmetic", "mergekit ties", "mergekit dare_linear", "mergekit dare_ties")],
+    ("multitask", "mean", ("/", "otfuse DARE-TIES", "individual (each fine-tune, own task)"), "in", (0.955, 0.965),
+     "mean over tasks", "keeps 96% of their accuracy in one body"),
+    ("multitask", "mean", ("-", "otfuse DARE-TIES", "pre-trained body, own heads"), "in", (25.65, 25.75),
+     "mean over tasks", "25.7 points above the pre-trained body with the same heads (37.3)"),
+    ("multitask", "every seed", "otfuse average", "<", ("min", "otfuse task arithmetic", "otfuse TIES"),
+     "mean over tasks", "Plain averaging (55.5) is far behind on every seed"),
+    ("multitask", "mean", ("-", "otfuse task arithmetic", "otfuse average"), "in", (6.75, 6.85), "mean over tasks",
+     "the validation choice λ 0.5 gains 6.8 points"),
+    ("multitask", "mean", ("abs", ("-", "otfuse RegMean", "otfuse task arithmetic")), "<=", 0.5, "mean over tasks",
+     "is level with task arithmetic (62.3) here"),
+    *[("multitask", "mean", ("abs", ("-", row, "otfuse RegMean")), "<", 0.1, "mean over tasks",
+       "on its own TIES or DARE task vectors it moves less than 0.1 points")
+      for row in ("otfuse RegMean-TIES", "otfuse RegMean-DARE")],
+    *[("multitask", "mean", ("-", "Debian section fine-tune", row), "in", (4.75, 6.3), "Debian section",
+       "every task-vector or RegMean merge is 4.8–6.3 points below the Debian fine-tune (43.6) on the mean")
+      for row in ("otfuse task arithmetic", "otfuse TIES", "otfuse DARE", "otfuse DARE-TIES", "otfuse RegMean",
+                  "otfuse RegMean-TIES", "otfuse RegMean-DARE")],
+    *[("multitask", "every seed", ours, "==", theirs, "*",
+       "average / linear, task arithmetic and TIES give the same accuracies to the last digit on every seed")
+      for ours, theirs in (("otfuse average", "mergekit linear"), ("otfuse task arithmetic", "mergekit task_arithmetic"),
+                           ("otfuse TIES", "mergekit ties"))],
+    ("multitask", "every seed", "otfuse DARE-TIES", ">",
+     ("max", "mergekit linear", "mergekit task_arithmetic", "mergekit ties", "mergekit dare_linear",
+      "mergekit dare_ties"), "mean over tasks", "otfuse's DARE-TIES (λ 0.7, density 0.2) is above mergekit's best rule on every seed"),
     # ------------------------------------------------------------ README: the studies summary
     ("shards", "every seed", "OT activations", "<", "ensemble", "k=4",
      "with 4 shards the best one-shot route (OT on activations, 73.4) is below the ensemble (74.5) on every seed"),
@@ -460,6 +494,13 @@ CLAIMS: list[tuple] = [
     ("translation_domains", "every seed", "joint (both domains' data)", ">", ("max", "desktop party", "system party",
                                                                              "ensemble"), COLS_7,
      "a joint model on both domains' strings is far ahead"),
+    ("multitask", "every seed", "otfuse DARE-TIES", "<", "multi-task (one body, 4 heads)", "mean over tasks",
+     "keep 96% of the fine-tunes' accuracy in one body but stay below the multi-task model on every seed"),
+    ("multitask", "mean", "otfuse DARE-TIES", "in", (62.95, 63.05), "mean over tasks",
+     "DARE-TIES 63.0 (mergekit best 62.3)"),
+    ("multitask", "mean", ("max", "mergekit linear", "mergekit task_arithmetic", "mergekit ties",
+                           "mergekit dare_linear", "mergekit dare_ties"), "in", (62.25, 62.35), "mean over tasks",
+     "DARE-TIES 63.0 (mergekit best 62.3)"),
 ]
 
 
