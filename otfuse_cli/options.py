@@ -94,8 +94,10 @@ class AlignOptions(Options):
     refine: int | None = option(None, "--refine", "Extra passes over all spaces until plans stop changing "
                                 "(weights; default 5 for exact plans, 1 for sinkhorn or --sketch, measured).",
                                 minimum=0)
-    max_iter: int = option(5000, "--max-iter", "Sinkhorn: iterations per solve before a plan that has not met "
-                           "its marginals is refused (a work budget: results never depend on the clock).",
+    max_iter: int = option(5000, "--max-iter", "Sinkhorn: passes over the kernel per solve (iterations, Newton's "
+                           "conjugate-gradient steps and epsilon-scaling stages all count) before a plan that "
+                           "has not met its marginals is refused (a work budget: results never depend on the "
+                           "clock).",
                            minimum=1)
     time_limit: float | None = option(None, "--time-limit", "Abort (exit 2, nothing written) once this many "
                                       "seconds of wall time have passed; never changes a result.", minimum=0.0,
