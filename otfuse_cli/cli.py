@@ -525,7 +525,6 @@ def _check_plot(plot: str, force: bool, interpolate: tuple[str, str] | None, mod
 
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
-
     from otfuse_cli.pipeline import check_output_name
 
     if not interpolate:
@@ -694,9 +693,10 @@ def main() -> None:
             except OtfuseError as e:  # raised outside a command (e.g. while parsing): same contract
                 if interrupts.arrived():
                     interrupts.report()
+                    code = EXIT_INTERRUPTED
                 else:
                     report.error_line(str(e))
-                code = EXIT_INTERRUPTED if interrupts.arrived() else e.exit_code
+                    code = e.exit_code
         except KeyboardInterrupt:  # a signal while the outcome was being reported
             code = EXIT_INTERRUPTED
         # once the outcome is known, later signals must not turn exit 130 into death by signal at shutdown

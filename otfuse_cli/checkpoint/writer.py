@@ -300,12 +300,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _open_entry(path: Path) -> int:
+    """A read-only descriptor of a scratch entry, file or folder (flock needs one; a folder opens O_DIRECTORY)."""
+    return os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and not path.is_symlink() else 0))
+
+
 def _hold(path: Path) -> int | None:
     """An open descriptor of path holding an exclusive flock (released when it is closed or the process dies);
     None where the file system or OS has no locks."""
     if fcntl is None:
         return None
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and not path.is_symlink() else 0))
+    fd = _open_entry(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # blocks only while a recover() probing this entry holds it
     except OSError as e:
@@ -331,25 +336,20 @@ def _still_named(fd: int | None, path: Path) -> bool:
 def _probe(entry: Path, pid: int):
     """Yields whether entry is a dead writer's leftover; while the caller acts on a yes, the probe's shared
     lock keeps a writer that is just creating an entry of that name from taking it (it then picks a new name)."""
+    if fcntl is None:
+        yield not _alive(pid)
+        return
     fd = None
     try:
-        if fcntl is not None:
-            try:
-                fd = os.open(entry, os.O_RDONLY | (os.O_DIRECTORY if entry.is_dir() and not entry.is_symlink()
-                                                   else 0))
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:  # a live writer holds it, wherever it runs
-                yield False
-                return
-            except FileNotFoundError:  # gone meanwhile
-                yield False
-                return
-            except OSError:  # no locks here, or not ours to open: the pid decides
-                yield not _alive(pid)
-                return
-            yield True
-            return
-        yield not _alive(pid)
+        fd = _open_entry(entry)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        stale = True
+    except (BlockingIOError, FileNotFoundError):  # a live writer holds it, wherever it runs; or gone meanwhile
+        stale = False
+    except OSError:  # no locks here, or not ours to open: the pid decides
+        stale = not _alive(pid)
+    try:
+        yield stale
     finally:
         if fd is not None:
             os.close(fd)
