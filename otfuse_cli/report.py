@@ -347,7 +347,13 @@ class Task:
 
     def set_total(self, total: int | None) -> None:
         self.steps = total
-        self.owner.bars.update(self.id, steps=self._steps(), **({} if self.weighted else {"total": total}))
+        bars = self.owner.bars
+        bars.update(self.id, steps=self._steps())
+        if not self.weighted:
+            # Set in place: rich's update(total=) also drops the speed samples, and the ETA restarted from
+            # nothing each time a total grew (16 -> 32) mid-run.
+            with bars._lock:
+                bars.tasks[self.owner.index(self.id)].total = total
 
     def finish(self, detail: str = "") -> None:
         """Mark the rest done (refinement converged before its last sweep)."""
@@ -368,13 +374,21 @@ class Progress:
 
     def __init__(self, enabled: bool = True):
         from rich.progress import BarColumn, Progress as Bars, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.table import Column
 
         self.verbose = enabled and Verbosity.verbose and not Verbosity.quiet
         shown = enabled and not Verbosity.quiet and err_console.is_terminal
-        self.bars = Bars(TextColumn("[bold]{task.fields[name]}[/]"), BarColumn(bar_width=20),
-                         TextColumn("{task.fields[steps]}"), TimeElapsedColumn(), TextColumn("eta"),
-                         TimeRemainingColumn(), TextColumn("{task.description}"), console=err_console,
-                         disable=not shown, transient=True)
+        # On a narrow terminal only the detail gives way (it gets what the other columns, about 64 wide, leave):
+        # counts and times are never cut to "0:00…".
+        whole = lambda: Column(no_wrap=True)  # noqa: E731
+        self.bars = Bars(TextColumn("[bold]{task.fields[name]}[/]", table_column=whole()),
+                         BarColumn(bar_width=20, table_column=whole()),
+                         TextColumn("{task.fields[steps]}", table_column=whole()),
+                         TimeElapsedColumn(table_column=whole()), TextColumn("eta", table_column=whole()),
+                         TimeRemainingColumn(table_column=whole()),
+                         TextColumn("{task.description}", table_column=Column(
+                             no_wrap=True, overflow="ellipsis", max_width=max(8, err_console.width - 64))),
+                         console=err_console, disable=not shown, transient=True)
         self.spaces: Task | None = None
         self.last = time.perf_counter()  # when the previous step ended: a step's time is up to its advance
 

@@ -176,3 +176,39 @@ def test_a_weighted_task_counts_steps_but_moves_by_work(tty_stderr):
         assert state.completed == 9.0 and state.total == 10.0 and state.fields["steps"] == "1/2"
         task.advance(detail="0.ffn", work=1.0)
         assert state.completed == 10.0 and state.fields["steps"] == "2/2"
+
+
+def test_a_growing_total_keeps_the_speed_it_measured(tty_stderr):
+    """A total that grows mid-run (16 -> 32 when the data turns out longer) keeps the steps' timings: the
+    ETA is then the remaining steps at the measured speed, not blank until new samples arrive."""
+    clock = iter(range(1000))
+    with report.Progress() as progress:
+        progress.bars.get_time = lambda: float(next(clock))  # one second per reading: the speed is known
+        task = progress.task("activations", 16)
+        for _ in range(4):
+            task.advance(detail="0.ffn")
+        (state,) = progress.bars.tasks
+        assert state.speed is not None
+        task.set_total(32)
+        assert state.total == 32 and state.speed is not None
+        assert state.time_remaining is not None and state.time_remaining > 0
+        assert state.fields["steps"] == "4/32"
+
+
+def test_a_narrow_terminal_cuts_only_the_detail(monkeypatch):
+    """At 80 columns the name, the count, the elapsed time and the ETA are whole; a long detail gives way."""
+    buf = io.StringIO()
+    monkeypatch.setattr(report, "err_console", Console(file=buf, force_terminal=True, width=80,
+                                                       color_system=None, highlight=False))
+    with report.Progress() as progress:
+        task = progress.task("activations", 16)
+        task.advance(detail="encoder.layer.10.attention.output.dense, a long name of a space")
+        out = Console(file=io.StringIO(), width=80, color_system=None)
+        out.print(progress.bars.make_tasks_table(progress.bars.tasks))
+    line = out.file.getvalue().splitlines()[0]
+    assert len(line) <= 80
+    words = line.split()
+    assert words[0] == "activations" and "1/16" in words and "eta" in words
+    times = [w for w in words if w.count(":") == 2]
+    assert len(times) == 2 and all(len(t) == 7 and "…" not in t for t in times), line
+    assert "encoder.layer" in line and line.rstrip().endswith("…")
