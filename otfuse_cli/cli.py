@@ -21,6 +21,7 @@ import typer
 from typer.core import TyperGroup
 
 from otfuse_cli import __version__, interrupts, report
+from otfuse_cli import threads as threads_policy
 from otfuse_cli.cli_options import explicit_flags, refuse_unused, with_options
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import ACTIVATIONS, AlignOptions, DataOptions, MergeOptions, OutputOptions
@@ -166,11 +167,20 @@ def _root(
                                                             "JSON document with --json)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also a timed line per step on stderr "
                                                                 "(e.g. each space's solve)."),
+    threads: Optional[str] = typer.Option(None, "--threads", metavar="N",
+                                          help=f"Compute threads (default: ${threads_policy.ENV}, else the cores "
+                                               "this process may use: affinity and cgroup quota). On a machine "
+                                               "busy with other work, 1 is cheaper."),
 ) -> None:
     """Fuse neural-network checkpoints with optimal transport."""
     if quiet and verbose:
         raise OtfuseError("--quiet and --verbose exclude each other; give one")
     report.set_verbosity(quiet=quiet, verbose=verbose)  # every invocation resets it (tests reuse the app)
+    try:
+        count, why = threads_policy.configure(threads_policy.parse(threads, "--threads"))
+    except ValueError as e:
+        raise OtfuseError(str(e)) from None
+    report.timing_line(f"threads: {count if count is not None else 'as OpenMP chooses'} ({why})")
 
 
 @app.command()
