@@ -55,7 +55,8 @@ def model_card(record: dict, parents: list, anchor: int = 0) -> str:
     for k, (entry, ckpt) in enumerate(zip(inputs, parents)):
         title = card_title(ckpt)
         role = " (anchor: basis, config and tokenizer)" if k == anchor and len(inputs) > 1 else ""
-        lines.append(f"{k}. `{entry['path']}`{role}" + (f", card: \"{title}\"" if title else ""))
+        hub = f" (Hugging Face, commit `{entry['revision']}`)" if "revision" in entry else ""  # a model id
+        lines.append(f"{k}. `{entry['path']}`{hub}{role}" + (f", card: \"{title}\"" if title else ""))
         for name, digest in sorted(entry["files"].items()):
             if name.endswith(WEIGHT_SUFFIXES):
                 lines.append(f"   - `{name}` sha256 `{digest}`")

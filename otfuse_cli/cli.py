@@ -145,12 +145,14 @@ ALLOW_MISMATCH_OPT = typer.Option(
 
 def require_models(*paths) -> None:
     """A model path that does not exist is said before anything heavy is imported (torch takes seconds),
-    in the words the reader would use."""
+    in the words the reader would use. A Hugging Face id (org/name[@revision]) that is not a local path is
+    resolved here, through huggingface_hub's cache (otfuse_cli.hub): a missing one is said here too."""
+    from otfuse_cli.hub import local_path
     from otfuse_cli.inputs import check_input
 
     for p in paths:  # also refuses FIFOs, devices and names too long for the file system, in one line
         if p is not None:
-            check_input(p, "model", folder=True, missing=f"no such file or folder: {p}")
+            check_input(local_path(p), "model", folder=True, missing=f"no such file or folder: {p}")
 
 
 def _version(value: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from otfuse_cli import hub
 from otfuse_cli.checkpoint import Checkpoint
 
 
@@ -38,6 +39,7 @@ def summarize(ckpt: Checkpoint) -> dict:
         "size_bytes": ckpt.size_on_disk(),
         "num_tensors": len(keys),
         "tensors": [{"name": k, "shape": list(ckpt.shape(k)), "dtype": dtype_name(ckpt.dtype(k))} for k in keys],
+        **hub.record(ckpt),  # a Hugging Face model id: the id as given, model_id and the snapshot's commit
     }
 
 

@@ -100,13 +100,18 @@ def _group(name: str, section, where: Path):
 
 
 def _paths(recipe: dict, base: Path) -> dict:
+    """Paths relative to the recipe's folder; a model (models, model, base) that is no path there may be a
+    Hugging Face id, resolved through its cache (otfuse_cli.hub)."""
+    from otfuse_cli import hub
+
     out = dict(recipe)
     for key in PATH_KEYS:
         value = out.get(key)
+        join = hub.relative_model if key in ("models", "model", "base") else lambda v, where: str(where / v)
         if isinstance(value, list):
-            out[key] = [str(base / str(v)) for v in value]
+            out[key] = [join(str(v), base) for v in value]
         elif value is not None:
-            out[key] = str(base / str(value))
+            out[key] = join(str(value), base)
     return out
 
 

@@ -196,6 +196,8 @@ def summary_table(summaries: list[dict]) -> Table:
         "size on disk": lambda s: human_bytes(s["size_bytes"]),
         "tensors": lambda s: str(s["num_tensors"]),
     }
+    if any("revision" in s for s in summaries):  # a Hugging Face model id: the snapshot's commit
+        rows = {"path": rows["path"], "revision": lambda s: s.get("revision", "-"), **rows}
     for label, cell in rows.items():
         table.add_row(label, *(cell(s) for s in summaries))
     return table

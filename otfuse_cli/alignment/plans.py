@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from otfuse_cli import inputs
+from otfuse_cli import hub, inputs
 from otfuse_cli.alignment.transport import Plan
 from otfuse_cli.checkpoint.writer import sha256_file, write_tensors
 from otfuse_cli.errors import OtfuseError
@@ -146,7 +146,7 @@ def input_record(ckpt, spec) -> dict:
     records them) and its spaces' fingerprint."""
     base = ckpt.folder if ckpt.folder is not None else ckpt.path.parent
     return {"path": str(ckpt.path), "files": {f.relative_to(base).as_posix(): sha256_file(f) for f in ckpt.files()},
-            "spaces": space_fingerprint(ckpt, spec)}
+            "spaces": space_fingerprint(ckpt, spec), **hub.record(ckpt)}
 
 
 def check_plan_inputs(meta: dict, ckpts: list, specs: list, anchor: int, path: str | Path) -> None:

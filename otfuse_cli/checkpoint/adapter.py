@@ -67,6 +67,7 @@ class AdapterCheckpoint:
 
     format = "lora adapter"
     weights_in_folder = False  # `folder` is the base's; the tensors are merged on read
+    model_ref = None  # the Hugging Face model id it was opened from (hub.ModelRef), if any
 
     def __init__(self, path: Path, base: Checkpoint, adapter_config: dict, weights: Path):
         self.path = path

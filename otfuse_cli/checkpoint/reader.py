@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from otfuse_cli.arch import HF_FAMILIES
 from otfuse_cli.checkpoint.config import ModelConfig, check_loads, check_weights, parse_config
-from otfuse_cli import inputs
+from otfuse_cli import hub, inputs
 from otfuse_cli.errors import OtfuseError
 
 T = TypeVar("T")
@@ -80,6 +80,7 @@ class Checkpoint:
     """A checkpoint opened for lazy reading. Build it with :func:`open_checkpoint`."""
 
     weights_in_folder = True  # its tensors are the folder's weight files (an adapter's are merged on read)
+    model_ref = None  # the Hugging Face model id it was opened from (hub.ModelRef), if any
 
     def __init__(self, path: Path, format: str, folder: Path | None, config: dict | None,
                  metadata: dict[str, str], weight_files: list[Path],
@@ -310,12 +311,17 @@ def _from_torch(path: Path, folder: Path | None, config: dict | None, files: lis
 
 def open_checkpoint(path: str | Path, base: str | Path | None = None) -> Checkpoint:
     """Open a checkpoint (file, folder or index) for lazy reading; OtfuseError on any bad input. base: the model
-    a LoRA adapter folder is read over (fuse --base), in place of the one its adapter_config.json names."""
-    path = Path(path)
+    a LoRA adapter folder is read over (fuse --base), in place of the one its adapter_config.json names.
+    Either may be a Hugging Face model id (org/name[@revision]) that is not a local path: its cached snapshot
+    opens (hub.py), and the checkpoint's model_ref names it."""
+    located, ref = hub.locate(path)
+    path = Path(located)
+    base = hub.local_path(base)
     try:
         ckpt = _open(path, base)
     except OSError as e:  # permissions, I/O errors: still bad input, still one line
         raise OtfuseError(f"cannot read {e.filename or path}: {e.strerror or e}") from None
+    ckpt.model_ref = ref
     if not isinstance(ckpt, Checkpoint):
         return ckpt  # an adapter: its base was checked when opened, and the merge keeps names and shapes
     _check_tensors(ckpt)

@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 
 import otfuse_cli
-from otfuse_cli import interrupts
+from otfuse_cli import hub, interrupts
 from otfuse_cli.checkpoint.reader import (
     PROVENANCE_FILE,
     SAFETENSORS_INDEX,
@@ -114,7 +114,8 @@ def provenance(command: str, options: dict, inputs: list[Checkpoint]) -> dict:
     for ck in inputs:
         base = ck.folder if ck.folder is not None else ck.path.parent
         ins.append({"path": str(ck.path),
-                    "files": {f.relative_to(base).as_posix(): sha256_file(f) for f in ck.files()}})
+                    "files": {f.relative_to(base).as_posix(): sha256_file(f) for f in ck.files()},
+                    **hub.record(ck)})  # a model id: the id and its commit, not the cache's path
     return {"otfuse_version": otfuse_cli.__version__, "command": command,
             "options": _json_safe(options or {}), "inputs": ins}
 
