@@ -644,16 +644,20 @@ def stats(
 
 @app.command("run")
 def run_recipe_command(
-    recipe: str = typer.Argument(..., metavar="RECIPE", help="YAML recipe (README, Recipes): command, models, output and option sections."),
-    json_out: bool = JSON_OPTION,
+    recipe: str = typer.Argument(..., metavar="RECIPE", help="YAML recipe (README, Recipes): command, models, output and option sections; or a mergekit config (merge_method: linear, task_arithmetic, ties, dare_linear, dare_ties)."),
+    out_path: Optional[str] = typer.Argument(None, metavar="OUT", help="Output path, as mergekit-yaml takes it (same as -o)."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", metavar="PATH", help="Output path (relative to the current directory): a mergekit config's, or in place of the recipe's output."),
+    force: bool = FORCE_OPT, json_out: bool = JSON_OPTION,
 ) -> None:
-    """Run an align, fuse or compress job described by a YAML recipe (one file per CI job).
+    """Run an align, fuse or compress job described by a YAML recipe (one file per CI job), or a mergekit
+    merge config.
 
     Examples:
 
     \b
       otfuse run job.yaml
       otfuse run job.yaml --json
+      otfuse run mergekit.yaml -o merged/
       
       job.yaml:
         command: fuse
@@ -663,8 +667,10 @@ def run_recipe_command(
     """
     from otfuse_cli.recipe import run_recipe
 
+    if out_path is not None and output is not None and out_path != output:
+        raise OtfuseError(f"two outputs: {out_path} and -o {output}; give one")
     with report.Progress(enabled=not json_out) as progress:
-        result = run_recipe(recipe, on_space=progress)
+        result = run_recipe(recipe, on_space=progress, output=output or out_path, force=force)
     if json_out:
         report.print_json(result)
     elif "parameters" in result:

@@ -11,14 +11,17 @@
     write: {dtype: float16, force: true}          # OutputOptions
 
 Every section is checked by the same typed option objects as the command line; paths are relative to the
-recipe's folder; the recipe itself is recorded in the output's provenance."""
+recipe's folder; the recipe itself is recorded in the output's provenance. A mergekit configuration (a YAML
+with `merge_method`) is translated into the equivalent fuse recipe first (mergekit_config.py); its output
+comes from the command line."""
 
 from __future__ import annotations
 
-from dataclasses import fields
+import os
+from dataclasses import fields, replace
 from pathlib import Path
 
-from otfuse_cli import inputs
+from otfuse_cli import inputs, mergekit_config, report
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOptions
 
@@ -63,10 +66,30 @@ TYPES = {
 BOOL_FIELDS = ("force", "post_activation")
 
 
-def load_recipe(path: str | Path) -> dict:
-    path = Path(path)
+def load_recipe(path: str | Path, output: str | None = None) -> dict:
+    """The checked recipe at `path`; `output` (from the command line, relative to the current directory)
+    replaces its output. A mergekit config comes back translated (notes printed)."""
+    return _read(Path(path), output)[0]
+
+
+def _read(path: Path, output: str | None) -> tuple[dict, dict]:
+    """The checked recipe and what the output's provenance records of it."""
     inputs.check_input(path, "recipe", missing=f"recipe not found: {path}")
     recipe = inputs.load_yaml(path, "recipe")  # a regular file, size and nesting capped, aliases bounded
+    record = {"recipe": recipe}
+    if mergekit_config.is_mergekit(recipe):
+        translation = mergekit_config.translate(recipe, path, output)
+        for note in translation.notes:
+            report.note_line(note)
+        recipe, record = translation.recipe, {"recipe": translation.recipe, "mergekit": recipe}
+    elif output is not None and isinstance(recipe, dict):
+        recipe = {**recipe, "output": os.path.abspath(output)}
+        record = {"recipe": recipe}
+    _check(recipe, path)
+    return recipe, record
+
+
+def _check(recipe, path: Path) -> None:
     if not isinstance(recipe, dict) or recipe.get("command") not in COMMANDS:
         raise OtfuseError(f"{path}: a recipe is a mapping with command: {' | '.join(COMMANDS)}")
     unknown = set(recipe) - COMMANDS[recipe["command"]] - {"command"}
@@ -78,7 +101,6 @@ def load_recipe(path: str | Path) -> dict:
     for key, value in recipe.items():
         if key in TYPES and value is not None and not TYPES[key][0](value):
             raise OtfuseError(f"{path}: {key} must be {TYPES[key][1]}, got {value!r}")
-    return recipe
 
 
 def _group(name: str, section, where: Path):
@@ -115,17 +137,19 @@ def _paths(recipe: dict, base: Path) -> dict:
     return out
 
 
-def run_recipe(path: str | Path, on_space=None) -> dict:
-    """Run the recipe's command through the library; returns that command's result."""
+def run_recipe(path: str | Path, on_space=None, output: str | None = None, force: bool = False) -> dict:
+    """Run the recipe's command through the library; returns that command's result. `output` and `force`
+    come from the command line (`otfuse run RECIPE -o OUT --force`): a mergekit config names no output."""
     path = Path(path)
-    recipe = load_recipe(path)
+    recipe, record = _read(path, output)
     args = _paths(recipe, path.parent)
     from otfuse_cli.checkpoint.guard import refuse_overlap
 
     refuse_overlap(args["output"], [path])  # the recipe is an input too
     groups = {name: _group(name, recipe.get(name), path) for name in GROUPS if name in COMMANDS[recipe["command"]]}
+    if force:
+        groups["write"] = replace(groups["write"], force=True)
     command = recipe["command"]
-    record = {"recipe": recipe}
     if command == "align":
         from otfuse_cli.pipeline import align
 
