@@ -11,6 +11,10 @@ environment (benchmarks/.venv-mergekit, made on first use from PyPI: torch==2.13
     .venv/bin/python benchmarks/scale.py --sizes 125m            # one size
     .venv/bin/python benchmarks/scale.py --sizes 125m --recovery  # + hidden-permutation recovery check
     .venv/bin/python benchmarks/scale.py --sizes tiny --no-mergekit --json   # smoke (the test suite)
+    .venv/bin/python benchmarks/scale.py --sizes 1.1b --once weights --save   # 3 rounds, the long route once
+
+Every route runs --rounds times (default 3) in interleaved rounds and is reported by its medians; the I/O
+floor always runs, and every ratio is to the floor measured in the same run.
 
 Results go to stdout (a table, or JSON with --json) and, with --save, to benchmarks/scale.json."""
 
@@ -21,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -222,7 +227,7 @@ def ensure_mergekit() -> Path:
 def routes(a: Path, b: Path, work: Path, mergekit: bool, otfuse_args: list[str]) -> dict[str, list[str]]:
     otfuse = [sys.executable, "-m", "otfuse_cli", "fuse", str(a), str(b)]
     weights = f"otfuse fuse (weights, {' '.join(otfuse_args) or 'exact'})"
-    out = {"I/O floor (read both, write one)": [sys.executable, "-c", IO_FLOOR, str(a), str(b), str(work / "io")],
+    out = {FLOOR: [sys.executable, "-c", IO_FLOOR, str(a), str(b), str(work / "io")],
            "otfuse fuse --align none": otfuse + ["--align", "none", "-o", str(work / "avg")],
            weights: [*otfuse[:3], "--verbose", *otfuse[3:], *otfuse_args, "-o", str(work / "ot")]}  # phase times
     if mergekit:
@@ -233,7 +238,14 @@ def routes(a: Path, b: Path, work: Path, mergekit: bool, otfuse_args: list[str])
     return out
 
 
-def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str], only: list[str] | None = None) -> dict:
+FLOOR = "I/O floor (read both, write one)"
+
+
+def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str], only: list[str] | None = None,
+             rounds: int = 3, once: list[str] | None = None) -> dict:
+    """Every selected route (and always the I/O floor) measured `rounds` times, in rounds that each run every
+    route once, in rotated order; routes named by `once` run in the first round only (the long ones). A route's
+    figures are its medians, and its ratio is to the floor's median in this same run."""
     shape = SHAPES[size]
     a, b = root / size / "a", root / size / "b"
     t = time.perf_counter()
@@ -241,17 +253,28 @@ def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str], only
         if not (folder / "model.safetensors.index.json").exists():
             write_random_llama(folder, shape, seed)
     record = {"size": size, "shape": dict(zip(("hidden", "layers", "heads", "kv_heads", "ffn", "vocab"), shape)),
-              "model_gib": folder_bytes(a) / 2**30, "build_s": time.perf_counter() - t, "routes": {}}
-    for name, cmd in routes(a, b, root / size, mergekit, otfuse_args).items():
-        if only and not any(word in name for word in only):
-            continue
-        for stale in ("io", "avg", "ot", "mergekit"):
-            shutil.rmtree(root / size / stale, ignore_errors=True)
-        record["routes"][name] = measure(cmd, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
-        print(f"  {size} {name}: {record['routes'][name]}", file=sys.stderr, flush=True)
-    floor = record["routes"].get("I/O floor (read both, write one)")
+              "model_gib": folder_bytes(a) / 2**30, "build_s": time.perf_counter() - t, "rounds": rounds,
+              "routes": {}}
+    chosen = {name: cmd for name, cmd in routes(a, b, root / size, mergekit, otfuse_args).items()
+              if name == FLOOR or not only or any(word in name for word in only)}
+    samples: dict[str, list[dict]] = {name: [] for name in chosen}
+    names = list(chosen)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if r and once and any(word in name for word in once):
+                continue
+            outputs = {root / size / o for o in ("io", "avg", "ot", "mergekit")}
+            for made in outputs.intersection(map(Path, chosen[name])):  # this route's own output, from its last run
+                shutil.rmtree(made, ignore_errors=True)  # absent before its first run
+            samples[name].append(measure(chosen[name], env={**os.environ, "PYTHONPATH": str(HERE.parent)}))
+            print(f"  {size} {name} (round {r + 1}): {samples[name][-1]}", file=sys.stderr, flush=True)
+    for name, runs in samples.items():
+        median = {key: statistics.median(run[key] for run in runs)
+                  for key in ("wall_s", "cpu_s", "peak_rss_gib", "peak_anon_gib")}
+        record["routes"][name] = {**median, "runs": runs}
+    floor = record["routes"][FLOOR]
     for r in record["routes"].values():
-        r["cpu_vs_floor"] = r["cpu_s"] / floor["cpu_s"] if floor else float("nan")
+        r["cpu_vs_floor"] = r["cpu_s"] / floor["cpu_s"]
         r["rss_vs_model"] = r["peak_rss_gib"] / record["model_gib"]
     return record
 
@@ -323,19 +346,28 @@ def main() -> None:
     ap.add_argument("--recovery", action="store_true", help="also check hidden-permutation recovery per size")
     ap.add_argument("--recovery-only", action="store_true", help="only the recovery check, no routes")
     ap.add_argument("--only", nargs="+", default=None, metavar="WORDS",
-                    help="run only the routes whose names contain one of these words (e.g. floor, none)")
+                    help="run only the routes whose names contain one of these words (e.g. none, weights); the "
+                         "I/O floor always runs, since every ratio is to the floor of the same run")
+    ap.add_argument("--rounds", type=int, default=3, help="measure each route this many times (medians)")
+    ap.add_argument("--once", nargs="+", default=None, metavar="WORDS",
+                    help="routes (by words of their names) measured in the first round only, e.g. weights")
     ap.add_argument("--otfuse-args", default="", help="extra options for the weights route, e.g. '--refine 1'")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--save", action="store_true", help="write benchmarks/scale.json")
     args = ap.parse_args()
     root = args.work or Path(tempfile.mkdtemp(prefix="otfuse-scale-"))
     records = [] if args.recovery_only else \
-        [run_size(s, root, not args.no_mergekit, args.otfuse_args.split(), args.only) for s in args.sizes]
+        [run_size(s, root, not args.no_mergekit, args.otfuse_args.split(), args.only, args.rounds, args.once)
+         for s in args.sizes]
     checks = [recovery(s, root, args.otfuse_args.split()) for s in args.sizes] \
         if args.recovery or args.recovery_only else []
-    doc = {"sizes": records, "recovery": checks, "otfuse_args": args.otfuse_args, "cpus": os.cpu_count()}
-    if args.save:
-        (HERE / "scale.json").write_text(json.dumps(doc, indent=1) + "\n")
+    doc = {"command": " ".join(["benchmarks/scale.py", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
+           "sizes": records, "recovery": checks, "otfuse_args": args.otfuse_args, "cpus": os.cpu_count()}
+    if args.save:  # one more run in benchmarks/scale.json (README and RESULTS quote runs by their command)
+        path = HERE / "scale.json"
+        saved = json.loads(path.read_text()) if path.exists() else {"runs": []}
+        saved["runs"].append(doc)
+        path.write_text(json.dumps(saved, indent=1) + "\n")
     if args.json:
         print(json.dumps(doc, indent=1))
     else:

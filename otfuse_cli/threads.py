@@ -4,8 +4,11 @@ host gets 2 threads, not 64; torch's own default sees only the affinity).
 
 The count never follows the machine's momentary load: some reductions (a long sum split over threads) add in
 an order that depends on the thread count, so a count that backed off under load would make the same
-command's output depend on what else was running. On a busy shared machine, give `--threads 1`
-(README: Threads)."""
+command's output depend on what else was running. What backs off instead is how idle threads wait: when the
+load average already fills the usable cores, OpenMP's threads sleep at a barrier instead of spinning
+(OMP_WAIT_POLICY=PASSIVE), which changes no result. Spinning threads fight the other work for the cores they
+wait on: MiniLM activation alignment beside two busy processes took 36.1 CPU-s spinning and 19.1 sleeping, on a
+quiet machine 11.7 s and 12.7 s wall (benchmarks/threads.py, README: Threads)."""
 
 from __future__ import annotations
 
@@ -72,14 +75,38 @@ def choose(requested: int | None = None) -> tuple[int | None, str]:
     return usable_cores(), "the cores this process may use: affinity, cgroup quota"
 
 
+def busy(cores: int, load: float | None = None) -> bool:
+    """Whether the machine's 1-minute load average already fills `cores`."""
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return False
+    return load >= cores
+
+
+def wait_policy(cores: int, load: float | None = None) -> str | None:
+    """OMP_WAIT_POLICY to set before torch loads: PASSIVE on a busy machine, else None (OpenMP's default, spin
+    a while then sleep). A policy the user set stands."""
+    if os.environ.get("OMP_WAIT_POLICY"):
+        return None
+    return "PASSIVE" if busy(cores, load) else None
+
+
 def configure(requested: int | None = None) -> tuple[int | None, str]:
     """Apply `choose`: before torch is imported through OMP_NUM_THREADS, which its OpenMP runtime reads when it
     loads (so a command that fails before its first tensor never pays torch's import), after it through
     torch.set_num_threads. Returns `choose`'s (threads, why)."""
     threads, why = choose(requested)
+    torch = sys.modules.get("torch")
+    if torch is None:  # OpenMP reads its wait policy once, when torch loads
+        count = threads or usable_cores()
+        policy = wait_policy(count) if count > 1 else None  # one thread has no one to wait for
+        if policy:
+            os.environ["OMP_WAIT_POLICY"] = policy
+            why += "; idle threads sleep: the load average fills the cores"
     if threads is None:
         return threads, why
-    torch = sys.modules.get("torch")
     if torch is None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     elif torch.get_num_threads() != threads:

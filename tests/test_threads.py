@@ -59,7 +59,7 @@ def _torch_threads(code: str, env: dict) -> int:
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", threads.ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", threads.ENV)}
     return {**env, **extra}
 
 
@@ -83,10 +83,37 @@ def test_the_default_follows_the_affinity_mask_not_the_machine():
 def test_cli_option_and_environment():
     cmd = [sys.executable, "-m", "otfuse_cli", "-v", "--threads", "1", "inspect", REPO_FIXTURE]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0 and "threads: 1 (--threads)" in done.stderr
+    assert done.returncode == 0 and "threads: 1 (--threads)" in done.stderr  # one thread never waits
     done = subprocess.run([sys.executable, "-m", "otfuse_cli", "--threads", "0", "inspect", REPO_FIXTURE],
                           env=_env(), capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr == "error: --threads must be between 1 and 1024, not 0\n"
     done = subprocess.run([sys.executable, "-m", "otfuse_cli", "inspect", REPO_FIXTURE], env=_env(OTFUSE_THREADS="a"),
                           capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith("error: OTFUSE_THREADS must be a whole number")
+
+
+def test_idle_threads_sleep_only_on_a_busy_machine(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert threads.wait_policy(2, load=2.5) == "PASSIVE"
+    assert threads.wait_policy(2, load=1.2) is None
+    assert threads.wait_policy(4, load=3.9) is None
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice stands
+    assert threads.wait_policy(2, load=9.0) is None
+
+
+def test_the_wait_policy_is_set_before_torch_loads_and_reaches_openmp():
+    """With a load average above the cores (patched), configure() sets OMP_WAIT_POLICY=PASSIVE before torch is
+    imported, and libgomp then spins 0 times before sleeping (OMP_DISPLAY_ENV=VERBOSE prints GOMP_SPINCOUNT as it
+    read it at load; left unset, it spins 300,000 times)."""
+    code = ("import os; os.getloadavg = lambda: (999.0, 999.0, 999.0)\n"
+            "from otfuse_cli import threads; print(threads.configure())\n"
+            "import torch; torch.ones(4).sum()")
+    done = subprocess.run([sys.executable, "-c", code], env=_env(OMP_DISPLAY_ENV="VERBOSE"), capture_output=True,
+                          text=True, check=True)
+    assert "idle threads sleep" in done.stdout
+    assert "GOMP_SPINCOUNT = '0'" in done.stderr
+    quiet = code.replace("999.0, 999.0, 999.0", "0.0, 0.0, 0.0")
+    done = subprocess.run([sys.executable, "-c", quiet], env=_env(OMP_DISPLAY_ENV="VERBOSE"), capture_output=True,
+                          text=True, check=True)
+    assert "idle threads sleep" not in done.stdout
+    assert "GOMP_SPINCOUNT = '300000'" in done.stderr
