@@ -234,7 +234,7 @@ def inspect(
 ALIGN_FLAGS = ("--align", "--solver", "--reg", "--metric", "--marginals", "--cost-norm", "--refine", "--sketch",
                "--max-iter")
 SAMPLE_FLAGS = ("--samples", "--max-tokens", "--standardize", "--post-activation", "--max-length", "--device",
-                "--device-map", "--activation", "--seed")
+                "--device-map", "--activation", "--seed", "--split")
 ACTIVATION_FLAGS = ("--max-tokens", "--standardize", "--post-activation", "--device-map")  # activation features
 
 
@@ -397,7 +397,12 @@ def _display_names(paths: list[str]) -> list[str]:
 def evaluate(
     models: list[str] = typer.Argument(None, metavar="MODEL", help="Checkpoints to score, one row each."),
     data: str = typer.Option(..., "--data", metavar="FILE", help="Evaluation data: jsonl/csv/tsv (text[, text_pair], label | "
-                                                 "source, target | text) or npz/safetensors (x, y)."),
+                                                 "source, target | text) or npz/safetensors (x, y); parquet (a "
+                                                 "file or a folder of shards), a datasets save_to_disk folder or a "
+                                                 "cached dataset id with the same columns."),
+    split: Optional[str] = typer.Option(None, "--split", metavar="SPLIT",
+                                        help="Split of --data (DatasetDict folder, split shards, dataset id; "
+                                             "default: its only split)."),
     task: str = typer.Option("auto", "--task", metavar="[auto|classification|lm|translation]", help="auto, classification, lm or translation."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Inputs per forward pass."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Seeded subsample of the data."),
@@ -411,6 +416,8 @@ def evaluate(
                                                           "--solver, ... as in fuse)."),
     align_data: Optional[str] = typer.Option(None, "--align-data", metavar="FILE",
                                              help="Sample inputs for --aligned --align activations."),
+    align_split: Optional[str] = typer.Option(None, "--align-split", metavar="SPLIT",
+                                              help="Split of --align-data (as --split for --data)."),
     plot: Optional[str] = typer.Option(None, "--plot", metavar="PNG", help="Draw the interpolation curves to a PNG."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --plot file."),
     num_beams: int = typer.Option(1, "--num-beams", min=1, help="Beam size for translation (1 = greedy)."),
@@ -461,12 +468,15 @@ def evaluate(
     if plot:
         _check_plot(plot, force, interpolate, models, data)
     if not aligned:
-        refuse_unused(explicit_flags(), (*ALIGN_FLAGS, "--align-data", "--time-limit"), "they shape the --aligned line")
+        refuse_unused(explicit_flags(), (*ALIGN_FLAGS, "--align-data", "--align-split", "--time-limit"),
+                      "they shape the --aligned line")
     elif options.align == "none":
         raise OtfuseError("--aligned --align none is the naive line again; use --align weights or activations")
     elif (options.align == "activations") != bool(align_data):  # activations read samples, weights none
         raise OtfuseError("--aligned --align activations needs --align-data FILE (sample inputs to align on); "
                           "--align-data is read by --align activations only")
+    elif align_split and not align_data:
+        raise OtfuseError("--align-split picks a split of --align-data; give --align-data too")
     from otfuse_cli.evaluation.gates import check_applicable, check_gate_names, missed, parse_gate
 
     gates = [parse_gate(g, upper=False) for g in fail_under or []] + \
@@ -475,7 +485,7 @@ def evaluate(
         raise OtfuseError("--fail-under/--fail-over gate the MODEL rows; give the models to score")
     check_gate_names(gates, _display_names(models) + (["ensemble"] if ensemble or ensemble_of else []), task)
     opts = dict(batch_size=batch_size, max_samples=max_samples, device=device, seed=seed, num_beams=num_beams,
-                max_length=max_length, columns={"source": source_field, "target": target_field})
+                max_length=max_length, columns={"source": source_field, "target": target_field}, split=split)
     doc: dict = {}
     if models:
         runnables = [(n, load_runnable(open_checkpoint(p), activation=activation))
@@ -502,8 +512,8 @@ def evaluate(
             curves.append(interpolate_line(a.state_dict(), b.state_dict(), a, data, steps, name="naive", task=task,
                                            activation=activation, progress=progress, **opts))
             if aligned:
-                samples = DataOptions(data=align_data, activation=activation, seed=seed, max_length=max_length,
-                                      device=device)
+                samples = DataOptions(data=align_data, split=align_split, activation=activation, seed=seed,
+                                      max_length=max_length, device=device)
                 sa, sb, like = aligned_parent(list(interpolate), options, samples, on_space=progress,
                                               allow_config_mismatch=allow_config_mismatch)
                 curves.append(interpolate_line(sa, sb, like, data, steps, name="aligned", task=task,
@@ -603,7 +613,8 @@ def compress(
 
 
 @app.command()
-@with_options(data=DataOptions, only={"data": ("data", "samples", "seed", "activation", "max_length", "device")})
+@with_options(data=DataOptions, only={"data": ("data", "split", "samples", "seed", "activation", "max_length",
+                                               "device")})
 def stats(
     model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint whose statistics to compute."),
     output: str = typer.Option(..., "-o", "--output", metavar="PATH", help="Statistics file to write (.safetensors)."),

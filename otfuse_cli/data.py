@@ -1,4 +1,6 @@
-"""Sample and evaluation data: text records (.jsonl/.csv/.tsv/.txt) and tensors (.npz/.safetensors).
+"""Sample and evaluation data: text records (.jsonl/.csv/.tsv/.txt), tensors (.npz/.safetensors), and tables from
+datasets (parquet files and folders, save_to_disk folders, cached dataset ids: tables.py), whose rows become the
+same records.
 
 Shared by `evaluate` and by activation-based alignment. Every bad input is one OtfuseError line.
 """
@@ -16,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from otfuse_cli import inputs, interrupts
+from otfuse_cli import inputs, interrupts, tables
 from otfuse_cli.errors import OtfuseError
 
 RECORD_SUFFIXES = (".jsonl", ".csv", ".tsv", ".txt")
@@ -32,7 +34,8 @@ def _check_file(path: Path, kinds: Sequence[str]) -> None:
     st = inputs.check_input(path, "data file", missing=f"data file not found: {path}")
     if path.suffix.lower() not in kinds:
         raise OtfuseError(f"unknown data file type {path.suffix or '(none)'!r} for {path} "
-                          f"(expected one of {', '.join(RECORD_SUFFIXES + TENSOR_SUFFIXES)})")
+                          f"(expected one of {', '.join(RECORD_SUFFIXES + TENSOR_SUFFIXES + tables.TABLE_SUFFIXES)}, "
+                          "a dataset folder or a cached dataset id)")
     if st.st_size == 0:
         raise OtfuseError(f"data file is empty: {path}")
 
@@ -147,15 +150,56 @@ def _records(path: Path):
     return _text_lines(path)
 
 
-def load_records(path: str | Path, *, max_samples: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+def check_source(data: str | Path, split: str | None = None) -> None:
+    """--data names something readable, checked before any model loads: a regular data file (a FIFO or device
+    would block its reader), or a table (tables.open_source: parquet, save_to_disk folder, cached dataset id)
+    whose split exists."""
+    if tables.open_source(data, split) is None:
+        if split is not None:
+            raise tables.no_split(str(data), split)
+        inputs.check_input(data, "data file", missing=f"data file not found: {data}")
+
+
+def source_record(data: str | Path, split: str | None = None) -> dict:
+    """What data was read, for provenance: {"file", "sha256"} for a data file; a table adds "split" and
+    "files" (its sha256 covers every file read)."""
+    if (source := tables.open_source(data, split)) is not None:
+        return source.describe()
+    from otfuse_cli.checkpoint import sha256_file
+
+    return {"file": str(data), "sha256": sha256_file(data)}
+
+
+def source_summary(data: str | Path, split: str | None = None) -> dict:
+    """{"split", "files"} of a table (for evaluate's JSON), {} for a data file."""
+    source = tables.open_source(data, split)
+    return source.summary() if source is not None else {}
+
+
+def _table_records(source: "tables.TableSource", max_samples: int | None, seed: int) -> list[dict[str, Any]]:
+    """A table's records: the rows subsample() would pick from all of them, decoded batch by batch."""
+    count = source.count()
+    if not count:
+        raise OtfuseError(f"data has no records: {source.where}")
+    keep = None if max_samples is None or count <= max_samples else subsample(range(count), max_samples, seed)
+    return list(source.records(keep))
+
+
+def load_records(path: str | Path, *, max_samples: int | None = None, seed: int = 0,
+                 split: str | None = None) -> list[dict[str, Any]]:
     """Records from .jsonl (one object per line), .csv/.tsv (header row) or .txt ({"text": line}), read in
     bounded chunks (a record above inputs.RECORD_MAX_BYTES is refused). Every record is checked; with
     max_samples only the seeded subsample is kept (a second pass picks it once the count is known), so a
-    large file costs memory for max_samples records, not for all of them."""
-    path = Path(path)
-    _check_file(path, RECORD_SUFFIXES)
+    large file costs memory for max_samples records, not for all of them. Tables (parquet, save_to_disk
+    folders, cached dataset ids; `split` picks a split) give their rows as records, read in batches."""
     if max_samples is not None and max_samples < 1:
         raise OtfuseError(f"max_samples must be at least 1, got {max_samples}")
+    if (source := tables.open_source(path, split)) is not None:
+        return _table_records(source, max_samples, seed)
+    if split is not None:
+        raise tables.no_split(str(path), split)
+    path = Path(path)
+    _check_file(path, RECORD_SUFFIXES)
     records: list[dict[str, Any]] = []
     count = 0
     for record in _records(path):

@@ -139,7 +139,12 @@ class DataOptions(Options):
     """Sample inputs and forward passes: activation alignment, BatchNorm repair, activation compression.
     `device` runs the forward passes; weight-based costs are computed on the CPU."""
 
-    data: str | None = option(None, "--data", "Sample inputs (jsonl/csv/tsv/txt/npz/safetensors).", metavar="FILE")
+    data: str | None = option(None, "--data", "Sample inputs: jsonl/csv/tsv/txt/npz/safetensors, parquet (a file or "
+                              "a folder of shards), a datasets save_to_disk folder, or a dataset id in the Hugging "
+                              "Face datasets cache (read offline).", metavar="FILE")
+    split: str | None = option(None, "--split", "Which split of --data: a DatasetDict folder, a folder of "
+                               "<split>-00000-of-00002.parquet shards or a cached dataset id (default: its only "
+                               "split).", metavar="SPLIT")
     samples: int = option(256, "--samples", "Number of sample inputs.", minimum=1)
     seed: int = option(0, "--seed", "Seed for sampling inputs and tokens (and compress's clustering).", minimum=0,
                       maximum=2**63 - 1)
@@ -165,6 +170,10 @@ class DataOptions(Options):
         super().__post_init__()
         if self.data is not None and not self.data.strip():
             raise OtfuseError(f"--data needs a file name, got {self.data!r}")
+        if self.split is not None and not self.split.strip():
+            raise OtfuseError(f"--split needs a split name, got {self.split!r}")
+        if self.split is not None and self.data is None:
+            raise OtfuseError("--split picks a split of --data; give --data too")
 
     def for_family(self, family: str) -> "DataOptions":
         """Unset activation choices filled with the family's measured defaults (arch.activation_defaults)."""

@@ -94,14 +94,15 @@ def feature_provider(options: AlignOptions, data: DataOptions, anchor_spec, spec
 
 
 def check_data(options: AlignOptions, data: DataOptions) -> None:
-    """For activation plans: --data is given and is a regular file (a FIFO or device would block its reader)."""
+    """For activation plans: --data is given and is a regular file (a FIFO or device would block its reader) or
+    a dataset whose split exists (data.check_source)."""
     if options.align != "activations":
         return
     if not data.data:
         raise OtfuseError("--align activations needs --data FILE with sample inputs")
-    from otfuse_cli import inputs
+    from otfuse_cli.data import check_source
 
-    inputs.check_input(data.data, "data file", missing=f"data file not found: {data.data}")
+    check_source(data.data, data.split)
 
 
 def data_record(options: AlignOptions, data: DataOptions) -> dict | None:

@@ -117,7 +117,12 @@ def _group(name: str, section, where: Path):
         if key in section and section[key] is not None and not isinstance(section[key], bool):
             raise OtfuseError(f"{where}: {name}.{key} must be true or false, got {section[key]!r}")
     if name == "data" and isinstance(section.get("data"), str) and _is_path(section["data"]):
-        section = {**section, "data": str(where.parent / section["data"])}
+        from otfuse_cli.tables import looks_like_dataset_id
+
+        given, joined = section["data"], where.parent / section["data"]
+        # relative to the recipe's folder, unless nothing there has that name and it reads as a dataset id
+        keep_id = not joined.exists() and not joined.is_symlink() and looks_like_dataset_id(given)
+        section = {**section, "data": given if keep_id else str(joined)}
     return cls(**section)
 
 

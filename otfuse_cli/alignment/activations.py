@@ -19,9 +19,8 @@ from otfuse_cli import interrupts
 from otfuse_cli.alignment.cost import FeaturePair
 from otfuse_cli.alignment.metrics import STANDARDIZE
 from otfuse_cli.alignment.weights import TensorSource, WeightFeatures
-from otfuse_cli.checkpoint import sha256_file
-from otfuse_cli.data import (counting_truncation, is_tensor_file, load_records, load_tensors, tokenize_targets,
-                             tokenize_texts, truncation_note)
+from otfuse_cli.data import (counting_truncation, is_tensor_file, load_records, load_tensors, source_record,
+                             tokenize_targets, tokenize_texts, truncation_note)
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import DataOptions
 from otfuse_cli.runnable import load_runnable, resolve_device
@@ -32,19 +31,19 @@ ACTIVATIONS = {"relu": torch.relu, "gelu": nn.functional.gelu, "tanh": torch.tan
 
 
 def sample_batches(model, data: str, samples: int, seed: int, max_length: int, batch_size: int = 32,
-                   label: str = "the model"):
+                   label: str = "the model", split: str | None = None):
     """Batches of model inputs (fixed order) and, for token inputs, a tuple of token masks (the source's, and
     for an encoder-decoder given targets the decoder's: see mask_for). Texts cut to the
     model's position limit (or max_length) are counted and said in one `note:` line naming `label`."""
     if samples < 1:
         raise OtfuseError(f"--samples must be at least 1, got {samples}")
-    if is_tensor_file(data):
+    if is_tensor_file(data) and split is None:
         x = load_tensors(data, max_samples=samples, seed=seed)["x"].float()
         if model.input_shape and x[0].numel() != torch.Size(model.input_shape).numel():
             raise OtfuseError(f"{data}: samples of shape {tuple(x.shape[1:])} do not fit the model's input "
                               f"{model.input_shape}")
         return [(x[i:i + batch_size], None) for i in range(0, len(x), batch_size)]
-    records = load_records(data, max_samples=samples, seed=seed)
+    records = load_records(data, max_samples=samples, seed=seed, split=split)
     field = next((f for f in ("text", "source", "sentence") if all(f in r for r in records)), None)
     if field is None:
         raise OtfuseError(f"{data}: no 'text' field in every record; fields present: {', '.join(records[0]) or 'none'}")
@@ -246,7 +245,7 @@ def keep_masks(counts: dict[str, list[list[int]]], max_tokens: int, seed: int) -
 
 def data_info(data: DataOptions) -> dict:
     """What produced activation-based plans (recorded in plan files and provenance)."""
-    return {"file": str(data.data), "sha256": sha256_file(data.data), "samples": data.samples, "seed": data.seed,
+    return {**source_record(data.data, data.split), "samples": data.samples, "seed": data.seed,
             "max_tokens": data.max_tokens, "standardize": data.standardize or "zscore",
             "post_activation": bool(data.post_activation)}
 
@@ -341,7 +340,7 @@ class ActivationFeatures:
         if side not in self.batches:
             o = self.options
             self.batches[side] = sample_batches(model, o["data"], o["samples"], o["seed"], o["max_length"],
-                                                label=str(self.sources[side].ckpt.path))
+                                                label=str(self.sources[side].ckpt.path), split=o.get("split"))
         batches = self.batches[side][:1] if first_only else self.batches[side]
         current = [0]
         tap = Tap(model.module, names, lambda name, rows, kind: sink(name, rows, kind, current[0]),

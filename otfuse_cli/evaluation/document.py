@@ -64,7 +64,7 @@ def build_document(task: str, data: tasks.EvalData, rows: list[dict], notes: dic
     notes = {**notes, **non_finite_note(rows, metrics)}
     return {
         "task": task,
-        "data": {"path": str(data.path), "samples": data.samples},
+        "data": {"path": str(data.path), "samples": data.samples, **data.source},
         "metrics": list(metrics),
         "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in metrics},
         "rows": rows,
@@ -76,9 +76,10 @@ def build_document(task: str, data: tasks.EvalData, rows: list[dict], notes: dic
 def evaluate_models(models: list[tuple[str, Any]], data_path: str | Path, *, task: str = "auto",
                     batch_size: int = 32, max_samples: int | None = None, device: str = "cpu",
                     ensemble: bool = False, num_beams: int = 1, seed: int = 0, max_length: int = 256,
-                    columns: dict[str, str] | None = None, progress=None) -> dict:
+                    columns: dict[str, str] | None = None, split: str | None = None, progress=None) -> dict:
     """Score each (name, RunnableModel) on the data; see the module docs of `tasks` for the metrics.
     columns: {"source": "en", "target": "de"} reads the data's own column names as the standard fields.
+    split: the split of a DatasetDict folder, a folder of split shards or a cached dataset id.
     progress: a report.Progress (models x batches), or None."""
     from otfuse_cli.report import start
 
@@ -101,7 +102,7 @@ def evaluate_models(models: list[tuple[str, Any]], data_path: str | Path, *, tas
         if value < 1:  # the command line refuses these while parsing; library calls land here
             raise OtfuseError(f"{flag} must be at least 1, got {value}")
     dev = resolve_device(device)
-    data = tasks.load_eval_data(data_path, max_samples=max_samples, seed=seed, columns=columns)
+    data = tasks.load_eval_data(data_path, max_samples=max_samples, seed=seed, columns=columns, split=split)
     task = tasks.resolve_task(task, data, models)
     for _, m in models:
         m.to(dev)
@@ -121,9 +122,10 @@ def evaluate_models(models: list[tuple[str, Any]], data_path: str | Path, *, tas
 def evaluate(models: list[str] | dict[str, str], data: str | Path, *, task: str = "auto",
              ensemble: bool | list[int] = False, activation: str | None = None, batch_size: int = 32,
              max_samples: int | None = None, device: str = "cpu", num_beams: int = 1, seed: int = 0,
-             max_length: int = 256, columns: dict[str, str] | None = None) -> dict:
-    """Score checkpoints (paths, or {row name: path}) on a data file: the document `otfuse evaluate --json`
-    prints (task, metrics, rows, best, notes)."""
+             max_length: int = 256, columns: dict[str, str] | None = None, split: str | None = None) -> dict:
+    """Score checkpoints (paths, or {row name: path}) on a data file (or a parquet/Arrow dataset, `split` of a
+    DatasetDict or cached dataset id): the document `otfuse evaluate --json` prints (task, metrics, rows, best,
+    notes)."""
     from otfuse_cli.checkpoint import open_checkpoint
     from otfuse_cli.runnable import load_runnable
 
@@ -132,4 +134,4 @@ def evaluate(models: list[str] | dict[str, str], data: str | Path, *, task: str 
     runnables = [(name, load_runnable(open_checkpoint(path), activation=activation)) for name, path in named]
     return evaluate_models(runnables, data, task=task, ensemble=ensemble, batch_size=batch_size,
                            max_samples=max_samples, device=device, num_beams=num_beams, seed=seed,
-                           max_length=max_length, columns=columns)
+                           max_length=max_length, columns=columns, split=split)

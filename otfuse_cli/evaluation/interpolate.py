@@ -52,7 +52,7 @@ def interpolate(model_a_sd: Mapping[str, torch.Tensor], model_b_sd: Mapping[str,
                 data_path: str | Path, steps: int = 11, *, name: str = "naive", task: str = "auto",
                 batch_size: int = 32, max_samples: int | None = None, device: str = "cpu",
                 activation: str | None = None, seed: int = 0, num_beams: int = 1, max_length: int = 256,
-                columns: dict[str, str] | None = None, progress=None) -> dict:
+                columns: dict[str, str] | None = None, split: str | None = None, progress=None) -> dict:
     """Metrics at alpha in linspace(0, 1, steps); `like` is the checkpoint whose architecture both share.
     progress: a report.Progress (steps x batches), or None."""
     from otfuse_cli.report import start
@@ -61,7 +61,7 @@ def interpolate(model_a_sd: Mapping[str, torch.Tensor], model_b_sd: Mapping[str,
         raise OtfuseError(f"--steps must be a whole number from 2 to {MAX_STEPS}, got {steps!r}")
     require_same_layout(model_a_sd, model_b_sd)
     dev = resolve_device(device)
-    data = tasks.load_eval_data(data_path, max_samples=max_samples, seed=seed, columns=columns)
+    data = tasks.load_eval_data(data_path, max_samples=max_samples, seed=seed, columns=columns, split=split)
     # Build once, then swap weights per alpha: rebuilding an HF model from its config is the slow part.
     runnable = runnable_from_state_dict(model_a_sd, like, activation=activation, device=dev)
     task = tasks.resolve_task(task, data, [("A", runnable)])
@@ -80,7 +80,7 @@ def interpolate(model_a_sd: Mapping[str, torch.Tensor], model_b_sd: Mapping[str,
     return {
         "task": task,
         "name": name,
-        "data": {"path": str(data.path), "samples": data.samples},
+        "data": {"path": str(data.path), "samples": data.samples, **data.source},
         "metrics": list(metrics),
         "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in metrics},
         "rows": rows,

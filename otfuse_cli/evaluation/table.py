@@ -35,7 +35,9 @@ def render_table(doc: dict, title: str | None = None) -> Table:
     key = "alpha" if curve else "model"
     if title is None:
         title = (f"{doc.get('name', 'interpolation')} interpolation: {doc['task']}" if curve
-                 else f"{doc['task']} on {doc['data']['path']} ({doc['data']['samples']} samples)")
+                 else f"{doc['task']} on {doc['data']['path']}"
+                 + (f", split {doc['data']['split']}" if doc["data"].get("split") else "")
+                 + f" ({doc['data']['samples']} samples)")
     table = Table(title=title)
     table.add_column(key, style="cyan", no_wrap=True)
     for m in doc["metrics"]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from otfuse_cli.data import (batched, fields_of, is_tensor_file, load_records, load_tensors, require_fields,
-                             tokenize_texts)
+                             source_summary, tokenize_texts)
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.evaluation import metrics as M
 
@@ -37,6 +37,7 @@ class EvalData:
     records: list[dict[str, Any]] | None = None
     tensors: dict[str, torch.Tensor] | None = None
     fields: list[str] = field(default_factory=list)
+    source: dict = field(default_factory=dict)  # a table's split and files (data.source_summary)
 
     @property
     def samples(self) -> int:
@@ -56,21 +57,22 @@ class EvalData:
 
 
 def load_eval_data(path: str | Path, *, max_samples: int | None = None, seed: int = 0,
-                   columns: dict[str, str] | None = None) -> EvalData:
+                   columns: dict[str, str] | None = None, split: str | None = None) -> EvalData:
     """The data file's records or tensors. columns {standard field: the file's column} (e.g. {"source": "en",
-    "target": "de"}) reads a file's own column names as the fields the tasks expect."""
+    "target": "de"}) reads a file's own column names as the fields the tasks expect. split: the split of a
+    DatasetDict folder, a folder of split shards or a cached dataset id (data.load_records)."""
     path = Path(path)
     columns = {k: v for k, v in (columns or {}).items() if v}
-    if is_tensor_file(path):
+    if is_tensor_file(path) and split is None:
         if columns:
             raise OtfuseError(f"{path}: --source-field/--target-field name columns of text records, not arrays")
         t = load_tensors(path, max_samples=max_samples, seed=seed)
         return EvalData(path, tensors=t, fields=sorted(t))
-    recs = load_records(path, max_samples=max_samples, seed=seed)
+    recs = load_records(path, max_samples=max_samples, seed=seed, split=split)
     if columns:
         require_fields(recs, list(columns.values()), path)
         recs = [{**r, **{field: r[col] for field, col in columns.items()}} for r in recs]
-    return EvalData(path, records=recs, fields=fields_of(recs))
+    return EvalData(path, records=recs, fields=fields_of(recs), source=source_summary(path, split))
 
 
 def _describe_heads(name: str, m) -> str:

@@ -23,7 +23,7 @@ def repair_batchnorm(state_dict: dict, like, data: DataOptions) -> dict:
     from otfuse_cli.runnable import runnable_from_state_dict
 
     model = runnable_from_state_dict(state_dict, like, activation=data.activation, device=data.device)
-    batches = sample_batches(model, data.data, data.samples, data.seed, data.max_length)
+    batches = sample_batches(model, data.data, data.samples, data.seed, data.max_length, split=data.split)
     norms = batchnorm_modules(model.module)
     if not norms:
         raise OtfuseError("--repair-bn: the model has no BatchNorm layers")
@@ -83,7 +83,7 @@ def unit_statistics(model, layers: list[str], data: DataOptions) -> dict[str, tu
     handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
     try:
         with torch.no_grad():
-            for batch, _ in sample_batches(model, data.data, data.samples, data.seed, data.max_length):
+            for batch, _ in sample_batches(model, data.data, data.samples, data.seed, data.max_length, split=data.split):
                 model.predict_logits(batch)
     finally:
         for h in handles:

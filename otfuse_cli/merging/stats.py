@@ -124,20 +124,20 @@ def compute_stats(ckpt, data: DataOptions, kinds: tuple[str, ...] = KINDS, progr
     from otfuse_cli.report import start
 
     from otfuse_cli.alignment.activations import sample_batches
-    from otfuse_cli.checkpoint import sha256_file
+    from otfuse_cli.data import check_source, source_record
     from otfuse_cli.runnable import load_runnable, resolve_device
 
     if not data.data:
         raise OtfuseError("statistics need --data FILE with the party's inputs")
-    if not Path(data.data).is_file():
-        raise OtfuseError(f"data file not found: {data.data}")
+    check_source(data.data, data.split)
     if unknown := set(kinds) - set(KINDS):
         raise OtfuseError(f"unknown statistics {sorted(unknown)}; choose from {', '.join(KINDS)}")
     model = load_runnable(ckpt, activation=data.activation, device=resolve_device(data.device))
     tensors = list(ckpt.keys())
-    batches = sample_batches(model, data.data, data.samples, data.seed, data.max_length, label=str(ckpt.path))
+    batches = sample_batches(model, data.data, data.samples, data.seed, data.max_length, label=str(ckpt.path),
+                             split=data.split)
     used = sum(_batch_size(b, m) for b, m in batches)  # fewer than --samples when the file is shorter
-    stats = Stats(info={"data": {"file": str(data.data), "sha256": sha256_file(data.data), "samples": used,
+    stats = Stats(info={"data": {**source_record(data.data, data.split), "samples": used,
                                  "requested": data.samples, "seed": data.seed, "max_length": data.max_length},
                         "kinds": list(kinds)})
     if "gram" in kinds:
