@@ -12,7 +12,7 @@ Names load on first use, so `import otfuse_cli` (and the command line's option c
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _API = {
     "open_checkpoint": "otfuse_cli.checkpoint",
