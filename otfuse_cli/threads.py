@@ -100,7 +100,8 @@ def configure(requested: int | None = None) -> tuple[int | None, str]:
     threads, why = choose(requested)
     torch = sys.modules.get("torch")
     if torch is None:  # OpenMP reads its wait policy once, when torch loads
-        count = threads or usable_cores()
+        omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+        count = threads or (int(omp) if omp.isdigit() else usable_cores())
         policy = wait_policy(count) if count > 1 else None  # one thread has no one to wait for
         if policy:
             os.environ["OMP_WAIT_POLICY"] = policy

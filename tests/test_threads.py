@@ -117,3 +117,13 @@ def test_the_wait_policy_is_set_before_torch_loads_and_reaches_openmp():
                           text=True, check=True)
     assert "idle threads sleep" not in done.stdout
     assert "GOMP_SPINCOUNT = '300000'" in done.stderr
+
+
+def test_one_thread_from_omp_num_threads_never_changes_the_wait_policy(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setitem(sys.modules, "torch", None)  # as before torch's import: the environment route
+    assert threads.configure() == (None, "OMP_NUM_THREADS")
+    assert "OMP_WAIT_POLICY" not in os.environ
