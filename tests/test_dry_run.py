@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli
+from conftest import REPO, cli, cli_subprocess
 
 LLAMA_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
             "intermediate_size": 11008, "vocab_size": 32000}
@@ -79,3 +79,22 @@ def test_dry_run_table_and_align(tmp_path, no_weight_reads):
     assert result.exit_code == 0, result.stderr
     assert "plan of work" in result.stdout and "residual" in result.stdout and "0.ffn" in result.stdout
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_a_file_larger_than_a_process_may_map_is_named_as_such(tmp_path):
+    """A single safetensors file larger than RAM + swap (sparse here) cannot be memory-mapped under the kernel's
+    heuristic overcommit; the error says that and how to shard, not that the file is invalid."""
+    if Path("/proc/sys/vm/overcommit_memory").read_text().strip() != "0":
+        pytest.skip("only the heuristic overcommit refuses one map larger than RAM + swap")
+    meminfo = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
+    limit = sum(int(meminfo[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
+    n = (4 * limit) // 2  # bf16 elements: four times what may be mapped
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [n], "data_offsets": [0, 2 * n]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(header)) + header)
+        fh.truncate(8 + len(header) + 2 * n)
+    r = cli_subprocess("inspect", path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "larger than this machine lets one file be memory-mapped" in r.stderr and "max_shard_size" in r.stderr

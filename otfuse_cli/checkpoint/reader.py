@@ -206,6 +206,12 @@ def _read_or_interrupted(read: Callable[[], T], error: Callable[[Exception], Otf
 def _open_error(file: Path, e: Exception) -> OtfuseError:
     if isinstance(e, FileNotFoundError):
         return OtfuseError(f"missing weight file: {file}")
+    if "unable to mmap" in str(e) and "Cannot allocate memory" in str(e):
+        # The file is fine: the kernel refuses one memory map larger than it lets a process commit (heuristic
+        # overcommit allows about RAM + swap per map). Checkpoints in shards map one shard at a time.
+        size = file.stat().st_size / 1e9
+        return OtfuseError(f"{file} ({size:.1f} GB) is larger than this machine lets one file be memory-mapped "
+                           "(RAM + swap); save it in shards (e.g. save_pretrained(..., max_shard_size=\"5GB\"))")
     return OtfuseError(f"{file} is not a valid safetensors file ({e})")  # truncated, corrupted, not safetensors
 
 
