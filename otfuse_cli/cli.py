@@ -23,6 +23,7 @@ from typer.core import TyperGroup
 from otfuse_cli import __version__, interrupts, report
 from otfuse_cli import threads as threads_policy
 from otfuse_cli.cli_options import explicit_flags, refuse_unused, with_options
+from otfuse_cli import distributed
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import ACTIVATIONS, AlignOptions, DataOptions, MergeOptions, OutputOptions
 
@@ -56,16 +57,25 @@ def _interrupted_exit() -> typer.Exit:
 
 
 @contextmanager
-def _one_line_errors():
-    """OtfuseError / usage errors / Ctrl-C / SIGTERM -> one `error: ...` line on stderr and an exit code."""
+def _one_line_errors(agree: bool = False):
+    """OtfuseError / usage errors / Ctrl-C / SIGTERM -> one `error: ...` line on stderr and an exit code.
+    agree (a command's run): the ranks of a torchrun launch agree on the outcome at the end, so a rank that
+    failed makes every rank fail (otfuse_cli.distributed; nothing for one process)."""
     with _interrupt_signals():
         try:
             yield
+            if agree:
+                distributed.agree()
         except KeyboardInterrupt:
             raise _interrupted_exit() from None
         except OtfuseError as e:
             if interrupts.arrived():
                 raise _interrupted_exit() from None
+            if agree:
+                try:
+                    distributed.agree(e)
+                except OtfuseError as other:
+                    e = other
             report.error_line(str(e))
             raise typer.Exit(e.exit_code) from None
         except _USAGE_ERRORS as e:
@@ -75,9 +85,11 @@ def _one_line_errors():
             hint = f" (see '{sub.command_path} --help')" if sub is not None else ""
             report.error_line(e.format_message() + hint)
             raise typer.Exit(getattr(e, "exit_code", 2)) from None
-        except Exception:
+        except Exception as e:
             if interrupts.arrived():  # whatever a library made of the KeyboardInterrupt
                 raise _interrupted_exit() from None
+            if agree:
+                distributed.agree(e)
             raise
         if interrupts.arrived():  # the interrupt was swallowed and the command ran on: still say so
             raise _interrupted_exit()
@@ -95,7 +107,7 @@ class _Group(TyperGroup):
             return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
-        with _one_line_errors():
+        with _one_line_errors(agree=True):
             return super().invoke(ctx)
 
     def get_command(self, ctx, name):
@@ -643,8 +655,10 @@ def stats(
     refuse_overlap(output, input_paths([ckpt], [data.data]))
     with report.Progress(enabled=not json_out) as progress:
         result = compute_stats(ckpt, data, tuple(k.value for k in kind) if kind else KINDS, progress=progress)
-    out = save_stats(output, result, ckpt, force=force)
+    # rank 0 writes for a torchrun launch (every rank holds the same summed statistics)
+    out = save_stats(output, result, ckpt, force=force) if distributed.is_writer() else output
     summary = {"output": str(out), "model": model, "data": result.info["data"], "linear_layers": len(result.grams),
+               "world_size": result.info["world_size"],
                "fisher_tensors": len(result.fisher), "rows": max(result.counts.values(), default=0)}
     if json_out:
         report.print_json(summary)
@@ -713,6 +727,7 @@ def main() -> None:
         try:
             try:
                 interrupts.check()  # a signal during the imports
+                distributed.start()  # a torchrun launch: join its process group (nothing for one process)
                 app(prog_name="otfuse")
             except SystemExit as e:
                 code = e.code
@@ -728,6 +743,8 @@ def main() -> None:
                     code = e.exit_code
         except KeyboardInterrupt:  # a signal while the outcome was being reported
             code = EXIT_INTERRUPTED
+        finally:
+            distributed.stop()
         # once the outcome is known, later signals must not turn exit 130 into death by signal at shutdown
         # (set before the handlers are restored, and kept after)
         interrupts.ignore()

@@ -17,7 +17,7 @@ from otfuse_cli.arch.compat import head_tensors
 from otfuse_cli.card import card_for
 from otfuse_cli.checkpoint import open_checkpoint, provenance, sha256_file, write_checkpoint
 from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
-from otfuse_cli import deadline, report
+from otfuse_cli import deadline, distributed, report
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.merging.rules import MERGES, Tensor
 from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOptions
@@ -337,6 +337,8 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
                              on_space, "merging", len(fused_layout(parents.ckpts[anchor], write, _kept(parents))))
     result = {"family": parents.specs[anchor].family, "align": align_record.get("align", options.align),
               "merge": merge.merge, "anchor": anchor, "weights": w, "spaces": plan_summary(plans, parents.specs, anchor)}
+    if not distributed.is_writer():  # rank 0 of a torchrun launch writes; every rank holds the same plans
+        return {"output": str(output), **result}
     if parents.heads is not None:
         members = write_members(output, tensors, parents, plans, write, record)
         return {"output": str(output), "members": members, **result}

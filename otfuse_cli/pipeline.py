@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from otfuse_cli import deadline
+from otfuse_cli import deadline, distributed
 from otfuse_cli.alignment.engine import align_pair, refinement_sweeps
 from otfuse_cli.alignment.plans import input_record, save_plans
 from otfuse_cli.alignment.transport import Plan, Transporter
@@ -353,7 +353,8 @@ def align(models: list[str], output: str, *, options: AlignOptions = AlignOption
     meta = {"anchor": anchor, "options": options.to_json(),
             "inputs": [input_record(c, s) for c, s in zip(parents.ckpts, parents.specs)],
             "spaces": parents.specs[anchor].to_json(), **({"data": info} if info else {})}
-    save_plans(out, plans, meta, force=force)
+    if distributed.is_writer():  # rank 0 of a torchrun launch writes; every rank holds the same plans
+        save_plans(out, plans, meta, force=force)
     return {"output": str(out), "family": parents.specs[anchor].family, "anchor": anchor,
             "spaces": plan_summary(plans, parents.specs, anchor)}
 

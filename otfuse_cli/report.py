@@ -64,7 +64,7 @@ def _stdout_gone() -> None:
 def write_stdout(text: str) -> None:
     """Write results to stdout (see _stdout_gone for a stdout nobody reads)."""
     out = sys.stdout
-    if out is None or _stdout["gone"]:  # started with stdout closed: Python gives no sys.stdout at all
+    if out is None or _stdout["gone"] or _muted():  # started with stdout closed: Python gives no sys.stdout at all
         return
     try:
         out.write(text)
@@ -78,9 +78,18 @@ def write_stdout(text: str) -> None:
         raise OtfuseError(f"cannot write the results to stdout: {e.strerror or e}") from None
 
 
+def _muted() -> bool:
+    """A rank other than 0 of a torchrun launch prints nothing (otfuse_cli.distributed): rank 0 speaks for all."""
+    from otfuse_cli.distributed import is_writer
+
+    return not is_writer()
+
+
 def _write_stderr(text: str) -> None:
     """Error, note and timing lines; a stderr that is closed or gone cannot take them, and the exit code
     still says what happened."""
+    if _muted():
+        return
     try:
         sys.stderr.write(text)
         sys.stderr.flush()
@@ -107,7 +116,7 @@ class ResultConsole(Console):
             self._width = saved
 
     def print(self, *objects, **kwargs) -> None:  # noqa: F811 - the wrapper below around the one above
-        if _stdout["gone"]:
+        if _stdout["gone"] or _muted():
             return
         try:
             return self._print(*objects, **kwargs)
@@ -378,6 +387,7 @@ class Progress:
         from rich.progress import BarColumn, Progress as Bars, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.table import Column
 
+        enabled = enabled and not _muted()
         self.verbose = enabled and Verbosity.verbose and not Verbosity.quiet
         shown = enabled and not Verbosity.quiet and err_console.is_terminal
         # On a narrow terminal only the detail gives way (it gets what the other columns, about 64 wide, leave):

@@ -6,7 +6,9 @@ excluded) or spatial positions; a seeded choice of at most --max-tokens rows per
 No raw activations are kept: a first pass gives each feature's moments over those rows (the
 standardisation), a second runs both models side by side and adds each batch's chosen rows into the costs'
 sufficient statistics (cross terms, norms, head grams), so memory is those statistics plus one batch.
-Costs are then built by the same code as weight-based ones (ActivationFeatures)."""
+Costs are then built by the same code as weight-based ones (ActivationFeatures). Under torchrun each rank
+runs its share of the batches (otfuse_cli.distributed) and the moments and sufficient statistics of every
+rank are summed before any cost is built."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from otfuse_cli import interrupts
+from otfuse_cli import distributed, interrupts
 from otfuse_cli.alignment.cost import FeaturePair
 from otfuse_cli.alignment.metrics import STANDARDIZE
 from otfuse_cli.alignment.weights import TensorSource, WeightFeatures
@@ -207,6 +209,16 @@ class Moments:
             mb, m2b, nb = ma + delta * (nb / n), m2a + m2b + delta * delta * (na * nb / n), n
         self.sums[name] = (nb, mb, m2b)
 
+    def reduce(self) -> None:
+        """Every rank's moments merged into the whole sample's (distributed.all_reduce_sums; nothing for one
+        process): the total mean from the summed rows and sums, then each share's squared deviations moved to
+        that mean (m2 + n·(mean - total mean)²) and summed: the parallel form of Chan's update."""
+        rows = distributed.all_reduce_sums({(k, "n"): n for k, (n, _, _) in self.sums.items()})
+        sums = distributed.all_reduce_sums({k: m * n for k, (n, m, _) in self.sums.items()})
+        means = {k: s / rows[(k, "n")] for k, s in sums.items()}
+        m2 = distributed.all_reduce_sums({k: m2 + n * (m - means[k]) ** 2 for k, (n, m, m2) in self.sums.items()})
+        self.sums = {k: (rows[(k, "n")], means[k], m2[k]) for k in m2}
+
     def mean_std(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         n, mean, m2 = self.sums[name]
         return mean.float(), (m2 / max(n - 1, 1)).sqrt().float()
@@ -247,7 +259,7 @@ def data_info(data: DataOptions) -> dict:
     """What produced activation-based plans (recorded in plan files and provenance)."""
     return {**source_record(data.data, data.split), "samples": data.samples, "seed": data.seed,
             "max_tokens": data.max_tokens, "standardize": data.standardize or "zscore",
-            "post_activation": bool(data.post_activation)}
+            "post_activation": bool(data.post_activation), "world_size": distributed.world_size()}
 
 
 # Bytes of cross-term statistics collected in one pass over the data; the spaces beyond it wait for another
@@ -341,12 +353,14 @@ class ActivationFeatures:
             o = self.options
             self.batches[side] = sample_batches(model, o["data"], o["samples"], o["seed"], o["max_length"],
                                                 label=str(self.sources[side].ckpt.path), split=o.get("split"))
-        batches = self.batches[side][:1] if first_only else self.batches[side]
+        # this rank's share of the batches (all of them in one process), each with its place in the whole list;
+        # the first batch alone tells every rank the row rules
+        batches = [(0, self.batches[side][0])] if first_only else distributed.shard(self.batches[side])
         current = [0]
         tap = Tap(model.module, names, lambda name, rows, kind: sink(name, rows, kind, current[0]),
                   self._post(side))
         try:
-            for b, (batch, mask) in enumerate(batches):
+            for b, (batch, mask) in batches:
                 interrupts.check()
                 current[0] = b
                 tap.masks = tuple(m.to(model.device) for m in mask) if mask is not None else None
@@ -362,7 +376,7 @@ class ActivationFeatures:
                 if not first_only:
                     self.done += 1
                     if self.on_batch:
-                        self.on_batch(f"{label} {what} {b + 1}/{len(batches)}", self.done,
+                        self.on_batch(f"{label} {what} {b + 1}/{len(self.batches[side])}", self.done,
                                       self.planned * len(batches))
                 yield b
         finally:
@@ -401,6 +415,7 @@ class ActivationFeatures:
             moments.add(name, self._kept(side, name, rows, batch, seen))
         for _ in self._run(side, self._out_tensors(side), sink, "statistics"):
             seen.clear()
+        moments.reduce()  # every rank's rows (a rank that failed makes every rank fail here)
         return moments
 
     # ------------------------------------------------------------ statistics, space by space
@@ -477,6 +492,7 @@ class ActivationFeatures:
                 seen[side].clear()
         for run in runs:  # removes the hooks
             run.close()
+        _reduce_pairs(pairs)  # every rank's sums (a rank that failed makes every rank fail here)
         self.pairs.update(pairs)
 
     def features(self, k: int, plans: dict, first_pass: bool, fold: bool = True) -> FeaturePair:
@@ -499,6 +515,39 @@ class ActivationFeatures:
             self.weights = WeightFeatures(self.anchor_spec, self.parent_spec, self.sources["anchor"],
                                           self.sources["parent"], l1=False)
         return self.weights.features(k, plans, first_pass)
+
+
+def _reduce_pairs(pairs: dict[int, FeaturePair]) -> None:
+    """The folded statistics of every rank's batches summed into each pair (distributed.all_reduce_sums;
+    nothing for one process): cross terms, sketches, head grams and the per-unit norms are all sums over rows."""
+    sums: dict = {}
+    for k, pair in pairs.items():
+        if not pair.fold and distributed.world_size() > 1:
+            raise OtfuseError("unfolded activation features (compress) are kept row by row and run in one "
+                              "process; launch without torchrun")
+        if pair.dot is not None:
+            sums[("dot", k)] = pair.dot
+        for i, sketch in enumerate(pair.sketches or ()):
+            sums[("sketch", k, i)] = sketch
+        for key, (*parts, inner) in pair.grams.items():
+            sums.update({("gram", k, key, inner, j): t for j, t in enumerate(parts)})
+        for side, features in (("parent", pair.parent), ("anchor", pair.anchor)):
+            sums.update({("folded", k, side, order): t for order, t in features.folded.items()})
+    sums = distributed.all_reduce_sums(sums)
+    grams: dict = {}
+    for key, t in sums.items():
+        pair = pairs[key[1]]
+        if key[0] == "dot":
+            pair.dot = t
+        elif key[0] == "sketch":
+            pair.sketches = (pair.sketches or [None, None])
+            pair.sketches[key[2]] = t
+        elif key[0] == "gram":
+            grams.setdefault((key[1], key[2], key[3]), {})[key[4]] = t
+        else:
+            (pair.parent if key[2] == "parent" else pair.anchor).folded[key[3]] = t
+    for (k, key, inner), parts in grams.items():
+        pairs[k].grams[key] = (*(parts[j] for j in sorted(parts)), inner)
 
 
 def _unit_rows(rows: dict[str, torch.Tensor], entry, size: int) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from otfuse_cli import inputs, interrupts
+from otfuse_cli import distributed, inputs, interrupts
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import DataOptions
 
@@ -79,7 +79,11 @@ def _log_likelihood_of_own_sample(logits: torch.Tensor, mask, gen: torch.Generat
 
 
 def _fisher(model, batches, tensors: list[str], seed: int, bar=None) -> dict[str, torch.Tensor]:
-    """Mean over samples of the squared per-sample gradient of log p(y|x), y ~ the model's prediction."""
+    """Mean over samples of the squared per-sample gradient of log p(y|x), y ~ the model's prediction, drawn
+    by one generator seeded with --seed in data order. This rank runs its share of the batches
+    (distributed.shard); for another rank's sample it only makes the same draw on a placeholder of the same
+    shape (the generator advances alike whatever the probabilities), so every sample's y is the one a single
+    process draws. The sums of every rank are added before the mean."""
     from otfuse_cli.alignment.activations import loaded_names
 
     if "translation" in model.task_heads or "mlm" in model.task_heads:
@@ -88,13 +92,21 @@ def _fisher(model, batches, tensors: list[str], seed: int, bar=None) -> dict[str
     params = {by_loaded[n]: p for n, p in model.module.named_parameters() if n in by_loaded}
     total = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
     gen = torch.Generator().manual_seed(seed)
+    mine = {b for b, _ in distributed.shard(batches)}
     count = 0
-    for batch, masks in batches:
+    for b, (batch, masks) in enumerate(batches):
         interrupts.check()
         mask = None if masks is None else masks[0]  # one mask: encoder-decoders were refused above
         size = len(batch) if isinstance(batch, torch.Tensor) else len(mask)
-        for i in range(size):  # per-sample gradients: the Fisher is a mean of squares, not a square of means
-            one = batch[i:i + 1] if isinstance(batch, torch.Tensor) else {k: v[i:i + 1] for k, v in batch.items()}
+        ones = [batch[i:i + 1] if isinstance(batch, torch.Tensor) else {k: v[i:i + 1] for k, v in batch.items()}
+                for i in range(size)]
+        if b not in mine:  # another rank's batch: its draws only (its samples are padded alike: one shape)
+            with torch.no_grad():
+                shape = model.logits_with_grad(ones[0]).shape
+            for _ in ones:
+                torch.multinomial(torch.ones(shape.numel() // shape[-1], shape[-1]), 1, generator=gen)
+            continue
+        for i, one in enumerate(ones):  # per-sample gradients: the Fisher is a mean of squares, not a square of means
             model.module.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 logits = model.logits_with_grad(one)
@@ -107,7 +119,9 @@ def _fisher(model, batches, tensors: list[str], seed: int, bar=None) -> dict[str
             if bar is not None:
                 bar.advance()
     model.module.zero_grad(set_to_none=True)
-    return {name: t / max(count, 1) for name, t in total.items()}
+    summed = distributed.all_reduce_sums({**{f"fisher/{n}": t for n, t in total.items()}, "count": count})
+    count = summed.pop("count")
+    return {name.removeprefix("fisher/"): t / max(count, 1) for name, t in summed.items()}
 
 
 def _batch_size(batch, mask) -> int:
@@ -137,16 +151,17 @@ def compute_stats(ckpt, data: DataOptions, kinds: tuple[str, ...] = KINDS, progr
     batches = sample_batches(model, data.data, data.samples, data.seed, data.max_length, label=str(ckpt.path),
                              split=data.split)
     used = sum(_batch_size(b, m) for b, m in batches)  # fewer than --samples when the file is shorter
+    mine = distributed.shard(batches)  # this rank's batches (all of them in one process)
     stats = Stats(info={"data": {**source_record(data.data, data.split), "samples": used,
                                  "requested": data.samples, "seed": data.seed, "max_length": data.max_length},
-                        "kinds": list(kinds)})
+                        "kinds": list(kinds), "world_size": distributed.world_size()})
     if "gram" in kinds:
         state: dict = {}
         handles = _gram_hooks(model, tensors, stats, state)
-        bar = start(progress, "gram", len(batches))
+        bar = start(progress, "gram", len(mine))
         try:
             with torch.no_grad():
-                for batch, mask in batches:
+                for _, (batch, mask) in mine:
                     interrupts.check()
                     state["masks"] = tuple(m.to(model.device) for m in mask) if mask is not None else None
                     model.predict_logits(batch)
@@ -156,8 +171,14 @@ def compute_stats(ckpt, data: DataOptions, kinds: tuple[str, ...] = KINDS, progr
         finally:
             for h in handles:
                 h.remove()
+        # every rank's sums, added in float64 (a rank that failed makes every rank fail here)
+        summed = distributed.all_reduce_sums({**{("gram", n): g for n, g in stats.grams.items()},
+                                              **{("count", n): c for n, c in stats.counts.items()}})
+        stats.grams = {n: g for (kind, n), g in summed.items() if kind == "gram"}
+        stats.counts = {n: c for (kind, n), c in summed.items() if kind == "count"}
     if "fisher" in kinds:
-        stats.fisher = _fisher(model, batches, tensors, data.seed, start(progress, "fisher", used))
+        stats.fisher = _fisher(model, batches, tensors, data.seed,
+                               start(progress, "fisher", sum(_batch_size(b, m) for _, (b, m) in mine)))
     return stats
 
 
