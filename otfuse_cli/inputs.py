@@ -124,7 +124,10 @@ def read_small(path: str | Path, what: str = "file", limit: int = JSON_MAX_BYTES
         if size > limit:
             raise over(path, what, size, limit)
         try:
-            data = f.read(limit + 1)
+            # read() sizes its buffer by the request: ask for what fstat says (+1 to see growth), not the limit
+            data = f.read(size + 1)
+            if len(data) > size:  # it grew since fstat: read on, up to just past the limit
+                data += f.read(limit + 1 - len(data))
         except OSError as e:
             raise OtfuseError(f"cannot read {path}: {e.strerror or e}") from None
     if len(data) > limit:

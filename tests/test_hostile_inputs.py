@@ -600,3 +600,21 @@ def test_non_utf8_output_name_from_argv(ws):
     lines = cp.stderr.decode(errors="replace").strip().splitlines()
     assert cp.returncode == 2 and len(lines) == 1 and "UTF-8" in lines[0], cp.stderr
     assert not tree_changes(before, ws.snapshot())
+
+
+def test_a_small_read_allocates_about_the_file_not_the_limit(tmp_path):
+    """read_small of a 1 KB file must not allocate a buffer of the 64 MiB limit (tracemalloc's peak)."""
+    import tracemalloc
+
+    from otfuse_cli import inputs
+
+    path = tmp_path / "small.json"
+    path.write_text('{"a": 1}' + " " * 1000)
+    tracemalloc.start()
+    try:
+        data = inputs.read_small(path, "config")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert data == path.read_bytes()
+    assert peak < 1 << 20, peak
