@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +154,23 @@ def _ignore(repo_id: str, revision: str | None) -> list[str]:
     return OTHER_FRAMEWORKS + (PICKLES if any(n.endswith(".safetensors") for n in names) else [])
 
 
+@contextmanager
+def _bars_as_verbosity():
+    """huggingface_hub's download bars follow otfuse's --quiet (they are its own tqdm bars, not otfuse's)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    from otfuse_cli.report import Verbosity
+
+    silence = Verbosity.quiet and not are_progress_bars_disabled()
+    if silence:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if silence:
+            enable_progress_bars()
+
+
 def _download(given: str, repo_id: str, revision: str | None) -> ModelRef:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub import errors as hub_errors
@@ -162,8 +180,9 @@ def _download(given: str, repo_id: str, revision: str | None) -> ModelRef:
     is_offline = offline()
     not_local = f"{given} is not a local path"
     try:
-        folder = snapshot_download(repo_id, revision=revision, local_files_only=is_offline,
-                                   ignore_patterns=_ignore(repo_id, revision))
+        with _bars_as_verbosity():
+            folder = snapshot_download(repo_id, revision=revision, local_files_only=is_offline,
+                                       ignore_patterns=_ignore(repo_id, revision))
     except hub_errors.IncompleteSnapshotError as e:
         raise OtfuseError(f"{not_local}, and the Hugging Face cache holds an incomplete snapshot of {where}: "
                           f"{_first_line(e)}") from None

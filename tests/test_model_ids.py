@@ -312,3 +312,27 @@ def test_a_recipe_with_a_missing_id_is_one_line(offline, tmp_path):
     assert res.exit_code == 2
     assert_one_line_error(res.stderr, "org/missing is not a local path and is not in the Hugging Face cache")
     assert not (tmp_path / "small").exists()
+
+
+def test_quiet_silences_huggingface_hubs_own_bars(offline, monkeypatch):
+    """`-q` reaches huggingface_hub's download bars (its own tqdm), and they are on again afterwards."""
+    import huggingface_hub
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    from otfuse_cli import hub
+
+    seen = []
+    real = huggingface_hub.snapshot_download
+
+    def spy(*args, **kwargs):
+        seen.append(are_progress_bars_disabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    for flags, silent in ((["-q"], True), ([], False)):
+        seen.clear()
+        monkeypatch.setattr(hub, "_BY_GIVEN", {})  # resolve again, not from this process's memo
+        res = cli(*flags, "inspect", "org/b")
+        assert res.exit_code == 0, res.stderr
+        assert seen and seen[-1] is silent
+    assert not are_progress_bars_disabled()
