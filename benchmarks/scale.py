@@ -259,11 +259,11 @@ def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str], only
               if name == FLOOR or not only or any(word in name for word in only)}
     samples: dict[str, list[dict]] = {name: [] for name in chosen}
     names = list(chosen)
+    outputs = {root / size / o for o in ("io", "avg", "ot", "mergekit")}  # what the routes write (routes())
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             if r and once and any(word in name for word in once):
                 continue
-            outputs = {root / size / o for o in ("io", "avg", "ot", "mergekit")}
             for made in outputs.intersection(map(Path, chosen[name])):  # this route's own output, from its last run
                 shutil.rmtree(made, ignore_errors=True)  # absent before its first run
             samples[name].append(measure(chosen[name], env={**os.environ, "PYTHONPATH": str(HERE.parent)}))

@@ -20,10 +20,9 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from otfuse_cli import __version__, interrupts, report
+from otfuse_cli import __version__, distributed, interrupts, report
 from otfuse_cli import threads as threads_policy
 from otfuse_cli.cli_options import explicit_flags, refuse_unused, with_options
-from otfuse_cli import distributed
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import ACTIVATIONS, AlignOptions, DataOptions, MergeOptions, OutputOptions
 

@@ -99,17 +99,16 @@ def configure(requested: int | None = None) -> tuple[int | None, str]:
     torch.set_num_threads. Returns `choose`'s (threads, why)."""
     threads, why = choose(requested)
     torch = sys.modules.get("torch")
-    if torch is None:  # OpenMP reads its wait policy once, when torch loads
-        omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-        count = threads or (int(omp) if omp.isdigit() else usable_cores())
-        policy = wait_policy(count) if count > 1 else None  # one thread has no one to wait for
-        if policy:
-            os.environ["OMP_WAIT_POLICY"] = policy
-            why += "; idle threads sleep: the load average fills the cores"
-    if threads is None:
+    if torch is not None:  # loaded: its OpenMP has read its settings, only the count can still change
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         return threads, why
-    if torch is None:
+    # before torch loads: OpenMP reads its thread count and its wait policy then, once
+    if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
-    elif torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    count = int(omp) if omp.isdigit() else usable_cores()
+    if count > 1 and (policy := wait_policy(count)):  # one thread has no one to wait for
+        os.environ["OMP_WAIT_POLICY"] = policy
+        why += "; idle threads sleep: the load average fills the cores"
     return threads, why
