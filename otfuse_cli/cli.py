@@ -243,7 +243,7 @@ def inspect(
 
 # Options shared by `align`, `fuse` and `compress` come from the typed groups in options.py.
 ALIGN_FLAGS = ("--align", "--solver", "--reg", "--metric", "--marginals", "--cost-norm", "--refine", "--sketch",
-               "--max-iter")
+               "--max-iter", "--rounds")
 SAMPLE_FLAGS = ("--samples", "--max-tokens", "--standardize", "--post-activation", "--max-length", "--device",
                 "--device-map", "--activation", "--seed", "--split")
 ACTIVATION_FLAGS = ("--max-tokens", "--standardize", "--post-activation", "--device-map")  # activation features

@@ -19,6 +19,7 @@ from otfuse_cli.checkpoint import open_checkpoint, provenance, sha256_file, writ
 from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
 from otfuse_cli import deadline, distributed, report
 from otfuse_cli.errors import OtfuseError
+from otfuse_cli.merging.fit import Fit, warnings as fit_warnings
 from otfuse_cli.merging.rules import MERGES, Tensor
 from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOptions
 from otfuse_cli.pipeline import (Parents, check_data, check_output, check_shard_size, compute_plans, data_record,
@@ -55,11 +56,11 @@ def _statistic(rule, parents: Parents, movers, plans, stats, name: str, k: int):
         if gram is None:
             return None
         axis = stats[k].in_axis[name]
-        return (gram if k == parents.anchor else movers[k].move_like(name, axis, gram, plans[k], (0, 1)), axis)
+        return (movers[k].move_like(name, axis, gram, plans[k], (0, 1)) if plans[k] else gram, axis)
     fisher = stats[k].fisher.get(name)
     if fisher is None:
         return None
-    return fisher if k == parents.anchor else movers[k].move(name, fisher, plans[k])
+    return movers[k].move(name, fisher, plans[k]) if plans[k] else fisher
 
 
 @dataclass
@@ -100,9 +101,10 @@ def open_base(path: str, parents: Parents, allow_config_mismatch: bool) -> Base:
 
 def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[float], merge: MergeOptions,
                   write: OutputOptions, stats: list | None = None, base: Base | None = None,
-                  seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+                  seed: int = 0, fit=None) -> Iterator[tuple[str, torch.Tensor]]:
     """The merged tensors in the anchor's order; with `base`, the rule merges task vectors and the base is
-    added back. Task heads kept apart (parents.heads) are not among them."""
+    added back. Task heads kept apart (parents.heads) are not among them. fit (merging.fit.Fit), when
+    given, measures each aligned parent's distance to every merged tensor."""
     anchor = parents.anchor
     movers = [Transporter(parents.specs[anchor], s) for s in parents.specs]
     rule = MERGES[merge.merge]
@@ -115,7 +117,7 @@ def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[
         aligned = []
         for k in range(len(parents.ckpts)):
             x = parents.source(k).take(name, raw=rule.elementwise)  # an elementwise rule converts block by block
-            if k != anchor:
+            if plans[k]:  # every parent but the anchor, and the anchor too after barycentric rounds
                 x = movers[k].move(name, x, plans[k])
             if tuple(x.shape) != shape:
                 raise OtfuseError(f"{parents.label(k)}: {name} has shape {tuple(x.shape)}, anchor "
@@ -128,14 +130,20 @@ def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[
         tensor = Tensor(name, weights, merge, seed=seed)
         origin = None if base is None else base.source.take(base.names[name], raw=rule.elementwise)
         if rule.elementwise:
-            yield name, check_finite_output(name, _blockwise(rule, tensor, aligned, extra, origin, dtype), merge)
+            out = check_finite_output(name, _blockwise(rule, tensor, aligned, extra, origin, dtype), merge)
+            if fit is not None:
+                fit.add(aligned, out)
+            yield name, out
             continue
+        whole = aligned
         if origin is not None:  # task vectors, then the base added back
             origin = as_float(origin)
             aligned = [as_float(x) - origin for x in aligned]
         out = rule(aligned, replace(tensor, stats=extra))
-        yield name, check_finite_output(name, (out if origin is None else out.to(origin.dtype) + origin).to(dtype),
-                                        merge)
+        out = check_finite_output(name, (out if origin is None else out.to(origin.dtype) + origin).to(dtype), merge)
+        if fit is not None:
+            fit.add(whole, out)
+        yield name, out
 
 
 def check_finite_output(name: str, t: torch.Tensor, merge: MergeOptions | None = None) -> torch.Tensor:
@@ -242,7 +250,7 @@ def check_plans(plans, parents: Parents) -> None:
         raise OtfuseError(f"plan file holds {len(plans)} models but {len(parents.specs)} were given")
     anchor = parents.anchor
     for k, spec in enumerate(parents.specs):
-        if k == anchor:
+        if k == anchor and not plans[k]:  # the anchor has plans only after barycentric rounds
             continue
         for sa, sp in zip(parents.specs[anchor].spaces, spec.spaces):
             plan = plans[k].get(sa.name)
@@ -324,7 +332,7 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
         extra = {"plan_sha256": sha256_file(plan), **({"data": plan_meta["data"]} if "data" in plan_meta else {})}
     else:
         check_data(options, data)
-        plans = compute_plans(parents, options, data, on_space)
+        plans = compute_plans(parents, options, data, on_space, w)
         info = data_record(options, data)  # the data read and accepted first, then hashed
         extra = {"data": info} if info else {}
     parent_statistics = parent_stats(parents, merge, data, stats)
@@ -333,15 +341,18 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
                                  "weights": w, "dtype": write.dtype, "align": align_record, "plan_file": plan,
                                  "stats_files": stats, "repair": str(data.data) if repair else None,
                                  "base": base, **extra}, inputs)
-    tensors = report.counted(fused_tensors(parents, plans, w, merge, write, parent_statistics, origin, data.seed),
-                             on_space, "merging", len(fused_layout(parents.ckpts[anchor], write, _kept(parents))))
+    # the collapse guard: only where parents were aligned (children of one model merged in place need none)
+    fit = Fit(len(parents.ckpts), w) if any(plans) else None
+    tensors = report.counted(fused_tensors(parents, plans, w, merge, write, parent_statistics, origin, data.seed,
+                                           fit), on_space, "merging",
+                             len(fused_layout(parents.ckpts[anchor], write, _kept(parents))))
     result = {"family": parents.specs[anchor].family, "align": align_record.get("align", options.align),
               "merge": merge.merge, "anchor": anchor, "weights": w, "spaces": plan_summary(plans, parents.specs, anchor)}
     if not distributed.is_writer():  # rank 0 of a torchrun launch writes; every rank holds the same plans
         return {"output": str(output), **result}
     if parents.heads is not None:
         members = write_members(output, tensors, parents, plans, write, record)
-        return {"output": str(output), "members": members, **result}
+        return {"output": str(output), "members": members, **result, **_fit_record(fit, parents)}
     planned = fused_layout(parents.ckpts[anchor], write)
     if repair:  # needs the whole fused model in memory to run it
         from otfuse_cli.merging.repair import repair_fused
@@ -351,7 +362,17 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
                            config_overrides=dtype_overrides(parents.ckpts[anchor], write) or None,
                            provenance=record, max_shard_size=write.max_shard_size, force=write.force,
                            card=card_for(layout, record, parents.ckpts, anchor))
-    return {"output": str(out), **result}
+    return {"output": str(out), **result, **_fit_record(fit, parents)}
+
+
+def _fit_record(fit: Fit | None, parents: Parents) -> dict:
+    """{"fit": summary} once every tensor is merged (and the warnings it calls for said), or nothing."""
+    if fit is None:
+        return {}
+    summary = fit.summary([parents.label(k) for k in range(len(parents.ckpts))])
+    for line in fit_warnings(summary):
+        report.warning_line(line)
+    return {"fit": summary}
 
 
 # config.json fields that describe a parent's task head rather than its body
@@ -375,7 +396,7 @@ def write_members(output: str, body: Iterator, parents: Parents, plans: list[dic
         mover = Transporter(full[anchor], full[k])
         for name in parents.heads[k]:
             x = parents.source(k).take(name)
-            if k != anchor:
+            if plans[k]:
                 x = mover.move(name, x, plans[k])
             yield name, x.to(output_dtype(parents.ckpts[k].dtype(name), write))
 

@@ -21,7 +21,7 @@ from otfuse_cli.merging.rules import MERGES
 ALIGN_BY = ("weights", "activations", "none")
 MAX_SKETCH = 1 << 16
 # AlignOptions fields that shape the transport plans: none is read with --align none.
-PLAN_FIELDS = ("solver", "reg", "metric", "marginals", "cost_norm", "refine", "max_iter", "sketch")
+PLAN_FIELDS = ("solver", "reg", "metric", "marginals", "cost_norm", "refine", "max_iter", "sketch", "rounds")
 DTYPES = ("keep", "float32", "float16", "bfloat16")
 ACTIVATIONS = ("relu", "gelu", "tanh")
 DEVICE_MAPS = ("auto", "balanced", "sequential")  # accelerate's placements (transformers device_map)
@@ -99,6 +99,10 @@ class AlignOptions(Options):
                            "has not met its marginals is refused (a work budget: results never depend on the "
                            "clock).",
                            minimum=1)
+    rounds: int = option(0, "--rounds", "Barycentric rounds after the anchor's alignment: every model, the anchor "
+                         "too, is aligned to the current fused model and the result re-merged, until no plan "
+                         "changes or N rounds (0: every model aligned to the anchor).", minimum=0, maximum=100,
+                         metavar="N")
     time_limit: float | None = option(None, "--time-limit", "Abort (exit 2, nothing written) once this many "
                                       "seconds of wall time have passed; never changes a result.", minimum=0.0,
                                       metavar="SECONDS")

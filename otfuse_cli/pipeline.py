@@ -118,8 +118,11 @@ def data_record(options: AlignOptions, data: DataOptions) -> dict | None:
 
 
 def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
-                  on_space: Callable[[str], None] | None = None) -> list[dict[str, Plan]]:
-    """plans[k] maps parent k onto the anchor, one Plan per space (the anchor's own entry is empty).
+                  on_space: Callable[[str], None] | None = None,
+                  weights: list[float] | None = None) -> list[dict[str, Plan]]:
+    """plans[k] maps parent k onto the anchor, one Plan per space (the anchor's own entry is empty). With
+    options.rounds, every parent's plans (the anchor's too) then map it onto the barycentre of the parents
+    (weighted by `weights`, default equal), which keeps the anchor's basis and widths.
 
     on_space(name) follows each space's first solve. When it is a report.Progress (it has .task), it gets
     real totals instead: batches x models for activations, spaces x parents for the first pass, spaces x
@@ -169,6 +172,8 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
         if refine is not None and solves[0] < spaces * sweeps:  # converged early: the rest is not needed
             left = spaces * sweeps - solves[0]
             refine.advance(left, detail=f"model {k} converged", work=space_pass and space_pass * left / spaces)
+    if options.rounds:
+        plans = _barycentric(parents, plans, options, data, weights, on_space, timings)
     timing_line("alignment: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in timings.items()))
     if all(p.moves_nothing() for model in plans for p in model.values()):
         note_line("every plan is the identity: the parents share the anchor's basis (fine-tunes of one model "
@@ -192,6 +197,33 @@ def space_estimates(parents: Parents, options: AlignOptions) -> dict[str, float]
         w = space_work(parents.ckpts[anchor], sa, sp, 0, options.sketch, options.solver)
         work[sa.name] = w["cost_gflops"] + w["solve_gflops"] + 1e-6  # never zero
     return work
+
+
+def _barycentric(parents: Parents, plans, options: AlignOptions, data: DataOptions, weights, on_space,
+                 timings: dict) -> list[dict[str, Plan]]:
+    from otfuse_cli.alignment.barycentre import barycentric_plans
+    from otfuse_cli.report import note_line, start
+
+    weights = weights or [1.0 / len(parents.ckpts)] * len(parents.ckpts)
+    task = start(on_space, "barycentre", options.rounds)
+    anchor_spec = parents.specs[parents.anchor]
+
+    def provider_for(reference, k):
+        return feature_provider(options, data, anchor_spec, parents.specs[k], reference, parents.source(k))
+
+    def on_round(r: int, changed: bool) -> None:
+        task.advance(options.rounds - r + 1 if not changed else 1,
+                     detail=f"round {r}: {'plans moved' if changed else 'no plan moved'}")
+
+    plans, history = barycentric_plans(parents, plans, weights, options.rounds, provider_for, options, timings,
+                                       on_round)
+    last = history[-1]
+    settled = last["changed"] is not None and not any(last["changed"])
+    costs = " -> ".join(f"{sum(h['cost']):.4g}" for h in history[1:])  # round 0 measured to the anchor, not a mean
+    note_line(f"barycentre: {len(history) - 1} round(s), "
+              f"{'no plan moved in the last' if settled else 'plans still moving after the last (raise --rounds)'}; "
+              f"summed matching cost by round {costs}")
+    return plans
 
 
 def _batch_counter(task, parents: int) -> Callable[[str, int, int], None]:
@@ -371,9 +403,13 @@ def aligned_parent(models: list[str], options: AlignOptions = AlignOptions(),
         raise OtfuseError(f"interpolation needs two models of the same widths; widths differ in {', '.join(differ)}")
     check_data(options, data)
     plans = compute_plans(parents, options, data, on_space)
-    mover = Transporter(parents.specs[0], parents.specs[1])
-    moved = {}
-    for name in parents.ckpts[1].keys():
-        x = parents.ckpts[1].get(name)
-        moved[name] = mover.move(name, x.float(), plans[1]).to(x.dtype) if x.is_floating_point() else x
-    return parents.ckpts[0].state_dict(), moved, parents.ckpts[0]
+    ends = []
+    for k in (0, 1):  # with --rounds both ends are moved onto their barycentre
+        mover = Transporter(parents.specs[0], parents.specs[k])
+        moved = {}
+        for name in parents.ckpts[k].keys():
+            x = parents.ckpts[k].get(name)
+            moved[name] = mover.move(name, x.float(), plans[k]).to(x.dtype) if x.is_floating_point() and plans[k] \
+                else x
+        ends.append(moved)
+    return ends[0], ends[1], parents.ckpts[0]

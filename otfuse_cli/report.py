@@ -161,6 +161,12 @@ def error_line(message: str) -> None:
     _write_stderr("error: " + " ".join(str(message).split()) + "\n")
 
 
+def warning_line(message: str) -> None:
+    """A `warning: ...` line on stderr: the command succeeded but its result may not be what was wanted. Shown
+    with --quiet too (a CI log should carry it)."""
+    _write_stderr("warning: " + " ".join(str(message).split()) + "\n")
+
+
 def note_line(message: str) -> None:
     """A `note: ...` line on stderr for something the user should know but that is not an error (silent with
     --quiet)."""

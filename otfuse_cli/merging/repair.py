@@ -148,7 +148,7 @@ def repair_fused(state_dict: dict, parents, plans: list, weights: list[float], d
         mover = Transporter(anchor_spec, spec)
         for layer, parent_layer in zip(layers, parent_layers):
             mean, std = measured[parent_layer]
-            if k != parents.anchor:
+            if plans[k]:
                 mean, std = (mover.move_like(f"{parent_layer}.weight", 0, v, plans[k]) for v in (mean, std))
             acc = targets.setdefault(layer, [0, 0])
             acc[0], acc[1] = acc[0] + weights[k] * mean, acc[1] + weights[k] * std
