@@ -16,6 +16,15 @@ environment (benchmarks/.venv-mergekit, made on first use from PyPI: torch==2.13
 Every route runs --rounds times (default 3) in interleaved rounds and is reported by its medians; the I/O
 floor always runs, and every ratio is to the floor measured in the same run.
 
+The weights route (exact solver) also has an arithmetic floor, measured in the same run: its matrix products
+(the GFLOP per solve that `otfuse fuse --dry-run` estimates, workplan.py, times the solves the route's
+--verbose lines show it ran) at a GEMM rate measured here (torch.matmul at the size's shapes, with the thread
+count the routes get), plus its exact assignments (one per space and solve, of the space's width; head spaces
+also one dim map per unit pair) at the lapjvs time per assignment measured here on random costs of those sizes
+(squared distances between random bf16 features like the benchmark's weights, as otfuse.alignment.solvers
+solves them). The rates are measured once per round, after the round's routes; the floor uses their medians.
+The floor counts CPU seconds (all threads) as the routes' CPU s do; its wall seconds are recorded too.
+
 Results go to stdout (a table, or JSON with --json) and, with --save, to benchmarks/scale.json."""
 
 from __future__ import annotations
@@ -167,7 +176,25 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     record = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gib": usage.ru_maxrss / 2**20,
               "peak_anon_gib": peak_anon / 2**20}
     profile = phase_profile(output, wall)
-    return {**record, "phases_s": profile} if profile else record
+    if profile:
+        record["phases_s"] = profile
+    if solves := solves_run(output):
+        record["solves"] = solves
+    if (threads := route_threads(output)) is not None:
+        record["threads"] = threads
+    return record
+
+
+THREADS = re.compile(r"^\s+threads: (?P<n>\d+|as OpenMP chooses)", re.M)
+
+
+def route_threads(output: str) -> int | None:
+    """The compute threads a --verbose otfuse reported: its count, or where it left OpenMP to choose (the
+    environment sets OMP_NUM_THREADS) the count torch took from the same environment in this process."""
+    m = THREADS.search(output)
+    if m is None:
+        return None
+    return int(m["n"]) if m["n"].isdigit() else torch.get_num_threads()
 
 
 STEP = re.compile(r"^\s+(?P<task>[a-z ]+): (?P<detail>\S+).*\s(?P<seconds>[0-9.]+) s$")
@@ -195,6 +222,16 @@ def phase_profile(output: str, wall: float) -> dict[str, float]:
         phases["other (start-up, headers, hashes, load-back)"] = wall - sum(
             v for k, v in phases.items() if not k.startswith("("))
     return phases
+
+
+def solves_run(output: str) -> dict[str, int]:
+    """How many times each space was solved: its `aligning:` and `refining:` lines under --verbose."""
+    counts: dict[str, int] = {}
+    for line in output.splitlines():
+        m = STEP.match(line)
+        if m and m["task"] in ("aligning", "refining") and m["detail"] != "model":
+            counts[m["detail"]] = counts.get(m["detail"], 0) + 1
+    return counts
 
 
 IO_FLOOR = """
@@ -257,6 +294,9 @@ def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str], only
               "routes": {}}
     chosen = {name: cmd for name, cmd in routes(a, b, root / size, mergekit, otfuse_args).items()
               if name == FLOOR or not only or any(word in name for word in only)}
+    weights = next((name for name in chosen if name.startswith("otfuse fuse (weights")), None)
+    estimates = work_estimates(a, b, root / size, otfuse_args) if weights and exact_weights(otfuse_args) else None
+    rates = []
     samples: dict[str, list[dict]] = {name: [] for name in chosen}
     names = list(chosen)
     outputs = {root / size / o for o in ("io", "avg", "ot", "mergekit")}  # what the routes write (routes())
@@ -268,6 +308,9 @@ def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str], only
                 shutil.rmtree(made, ignore_errors=True)  # absent before its first run
             samples[name].append(measure(chosen[name], env={**os.environ, "PYTHONPATH": str(HERE.parent)}))
             print(f"  {size} {name} (round {r + 1}): {samples[name][-1]}", file=sys.stderr, flush=True)
+        if estimates:  # the arithmetic floor's rates, once per round, beside the routes
+            rates.append(measure_rates(shape, estimates, seed=r))
+            print(f"  {size} arithmetic floor rates (round {r + 1}): {rates[-1]}", file=sys.stderr, flush=True)
     for name, runs in samples.items():
         median = {key: statistics.median(run[key] for run in runs)
                   for key in ("wall_s", "cpu_s", "peak_rss_gib", "peak_anon_gib")}
@@ -276,7 +319,155 @@ def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str], only
     for r in record["routes"].values():
         r["cpu_vs_floor"] = r["cpu_s"] / floor["cpu_s"]
         r["rss_vs_model"] = r["peak_rss_gib"] / record["model_gib"]
+    if estimates and samples[weights]:
+        route = record["routes"][weights]
+        solves = route["runs"][0].get("solves", {})
+        if any(run.get("solves", {}) != solves for run in route["runs"]):
+            raise SystemExit(f"the weights route solved different spaces in different runs: {route['runs']}")
+        if route["runs"][0].get("threads", estimates["threads"]) != estimates["threads"]:
+            raise SystemExit("the weights route ran with another thread count than --dry-run reported")
+        route["arith_floor"] = arithmetic_floor(estimates, solves, rates)
+        route["cpu_vs_arith_floor"] = route["cpu_s"] / route["arith_floor"]["cpu_s"]
+        route["wall_vs_arith_floor"] = route["wall_s"] / route["arith_floor"]["wall_s"]
     return record
+
+
+# ---------------------------------------------------------------- the weights route's arithmetic floor
+
+def work_estimates(a: Path, b: Path, work: Path, otfuse_args: list[str]) -> dict:
+    """What `otfuse --verbose fuse A B --dry-run --json` prints (workplan.plan_of_work, from the headers alone),
+    and the thread count it reports: the count every route gets."""
+    proc = subprocess.run([sys.executable, "-m", "otfuse_cli", "--verbose", "fuse", str(a), str(b), "-o",
+                           str(work / "dry-run"), "--dry-run", "--json", *otfuse_args], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    if proc.returncode != 0:
+        raise SystemExit(f"otfuse fuse --dry-run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    doc = json.loads(proc.stdout)
+    doc["threads"] = route_threads(proc.stderr)
+    return doc
+
+
+def exact_weights(otfuse_args: list[str]) -> bool:
+    """Whether the weights route solves exactly (the floor counts assignments; Sinkhorn has none)."""
+    return "sinkhorn" not in otfuse_args
+
+
+def gemm_shapes(shape) -> dict[str, tuple[int, int, int, str]]:
+    """The matrix product one solve of each kind of space is made of, (rows, inner, columns, dtype), as
+    alignment/cost.py computes it: an FFN space folds gate, up and down one at a time, each an
+    (ffn, hidden) x (hidden, ffn) float32 product; the residual stream folds every tensor as (hidden, k) x
+    (k, hidden), mostly k = ffn (the MLP's three tensors); head channels are float64 grams, the query
+    projection's (hidden, hidden) x (hidden, hidden)."""
+    hidden, _, _, _, ffn, _ = shape
+    return {"ffn": (ffn, hidden, ffn, "float32"), "residual": (hidden, ffn, hidden, "float32"),
+            "heads": (hidden, hidden, hidden, "float64")}
+
+
+FEATURE_CAP = 8192  # feature columns of the random costs lapjvs is timed on (the residual stream has 10^5-10^6)
+
+
+def assignment_sizes(estimates: dict) -> dict[int, int]:
+    """{assignment size: feature columns of its random costs}: every space's width and every head dim."""
+    sizes: dict[int, int] = {}
+    for sp in estimates["spaces"]:
+        n, m = sp["width"]
+        if n != m:
+            raise SystemExit(f"space {sp['space']} is {n} x {m}: the floor counts square assignments only")
+        sizes.setdefault(n, min(FEATURE_CAP, max(1, sp["plain_features"] or sp["head_features"])))
+        if sp["head_dim"]:
+            sizes.setdefault(sp["head_dim"], min(FEATURE_CAP, max(1, sp["head_features"])))
+    return sizes
+
+
+def assignments_run(estimates: dict, solves: dict[str, int]) -> dict[int, int]:
+    """{size: count} of the exact assignments the route solved: per solve of a space, one of its width, and in a
+    head space one head-dim map per unit pair (at least: the value/output channel's; RoPE fixes the
+    query/key dims, and a reordered query group adds more)."""
+    counts: dict[int, int] = {}
+    for sp in estimates["spaces"]:
+        k = solves.get(sp["space"], 0)
+        n, m = sp["width"]
+        counts[n] = counts.get(n, 0) + k
+        if sp["head_dim"]:
+            counts[sp["head_dim"]] = counts.get(sp["head_dim"], 0) + k * n * m
+    return {size: c for size, c in counts.items() if c}
+
+
+def time_gemm(rows: int, inner: int, cols: int, dtype: str, seed: int, min_cpu: float = 0.5) -> dict:
+    """torch.matmul's rate at one shape (after one untimed product): GFLOP per CPU second and per wall second."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, inner, generator=gen, dtype=getattr(torch, dtype))
+    y = torch.randn(inner, cols, generator=gen, dtype=getattr(torch, dtype))
+    torch.matmul(x, y)
+    reps, cpu, wall = 0, 0.0, 0.0
+    while reps < 2 or cpu < min_cpu:
+        c, w = time.process_time(), time.perf_counter()
+        torch.matmul(x, y)
+        cpu, wall, reps = cpu + time.process_time() - c, wall + time.perf_counter() - w, reps + 1
+    gflop = 2 * rows * inner * cols * reps / 1e9
+    return {"gflop_per_cpu_s": gflop / cpu, "gflop_per_wall_s": gflop / wall, "reps": reps}
+
+
+def time_assignment(n: int, features: int, seed: int, min_cpu: float = 0.2, most: int = 50) -> dict:
+    """CPU and wall seconds per exact assignment (otfuse's solvers.assignment: lapjvs, float32 kernel) of n x n
+    random costs made as the route makes them from the benchmark's random weights: squared distances between
+    two sets of n random bf16 feature vectors (0.02 N(0, 1), as write_random_llama), scaled by their mean."""
+    from otfuse_cli.alignment.metrics import METRICS
+    from otfuse_cli.alignment.solvers import assignment, normalize
+
+    gen = torch.Generator().manual_seed(seed)
+    reps, cpu, wall = 0, 0.0, 0.0
+    while reps < 1 or (cpu < min_cpu and reps < most):
+        x, y = ((torch.randn(n, features, generator=gen) * 0.02).bfloat16().float() for _ in range(2))
+        dot = (x @ y.T).double()
+        cost = normalize(METRICS["sqeuclidean"](dot, (x.double() ** 2).sum(1), (y.double() ** 2).sum(1)).numpy(),
+                         "mean")
+        c, w = time.process_time(), time.perf_counter()
+        assignment(cost)
+        cpu, wall, reps = cpu + time.process_time() - c, wall + time.perf_counter() - w, reps + 1
+    return {"cpu_s": cpu / reps, "wall_s": wall / reps, "reps": reps}
+
+
+def measure_rates(shape, estimates: dict, seed: int) -> dict:
+    """One round's GEMM rates (per kind of space) and lapjvs times (per size), with the routes' thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(estimates["threads"])
+    try:
+        kinds = {sp["kind"] for sp in estimates["spaces"]}
+        gemm = {kind: {"shape": list(dims[:3]), "dtype": dims[3], **time_gemm(*dims, seed=seed)}
+                for kind, dims in gemm_shapes(shape).items() if kind in kinds}
+        lap = {str(n): {"features": k, **time_assignment(n, k, seed)} for n, k in assignment_sizes(estimates).items()}
+    finally:
+        torch.set_num_threads(before)
+    return {"gemm": gemm, "assignment": lap}
+
+
+def arithmetic_floor(estimates: dict, solves: dict[str, int], rates: list[dict]) -> dict:
+    """The weights route's arithmetic floor: its products (each space's estimated GFLOP per solve x the solves
+    it ran) at the median GEMM rate of their kind, plus its assignments at the median lapjvs time of their
+    size; in CPU seconds and in wall seconds."""
+    gemm: dict[str, dict] = {}
+    for sp in estimates["spaces"]:
+        g = gemm.setdefault(sp["kind"], {"gflop": 0.0})
+        g["gflop"] += sp["cost_gflops"] * solves.get(sp["space"], 0)
+    for kind, g in gemm.items():
+        for unit in ("cpu", "wall"):
+            g[f"gflop_per_{unit}_s"] = statistics.median(r["gemm"][kind][f"gflop_per_{unit}_s"] for r in rates)
+            g[f"{unit}_s"] = g["gflop"] / g[f"gflop_per_{unit}_s"]
+    lap = {}
+    for size, count in assignments_run(estimates, solves).items():
+        each = {unit: statistics.median(r["assignment"][str(size)][f"{unit}_s"] for r in rates)
+                for unit in ("cpu", "wall")}
+        lap[str(size)] = {"count": count, "cpu_s_each": each["cpu"], "wall_s_each": each["wall"],
+                          "cpu_s": count * each["cpu"], "wall_s": count * each["wall"]}
+    total = {f"{unit}_s": sum(g[f"{unit}_s"] for g in gemm.values()) + sum(a[f"{unit}_s"] for a in lap.values())
+             for unit in ("cpu", "wall")}
+    gflop = sum(g["gflop"] for g in gemm.values())
+    return {**total, "gemm_gflop": gflop, "gemm": gemm, "assignments": lap, "threads": estimates["threads"],
+            "solves": solves, "estimated_most_solves_per_space": estimates["most_solves_per_space"],
+            "spaces": [{k: sp[k] for k in ("space", "kind", "width", "head_dim", "cost_gflops")}
+                       for sp in estimates["spaces"]],
+            "rates": rates}
 
 
 # ---------------------------------------------------------------- exactness at scale
@@ -328,14 +519,30 @@ def recovery(size: str, root: Path, otfuse_args: list[str]) -> dict:
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| size (one model) | route | wall s | CPU s | CPU / I/O floor | peak RSS GiB (/ model) | peak anon GiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| size (one model) | route | wall s | CPU s | CPU / I/O floor | arithmetic floor CPU s | CPU / arithmetic "
+             "floor | peak RSS GiB (/ model) | peak anon GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         for name, m in r["routes"].items():
+            arith = (f"{m['arith_floor']['cpu_s']:.3g} | {m['cpu_vs_arith_floor']:.2f}x" if "arith_floor" in m
+                     else "– | –")
             lines.append(f"| {r['size']} ({r['model_gib']:.2f} GiB) | {name} | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | "
-                         f"{m['cpu_vs_floor']:.1f}x | {m['peak_rss_gib']:.2f} ({m['rss_vs_model']:.1f}x) | "
+                         f"{m['cpu_vs_floor']:.1f}x | {arith} | {m['peak_rss_gib']:.2f} ({m['rss_vs_model']:.1f}x) | "
                          f"{m['peak_anon_gib']:.2f} |")
+    for r in records:
+        for name, m in r["routes"].items():
+            if "arith_floor" in m:
+                lines.append(floor_line(r["size"], m["arith_floor"]))
     return "\n".join(lines)
+
+
+def floor_line(size: str, f: dict) -> str:
+    """The arithmetic floor in words: its products and assignments, and the rates measured in this run."""
+    gemm = ", ".join(f"{kind} {g['gflop']:,.0f} GFLOP at {g['gflop_per_cpu_s']:.0f} GFLOP/CPU-s ({g['cpu_s']:.3g} s)"
+                     for kind, g in f["gemm"].items())
+    lap = ", ".join(f"{a['count']} x n = {n} at {a['cpu_s_each'] * 1e3:.3g} ms ({a['cpu_s']:.3g} s)"
+                    for n, a in sorted(f["assignments"].items(), key=lambda kv: -int(kv[0])))
+    return (f"\narithmetic floor, {size} weights route ({f['threads']} threads): {f['cpu_s']:.3g} CPU-s "
+            f"({f['wall_s']:.3g} s wall) = products [{gemm}] + assignments [{lap}]")
 
 
 def main() -> None:
