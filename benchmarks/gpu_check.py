@@ -265,7 +265,7 @@ def time_weights_route(size: str, shape, device: str, work: Path, run_cpu: bool)
         raise SystemExit(f"otfuse fuse --dry-run failed: {error_line(output)}")
     # the thread count the command line gave torch in this process: the one its routes get
     estimates = {**json.loads(output), "threads": torch.get_num_threads()}
-    rates = [scale.measure_rates(shape, estimates, seed=0)]
+    rates = [scale.measure_rates(shape, estimates, seed=0, min_cpu=0.05 if size == "tiny" else 0.5)]
     solves = {sp["space"]: SOLVES for sp in estimates["spaces"]}
     if run_cpu:
         cpu = scale.measure([sys.executable, "-m", "otfuse_cli", "--verbose", "fuse", str(a), str(b), "--align",

@@ -309,7 +309,7 @@ def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str], only
             samples[name].append(measure(chosen[name], env={**os.environ, "PYTHONPATH": str(HERE.parent)}))
             print(f"  {size} {name} (round {r + 1}): {samples[name][-1]}", file=sys.stderr, flush=True)
         if estimates:  # the arithmetic floor's rates, once per round, beside the routes
-            rates.append(measure_rates(shape, estimates, seed=r))
+            rates.append(measure_rates(shape, estimates, seed=r, min_cpu=0.05 if size == "tiny" else 0.5))
             print(f"  {size} arithmetic floor rates (round {r + 1}): {rates[-1]}", file=sys.stderr, flush=True)
     for name, runs in samples.items():
         median = {key: statistics.median(run[key] for run in runs)
@@ -428,15 +428,17 @@ def time_assignment(n: int, features: int, seed: int, min_cpu: float = 0.2, most
     return {"cpu_s": cpu / reps, "wall_s": wall / reps, "reps": reps}
 
 
-def measure_rates(shape, estimates: dict, seed: int) -> dict:
-    """One round's GEMM rates (per kind of space) and lapjvs times (per size), with the routes' thread count."""
+def measure_rates(shape, estimates: dict, seed: int, min_cpu: float = 0.5) -> dict:
+    """One round's GEMM rates (per kind of space) and lapjvs times (per size), with the routes' thread count;
+    each rate from at least min_cpu CPU seconds of products (and of assignments, up to 50 of them)."""
     before = torch.get_num_threads()
     torch.set_num_threads(estimates["threads"])
     try:
         kinds = {sp["kind"] for sp in estimates["spaces"]}
-        gemm = {kind: {"shape": list(dims[:3]), "dtype": dims[3], **time_gemm(*dims, seed=seed)}
+        gemm = {kind: {"shape": list(dims[:3]), "dtype": dims[3], **time_gemm(*dims, seed=seed, min_cpu=min_cpu)}
                 for kind, dims in gemm_shapes(shape).items() if kind in kinds}
-        lap = {str(n): {"features": k, **time_assignment(n, k, seed)} for n, k in assignment_sizes(estimates).items()}
+        lap = {str(n): {"features": k, **time_assignment(n, k, seed, min_cpu=min_cpu / 2.5)}
+               for n, k in assignment_sizes(estimates).items()}
     finally:
         torch.set_num_threads(before)
     return {"gemm": gemm, "assignment": lap}
