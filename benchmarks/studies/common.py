@@ -173,6 +173,17 @@ def similar_texts(test: list[str], others: list[str], threshold: float = JACCARD
     return similar_sets([shingles(t) for t in test], [shingles(t) for t in others], threshold)
 
 
+def drop_similar(test: list[str], *groups: list, text=lambda row: row[0]) -> tuple[list[list], int]:
+    """Each group without the rows whose text (text(row)) is a near-duplicate of a test text by the
+    independent notion (`similar_texts`: character 5-gram Jaccard >= JACCARD), and how many were dropped: the
+    studies drop by `near_duplicate_key` first, and this second drop is what lets `check_no_leak`'s independent
+    check pass on the splits they train on."""
+    pool = [(g, i) for g, group in enumerate(groups) for i in range(len(group))]
+    hits = {pool[j] for _, j, _ in similar_texts(test, [text(groups[g][i]) for g, i in pool])}
+    kept = [[row for i, row in enumerate(group) if (g, i) not in hits] for g, group in enumerate(groups)]
+    return kept, len(hits)
+
+
 PIXEL_L2 = 1.5  # the images' L2 distance (pixels in [0, 1]) below which two 28x28 images are near-duplicates
 
 
@@ -336,24 +347,40 @@ def train(model, batch: Callable[[torch.Generator], tuple[dict, torch.Tensor]], 
 
 # ---------------------------------------------------------------- fusion routes and scores
 
-def fusion_routes(parents: list[Path], out: Path, align_data: str, stats: list[str] | None) -> dict[str, Path]:
+BARYCENTRIC_ROUNDS = 5
+
+
+def fusion_routes(parents: list[Path], out: Path, align_data: str, stats: list[str] | None,
+                  barycentric: bool = False, fits: dict | None = None) -> dict[str, Path]:
     """Every fusion route of the studies' tables, each written to out/<route>. `stats`: each party's own
-    data file for RegMean (its Grams are computed on that party's data only)."""
+    data file for RegMean (its Grams are computed on that party's data only). barycentric: also every aligned
+    route with `--rounds` (each parent aligned in turn to the mean of the others). fits: filled with each
+    aligned route's collapse-guard figures (fuse's "fit")."""
+    rounds = otf.AlignOptions(rounds=BARYCENTRIC_ROUNDS)
     routes = {
         "vanilla average": dict(options=otf.AlignOptions(align="none")),
         "OT weights (exact)": dict(options=otf.AlignOptions()),
         "OT weights (sinkhorn)": dict(options=otf.AlignOptions(solver="sinkhorn")),
         "OT activations": dict(options=otf.AlignOptions(align="activations"), data=otf.DataOptions(data=align_data)),
     }
+    if barycentric:
+        routes["OT weights, barycentric"] = dict(options=rounds)
+        routes["OT activations, barycentric"] = dict(options=otf.AlignOptions(align="activations",
+                                                                              rounds=BARYCENTRIC_ROUNDS),
+                                                     data=otf.DataOptions(data=align_data))
     if stats is not None:
         files = [str(party_stats(m, d, out / f"stats_{k}.safetensors")) for k, (m, d) in enumerate(zip(parents, stats))]
         regmean = MergeOptions(merge="regmean")
         routes["RegMean"] = dict(options=otf.AlignOptions(align="none"), merge=regmean, stats=files)
         routes["OT + RegMean"] = dict(options=otf.AlignOptions(), merge=regmean, stats=files)
+        if barycentric:
+            routes["OT barycentric + RegMean"] = dict(options=rounds, merge=regmean, stats=files)
     paths = {}
     for name, kw in routes.items():
         path = out / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-        otf.fuse([str(p) for p in parents], str(path), **kw)
+        result = otf.fuse([str(p) for p in parents], str(path), **kw)
+        if fits is not None and "fit" in result:
+            fits[name] = result["fit"]
         paths[name] = path
     return paths
 
@@ -380,10 +407,14 @@ def mass_routes(parents: list[Path], out: Path, align_data: str) -> tuple[dict[s
         otf.align([str(p) for p in parents], str(path), options=options, data=data)
         return path, load_plans(path)[0], data
 
+    raw_path, raw_plans, _ = plan("uniform raw activations", otf.AlignOptions(align="activations"), "none")
     baselines = {"OT weights (exact)": plan("uniform weights", otf.AlignOptions(), None)[1],
-                 "OT activations (raw)": plan("uniform raw activations", otf.AlignOptions(align="activations"),
-                                              "none")[1]}
-    paths, changed = {}, {}
+                 "OT activations (raw)": raw_plans}
+    # the uniform-mass plan on raw activations is the activation-mass row's own baseline (study 4 changes one
+    # thing at a time): it is fused and scored too, not only planned
+    paths = {"OT activations (raw)": out / "ot_activations_raw"}
+    otf.fuse([str(p) for p in parents], str(paths["OT activations (raw)"]), plan=str(raw_path))
+    changed = {}
     for name, (options, standardize, baseline) in MASSES.items():
         path, plans, data = plan(name, options, standardize)
         moved = total = 0
