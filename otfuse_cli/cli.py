@@ -322,6 +322,10 @@ def fuse(
     base: Optional[str] = typer.Option(None, "--base", metavar="MODEL",
                                        help="The parents' common pre-trained model: merge rules then combine "
                                             "task vectors (parent - base) and add the base back."),
+    only: Optional[list[str]] = typer.Option(None, "--only", metavar="GLOB",
+                                             help="Merge only the tensors whose names match (shell-style, e.g. "
+                                                  "'model.encoder.*'; repeatable); every other tensor is the "
+                                                  "anchor's own, in the same basis."),
     anchor: int = ANCHOR_OPT, json_out: bool = JSON_OPTION, allow_config_mismatch: bool = ALLOW_MISMATCH_OPT,
     dry_run: bool = DRY_RUN_OPT, options: AlignOptions = None, merge: MergeOptions = None,
     data: DataOptions = None, write: OutputOptions = None,
@@ -340,6 +344,7 @@ def fuse(
           --stats a.stats.safetensors --stats b.stats.safetensors
       otfuse fuse sst2/ mnli/ -o merged/ --base bert-base/ \\
           --merge ties --density 0.2
+      otfuse fuse en-de-a/ en-de-b/ -o enc/ --only 'model.encoder.*'
     """
     require_models(*models, base)
     from otfuse_cli.fusion import fuse as fuse_models, reads_data
@@ -368,7 +373,7 @@ def fuse(
                        "max_shard_size": write.max_shard_size, "activation": data.activation}
     with report.Progress(enabled=not json_out) as progress:
         result = fuse_models(models, output, options=options, data=data, merge=merge, write=write, anchor=anchor,
-                             weights=weights, plan=plan, stats=stats, repair=repair, base=base,
+                             weights=weights, plan=plan, stats=stats, repair=repair, base=base, only=only,
                              command_options=command_options, on_space=progress,
                              allow_config_mismatch=allow_config_mismatch)
     if json_out:

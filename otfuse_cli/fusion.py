@@ -101,10 +101,11 @@ def open_base(path: str, parents: Parents, allow_config_mismatch: bool) -> Base:
 
 def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[float], merge: MergeOptions,
                   write: OutputOptions, stats: list | None = None, base: Base | None = None,
-                  seed: int = 0, fit=None) -> Iterator[tuple[str, torch.Tensor]]:
+                  seed: int = 0, fit=None, only: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The merged tensors in the anchor's order; with `base`, the rule merges task vectors and the base is
     added back. Task heads kept apart (parents.heads) are not among them. fit (merging.fit.Fit), when
-    given, measures each aligned parent's distance to every merged tensor."""
+    given, measures each aligned parent's distance to every merged tensor. only: the names merged; every
+    other tensor is the anchor's own (moved by the anchor's plans, which barycentric rounds give it)."""
     anchor = parents.anchor
     movers = [Transporter(parents.specs[anchor], s) for s in parents.specs]
     rule = MERGES[merge.merge]
@@ -113,6 +114,10 @@ def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[
         deadline.check("merging")
         if not dtype.is_floating_point:  # integer buffers (num_batches_tracked) stay the anchor's
             yield name, ckpt.get(name)
+            continue
+        if only is not None and name not in only:
+            x = parents.source(anchor).take(name)
+            yield name, (movers[anchor].move(name, x, plans[anchor]) if plans[anchor] else x).to(dtype)
             continue
         aligned = []
         for k in range(len(parents.ckpts)):
@@ -144,6 +149,25 @@ def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[
         if fit is not None:
             fit.add(whole, out)
         yield name, out
+
+
+def selected(parents: Parents, only: list[str] | None) -> set[str] | None:
+    """The floating tensors `only`'s glob patterns pick out (None: all); a pattern that matches none of the
+    anchor's tensors is refused before any work, naming a few of them."""
+    if not only:
+        return None
+    import fnmatch
+
+    ckpt = parents.ckpts[parents.anchor]
+    names = [n for n in ckpt.keys() if ckpt.dtype(n).is_floating_point and n not in _kept(parents)]
+    picked = set()
+    for pattern in only:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise OtfuseError(f"--only {pattern!r} matches no tensor of the anchor (its names look like "
+                              f"{', '.join(names[:3])}, ...)")
+        picked.update(hits)
+    return picked
 
 
 def check_finite_output(name: str, t: torch.Tensor, merge: MergeOptions | None = None) -> torch.Tensor:
@@ -277,8 +301,8 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
          data: DataOptions = DataOptions(), merge: MergeOptions = MergeOptions(),
          write: OutputOptions = OutputOptions(), anchor: int = 0, weights: str | None = None,
          plan: str | None = None, stats: list[str] | None = None, repair: bool = False, base: str | None = None,
-         command_options: dict | None = None, on_space: Callable[[str], None] | None = None,
-         allow_config_mismatch: bool = False) -> dict:
+         only: list[str] | None = None, command_options: dict | None = None,
+         on_space: Callable[[str], None] | None = None, allow_config_mismatch: bool = False) -> dict:
     """Fuse `models` into `output`: align onto the anchor (or reuse `plan`; options.align "none" keeps every
     parent in its own basis, the vanilla baseline), then merge by `merge.merge`, reading `stats` files (one
     per model) or computing them on `data.data`. With `base` (the parents' common pre-trained model) the rule
@@ -286,7 +310,8 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
     merge.heads "keep") stay each parent's own: `output` then holds one model folder per parent, the merged
     body with that parent's head and config. repair renormalises the fused units on `data.data` (REPAIR;
     BatchNorm nets: their statistics re-estimated). Parents whose config or tokenizer changes the function are
-    refused unless allow_config_mismatch (the result runs with the anchor's config)."""
+    refused unless allow_config_mismatch (the result runs with the anchor's config). only: glob patterns; the
+    tensors they match are merged, every other is the anchor's own (moved with it: the basis stays one)."""
     deadline.start(options.time_limit)
     check_output(output, write)
     weight_numbers(weights)  # the text's form now; its count once the models are open
@@ -311,6 +336,7 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
     if parents.heads is not None and merge.heads == "auto":
         report.note_line("the parents' task heads differ (label sets or names): the bodies are merged and each "
                          f"parent keeps its own head, one model folder each under {output}/ (--heads merge refuses)")
+    merged_names = selected(parents, only)
     origin = open_base(base, parents, allow_config_mismatch) if base else None
     uses_data = reads_data(options, merge, plan, stats, repair)
     refuse_overlap(output, input_paths(parents.ckpts + ([origin.source.ckpt] if origin else []),
@@ -340,11 +366,11 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
     record = provenance("fuse", {**(command_options or {}), "merge": merge.to_json(), "anchor": anchor,
                                  "weights": w, "dtype": write.dtype, "align": align_record, "plan_file": plan,
                                  "stats_files": stats, "repair": str(data.data) if repair else None,
-                                 "base": base, **extra}, inputs)
+                                 "base": base, "only": only, **extra}, inputs)
     # the collapse guard: only where parents were aligned (children of one model merged in place need none)
     fit = Fit(len(parents.ckpts), w) if any(plans) else None
     tensors = report.counted(fused_tensors(parents, plans, w, merge, write, parent_statistics, origin, data.seed,
-                                           fit), on_space, "merging",
+                                           fit, merged_names), on_space, "merging",
                              len(fused_layout(parents.ckpts[anchor], write, _kept(parents))))
     result = {"family": parents.specs[anchor].family, "align": align_record.get("align", options.align),
               "merge": merge.merge, "anchor": anchor, "weights": w, "spaces": plan_summary(plans, parents.specs, anchor)}

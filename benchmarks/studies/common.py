@@ -351,11 +351,13 @@ BARYCENTRIC_ROUNDS = 5
 
 
 def fusion_routes(parents: list[Path], out: Path, align_data: str, stats: list[str] | None,
-                  barycentric: bool = False, fits: dict | None = None) -> dict[str, Path]:
+                  barycentric: bool = False, fits: dict | None = None, only: dict | None = None,
+                  only_routes: tuple = ()) -> dict[str, Path]:
     """Every fusion route of the studies' tables, each written to out/<route>. `stats`: each party's own
     data file for RegMean (its Grams are computed on that party's data only). barycentric: also every aligned
     route with `--rounds` (each parent aligned in turn to the mean of the others). fits: filled with each
-    aligned route's collapse-guard figures (fuse's "fit")."""
+    aligned route's collapse-guard figures (fuse's "fit"). only {part: glob patterns} with only_routes: instead,
+    the routes named there fused with `--only` for each part ("<route>, <part>")."""
     rounds = otf.AlignOptions(rounds=BARYCENTRIC_ROUNDS)
     routes = {
         "vanilla average": dict(options=otf.AlignOptions(align="none")),
@@ -369,12 +371,17 @@ def fusion_routes(parents: list[Path], out: Path, align_data: str, stats: list[s
                                                                               rounds=BARYCENTRIC_ROUNDS),
                                                      data=otf.DataOptions(data=align_data))
     if stats is not None:
-        files = [str(party_stats(m, d, out / f"stats_{k}.safetensors")) for k, (m, d) in enumerate(zip(parents, stats))]
+        # a party's statistics are made once per run folder (the ablation's routes read the full routes')
+        files = [str(path if (path := out / f"stats_{k}.safetensors").exists() else party_stats(m, d, path))
+                 for k, (m, d) in enumerate(zip(parents, stats))]
         regmean = MergeOptions(merge="regmean")
         routes["RegMean"] = dict(options=otf.AlignOptions(align="none"), merge=regmean, stats=files)
         routes["OT + RegMean"] = dict(options=otf.AlignOptions(), merge=regmean, stats=files)
         if barycentric:
             routes["OT barycentric + RegMean"] = dict(options=rounds, merge=regmean, stats=files)
+    if only:  # the ablation rows: each route's fusion of the tensors `only` picks, the rest the anchor's
+        routes = {f"{name}, {part}": {**kw, "only": list(patterns)} for name, kw in routes.items()
+                  if name in only_routes for part, patterns in only.items()}
     paths = {}
     for name, kw in routes.items():
         path = out / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,8 @@ import otfuse_cli as otf
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0-3, BART's order
 COLUMNS = ["BLEU greedy", "chrF greedy", "BLEU beam 4", "chrF beam 4"]
-PARTS = {"encoders only": ("model.encoder.",), "decoders only": ("model.decoder.", "final_logits_bias", "lm_head.")}
+# lm_head is tied to the shared token embedding (not stored): that stays half A's in both parts
+PARTS = {"encoders only": ("model.encoder.*",), "decoders only": ("model.decoder.*", "final_logits_bias")}
 
 
 @dataclass(frozen=True)
@@ -139,18 +139,6 @@ def fit_mt(scale: MTScale, tok, pairs, seed: int, lr: float, steps: int | None =
     return model, steps, train(model, batch, steps, lr, seed, after_step)
 
 
-def half_fused(fused: Path, anchor: Path, part: str, out: Path) -> Path:
-    """The anchor with one stack replaced by the fused model's (`PARTS`); both are in the anchor's basis, since
-    fusion aligns the other parents onto the anchor. The shared token embedding stays the anchor's."""
-    from safetensors.torch import load_file, save_file
-
-    a, f = load_file(str(anchor / "model.safetensors")), load_file(str(fused / "model.safetensors"))
-    mixed = {k: (f[k] if k.startswith(PARTS[part]) else v) for k, v in a.items()}
-    shutil.copytree(anchor, out)
-    save_file(mixed, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
 def scores(paths: dict[str, Path], data: str, ensemble: tuple[int, int] | None) -> dict[str, float]:
     """{"row|column": BLEU or chrF / 100} greedy and beam 4, and the sacrebleu signatures."""
     record, signatures = {}, {}
@@ -202,11 +190,10 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
                                [files["half A"], files["half B"]])
         routes.pop("OT weights (sinkhorn)")
         cost["fusion (all routes)"] = time.perf_counter() - start
-        ablation = {}
-        for route in ("vanilla average", ABLATED_ROUTE):
-            for part in PARTS:
-                ablation[f"{route}, {part}"] = half_fused(routes[route], models["half A"], part,
-                                                          root / f"{route}_{part}".replace(" ", "_"))
+        # the ablation: the same routes fusing one stack (`fuse --only`), the rest half A's own
+        ablation = fusion_routes([models["half A"], models["half B"]], root, files["val"],
+                                 [files["half A"], files["half B"]], only=PARTS,
+                                 only_routes=("vanilla average", ABLATED_ROUTE))
         start = time.perf_counter()
         tuned, ft_steps = {}, max(1, steps // 10)  # 10% of a half's steps, on half A's data
         import transformers as T
