@@ -251,3 +251,22 @@ def test_text_similarity_is_exact():
     want = {(i, j) for i, x in enumerate(left) for j, y in enumerate(right)
             if len(np.intersect1d(x, y)) / len(np.union1d(x, y)) >= 0.8}
     assert got == want and len(want) >= 10
+
+
+@needs_data
+def test_keep_leaves_every_checkpoint_to_score_new_domains(tmp_path):
+    """`run.py --keep DIR`: the study works in DIR/<study> and leaves it, models loadable; a non-empty DIR is
+    refused before any training."""
+    import run
+    from safetensors import safe_open
+
+    keep = tmp_path / "kept"
+    assert run.main(["languages", "--smoke", "--results", str(tmp_path), "--data-dir", str(DATA),
+                     "--keep", str(keep)]) == 0
+    weights = sorted((keep / "languages_smoke").rglob("model.safetensors"))
+    assert weights, "no checkpoint kept"
+    with safe_open(str(weights[0]), "pt") as f:
+        assert list(f.keys())
+    assert json.loads((tmp_path / "languages_smoke.json").read_text())["kept"] == str(keep / "languages_smoke")
+    with pytest.raises(SystemExit, match="not empty"):
+        run.main(["languages", "--smoke", "--results", str(tmp_path), "--data-dir", str(DATA), "--keep", str(keep)])

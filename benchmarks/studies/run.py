@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot from the JSON")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                     help="combine results of the same study run separately (e.g. one seed per process)")
+    ap.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                    help="work in DIR/<study> and keep it: every seed's checkpoints and splits, so new domains can "
+                         "be scored without retraining (default: a temporary folder, removed)")
     args = ap.parse_args(argv)
     seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
     name = args.study + ("_smoke" if args.smoke else "")
@@ -50,8 +53,16 @@ def main(argv=None) -> int:
     else:
         module = __import__(STUDIES[args.study])
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix=f"otfuse-study-{args.study}-") as tmp:
-            result = module.run(args.data_dir, Path(tmp), seeds, smoke=args.smoke)
+        if args.keep:
+            work = args.keep / name
+            if work.exists() and any(work.iterdir()):
+                sys.exit(f"run.py: --keep {args.keep}: {work} is not empty; give an empty or new folder")
+            work.mkdir(parents=True, exist_ok=True)
+            result = module.run(args.data_dir, work, seeds, smoke=args.smoke)
+            result["kept"] = str(work)
+        else:
+            with tempfile.TemporaryDirectory(prefix=f"otfuse-study-{args.study}-") as tmp:
+                result = module.run(args.data_dir, Path(tmp), seeds, smoke=args.smoke)
         result["seconds"] = round(time.perf_counter() - start, 1)
         result["seeds"] = seeds
         (args.results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
