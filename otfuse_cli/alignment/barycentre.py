@@ -64,6 +64,7 @@ def barycentric_plans(parents, plans: list[dict[str, Plan]], weights: list[float
                 source = TensorSource(reference, f"the mean of the models other than model {k}")
                 new = align_pair(anchor_spec, spec, provider_for(source, k), options, timings=timings)
                 reference.close()
+                _remove(reference.folder or reference.path)  # one reference on disk at a time (a model's size)
                 changed.append(not same_plans(new, plans[k]))
                 plans[k] = new
             history.append({"round": r, "cost": [fit_cost(p) for p in plans], "changed": changed})
@@ -93,3 +94,11 @@ def _write_reference(parents, plans, weights, target: Path):
     tensors = fused_tensors(parents, plans, weights, MergeOptions().resolved(), write)
     write_checkpoint(target, tensors, layout=layout, source=anchor, planned=fused_layout(anchor, write))
     return open_checkpoint(target)
+
+
+def _remove(path: Path) -> None:
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
