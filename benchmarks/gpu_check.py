@@ -4,6 +4,7 @@ on one GPU.
 
     .venv/bin/python benchmarks/gpu_check.py --save            # cuda (if torch sees one), else the smoke mode
     .venv/bin/python benchmarks/gpu_check.py --smoke --json    # cpu against cpu, small pairs (the test suite)
+    .venv/bin/python benchmarks/gpu_check.py --device cpu --full   # the full run's path, cpu against cpu
 
 Routes, each run through the real command line (in-process, typer's CliRunner) once with `--device cpu` and
 once with `--device DEVICE`:
@@ -336,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the device compared with cpu (default: cuda if torch sees one, else cpu)")
     ap.add_argument("--smoke", action="store_true",
                     help="cpu against cpu on the smallest bundled pair and a tiny Llama pair (also without a GPU)")
+    ap.add_argument("--full", action="store_true",
+                    help="the full pairs and the 1.1B timing even with --device cpu (tries the GPU run's path here)")
     ap.add_argument("--no-timing", action="store_true", help="skip timing the weights route")
     ap.add_argument("--cpu-run", action="store_true",
                     help="also run the 1.1B weights route on the CPU (minutes; counts its solves)")
@@ -343,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     ap.add_argument("--save", action="store_true", help="write benchmarks/gpu_check.json")
     args = ap.parse_args(argv)
-    smoke = args.smoke or args.device == "cpu"
+    smoke = args.smoke or (args.device == "cpu" and not args.full)
     device = "cpu" if smoke else args.device
     root = args.work or Path(tempfile.mkdtemp(prefix="otfuse-gpu-check-"))
     t = time.perf_counter()
