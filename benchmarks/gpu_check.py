@@ -261,12 +261,8 @@ def time_weights_route(size: str, shape, device: str, work: Path, run_cpu: bool)
         if not (folder / "model.safetensors.index.json").exists():
             scale.write_random_llama(folder, shape, seed)
     record = {"size": size, "build_s": time.perf_counter() - t}
-    code, output = otfuse(["fuse", a, b, "-o", work / "dry-run", "--dry-run", "--json"])
-    if code:
-        raise SystemExit(f"otfuse fuse --dry-run failed: {error_line(output)}")
-    # the thread count the command line gave torch in this process: the one its routes get
-    estimates = {**json.loads(output), "threads": torch.get_num_threads()}
-    rates = [scale.measure_rates(shape, estimates, seed=0, min_cpu=0.05 if size == "tiny" else 0.5)]
+    estimates = scale.work_estimates(a, b, work, [])  # in this process, with the threads its routes get
+    rates = [scale.measure_rates(shape, estimates, seed=0, **scale.TINY_RATES if size == "tiny" else {})]
     solves = {sp["space"]: SOLVES for sp in estimates["spaces"]}
     if run_cpu:
         cpu = scale.measure([sys.executable, "-m", "otfuse_cli", "--verbose", "fuse", str(a), str(b), "--align",

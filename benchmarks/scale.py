@@ -309,7 +309,7 @@ def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str], only
             samples[name].append(measure(chosen[name], env={**os.environ, "PYTHONPATH": str(HERE.parent)}))
             print(f"  {size} {name} (round {r + 1}): {samples[name][-1]}", file=sys.stderr, flush=True)
         if estimates:  # the arithmetic floor's rates, once per round, beside the routes
-            rates.append(measure_rates(shape, estimates, seed=r, min_cpu=0.05 if size == "tiny" else 0.5))
+            rates.append(measure_rates(shape, estimates, seed=r, **TINY_RATES if size == "tiny" else {}))
             print(f"  {size} arithmetic floor rates (round {r + 1}): {rates[-1]}", file=sys.stderr, flush=True)
     for name, runs in samples.items():
         median = {key: statistics.median(run[key] for run in runs)
@@ -335,16 +335,18 @@ def run_size(size: str, root: Path, mergekit: bool, otfuse_args: list[str], only
 # ---------------------------------------------------------------- the weights route's arithmetic floor
 
 def work_estimates(a: Path, b: Path, work: Path, otfuse_args: list[str]) -> dict:
-    """What `otfuse --verbose fuse A B --dry-run --json` prints (workplan.plan_of_work, from the headers alone),
-    and the thread count it reports: the count every route gets."""
-    proc = subprocess.run([sys.executable, "-m", "otfuse_cli", "--verbose", "fuse", str(a), str(b), "-o",
-                           str(work / "dry-run"), "--dry-run", "--json", *otfuse_args], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
-    if proc.returncode != 0:
-        raise SystemExit(f"otfuse fuse --dry-run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    doc = json.loads(proc.stdout)
-    doc["threads"] = route_threads(proc.stderr)
-    return doc
+    """What `otfuse fuse A B --dry-run --json` prints (workplan.plan_of_work, from the headers alone), run in
+    this process through the command line (typer's CliRunner, as the tests do), and the thread count that
+    command gave torch here: the count every route gets."""
+    from typer.testing import CliRunner
+
+    from otfuse_cli.cli import app
+
+    result = CliRunner().invoke(app, ["fuse", str(a), str(b), "-o", str(work / "dry-run"), "--dry-run", "--json",
+                                      *otfuse_args])
+    if result.exit_code != 0:
+        raise SystemExit(f"otfuse fuse --dry-run failed ({result.exit_code}):\n{result.output[-3000:]}")
+    return {**json.loads(result.stdout), "threads": torch.get_num_threads()}
 
 
 def exact_weights(otfuse_args: list[str]) -> bool:
@@ -363,6 +365,7 @@ def gemm_shapes(shape) -> dict[str, tuple[int, int, int, str]]:
             "heads": (hidden, hidden, hidden, "float64")}
 
 
+TINY_RATES = {"min_cpu": 0.05, "most": 5}  # the smoke test's size: the floor's arithmetic, not its rates
 FEATURE_CAP = 8192  # feature columns of the random costs lapjvs is timed on (the residual stream has 10^5-10^6)
 
 
@@ -428,16 +431,16 @@ def time_assignment(n: int, features: int, seed: int, min_cpu: float = 0.2, most
     return {"cpu_s": cpu / reps, "wall_s": wall / reps, "reps": reps}
 
 
-def measure_rates(shape, estimates: dict, seed: int, min_cpu: float = 0.5) -> dict:
+def measure_rates(shape, estimates: dict, seed: int, min_cpu: float = 0.5, most: int = 50) -> dict:
     """One round's GEMM rates (per kind of space) and lapjvs times (per size), with the routes' thread count;
-    each rate from at least min_cpu CPU seconds of products (and of assignments, up to 50 of them)."""
+    each rate from at least min_cpu CPU seconds of products (and of assignments, up to `most` of them)."""
     before = torch.get_num_threads()
     torch.set_num_threads(estimates["threads"])
     try:
         kinds = {sp["kind"] for sp in estimates["spaces"]}
         gemm = {kind: {"shape": list(dims[:3]), "dtype": dims[3], **time_gemm(*dims, seed=seed, min_cpu=min_cpu)}
                 for kind, dims in gemm_shapes(shape).items() if kind in kinds}
-        lap = {str(n): {"features": k, **time_assignment(n, k, seed, min_cpu=min_cpu / 2.5)}
+        lap = {str(n): {"features": k, **time_assignment(n, k, seed, min_cpu=min_cpu / 2.5, most=most)}
                for n, k in assignment_sizes(estimates).items()}
     finally:
         torch.set_num_threads(before)
