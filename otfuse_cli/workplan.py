@@ -38,22 +38,27 @@ def space_work(anchor_ckpt, anchor_space, parent_space, sweeps: int, sketch: int
     """One space: widths, feature columns per unit (plain and per head dim), cost FLOPs and the solver's
     work per solve, and the float64 bytes its cost step holds at once."""
     n, m = parent_space.size, anchor_space.size
-    plain = heads = 0
-    largest = 0
+    plain = heads = weighted = 0
+    largest, rep = 0, 1
     for entry in anchor_space.entries:
         numel = _numel(anchor_ckpt, entry.tensor)
         largest = max(largest, numel)
         per_unit = numel // max(1, m)
         if entry.inner > 1 or entry.group:
             heads += per_unit // entry.inner
+            # a grouped entry (a GQA group's query heads, reorderable) keeps its G rep blocks as rows: its gram
+            # is (n·G·d) x (m·G·d) over per_unit / (G·d) columns, G times a plain head channel's products
+            grouped = entry.rep if entry.group else 1
+            weighted += per_unit // entry.inner * grouped
+            rep = max(rep, grouped)
         else:
             plain += per_unit
     d = max((e.inner for e in anchor_space.entries), default=1)
     # with --sketch D the plain columns are hashed (additions) into D buckets: one (n, D) x (D, m) product
-    flops = 2 * n * m * (min(plain, sketch) if sketch else plain) + 2 * (n * d) * (m * d) * heads
-    # cross term + cost + normalised cost + the solver's reduced copy; head costs (n·d)x(m·d); one entry's
+    flops = 2 * n * m * (min(plain, sketch) if sketch else plain) + 2 * (n * d) * (m * d) * weighted
+    # cross term + cost + normalised cost + the solver's reduced copy; head grams (n·G·d)x(m·G·d); one entry's
     # float64 features on both sides and its moved float32 copy
-    live = F64 * (4 * n * m + (n * d) * (m * d) * (2 if heads else 0)) + (2 * F64 + F32) * largest
+    live = F64 * (4 * n * m + (n * rep * d) * (m * rep * d) * (2 if heads else 0)) + (2 * F64 + F32) * largest
     return {"space": anchor_space.name, "kind": anchor_space.kind, "width": [n, m], "plain_features": plain,
             "head_features": heads, "head_dim": d if heads else 0, "solves": 1 + sweeps,
             "cost_gflops": flops / 1e9, "solve_gflops": solve_gflops(n, m, solver), "live_bytes": live}

@@ -98,3 +98,56 @@ def test_a_file_larger_than_a_process_may_map_is_named_as_such(tmp_path):
     r = cli_subprocess("inspect", path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "larger than this machine lets one file be memory-mapped" in r.stderr and "max_shard_size" in r.stderr
+
+
+def test_dry_run_cost_flops_equal_the_products_alignment_runs(tmp_path, monkeypatch):
+    """The dry run's GFLOP per space against torch's own count of the matrix products a full (refining) solve
+    of that space runs (torch.utils.flop_counter), on a GQA Llama pair: 8 query heads in 2 key/value groups,
+    whose grouped grams are G = 4 times a plain head channel's products (the estimate once missed that)."""
+    import torch
+    import transformers as T
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import otfuse_cli as otf
+    from otfuse_cli import pipeline
+    from otfuse_cli.alignment import engine
+    from otfuse_cli.workplan import plan_of_work
+
+    cfg = T.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                        num_key_value_heads=2, intermediate_size=96, tie_word_embeddings=False, bos_token_id=0,
+                        eos_token_id=0, pad_token_id=0)
+    for k in range(2):
+        torch.manual_seed(k)
+        T.LlamaForCausalLM(cfg).save_pretrained(tmp_path / f"m{k}")
+    parents = pipeline.open_parents([str(tmp_path / "m0"), str(tmp_path / "m1")])
+    options = otf.AlignOptions(refine=1)
+    spaces = plan_of_work(parents, options, False)["spaces"]
+    counted, current = {}, {}
+    make_provider, cost = pipeline.feature_provider, engine.unit_cost
+
+    def provider(*args, **kwargs):
+        p = make_provider(*args, **kwargs)
+        features = p.features
+
+        def counted_features(k, plans, first_pass, **kw):
+            with FlopCounterMode(display=False) as fc:
+                out = features(k, plans, first_pass, **kw)
+            current.update(space=k, full=not first_pass, flops=fc.get_total_flops())
+            return out
+
+        p.features = counted_features
+        return p
+
+    def counted_cost(*args, **kwargs):
+        with FlopCounterMode(display=False) as fc:
+            out = cost(*args, **kwargs)
+        if current.get("full"):  # a refining solve reads every entry, as the estimate counts
+            counted[current["space"]] = current["flops"] + fc.get_total_flops()
+        return out
+
+    monkeypatch.setattr(pipeline, "feature_provider", provider)
+    monkeypatch.setattr(engine, "unit_cost", counted_cost)
+    pipeline.compute_plans(parents, options, otf.DataOptions())
+    assert any(s["kind"] == "heads" for s in spaces)
+    for k, s in enumerate(spaces):
+        assert counted[k] == pytest.approx(s["cost_gflops"] * 1e9, rel=1e-9), s["space"]
