@@ -38,7 +38,7 @@ Routes, each scored by test accuracy (and validation accuracy, for choices) and 
 For each (parents, seed): the otfuse route and the peer route with the best validation accuracy, and a paired
 bootstrap (1,000 resamples of the 10,000 test images) of their test-accuracy difference, with its 95% interval.
 
-    .venv/bin/python benchmarks/cnn_parents.py                 # 3 seeds, 2 and 3 parents (~25 min on 2 cores)
+    .venv/bin/python benchmarks/cnn_parents.py                 # 3 seeds, 2 and 3 parents (47 min here, one thread, beside other jobs)
     .venv/bin/python benchmarks/cnn_parents.py --seeds 1 --parents 2
     .venv/bin/python benchmarks/cnn_parents.py --smoke         # tiny widths and data: seconds, numbers meaningless
 
@@ -448,6 +448,17 @@ def run_otfuse(args: list[str], workdir: Path) -> dict:
             "stderr": err.strip()[-1500:]}
 
 
+def otfuse_source() -> dict:
+    """The commit otfuse ran from, and whether otfuse_cli/ had uncommitted changes (then the numbers are those
+    of the working tree)."""
+    def git(*args):
+        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--", "otfuse_cli")
+    return {"commit": git("rev-parse", "HEAD"), "otfuse_cli_modified": None if status is None else bool(status)}
+
+
 def startup_cpu() -> float:
     """CPU seconds of a Python that only imports what `otfuse fuse` imports (torch, the CLI, transformers)."""
     proc = subprocess.Popen([sys.executable, "-c", "import otfuse_cli.cli, otfuse_cli.fusion, transformers.modeling_utils"],
@@ -504,6 +515,13 @@ def otfuse_jobs(n_parents: int, seed: int, paths: list[Path], calib_file: Path, 
     return jobs
 
 
+def channels_alike(x: dict, y: dict) -> list[float]:
+    """Per layer, the fraction of channels whose fused BatchNorm weight and bias are equal in two fusions with
+    anchor 0 (they depend only on which parent channels were merged into that channel, not on other layers)."""
+    return [float(np.mean(np.isclose(x[f"{bn}.weight"], y[f"{bn}.weight"], atol=1e-6)
+                          & np.isclose(x[f"{bn}.bias"], y[f"{bn}.bias"], atol=1e-6))) for bn in BNS]
+
+
 def run_config(n_parents: int, seed: int, paths: list[Path], train_cpu: list[float], parent_probs: list,
                scorer: Scorer, a, calib_x: torch.Tensor, jobs: dict, results) -> dict:
     """Score one (parents, seed). `results()` gives the otfuse runs of `jobs` (waiting for them if they run
@@ -543,10 +561,12 @@ def run_config(n_parents: int, seed: int, paths: list[Path], train_cpu: list[flo
         add(peer, scorer.probs(fused), t_align)
         t0 = time.process_time()
         reset = reset_bn(fused, widths, calib_x)
-        add(peer + " +RESET", scorer.probs(reset), t_align + time.process_time() - t0)
+        t_reset = time.process_time() - t0  # measured before the scoring's forward passes
+        add(peer + " +RESET", scorer.probs(reset), t_align + t_reset)
         t0 = time.process_time()
         repaired = repair(fused, sds, perms, w, widths, calib_x)
-        add(peer + " +REPAIR", scorer.probs(repaired), t_align + time.process_time() - t0)
+        t_repair = time.process_time() - t0
+        add(peer + " +REPAIR", scorer.probs(repaired), t_align + t_repair)
 
     # otfuse
     done = results()
@@ -564,12 +584,12 @@ def run_config(n_parents: int, seed: int, paths: list[Path], train_cpu: list[flo
             max(np.abs(none_out[k] - plain[k]).max() for k in plain if plain[k].dtype.kind == "f"))
     if rows["otfuse weights"]["test_acc"] is not None:
         ours, theirs = as_numpy(load_sd(jobs["otfuse weights"][1])), fused_by["wm"]
-        sanity["otfuse_weights_channels_as_peer_wm"] = [
-            float(np.mean([np.allclose(ours[f"{c}.weight"][i], theirs[f"{c}.weight"][i], atol=1e-5)
-                           for i in range(len(ours[f"{c}.weight"]))])) for c in CONVS]
+        sanity["otfuse_weights_channels_as_peer_wm"] = channels_alike(ours, theirs)
         t0 = time.process_time()
-        add("otfuse weights + peer RESET", scorer.probs(reset_bn(ours, widths, calib_x)),
-            rows["otfuse weights"]["cpu_s"] + time.process_time() - t0, note="diagnostic")
+        reset = reset_bn(ours, widths, calib_x)
+        t_reset = time.process_time() - t0
+        add("otfuse weights + peer RESET", scorer.probs(reset), rows["otfuse weights"]["cpu_s"] + t_reset,
+            note="diagnostic")
 
     # best by validation, paired bootstrap on test
     def best(names):
@@ -699,7 +719,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "calib": a.calib, "resamples": a.resamples, "smoke": a.smoke,
                         "train": len(data["train"][0]), "val": len(data["val"][0]), "test": len(data["test"][0]),
                         "threads": 1, "jobs": a.jobs},
-           "rounds_available": rounds, "rounds_note": rounds_note, "startup_cpu_s": startup,
+           "otfuse_source": otfuse_source(), "rounds_available": rounds, "rounds_note": rounds_note,
+           "startup_cpu_s": startup,
            "routes": names, "table": table, "runs": runs, "wall_s": round(time.time() - t_start, 1)}
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(doc, indent=1))
