@@ -78,7 +78,12 @@ REPAIRS = ("", " +RESET", " +REPAIR")
 ROUNDS = 5
 
 
-def otfuse_routes(rounds: bool) -> dict[str, list[str]]:
+# The smoke run's otfuse routes: one per code path (plain average, weights, data + repair, rounds); each is a
+# process with its own start-up, and all of them made the suite's smoke test a minute long
+SMOKE_ROUTES = ("otfuse none", "otfuse weights", "otfuse activations +repair", f"otfuse weights rounds{ROUNDS}")
+
+
+def otfuse_routes(rounds: bool, smoke: bool = False) -> dict[str, list[str]]:
     """otfuse route name -> fuse arguments; "DATA" stands for --data FILE --samples N."""
     routes = {"otfuse none": ["--align", "none"],
               "otfuse weights": ["--align", "weights"],
@@ -91,16 +96,17 @@ def otfuse_routes(rounds: bool) -> dict[str, list[str]]:
                                                                    "--repair", "DATA"],
                        f"otfuse activations rounds{ROUNDS}": ["--align", "activations", "--rounds", str(ROUNDS),
                                                               "DATA"]})
-    return routes
+    return {k: v for k, v in routes.items() if k in SMOKE_ROUTES} if smoke else routes
 
 
 def peer_routes() -> list[str]:
     return [p + r for p in PEERS for r in REPAIRS]
 
 
-def route_names(n_parents: int, rounds: bool) -> list[str]:
+def route_names(n_parents: int, rounds: bool, smoke: bool = False) -> list[str]:
     """Every row one (parents, seed) run scores, in table order."""
-    return ([f"parent {k}" for k in range(n_parents)] + ["mean parent", "ensemble"] + list(otfuse_routes(rounds))
+    return ([f"parent {k}" for k in range(n_parents)] + ["mean parent", "ensemble"]
+            + list(otfuse_routes(rounds, smoke))
             + peer_routes() + ["otfuse weights + peer RESET"])
 
 
@@ -502,11 +508,11 @@ class Scorer:
 
 
 def otfuse_jobs(n_parents: int, seed: int, paths: list[Path], calib_file: Path, n_calib: int, rounds: bool,
-                workdir: Path) -> dict[str, tuple[list[str], Path]]:
+                workdir: Path, smoke: bool = False) -> dict[str, tuple[list[str], Path]]:
     """route name -> (fuse arguments, output path) for one (parents, seed)."""
     data_args = ["--data", str(calib_file), "--samples", str(n_calib)]
     jobs = {}
-    for i, (name, route) in enumerate(otfuse_routes(rounds).items()):
+    for i, (name, route) in enumerate(otfuse_routes(rounds, smoke).items()):
         out = workdir / f"P{n_parents}_s{seed}_{i}.safetensors"
         args = [str(p) for p in paths[:n_parents]] + ["-o", str(out), "--force"]
         for x in route:
@@ -698,7 +704,7 @@ def main(argv: list[str] | None = None) -> dict:
         for seed in range(a.seeds):
             paths, train_cpu = parents_for(seed, max(counts), a.widths, a.epochs, data, cache)
             parent_probs = [scorer.probs(load_sd(p)) for p in paths]
-            jobs = {n: otfuse_jobs(n, seed, paths, calib_file, len(calib_x), rounds, tmp) for n in counts}
+            jobs = {n: otfuse_jobs(n, seed, paths, calib_file, len(calib_x), rounds, tmp, a.smoke) for n in counts}
             flat = [(n, name, args) for n in counts for name, (args, _) in jobs[n].items()]
             if overlap:  # otfuse processes in the background while the peers run here
                 futures = {(n, name): pool.submit(run_otfuse, args, tmp) for n, name, args in flat}
@@ -711,7 +717,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        results[n]))
         if pool is not None:
             pool.shutdown()
-    names = route_names(max(counts), rounds)
+    names = route_names(max(counts), rounds, a.smoke)
     table = summarise(runs, names, counts)
     doc = {"benchmark": "cnn_parents", "command": "python benchmarks/cnn_parents.py" + (
         " " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),

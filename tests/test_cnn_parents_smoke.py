@@ -99,10 +99,11 @@ def test_smoke_run_scores_every_route(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads(out.read_text())
     rounds = doc["rounds_available"]
-    expected = bench.route_names(3, rounds)
+    expected = bench.route_names(3, rounds, smoke=True)  # the smoke run: one otfuse route per code path
     assert ("otfuse weights rounds5" in expected) == rounds
-    assert {"otfuse weights", "otfuse activations +repair", "wm +REPAIR", "mergemany +RESET", "am",
+    assert {"otfuse none", "otfuse weights", "otfuse activations +repair", "wm +REPAIR", "mergemany +RESET", "am",
             "ensemble", "mean parent"} <= set(expected)
+    assert set(bench.otfuse_routes(rounds, smoke=True)) < set(bench.otfuse_routes(rounds))
     assert [(r["parents"], r["seed"]) for r in doc["runs"]] == [(2, 0), (3, 0)]
     for run in doc["runs"]:
         names = [n for n in expected if not (n == "parent 2" and run["parents"] == 2)]
