@@ -351,14 +351,14 @@ BARYCENTRIC_ROUNDS = 5
 
 
 def fusion_routes(parents: list[Path], out: Path, align_data: str, stats: list[str] | None,
-                  barycentric: bool = False, fits: dict | None = None, only: dict | None = None,
+                  barycentric: int = 0, fits: dict | None = None, only: dict | None = None,
                   only_routes: tuple = ()) -> dict[str, Path]:
     """Every fusion route of the studies' tables, each written to out/<route>. `stats`: each party's own
     data file for RegMean (its Grams are computed on that party's data only). barycentric: also every aligned
-    route with `--rounds` (each parent aligned in turn to the mean of the others). fits: filled with each
-    aligned route's collapse-guard figures (fuse's "fit"). only {part: glob patterns} with only_routes: instead,
+    route with `--rounds barycentric` (each parent aligned in turn to the mean of the others). fits: filled
+    with each aligned route's collapse-guard figures (fuse's "fit"). only {part: glob patterns} with only_routes: instead,
     the routes named there fused with `--only` for each part ("<route>, <part>")."""
-    rounds = otf.AlignOptions(rounds=BARYCENTRIC_ROUNDS)
+    rounds = otf.AlignOptions(rounds=barycentric or BARYCENTRIC_ROUNDS)
     routes = {
         "vanilla average": dict(options=otf.AlignOptions(align="none")),
         "OT weights (exact)": dict(options=otf.AlignOptions()),
@@ -368,7 +368,7 @@ def fusion_routes(parents: list[Path], out: Path, align_data: str, stats: list[s
     if barycentric:
         routes["OT weights, barycentric"] = dict(options=rounds)
         routes["OT activations, barycentric"] = dict(options=otf.AlignOptions(align="activations",
-                                                                              rounds=BARYCENTRIC_ROUNDS),
+                                                                              rounds=barycentric),
                                                      data=otf.DataOptions(data=align_data))
     if stats is not None:
         # a party's statistics are made once per run folder (the ablation's routes read the full routes')

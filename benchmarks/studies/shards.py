@@ -20,8 +20,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from common import (TextScale, check_no_leak, drop_similar, fetch_wheel, fit_text, fusion_routes, mass_routes,
-                    near_duplicate_key, save_model, score, train_tokenizer, write_jsonl)
+from common import (BARYCENTRIC_ROUNDS, TextScale, check_no_leak, drop_similar, fetch_wheel, fit_text,
+                    fusion_routes, mass_routes, near_duplicate_key, save_model, score, train_tokenizer, write_jsonl)
 
 FULL = TextScale(hidden=96, layers=2, heads=4, ffn=192, vocab=8000, max_length=64, epochs=2.0, lrs=(1e-3, 2e-3),
                  limit=12_000)
@@ -90,8 +90,8 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
             cost[f"{col}: shards in parallel (slowest)"] = max(seconds)
             start = time.perf_counter()
             fits = {}
-            routes = fusion_routes(list(models.values()), folder, files["val"], shard_files, barycentric=True,
-                                   fits=fits)
+            routes = fusion_routes(list(models.values()), folder, files["val"], shard_files,
+                                   barycentric=2 if smoke else BARYCENTRIC_ROUNDS, fits=fits)
             guard[col] = fits
             cost[f"{col}: fusion (all routes)"] = time.perf_counter() - start
             if k == 2:  # study 4's support masses, on the two-shard pair
