@@ -21,8 +21,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from common import (TextScale, check_no_leak, fetch_sdist, fetch_wheel, fit_text, fusion_routes, near_duplicate_key,
-                    save_model, score, train_tokenizer, write_jsonl)
+from common import (TextScale, check_no_leak, drop_similar, fetch_sdist, fetch_wheel, fit_text, fusion_routes,
+                    near_duplicate_key, save_model, score, train_tokenizer, write_jsonl)
 
 FULL = TextScale(hidden=128, layers=2, heads=4, ffn=256, vocab=8000, max_length=64, epochs=4.0, lrs=(1e-3, 2e-3),
                  limit=3000)
@@ -77,6 +77,12 @@ def load(scale: TextScale, test_limit: int = 2000, val_limit: int = 500) -> dict
         d["train"] = d["train"][:scale.limit]
         small = scale.limit if scale.limit and scale.limit < 1000 else None  # smoke mode: small everything
         d["test"], d["val"] = d["test"][:small or test_limit], d["val"][:small or val_limit]  # IMDB has 5,000
+    # the independent notion too (5-gram Jaccard), on the splits as cut: what check_no_leak asserts next
+    parts = [(d, p) for d in split.values() for p in ("train", "val")]
+    kept, similar = drop_similar([t for d in split.values() for t, _ in d["test"]], *(d[p] for d, p in parts))
+    for (d, p), rows in zip(parts, kept):
+        d[p] = rows
+    dropped += similar
     others = [[t for t, _ in d[p]] for d in split.values() for p in ("train", "val")]
     check_no_leak([t for d in split.values() for t, _ in d["test"]], *others)
     return {"split": split, "dropped_near_duplicates": dropped}
