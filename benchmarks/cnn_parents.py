@@ -84,12 +84,14 @@ SMOKE_ROUTES = ("otfuse none", "otfuse weights", "otfuse activations +repair", f
 
 
 def otfuse_routes(rounds: bool, smoke: bool = False) -> dict[str, list[str]]:
-    """otfuse route name -> fuse arguments; "DATA" stands for --data FILE --samples N."""
+    """otfuse route name -> fuse arguments; "DATA" stands for --data FILE --samples N. The plain routes align
+    to parent 0 (--rounds 0 where the flag exists: three parents would take rounds by default)."""
+    anchor = ["--rounds", "0"] if rounds else []
     routes = {"otfuse none": ["--align", "none"],
-              "otfuse weights": ["--align", "weights"],
-              "otfuse weights +repair": ["--align", "weights", "--repair", "DATA"],
-              "otfuse activations": ["--align", "activations", "DATA"],
-              "otfuse activations +repair": ["--align", "activations", "--repair", "DATA"]}
+              "otfuse weights": ["--align", "weights", *anchor],
+              "otfuse weights +repair": ["--align", "weights", *anchor, "--repair", "DATA"],
+              "otfuse activations": ["--align", "activations", *anchor, "DATA"],
+              "otfuse activations +repair": ["--align", "activations", *anchor, "--repair", "DATA"]}
     if rounds:
         routes.update({f"otfuse weights rounds{ROUNDS}": ["--align", "weights", "--rounds", str(ROUNDS)],
                        f"otfuse weights rounds{ROUNDS} +repair": ["--align", "weights", "--rounds", str(ROUNDS),

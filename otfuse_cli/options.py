@@ -22,6 +22,7 @@ ALIGN_BY = ("weights", "activations", "none")
 MAX_SKETCH = 1 << 16
 # AlignOptions fields that shape the transport plans: none is read with --align none.
 PLAN_FIELDS = ("solver", "reg", "metric", "marginals", "cost_norm", "refine", "max_iter", "sketch", "rounds")
+DEFAULT_ROUNDS = 5  # AlignOptions.rounds_for: with three or more parents
 DTYPES = ("keep", "float32", "float16", "bfloat16")
 ACTIVATIONS = ("relu", "gelu", "tanh")
 DEVICE_MAPS = ("auto", "balanced", "sequential")  # accelerate's placements (transformers device_map)
@@ -99,10 +100,11 @@ class AlignOptions(Options):
                            "has not met its marginals is refused (a work budget: results never depend on the "
                            "clock).",
                            minimum=1)
-    rounds: int = option(0, "--rounds", "Barycentric rounds after the anchor's alignment: every model, the anchor "
-                         "too, is aligned to the current fused model and the result re-merged, until no plan "
-                         "changes or N rounds (0: every model aligned to the anchor).", minimum=0, maximum=100,
-                         metavar="N")
+    rounds: int | None = option(None, "--rounds", "Barycentric rounds after the anchor's alignment: every model, the "
+                                "anchor too, is aligned to the mean of the others and the result re-merged, until no "
+                                "plan changes or N rounds (0: every model aligned to the anchor). Default: 5 with three "
+                                "or more models, 0 with two (measured on validation).", minimum=0, maximum=100,
+                                metavar="N")
     time_limit: float | None = option(None, "--time-limit", "Abort (exit 2, nothing written) once this many "
                                       "seconds of wall time have passed; never changes a result.", minimum=0.0,
                                       metavar="SECONDS")
@@ -125,6 +127,14 @@ class AlignOptions(Options):
             if unused:
                 raise OtfuseError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply: --align "
                                   "none computes no transport plans (vanilla merging)")
+
+    def rounds_for(self, models: int) -> int:
+        """Barycentric rounds for this many models. With three parents, rounds raised validation accuracy in all
+        nine comparisons on the BatchNorm CNNs of benchmarks/cnn_parents.py (3 seeds; weights, weights + repair,
+        activations: +1.2 to +8.4 points); with two they changed nothing there, at the cost of more alignments."""
+        if self.rounds is not None:
+            return self.rounds
+        return DEFAULT_ROUNDS if models >= 3 and self.align != "none" else 0
 
     @property
     def sweeps(self) -> int:

@@ -121,8 +121,8 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
                   on_space: Callable[[str], None] | None = None,
                   weights: list[float] | None = None) -> list[dict[str, Plan]]:
     """plans[k] maps parent k onto the anchor, one Plan per space (the anchor's own entry is empty). With
-    options.rounds, every parent's plans (the anchor's too) then map it onto the barycentre of the parents
-    (weighted by `weights`, default equal), which keeps the anchor's basis and widths.
+    barycentric rounds (options.rounds_for), every parent's plans (the anchor's too) then map it onto the mean of
+    the parents (weighted by `weights`, default equal), which keeps the anchor's basis and widths.
 
     on_space(name) follows each space's first solve. When it is a report.Progress (it has .task), it gets
     real totals instead: batches x models for activations, spaces x parents for the first pass, spaces x
@@ -172,8 +172,13 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
         if refine is not None and solves[0] < spaces * sweeps:  # converged early: the rest is not needed
             left = spaces * sweeps - solves[0]
             refine.advance(left, detail=f"model {k} converged", work=space_pass and space_pass * left / spaces)
-    if options.rounds:
-        plans = _barycentric(parents, plans, options, data, weights, on_space, timings)
+    # parents keeping their own task heads have no one fused model to align to: no rounds unless asked for
+    # (barycentric_plans then says why it cannot)
+    rounds = 0 if parents.heads is not None and options.rounds is None else options.rounds_for(len(parents.ckpts))
+    # parents that already share the anchor's basis (children of one model) would be aligned to their own mean
+    # in it again: no round can move a plan, and each would write a scratch model per parent
+    if rounds and not all(p.moves_nothing() for model in plans for p in model.values()):
+        plans = _barycentric(parents, plans, options, data, weights, on_space, timings, rounds)
     timing_line("alignment: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in timings.items()))
     if all(p.moves_nothing() for model in plans for p in model.values()):
         note_line("every plan is the identity: the parents share the anchor's basis (fine-tunes of one model "
@@ -200,22 +205,22 @@ def space_estimates(parents: Parents, options: AlignOptions) -> dict[str, float]
 
 
 def _barycentric(parents: Parents, plans, options: AlignOptions, data: DataOptions, weights, on_space,
-                 timings: dict) -> list[dict[str, Plan]]:
+                 timings: dict, rounds: int) -> list[dict[str, Plan]]:
     from otfuse_cli.alignment.barycentre import barycentric_plans
     from otfuse_cli.report import note_line, start
 
     weights = weights or [1.0 / len(parents.ckpts)] * len(parents.ckpts)
-    task = start(on_space, "barycentre", options.rounds)
+    task = start(on_space, "barycentre", rounds)
     anchor_spec = parents.specs[parents.anchor]
 
     def provider_for(reference, k):
         return feature_provider(options, data, anchor_spec, parents.specs[k], reference, parents.source(k))
 
     def on_round(r: int, changed: bool) -> None:
-        task.advance(options.rounds - r + 1 if not changed else 1,
+        task.advance(rounds - r + 1 if not changed else 1,
                      detail=f"round {r}: {'plans moved' if changed else 'no plan moved'}")
 
-    plans, history = barycentric_plans(parents, plans, weights, options.rounds, provider_for, options, timings,
+    plans, history = barycentric_plans(parents, plans, weights, rounds, provider_for, options, timings,
                                        on_round)
     last = history[-1]
     settled = last["changed"] is not None and not any(last["changed"])

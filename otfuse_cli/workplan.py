@@ -86,12 +86,14 @@ def plan_of_work(parents, options: AlignOptions, merges: bool) -> dict:
     merge_live = 0 if not merges else F32 * largest * (len(parents.ckpts) + 1)
     align_live = max((s["live_bytes"] for s in spaces), default=0)
     # each barycentric round aligns every parent, the anchor too, to a reference written like the anchor
-    alignments = len(others) + (options.rounds * len(parents.ckpts) if spaces else 0)
+    # at most: children of one model skip them, and parents keeping their own heads by default
+    rounds = 0 if parents.heads is not None and options.rounds is None else options.rounds_for(len(parents.ckpts))
+    alignments = len(others) + (rounds * len(parents.ckpts) if spaces else 0)
     total_flops = sum(s["cost_gflops"] * s["solves"] for s in spaces) * alignments
     total_solves = sum(s["solve_gflops"] * s["solves"] for s in spaces) * alignments
     return {"family": spec.family, "models": len(parents.ckpts), "anchor": anchor, "align": options.align,
             "parameters": params, "read_bytes": sum(sizes), "most_solves_per_space": 1 + sweeps if spaces else 0,
             "cost_gflops": total_flops, "solve_gflops": total_solves,
-            "pair_alignments": alignments, "scratch_bytes": sizes[anchor] if options.rounds and spaces else 0,
+            "pair_alignments": alignments, "scratch_bytes": sizes[anchor] if rounds and spaces else 0,
             "peak_bytes_estimate": cache + max(align_live, merge_live),
             "float32_cache_bytes": cache, "spaces": spaces}

@@ -164,3 +164,24 @@ def test_no_guard_where_nothing_is_aligned(tmp_path):
     rng = np.random.default_rng(0)
     paths = write_parents(tmp_path, [random_mlp(rng) for _ in range(3)])
     assert "fit" not in fuse(paths, tmp_path / "v.safetensors", "--align", "none")
+
+
+def test_rounds_by_default_with_three_parents_not_two_nor_for_children(tmp_path):
+    """The default (validation: benchmarks/cnn_parents.py): barycentric rounds with three or more parents from
+    other initialisations; none with two, and none where every parent already shares the anchor's basis
+    (children of one model: no round could move a plan, and each would write a scratch model)."""
+    rng = np.random.default_rng(5)
+    strangers = write_parents(tmp_path, [random_mlp(rng) for _ in range(3)])
+    three = cli("fuse", *strangers, "-o", tmp_path / "three.safetensors")
+    assert three.exit_code == 0 and "barycentre:" in three.stderr
+    plans = cli("align", *strangers, "-o", tmp_path / "plans.safetensors")
+    assert plans.exit_code == 0 and "0/0/index" in load_file(tmp_path / "plans.safetensors")
+    two = cli("fuse", *strangers[:2], "-o", tmp_path / "two.safetensors")
+    assert two.exit_code == 0 and "barycentre:" not in two.stderr
+    base = random_mlp(rng)
+    children = tmp_path / "children"
+    children.mkdir()
+    kids = write_parents(children, [{k: (v + 1e-3 * rng.normal(size=v.shape)).astype(np.float32)
+                                     for k, v in base.items()} for _ in range(3)])
+    kin = cli("fuse", *kids, "-o", tmp_path / "kin.safetensors")
+    assert kin.exit_code == 0 and "barycentre:" not in kin.stderr and "every plan is the identity" in kin.stderr

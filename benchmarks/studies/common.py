@@ -359,11 +359,13 @@ def fusion_routes(parents: list[Path], out: Path, align_data: str, stats: list[s
     with each aligned route's collapse-guard figures (fuse's "fit"). only {part: glob patterns} with only_routes: instead,
     the routes named there fused with `--only` for each part ("<route>, <part>")."""
     rounds = otf.AlignOptions(rounds=barycentric or BARYCENTRIC_ROUNDS)
+    # the plain OT routes align every parent to the anchor (--rounds 0): barycentric rounds are their own rows
     routes = {
         "vanilla average": dict(options=otf.AlignOptions(align="none")),
-        "OT weights (exact)": dict(options=otf.AlignOptions()),
-        "OT weights (sinkhorn)": dict(options=otf.AlignOptions(solver="sinkhorn")),
-        "OT activations": dict(options=otf.AlignOptions(align="activations"), data=otf.DataOptions(data=align_data)),
+        "OT weights (exact)": dict(options=otf.AlignOptions(rounds=0)),
+        "OT weights (sinkhorn)": dict(options=otf.AlignOptions(solver="sinkhorn", rounds=0)),
+        "OT activations": dict(options=otf.AlignOptions(align="activations", rounds=0),
+                               data=otf.DataOptions(data=align_data)),
     }
     if barycentric:
         routes["OT weights, barycentric"] = dict(options=rounds)
@@ -376,7 +378,7 @@ def fusion_routes(parents: list[Path], out: Path, align_data: str, stats: list[s
                  for k, (m, d) in enumerate(zip(parents, stats))]
         regmean = MergeOptions(merge="regmean")
         routes["RegMean"] = dict(options=otf.AlignOptions(align="none"), merge=regmean, stats=files)
-        routes["OT + RegMean"] = dict(options=otf.AlignOptions(), merge=regmean, stats=files)
+        routes["OT + RegMean"] = dict(options=otf.AlignOptions(rounds=0), merge=regmean, stats=files)
         if barycentric:
             routes["OT barycentric + RegMean"] = dict(options=rounds, merge=regmean, stats=files)
     if only:  # the ablation rows: each route's fusion of the tensors `only` picks, the rest the anchor's
