@@ -109,4 +109,8 @@ def test_leakage_counts_in_the_prose_are_the_checks():
     for study, r in report.items():
         if r["near_duplicates"]:
             assert f"{r['near_duplicates']:,} of {r['checked']:,} test" in prose, study
-    assert report["vision"]["by_threshold"]["1.0"] == 16 and "16 of them within L2 1.0" in prose
+    close = report["vision"]["by_threshold"]["1.0"]
+    assert not close or f"{close} of them within L2 1.0" in prose
+    cleaned = [s for s in ("shards", "federated", "languages", "vision") if not report[s]["near_duplicates"]]
+    if cleaned:  # studies whose drop step now removes them: the prose says the check finds none
+        assert "the check finds none in them" in prose
