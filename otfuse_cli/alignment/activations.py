@@ -117,6 +117,8 @@ def loaded_names(module: nn.Module, tensors: list[str]) -> dict[str, str]:
     """Checkpoint tensor name -> the name it has inside the loaded module. transformers 5 renames some
     families on load (ViT's attention.attention.query -> attention.q_proj); ask it how."""
     mapping = {t: t for t in tensors}
+    if getattr(module, "config", None) is None:  # a bare module (MLP, CNN): loaded as saved, and no 2.5 CPU-s
+        return mapping                            # of importing transformers to be told so
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key

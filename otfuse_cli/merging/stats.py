@@ -34,9 +34,13 @@ class Stats:
 
 def _linear_modules(module: nn.Module, tensors: list[str]) -> dict[str, tuple[str, int]]:
     """Loaded module name -> (checkpoint weight name, input axis) for every linear map in the checkpoint."""
-    from transformers.pytorch_utils import Conv1D
+    import sys
 
     from otfuse_cli.alignment.activations import loaded_names
+
+    # GPT-2's Conv1D (weight stored transposed); only a loaded transformers can have made one
+    utils = sys.modules.get("transformers.pytorch_utils")
+    Conv1D = utils.Conv1D if utils is not None else ()
 
     by_loaded = {loaded: saved for saved, loaded in loaded_names(module, tensors).items()}
     out = {}
