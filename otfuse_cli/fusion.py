@@ -24,7 +24,7 @@ from otfuse_cli.merging.rules import MERGES, Tensor
 from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOptions
 from otfuse_cli.pipeline import (Parents, check_data, check_output, check_shard_size, compute_plans, data_record,
                                  dtype_overrides, layout_of, open_parents, output_dtype, plan_summary,
-                                 requested_layout)
+                                 requested_layout, resolved)
 
 
 def weight_numbers(text: str | None) -> list[float] | None:
@@ -348,6 +348,8 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
         raise OtfuseError("--data is read by --align activations, --merge regmean/fisher (without --stats) or "
                           "--repair; none of them is chosen here")
     data = data.for_family(parents.specs[anchor].family)
+    if not plan:
+        options = resolved(parents, options)  # the rounds written out: provenance records what ran
     align_record, extra = options.to_json(), {}
     if plan:
         plans, plan_meta = load_plans(plan)

@@ -172,9 +172,7 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
         if refine is not None and solves[0] < spaces * sweeps:  # converged early: the rest is not needed
             left = spaces * sweeps - solves[0]
             refine.advance(left, detail=f"model {k} converged", work=space_pass and space_pass * left / spaces)
-    # parents keeping their own task heads have no one fused model to align to: no rounds unless asked for
-    # (barycentric_plans then says why it cannot)
-    rounds = 0 if parents.heads is not None and options.rounds is None else options.rounds_for(len(parents.ckpts))
+    rounds = barycentric_rounds(parents, options)
     # parents that already share the anchor's basis (children of one model) would be aligned to their own mean
     # in it again: no round can move a plan, and each would write a scratch model per parent
     if rounds and not all(p.moves_nothing() for model in plans for p in model.values()):
@@ -202,6 +200,20 @@ def space_estimates(parents: Parents, options: AlignOptions) -> dict[str, float]
         w = space_work(parents.ckpts[anchor], sa, sp, 0, options.sketch, options.solver)
         work[sa.name] = w["cost_gflops"] + w["solve_gflops"] + 1e-6  # never zero
     return work
+
+
+def barycentric_rounds(parents: Parents, options: AlignOptions) -> int:
+    """The barycentric rounds this fusion asks for (options.rounds_for its parent count). Parents keeping their
+    own task heads have no one fused model to align to: none unless asked for (barycentric_plans then says
+    why it cannot)."""
+    return 0 if parents.heads is not None and options.rounds is None else options.rounds_for(len(parents.ckpts))
+
+
+def resolved(parents: Parents, options: AlignOptions) -> AlignOptions:
+    """options with the rounds written out, so provenance and plan files record what ran, not "default"."""
+    from dataclasses import replace
+
+    return options if options.align == "none" else replace(options, rounds=barycentric_rounds(parents, options))
 
 
 def _barycentric(parents: Parents, plans, options: AlignOptions, data: DataOptions, weights, on_space,
@@ -384,6 +396,7 @@ def align(models: list[str], output: str, *, options: AlignOptions = AlignOption
         raise OtfuseError("--data is read by --align activations; plans by weights need no data")
     data = data.for_family(parents.specs[anchor].family)
     check_data(options, data)
+    options = resolved(parents, options)
     plans = compute_plans(parents, options, data, on_space)
     info = data_record(options, data)
     # every input's file hashes and spaces' fingerprint: fuse --plan checks them (check_plan_inputs)

@@ -86,8 +86,9 @@ def plan_of_work(parents, options: AlignOptions, merges: bool) -> dict:
     merge_live = 0 if not merges else F32 * largest * (len(parents.ckpts) + 1)
     align_live = max((s["live_bytes"] for s in spaces), default=0)
     # each barycentric round aligns every parent, the anchor too, to a reference written like the anchor
-    # at most: children of one model skip them, and parents keeping their own heads by default
-    rounds = 0 if parents.heads is not None and options.rounds is None else options.rounds_for(len(parents.ckpts))
+    from otfuse_cli.pipeline import barycentric_rounds
+
+    rounds = barycentric_rounds(parents, options)  # at most: children of one model skip them
     alignments = len(others) + (rounds * len(parents.ckpts) if spaces else 0)
     total_flops = sum(s["cost_gflops"] * s["solves"] for s in spaces) * alignments
     total_solves = sum(s["solve_gflops"] * s["solves"] for s in spaces) * alignments

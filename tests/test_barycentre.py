@@ -185,3 +185,19 @@ def test_rounds_by_default_with_three_parents_not_two_nor_for_children(tmp_path)
                                      for k, v in base.items()} for _ in range(3)])
     kin = cli("fuse", *kids, "-o", tmp_path / "kin.safetensors")
     assert kin.exit_code == 0 and "barycentre:" not in kin.stderr and "every plan is the identity" in kin.stderr
+
+
+def test_provenance_and_plan_files_record_the_rounds_that_ran(tmp_path):
+    """The default is written out (5 with three parents, 0 with two), not recorded as "default"."""
+    from safetensors import safe_open
+
+    rng = np.random.default_rng(6)
+    paths = write_parents(tmp_path, [random_mlp(rng) for _ in range(3)])
+    for models, expected in ((paths, 5), (paths[:2], 0)):
+        out = tmp_path / f"f{len(models)}.safetensors"
+        fuse(models, out)
+        with safe_open(str(out), "np") as f:
+            assert json.loads(f.metadata()["otfuse"])["options"]["align"]["rounds"] == expected
+    assert cli("align", *paths, "-o", tmp_path / "p.safetensors").exit_code == 0
+    with safe_open(str(tmp_path / "p.safetensors"), "np") as f:
+        assert json.loads(f.metadata()["otfuse.plans"])["options"]["rounds"] == 5
