@@ -4,7 +4,7 @@ it is this pipeline with nothing after it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -211,8 +211,6 @@ def barycentric_rounds(parents: Parents, options: AlignOptions) -> int:
 
 def resolved(parents: Parents, options: AlignOptions) -> AlignOptions:
     """options with the rounds written out, so provenance and plan files record what ran, not "default"."""
-    from dataclasses import replace
-
     return options if options.align == "none" else replace(options, rounds=barycentric_rounds(parents, options))
 
 
@@ -234,10 +232,9 @@ def _barycentric(parents: Parents, plans, options: AlignOptions, data: DataOptio
 
     plans, history = barycentric_plans(parents, plans, weights, rounds, provider_for, options, timings,
                                        on_round)
-    last = history[-1]
-    settled = last["changed"] is not None and not any(last["changed"])
-    costs = " -> ".join(f"{sum(h['cost']):.4g}" for h in history[1:])  # round 0 measured to the anchor, not a mean
-    note_line(f"barycentre: {len(history) - 1} round(s), "
+    settled = not any(history[-1]["changed"])
+    costs = " -> ".join(f"{sum(h['cost']):.4g}" for h in history)
+    note_line(f"barycentre: {len(history)} round(s), "
               f"{'no plan moved in the last' if settled else 'plans still moving after the last (raise --rounds)'}; "
               f"summed matching cost by round {costs}")
     return plans

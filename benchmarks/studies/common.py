@@ -11,7 +11,7 @@ import re
 import sys
 import time
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -356,9 +356,9 @@ def fusion_routes(parents: list[Path], out: Path, align_data: str, stats: list[s
     """Every fusion route of the studies' tables, each written to out/<route>. `stats`: each party's own
     data file for RegMean (its Grams are computed on that party's data only). barycentric: also every aligned
     route with `--rounds barycentric` (each parent aligned in turn to the mean of the others). fits: filled
-    with each aligned route's collapse-guard figures (fuse's "fit"). only {part: glob patterns} with only_routes: instead,
-    the routes named there fused with `--only` for each part ("<route>, <part>")."""
-    rounds = otf.AlignOptions(rounds=barycentric or BARYCENTRIC_ROUNDS)
+    with each aligned route's collapse-guard figures (fuse's "fit"). only {part: glob patterns} with
+    only_routes: instead, the routes named there fused with `--only` for each part ("<route>, <part>")."""
+    rounds = otf.AlignOptions(rounds=barycentric)
     # the plain OT routes align every parent to the anchor (--rounds 0): barycentric rounds are their own rows
     routes = {
         "vanilla average": dict(options=otf.AlignOptions(align="none")),
@@ -369,8 +369,7 @@ def fusion_routes(parents: list[Path], out: Path, align_data: str, stats: list[s
     }
     if barycentric:
         routes["OT weights, barycentric"] = dict(options=rounds)
-        routes["OT activations, barycentric"] = dict(options=otf.AlignOptions(align="activations",
-                                                                              rounds=barycentric),
+        routes["OT activations, barycentric"] = dict(options=replace(rounds, align="activations"),
                                                      data=otf.DataOptions(data=align_data))
     if stats is not None:
         # a party's statistics are made once per run folder (the ablation's routes read the full routes')

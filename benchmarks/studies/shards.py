@@ -7,8 +7,7 @@ fused model after a short fine-tune on shard 1's data. Each aligned route's coll
 Splits by a hash of the review text: test 1/5 (≥ 5,000 reviews), validation 1/25 (~1,000), training a fixed
 subsample of the rest (scaled for a 2-core CPU; the scale is in the results). Reviews with a near-duplicate in the
 test set (by either notion, `near_duplicate_key` and 5-gram Jaccard) are dropped from training and validation,
-then the split is checked for leakage. Reviews are cut to their first
-`max_length` tokens.
+then the split is checked for leakage. Reviews are cut to their first `max_length` tokens.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def fit_cost(plans: dict[str, Plan]) -> float:
 def barycentric_plans(parents, plans: list[dict[str, Plan]], weights: list[float], rounds: int,
                       provider_for: Callable, options, timings: dict | None = None,
                       on_round: Callable[[int, bool], None] | None = None) -> tuple[list[dict[str, Plan]], list]:
-    """(plans of every parent onto the common basis, per-round record). `plans` are the anchor-based plans (the
+    """(plans of every parent onto the common basis, one record per round run). `plans` are the anchor-based plans (the
     anchor's entry empty); provider_for(reference source, k) gives parent k's feature provider against a
     reference. Each reference lives in the anchor's basis and layout, written as a checkpoint like the
     anchor's (config, tokenizer: activation alignment runs it) to a temporary folder."""
@@ -47,7 +47,7 @@ def barycentric_plans(parents, plans: list[dict[str, Plan]], weights: list[float
                           "(--heads keep or auto with differing heads) have none: use --heads merge or --rounds 0")
     anchor_spec = parents.specs[parents.anchor]
     plans = list(plans)
-    history = [{"round": 0, "cost": [fit_cost(p) for p in plans], "changed": None}]
+    history = []
     scratch = Path(tempfile.mkdtemp(prefix="otfuse-barycentre-"))
     try:
         for r in range(1, rounds + 1):
@@ -76,7 +76,7 @@ def barycentric_plans(parents, plans: list[dict[str, Plan]], weights: list[float
         shutil.rmtree(scratch, ignore_errors=True)
     for model in plans:
         for plan in model.values():
-            plan.stats["rounds"] = len(history) - 1
+            plan.stats["rounds"] = len(history)
     return plans, history
 
 

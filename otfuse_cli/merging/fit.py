@@ -26,8 +26,8 @@ BLOCK = 1 << 20
 class Fit:
     def __init__(self, parents: int, weights: list[float] | None = None):
         self.weights = weights or [1.0 / parents] * parents
-        self.gram = [[0.0] * parents for _ in range(parents)]  # <x_i, x_j> summed over merged tensors
-        self.cross = [0.0] * parents  # <x_k, F>
+        self.gram = torch.zeros(parents, parents, dtype=torch.float64)  # <x_i, x_j> summed over merged tensors
+        self.cross = torch.zeros(parents, dtype=torch.float64)  # <x_k, F>
         self.fused = 0.0  # ||F||^2
 
     def add(self, aligned: list[torch.Tensor], out: torch.Tensor) -> None:
@@ -37,18 +37,15 @@ class Fit:
         xs = [x.reshape(-1) for x in aligned]
         for start in range(0, flat.numel(), BLOCK):
             f = flat[start:start + BLOCK].double()
+            block = torch.stack([x[start:start + BLOCK] for x in xs]).double()  # (parents, block)
             self.fused += float(f @ f)
-            blocks = [x[start:start + BLOCK].double() for x in xs]
-            for i, a in enumerate(blocks):
-                self.cross[i] += float(a @ f)
-                for j in range(i, len(blocks)):
-                    self.gram[i][j] += float(a @ blocks[j])
-                    self.gram[j][i] = self.gram[i][j]
+            self.cross += block @ f
+            self.gram += block @ block.T
 
     def summary(self, labels: list[str]) -> dict:
         """{"parents": [{model, label, residual, agreement}], "retention", "outliers": [model indices]}."""
-        n, g, w = len(self.cross), self.gram, self.weights
-        residual = [((g[k][k] - 2 * self.cross[k] + self.fused) / g[k][k]) ** 0.5 if g[k][k] > 0 else 0.0
+        n, g, w, cross = len(self.weights), self.gram.tolist(), self.weights, self.cross.tolist()
+        residual = [((g[k][k] - 2 * cross[k] + self.fused) / g[k][k]) ** 0.5 if g[k][k] > 0 else 0.0
                     for k in range(n)]
         agreement = [_leave_one_out_cosine(g, w, k) for k in range(n)]
         mean_norm = statistics.fmean(g[k][k] ** 0.5 for k in range(n))
