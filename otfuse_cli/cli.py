@@ -289,8 +289,8 @@ def align(
 
     given = explicit_flags()
     check_device(data)
-    if options.align != "activations":
-        refuse_unused(given, SAMPLE_FLAGS, "they shape activation alignment (--align activations)")
+    if not options.reads_data:
+        refuse_unused(given, SAMPLE_FLAGS, "they shape activation alignment (--align activations or cca)")
     refuse_sketch_unless_weights(given, options)
     if dry_run:
         return print_plan_of_work(models, anchor, allow_config_mismatch, options, False, json_out)
@@ -360,8 +360,8 @@ def fuse(
     if not reads_data(options, merge, plan, stats, repair):
         unread = tuple(f for f in SAMPLE_FLAGS if f != "--seed" or "seed" not in rule_reads)
         refuse_unused(given, unread, "no step reads --data here (activations, regmean/fisher, --repair)")
-    elif options.align != "activations" or plan:
-        refuse_unused(given, ACTIVATION_FLAGS, "they shape activation alignment (--align activations)")
+    elif not options.reads_data or plan:
+        refuse_unused(given, ACTIVATION_FLAGS, "they shape activation alignment (--align activations or cca)")
     for option, flag in (("alpha", "--regmean-alpha"), ("scale", "--scale"), ("density", "--density")):
         if option not in rule_reads:
             readers = ", ".join(name for name, rule in MERGES.items() if option in rule.reads)
@@ -488,9 +488,10 @@ def evaluate(
                       "they shape the --aligned line")
     elif options.align == "none":
         raise OtfuseError("--aligned --align none is the naive line again; use --align weights or activations")
-    elif (options.align == "activations") != bool(align_data):  # activations read samples, weights none
-        raise OtfuseError("--aligned --align activations needs --align-data FILE (sample inputs to align on); "
-                          "--align-data is read by --align activations only")
+    elif options.reads_data != bool(align_data):  # activations read samples, weights none
+        raise OtfuseError(f"--aligned --align {options.align if options.reads_data else 'activations'} needs "
+                          "--align-data FILE (sample inputs to align on); --align-data is read by --align "
+                          "activations or cca only")
     elif align_split and not align_data:
         raise OtfuseError("--align-split picks a split of --align-data; give --align-data too")
     from otfuse_cli.evaluation.gates import check_applicable, check_gate_names, missed, parse_gate

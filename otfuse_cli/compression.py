@@ -340,6 +340,9 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
     if method == "ot" and options.align == "none":  # was a KeyError traceback
         raise OtfuseError("compress --method ot clusters units by their weights or activations (--align weights "
                           "or activations); --align none gives it nothing to cluster by")
+    if options.align == "cca":
+        raise OtfuseError("compress --method ot clusters units by their weights or activations (--align weights "
+                          "or activations); --align cca maps one model's units onto another's")
     deadline.start(options.time_limit)
     check_output(output, write)
     if repair and not data.data:

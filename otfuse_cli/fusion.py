@@ -286,7 +286,7 @@ def reads_data(options: AlignOptions, merge: MergeOptions, plan: str | None, sta
                repair: bool) -> bool:
     """Whether some step of this fusion runs the models on --data: activation alignment (not with a plan),
     a merge rule's statistics (not given as --stats files), or the repair."""
-    return repair or (not plan and options.align == "activations") or (MERGES[merge.merge].needs and not stats)
+    return repair or (not plan and options.reads_data) or (MERGES[merge.merge].needs and not stats)
 
 
 def member_names(parents: Parents) -> list[str]:

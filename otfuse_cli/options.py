@@ -18,10 +18,12 @@ from otfuse_cli.merging.rules import MERGES
 
 # Feature providers (pipeline.PROVIDERS), output dtypes and bare-net activations need torch to build, so
 # their names are declared here; tests check they match those tables.
-ALIGN_BY = ("weights", "activations", "none")
+ALIGN_BY = ("weights", "activations", "cca", "none")
 MAX_SKETCH = 1 << 16
 # AlignOptions fields that shape the transport plans: none is read with --align none.
-PLAN_FIELDS = ("solver", "reg", "metric", "marginals", "cost_norm", "refine", "max_iter", "sketch", "rounds")
+PLAN_FIELDS = ("solver", "reg", "metric", "marginals", "cost_norm", "refine", "max_iter", "sketch", "rounds",
+               "ridge")
+DEFAULT_RIDGE = 0.1  # --align cca: chosen on validation (alignment/linear.py)
 DEFAULT_ROUNDS = 5  # AlignOptions.rounds_for: with three or more parents
 DTYPES = ("keep", "float32", "float16", "bfloat16")
 ACTIVATIONS = ("relu", "gelu", "tanh")
@@ -84,7 +86,9 @@ class AlignOptions(Options):
     """How transport plans are computed."""
 
     align: str = option("weights", "--align", "weights (no data), activations (needs --data; every model runs "
-                        "on the same inputs) or none (vanilla merging, the baseline).", ALIGN_BY)
+                        "on the same inputs), cca (linear maps from the activations' canonical correlations where "
+                        "a space takes one, permutations elsewhere; needs --data) or none (vanilla merging, the "
+                        "baseline).", ALIGN_BY)
     solver: str = option("exact", "--solver", "exact (assignment / network simplex) or sinkhorn (soft).", SOLVERS)
     reg: float = option(0.01, "--reg", "Sinkhorn regularisation, relative to the scaled cost.", minimum=1e-6)
     metric: str = option("sqeuclidean", "--metric", "Ground metric between neurons.", METRICS)
@@ -105,6 +109,8 @@ class AlignOptions(Options):
                                 "plan changes or N rounds (0: every model aligned to the anchor). Default: 5 with three "
                                 "or more models, 0 with two (measured on validation).", minimum=0, maximum=100,
                                 metavar="N")
+    ridge: float = option(DEFAULT_RIDGE, "--ridge", "--align cca: ridge added to each model's activation covariance, "
+                          "relative to its mean variance.", minimum=0.0)
     time_limit: float | None = option(None, "--time-limit", "Abort (exit 2, nothing written) once this many "
                                       "seconds of wall time have passed; never changes a result.", minimum=0.0,
                                       metavar="SECONDS")
@@ -119,6 +125,10 @@ class AlignOptions(Options):
         super().__post_init__()
         if not math.isfinite(self.reg):
             raise OtfuseError(f"--reg must be a finite number, got {self.reg!r}")
+        if not math.isfinite(self.ridge):
+            raise OtfuseError(f"--ridge must be a finite number, got {self.ridge!r}")
+        if self.align not in ("cca", "none") and self.ridge != DEFAULT_RIDGE:
+            raise OtfuseError("--ridge does not apply: it regularises --align cca's covariances")
         if self.time_limit is not None and not math.isfinite(self.time_limit):
             raise OtfuseError(f"--time-limit must be a finite number of seconds, got {self.time_limit!r}")
         if self.align == "none":  # vanilla merging: no plan is computed, so no option of the solve is read
@@ -127,6 +137,11 @@ class AlignOptions(Options):
             if unused:
                 raise OtfuseError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply: --align "
                                   "none computes no transport plans (vanilla merging)")
+
+    @property
+    def reads_data(self) -> bool:
+        """Whether the plans come from the models run on --data (activation statistics)."""
+        return self.align in ("activations", "cca")
 
     def rounds_for(self, models: int) -> int:
         """Barycentric rounds for this many models. With three parents, rounds raised validation accuracy in all

@@ -84,7 +84,16 @@ def _activation_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOp
 
 # --align choice -> provider(anchor spec, parent spec, anchor tensors, parent tensors, data options);
 # "none" needs no features (compute_plans returns no plans)
-PROVIDERS: dict[str, Callable] = {"weights": _weight_provider, "activations": _activation_provider}
+def _covariance_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None, sketch=None,
+                         l1=True):
+    from otfuse_cli.alignment.activations import ActivationFeatures
+
+    return ActivationFeatures(anchor_spec, spec, anchor_src, parent_src, data, on_batch=on_batch, l1=l1,
+                              covariance=True)
+
+
+PROVIDERS: dict[str, Callable] = {"weights": _weight_provider, "activations": _activation_provider,
+                                  "cca": _covariance_provider}
 
 
 def feature_provider(options: AlignOptions, data: DataOptions, anchor_spec, spec, anchor_src, parent_src,
@@ -96,10 +105,10 @@ def feature_provider(options: AlignOptions, data: DataOptions, anchor_spec, spec
 def check_data(options: AlignOptions, data: DataOptions) -> None:
     """For activation plans: --data is given and is a regular file (a FIFO or device would block its reader) or
     a dataset whose split exists (data.check_source)."""
-    if options.align != "activations":
+    if not options.reads_data:
         return
     if not data.data:
-        raise OtfuseError("--align activations needs --data FILE with sample inputs")
+        raise OtfuseError(f"--align {options.align} needs --data FILE with sample inputs")
     from otfuse_cli.data import check_source
 
     check_source(data.data, data.split)
@@ -110,7 +119,7 @@ def data_record(options: AlignOptions, data: DataOptions) -> dict | None:
     computed, so the data has been read and accepted first: hashing an 8 GiB sparse "jsonl" mapped all of it
     (and took most of a minute) before its reader refused the first line."""
     check_data(options, data)
-    if options.align != "activations":
+    if not options.reads_data:
         return None
     from otfuse_cli.alignment.activations import data_info
 
@@ -135,13 +144,15 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
     anchor_spec = parents.specs[parents.anchor]
     if note := alignment_note(anchor_spec.family):
         note_line(f"{anchor_spec.family}: {note}")
+    if options.align == "cca":
+        check_linear_spaces(parents)
     anchor_src = parents.source(parents.anchor)
     others = [k for k in range(len(parents.specs)) if k != parents.anchor]
     spaces = len(anchor_spec.spaces)
     width = {space.name: space.size for space in anchor_spec.spaces}  # shown with each space: where time goes
     tracked = hasattr(on_space, "task")
     on_batch = _batch_counter(start(on_space, "activations"), len(parents.ckpts) - 1) \
-        if tracked and options.align == "activations" else None
+        if tracked and options.reads_data else None
     work = space_estimates(parents, options) if tracked else None  # bars and ETAs move by estimated work
     space_pass = sum(work.values()) if work else None  # one pass over one parent's spaces
     per_pass = space_pass and space_pass * len(others)
@@ -184,6 +195,29 @@ def compute_plans(parents: Parents, options: AlignOptions, data: DataOptions,
                   "can beat the identity and no assignment is solved")
     anchor_src.__dict__.pop("_activations", None)  # the anchor's recorded activations: not needed to merge
     return plans
+
+
+def check_linear_spaces(parents: Parents) -> None:
+    """--align cca maps the spaces that take a general linear map (Space.linear) and permutes the rest: refused
+    where no space takes one or widths differ, said in a note where only some do."""
+    from otfuse_cli.report import note_line
+
+    anchor_spec = parents.specs[parents.anchor]
+    linear = [k for k, space in enumerate(anchor_spec.spaces) if space.linear]
+    if not linear:
+        raise OtfuseError(f"--align cca: no space of this {anchor_spec.family} model takes a general linear map "
+                          "(a norm, softmax heads or a gate acts on each unit of every one); use --align activations")
+    for spec in parents.specs:
+        for k in linear:
+            if spec.spaces[k].size != anchor_spec.spaces[k].size:
+                raise OtfuseError(f"--align cca: space {anchor_spec.spaces[k].name!r} is {spec.spaces[k].size} wide "
+                                  f"in one model and {anchor_spec.spaces[k].size} in the anchor; a linear map between "
+                                  "widths has no inverse (use --align activations)")
+    if len(linear) < len(anchor_spec.spaces):
+        others = sorted({s.kind for s in anchor_spec.spaces if not s.linear})
+        note_line(f"--align cca: linear maps for {len(linear)} of {len(anchor_spec.spaces)} spaces; the other "
+                  f"{len(anchor_spec.spaces) - len(linear)} ({', '.join(others)}: a norm, softmax heads or a gate "
+                  "acts on each unit) are permuted by the same activations")
 
 
 def space_estimates(parents: Parents, options: AlignOptions) -> dict[str, float] | None:
@@ -388,9 +422,9 @@ def align(models: list[str], output: str, *, options: AlignOptions = AlignOption
     out = Path(output)
     check_output(out, OutputOptions(force=force), file_only=True)
     parents = open_parents(models, anchor, allow_config_mismatch, heads="auto")
-    refuse_overlap(out, input_paths(parents.ckpts, [data.data if options.align == "activations" else None]))
-    if data.data and options.align != "activations":
-        raise OtfuseError("--data is read by --align activations; plans by weights need no data")
+    refuse_overlap(out, input_paths(parents.ckpts, [data.data if options.reads_data else None]))
+    if data.data and not options.reads_data:
+        raise OtfuseError("--data is read by --align activations or cca; plans by weights need no data")
     data = data.for_family(parents.specs[anchor].family)
     check_data(options, data)
     options = resolved(parents, options)

@@ -288,7 +288,7 @@ def _fmt(value, digits: int = 4) -> str:
 
 def alignment_table(rows: list[dict], title: str) -> Table:
     """Per-space alignment result: model (#), width, cost before/after, neurons kept in place, plan entropy,
-    solver (with Sinkhorn's marginal error)."""
+    solver (with Sinkhorn's marginal error, or a linear map's mean canonical correlation ρ)."""
     # Nine columns must stay whole at 80: light rules instead of boxes, two-line headers, numbers that
     # never wrap, and text columns at least as wide as their longest word (rich elides, "sinkh…", any cell
     # narrower than a word), so only long space names fold and a solver's error goes to a second line.
@@ -306,7 +306,8 @@ def alignment_table(rows: list[dict], title: str) -> Table:
                       f"{width[0]}→{width[1]}" if width[0] != width[1] else str(width[0]),
                       _fmt(r.get("cost_before"), 3), _fmt(r.get("cost_after"), 3),  # full precision: --json
                       f"{100 * r['stay']:.0f}%" if "stay" in r else "-", _fmt(r.get("entropy"), 3),
-                      r.get("solver", "") + (f" ±{r['marginal_error']:.0e}" if "marginal_error" in r else ""))
+                      r.get("solver", "") + (f" ±{r['marginal_error']:.0e}" if "marginal_error" in r else "")
+                      + (f" ρ {r['correlation']:.2f}" if "correlation" in r else ""))
     return table
 
 

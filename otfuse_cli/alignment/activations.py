@@ -285,8 +285,11 @@ class ActivationFeatures:
     needs_refinement = False
 
     def __init__(self, anchor_spec: Spec, parent_spec: Spec, anchor: TensorSource, parent: TensorSource,
-                 data: DataOptions, on_batch: Callable[[str, int, int], None] | None = None, l1: bool = True):
-        """on_batch(detail, done, total) follows every forward pass this provider makes (total: all of them)."""
+                 data: DataOptions, on_batch: Callable[[str, int, int], None] | None = None, l1: bool = True,
+                 covariance: bool = False):
+        """on_batch(detail, done, total) follows every forward pass this provider makes (total: all of them).
+        covariance: each space's pair also keeps both sides' row sums and Grams (--align cca)."""
+        self.covariance = covariance
         self.anchor_spec, self.parent_spec, self.how = anchor_spec, parent_spec, data.standardize or "zscore"
         self.l1 = l1  # keep L1 norms of folded features (only --marginals l1 reads them)
         self.options, self.on_batch, self.done = data.collect(), on_batch, 0
@@ -442,7 +445,7 @@ class ActivationFeatures:
             elif ep.group or ep.inner > 1:
                 channels[(ep.group, ep.channel)] = ep.rep * ep.inner if ep.group else ep.inner
             else:
-                plain = 8 * n * m
+                plain = 8 * (n * m + (n * n + m * m) * self.covariance)
         return rows + plain + sum(8 * n * m * size * size for size in channels.values())
 
     def _groups(self, fold: bool) -> list[list[int]]:
@@ -458,7 +461,7 @@ class ActivationFeatures:
 
     def _collect(self, group: list[int], fold: bool) -> None:
         """One pass of both models over the data, side by side, batch by batch into the group's statistics."""
-        pairs = {k: FeaturePair(fold, l1=self.l1) for k in group}
+        pairs = {k: FeaturePair(fold, l1=self.l1, covariance=self.covariance) for k in group}
         entries = {k: list(self._entry_pairs(k)) for k in group}
         # this batch's kept rows, and its rows per module so far, for each model
         held: dict[str, dict[str, list[torch.Tensor]]] = {side: {} for side in self.sides}
@@ -509,6 +512,19 @@ class ActivationFeatures:
                 self.models.clear()  # every statistic is collected: free the models
         return self.pairs.pop(k)
 
+    def unit_scales(self, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The per-unit factors (parent, anchor) the space's rows were divided by (z-scores: each unit's
+        standard deviation, as STANDARDIZE clamps it), or None where rows keep their scale."""
+        if self.how != "zscore":
+            return None
+        (ep, ea), = self._entry_pairs(k)  # one producer: spaces that take a linear map (Space.linear)
+        n, m = self.parent_spec.spaces[k].size, self.anchor_spec.spaces[k].size
+        scales = []
+        for side, entry, size in (("parent", ep, n), ("anchor", ea, m)):
+            std = self.moments[side].mean_std(module_of(entry.tensor))[1]
+            scales.append(std[entry.start:entry.start + size].double().clamp_min(1e-6))
+        return scales[0], scales[1]
+
     def tie_features(self, k: int, plans: dict, first_pass: bool) -> FeaturePair:
         """The features that break ties between units whose activation features are identical (units dead
         after the nonlinearity on every sample): the units' weights, as --align weights reads them (see
@@ -529,6 +545,9 @@ def _reduce_pairs(pairs: dict[int, FeaturePair]) -> None:
                               "process; launch without torchrun")
         if pair.dot is not None:
             sums[("dot", k)] = pair.dot
+        if pair.covariance and pair.auto is not None:
+            sums.update({("auto", k, 0): pair.auto[0], ("auto", k, 1): pair.auto[1], ("sums", k, 0): pair.sums[0],
+                         ("sums", k, 1): pair.sums[1], ("count", k): torch.tensor(float(pair.count))})
         for i, sketch in enumerate(pair.sketches or ()):
             sums[("sketch", k, i)] = sketch
         for key, (*parts, inner) in pair.grams.items():
@@ -541,6 +560,10 @@ def _reduce_pairs(pairs: dict[int, FeaturePair]) -> None:
         pair = pairs[key[1]]
         if key[0] == "dot":
             pair.dot = t
+        elif key[0] in ("auto", "sums"):
+            getattr(pair, key[0])[key[2]] = t
+        elif key[0] == "count":
+            pair.count = int(t.item())
         elif key[0] == "sketch":
             pair.sketches = (pair.sketches or [None, None])
             pair.sketches[key[2]] = t

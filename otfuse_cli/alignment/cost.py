@@ -83,9 +83,15 @@ class FeaturePair:
     half the time of float64, and hidden permutations are still recovered exactly (tests/test_oracle.py,
     benchmarks/scale.py --recovery); norms are summed in float64."""
 
-    def __init__(self, fold: bool = True, sketch: int | None = None, l1: bool = True):
+    def __init__(self, fold: bool = True, sketch: int | None = None, l1: bool = True, covariance: bool = False):
         self.parent, self.anchor, self.fold, self.sketch, self.l1 = Features(), Features(), fold, sketch, l1
         self.dot: torch.Tensor | None = None  # (n, m) float64: sum of folded entries' x @ y.T
+        # with covariance (--align cca), float64 sums of each side's rows and their Gram: [x @ x.T, y @ y.T],
+        # [sum x, sum y], and the count of rows; with dot, every covariance of the two sides' units
+        self.covariance = covariance
+        self.auto: list[torch.Tensor] | None = None
+        self.sums: list[torch.Tensor] | None = None
+        self.count = 0
         self.sketches: list[torch.Tensor] | None = None  # [(n, D), (m, D)] float64 with sketch
         self.grams: dict[tuple[str, str], tuple] = {}  # head channels with fold: see channel_grams
 
@@ -104,9 +110,14 @@ class FeaturePair:
             old = self.grams.get(key)
             self.grams[key] = (*g, inner) if old is None else (*(a.add_(b) for a, b in zip(old, g)), inner)
             return
-        dtype = torch.float64 if torch.float64 in (xp.dtype, xa.dtype) else torch.float32
+        dtype = torch.float64 if torch.float64 in (xp.dtype, xa.dtype) or self.covariance else torch.float32
         x, y = xp.reshape(len(xp), -1).to(dtype), xa.reshape(len(xa), -1).to(dtype)
         x_sq, y_sq = self.parent.fold(x, self.l1), self.anchor.fold(y, self.l1)
+        if self.covariance:  # float64 throughout: a covariance's small eigenvalues are what CCA inverts
+            auto, sums = [x @ x.T, y @ y.T], [x.sum(1), y.sum(1)]
+            self.auto = auto if self.auto is None else [a.add_(b) for a, b in zip(self.auto, auto)]
+            self.sums = sums if self.sums is None else [a.add_(b) for a, b in zip(self.sums, sums)]
+            self.count += x.shape[1]
         if self.sketch:
             bucket, sign = _hash(ea, x.shape[1], self.sketch)
             if self.sketches is None:

@@ -12,6 +12,7 @@ import torch
 
 from otfuse_cli import deadline
 from otfuse_cli.alignment.cost import unit_cost
+from otfuse_cli.alignment.linear import canonical_map, covariances
 from otfuse_cli.alignment.solvers import marginal, normalize, solve
 from otfuse_cli.alignment.ties import break_ties, tie_classes
 from otfuse_cli.alignment.transport import Plan
@@ -86,6 +87,14 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
         return unit_cost(pair.parent, pair.anchor, options.metric, anchor.spaces[k].fixed_inner,
                          folded=pair.folded(), grams=pair.grams)[0]
 
+    def linear_plan(k: int, pair) -> Plan:
+        if pair.count < 2:
+            raise OtfuseError(f"space {anchor.spaces[k].name!r} has {pair.count} activation row(s); a covariance "
+                              "needs at least two (more --samples or --max-tokens)")
+        t, t_inv, stats = canonical_map(*covariances(pair, provider.unit_scales(k)), options.ridge)
+        lap("solver")
+        return Plan(maps=(t, t_inv), stats=stats)
+
     def solve_space(k: int, first_pass: bool) -> Plan:
         sa, sp = anchor.spaces[k], parent.spaces[k]
         deadline.check(f"aligning space {sa.name}")
@@ -97,6 +106,8 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
             if sp.size != sa.size:
                 raise OtfuseError(f"space {sa.name!r} has no features to align widths {sp.size} and {sa.size}")
             return Plan.identity(sa.size)
+        if options.align == "cca" and sa.linear:
+            return linear_plan(k, pair)
         cost, inner = unit_cost(fp, fa, options.metric, sa.fixed_inner, folded=pair.folded(), grams=pair.grams)
         a = marginal(fp, sp.size, options.marginals)
         b = marginal(fa, sa.size, options.marginals)

@@ -1,5 +1,5 @@
 """Plan files: safetensors holding every parent's plans (a hard plan as its index vector, a soft one as its
-coupling) and inner maps, spaces and options in metadata."""
+coupling, a linear one as its map and inverse) and inner maps, spaces and options in metadata."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def save_plans(path: str | Path, plans: list[dict[str, Plan]], meta: dict, *, fo
         for space, plan in model_plans.items():
             if plan.index is not None:  # a hard plan is its index vector (n integers, not n² floats)
                 tensors[f"{k}/{space}/index"] = plan.index
+            elif plan.maps is not None:
+                tensors[f"{k}/{space}/map"], tensors[f"{k}/{space}/inverse"] = plan.maps
             else:
                 tensors[f"{k}/{space}/coupling"] = plan.coupling
             for channel, perm in plan.inner.items():
@@ -53,12 +55,13 @@ def load_plans(path: str | Path) -> tuple[list[dict[str, Plan]], dict]:
     meta = inputs.parse_json(raw, f"{path} (its otfuse.plans metadata)")  # size and nesting limited
     models, stats = _plan_meta(meta, path)
     plans: list[dict[str, Plan]] = [{} for _ in range(models)]
-    inner = []
+    inner, maps = [], {}
     for key, tensor in sorted(tensors.items()):
         m = PLAN_KEY.match(key)
         if m is None or int(m["model"]) >= models:
             raise OtfuseError(f"{path}: unexpected tensor {key!r} (expected MODEL/SPACE/coupling, "
-                              f"MODEL/SPACE/index or MODEL/SPACE/inner/CHANNEL with MODEL < {models})")
+                              f"MODEL/SPACE/index, MODEL/SPACE/map and inverse or MODEL/SPACE/inner/CHANNEL with "
+                              f"MODEL < {models})")
         k, space = int(m["model"]), m["space"]
         if m["channel"] is None and space in plans[k]:
             raise OtfuseError(f"{path}: {k}/{space} has both a coupling and an index")
@@ -66,8 +69,22 @@ def load_plans(path: str | Path) -> tuple[list[dict[str, Plan]], dict]:
             plans[k][space] = Plan(_coupling(tensor, key, path), stats=stats.get(f"{k}/{space}", {}))
         elif m["kind"] == "index":
             plans[k][space] = Plan(index=_index(tensor, key, path), stats=stats.get(f"{k}/{space}", {}))
+        elif m["kind"] in ("map", "inverse"):
+            maps.setdefault((k, space), {})[m["kind"]] = _matrix(tensor, key, path)
         else:
             inner.append((k, space, m["channel"], tensor, key))
+    for (k, space), pair in maps.items():
+        if set(pair) != {"map", "inverse"}:
+            raise OtfuseError(f"{path}: {k}/{space} needs both a map and its inverse")
+        if space in plans[k]:
+            raise OtfuseError(f"{path}: {k}/{space} has both a linear map and a coupling or index")
+        t, t_inv = pair["map"], pair["inverse"]
+        square = t.shape[0] == t.shape[1] and t_inv.shape == t.shape
+        # round-off of a product grows with the factors' sizes (row and column sums bound every entry)
+        slack = 1e-9 * float(t.abs().sum(1).max() * t_inv.abs().sum(0).max()) if square else 0.0
+        if not square or (t @ t_inv - torch.eye(len(t), dtype=torch.float64)).abs().max() > slack:
+            raise OtfuseError(f"{path}: {k}/{space}/inverse is not the inverse of {k}/{space}/map")
+        plans[k][space] = Plan(maps=(t, t_inv), stats=stats.get(f"{k}/{space}", {}))
     for k, space, channel, tensor, key in inner:  # after the couplings: each map must fit its coupling's shape
         if space not in plans[k]:
             raise OtfuseError(f"{path}: {key!r} has no plan {k}/{space}/coupling or {k}/{space}/index")
@@ -75,7 +92,8 @@ def load_plans(path: str | Path) -> tuple[list[dict[str, Plan]], dict]:
     return plans, meta
 
 
-PLAN_KEY = re.compile(r"^(?P<model>\d{1,6})/(?P<space>[^/].*?)/(?P<kind>coupling|index|inner/(?P<channel>[^/]+))$")
+PLAN_KEY = re.compile(r"^(?P<model>\d{1,6})/(?P<space>[^/].*?)/(?P<kind>coupling|index|map|inverse|"
+                      r"inner/(?P<channel>[^/]+))$")
 MAX_PLAN_MODELS = 10_000  # a bound on the list built from the metadata, far above any real fusion
 
 
@@ -103,6 +121,15 @@ def _coupling(tensor: torch.Tensor, key: str, path: Path) -> torch.Tensor:
     if not torch.isfinite(c).all() or (c < 0).any() or not c.sum() > 0:
         raise OtfuseError(f"{path}: {key!r} must hold finite, non-negative masses with a positive sum")
     return c
+
+
+def _matrix(tensor: torch.Tensor, key: str, path: Path) -> torch.Tensor:
+    """A linear plan's map or inverse: a non-empty square matrix of finite floats."""
+    if tensor.dim() != 2 or not tensor.is_floating_point() or 0 in tensor.shape \
+            or not torch.isfinite(tensor).all():
+        raise OtfuseError(f"{path}: {key!r} must be a non-empty 2-D matrix of finite floats, got "
+                          f"{tuple(tensor.shape)} {tensor.dtype}")
+    return tensor.double()
 
 
 def _index(tensor: torch.Tensor, key: str, path: Path) -> torch.Tensor:

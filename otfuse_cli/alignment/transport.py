@@ -25,10 +25,14 @@ class Plan:
 
     def __init__(self, coupling: torch.Tensor | None = None, inner: dict[str, torch.Tensor] | None = None,
                  stats: dict | None = None, *, index: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None, width: int | None = None):
-        if sum(x is not None for x in (coupling, index, labels)) != 1 or (labels is not None) != (width is not None):
-            raise ValueError("a Plan takes one of a coupling, a hard index, or labels with their width")
+                 labels: torch.Tensor | None = None, width: int | None = None,
+                 maps: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if sum(x is not None for x in (coupling, index, labels, maps)) != 1 or (labels is not None) != (width is not None):
+            raise ValueError("a Plan takes one of a coupling, a hard index, labels with their width, or linear maps")
         self._dense = coupling  # (n, m) float64, sums to 1
+        # a linear plan (--align cca): (T, T⁻¹), T (m, n) maps the parent's units onto the anchor's, h_a ≈ T h_p;
+        # what a unit produces is mixed by T, what reads it by T⁻¹ (exact for a permutation or positive scaling)
+        self.maps = None if maps is None else (maps[0].double(), maps[1].double())
         self._index = None if index is None else index.long()  # src[v] = parent unit moved to anchor unit v
         # many-to-one (compress): dst[u] = the anchor unit parent unit u goes to, -1 = dropped; every unit that
         # goes somewhere carries the same mass
@@ -36,7 +40,7 @@ class Plan:
         self.width = width
         self.inner = inner if inner is not None else {}  # channel -> (n, m, d) parent index per anchor dim
         self.stats = stats if stats is not None else {}
-        self._checked = index is not None  # a dense coupling is checked for a hard pattern on first ask
+        self._checked = index is not None or maps is not None  # a dense coupling: checked for a hard pattern on first ask
         self._identity: bool | None = None
 
     @classmethod
@@ -47,6 +51,8 @@ class Plan:
     def shape(self) -> tuple[int, int]:
         if self.labels is not None:
             return len(self.labels), self.width
+        if self.maps is not None:
+            return self.maps[0].shape[1], self.maps[0].shape[0]
         return (len(self._index),) * 2 if self._dense is None else tuple(self._dense.shape)
 
     @property
@@ -59,6 +65,8 @@ class Plan:
     def coupling(self) -> torch.Tensor:
         if self._dense is not None:
             return self._dense
+        if self.maps is not None:
+            raise ValueError("a linear plan has maps, not a coupling")
         if self.labels is not None:
             moved = (self.labels >= 0).nonzero().squeeze(1)
             dense = torch.zeros(self.shape, dtype=torch.float64)
@@ -100,6 +108,9 @@ class Plan:
         return all(bool((m[units, units] == torch.arange(m.shape[-1])).all()) for m in self.inner.values())
 
     def weights(self, role: str) -> torch.Tensor:
+        """(n, m): anchor unit v's slice = sum over parent units u of weights[u, v] x the parent's slice u."""
+        if self.maps is not None:
+            return self.maps[0].T if role == "out" else self.maps[1]
         c = self.coupling
         if role == "out":  # anchor unit = barycentre of the parent units sent to it
             return c / c.sum(0, keepdim=True).clamp_min(1e-300)
@@ -110,6 +121,10 @@ class Plan:
             return False
         if not all(torch.equal(self.inner[k], other.inner[k]) for k in self.inner if k in other.inner):
             return False
+        if (self.maps is None) != (other.maps is None):
+            return False
+        if self.maps is not None:  # maps move by round-off between solves of the same statistics
+            return bool((self.maps[0] - other.maps[0]).abs().max() <= SAME_PLAN_TOL * self.maps[0].abs().max())
         mine, theirs = self.hard_index(), other.hard_index()
         if mine is not None and theirs is not None:
             return torch.equal(mine, theirs)

@@ -53,6 +53,9 @@ class Space:
     fixed_inner: tuple[str, ...] = ()  # channels whose within-unit order must stay (RoPE q/k dims)
     compressible: bool = True
     note: str = ""
+    # its units may be mixed by a general invertible linear map (--align cca): produced by one module and read by
+    # others, with no norm, softmax or gate acting on them unit by unit
+    linear: bool = False
 
     @property
     def channels(self) -> list[str]:

@@ -162,7 +162,8 @@ def sequential_spec(shapes: dict) -> Spec:
         entries = [Entry(t, 0, "out") for t in produced if t in shapes]
         entries.append(Entry(f"{nxt['prefix']}.weight", 1, "in", rep=layer["rep"]))
         kind = "channel" if layer["kind"] == "conv" else "hidden"
-        spaces.append(Space(p, kind, layer["out"], entries))
+        # a BatchNorm/LayerNorm normalises each unit on its own: a linear map across units does not pass it
+        spaces.append(Space(p, kind, layer["out"], entries, linear=not layer["norms"]))
     return Spec(_family(layers), spaces, fixed_note="input features/channels and class outputs")
 
 

@@ -441,5 +441,8 @@ def build(family: Family, config: dict, shapes: dict) -> Spec:
             spaces[sname].entries.append(entry)
     for space in spaces.values():
         space.entries.sort(key=lambda e: (e.tensor, e.axis, e.start))
+        # an FFN's units fed by one module (not a gate and an up projection multiplied unit by unit)
+        producers = {e.tensor.rsplit(".", 1)[0] for e in space.entries if e.role == "out"}
+        space.linear = space.kind == "ffn" and len(producers) == 1
     ordered = [spaces[n] for n in sorted(spaces, key=lambda n: order[n])]
     return Spec(family.name, ordered, fixed_note="vocabulary, positions and labels")
