@@ -30,6 +30,7 @@ PAIRS = {
     "bert": ("sentiment/bert_a", "sentiment/bert_b", "sentiment/calib.jsonl", "sentiment/test.jsonl"),
 }
 ALPHAS = (0.5, 0.8, 0.9, 0.95, 1.0)
+RIDGES = (0.01, 0.1, 0.3, 1.0)  # --align cca's covariance ridge, chosen on validation
 
 
 def split(held_out: Path, tmp: Path) -> tuple[str, str]:
@@ -94,6 +95,13 @@ def run_pair(name: str, tmp: Path) -> dict:
         path = make(f"acts_{v}", options=otf.AlignOptions(align="activations"), data=opts)
         val_nll[v] = score({"m": path}, val)["m"]["nll"]
     chosen["activations"] = min(val_nll, key=val_nll.get)
+    # linear maps (--align cca) on the family's default activations; the ridge on validation
+    val_ridge = {}
+    for ridge in RIDGES:
+        path = make(f"cca_r{ridge}", options=otf.AlignOptions(align="cca", ridge=ridge), data=data)
+        val_ridge[ridge] = score({"m": path}, val)["m"]["nll"]
+    chosen["cca_ridge"] = min(val_ridge, key=val_ridge.get)
+    cca = otf.AlignOptions(align="cca", ridge=chosen["cca_ridge"])
 
     rows = {
         "vanilla average": make("average", options=none),
@@ -103,12 +111,18 @@ def run_pair(name: str, tmp: Path) -> dict:
         f"OT (activations, {chosen['activations']})": out[f"acts_{chosen['activations']}"],
         f"OT + RegMean (alpha {chosen['ot_regmean']})": out[f"ot_regmean_a{chosen['ot_regmean']}"],
         "OT + Fisher": make("ot_fisher", options=weights, data=data, merge=MergeOptions(merge="fisher")),
+        f"CCA (ridge {chosen['cca_ridge']})": out[f"cca_r{chosen['cca_ridge']}"],
+        # RegMean's alpha as chosen for OT + RegMean
+        f"CCA + RegMean (alpha {chosen['ot_regmean']})": make(
+            "cca_regmean", options=cca, data=data,
+            merge=MergeOptions(merge="regmean", regmean_alpha=chosen["ot_regmean"])),
     }
     if name != "bert":
         rows["OT + REPAIR" if name == "mlp" else "OT + BN reset"] = make("ot_repair", options=weights, data=data,
                                                                        repair=True)
     scored = score({"parent A": a, "parent B": b, **rows}, test, ensemble=True)
     return {"pair": name, "chosen_on_validation": chosen, "validation_nll_activations": val_nll,
+            "validation_nll_cca_ridge": val_ridge,
             "rows": {k: {m: v[m] for m in ("accuracy", "nll", "ece")} for k, v in scored.items()},
             "cpu_seconds": seconds}
 

@@ -23,7 +23,7 @@ MAX_SKETCH = 1 << 16
 # AlignOptions fields that shape the transport plans: none is read with --align none.
 PLAN_FIELDS = ("solver", "reg", "metric", "marginals", "cost_norm", "refine", "max_iter", "sketch", "rounds",
                "ridge")
-DEFAULT_RIDGE = 0.1  # --align cca: chosen on validation (alignment/linear.py)
+DEFAULT_RIDGE = 0.3  # --align cca: chosen on validation (benchmarks/merge_rules.py; alignment/linear.py)
 DEFAULT_ROUNDS = 5  # AlignOptions.rounds_for: with three or more parents
 DTYPES = ("keep", "float32", "float16", "bfloat16")
 ACTIVATIONS = ("relu", "gelu", "tanh")
@@ -107,7 +107,8 @@ class AlignOptions(Options):
     rounds: int | None = option(None, "--rounds", "Barycentric rounds after the anchor's alignment: every model, the "
                                 "anchor too, is aligned to the mean of the others and the result re-merged, until no "
                                 "plan changes or N rounds (0: every model aligned to the anchor). Default: 5 with three "
-                                "or more models, 0 with two (measured on validation).", minimum=0, maximum=100,
+                                "or more models, 0 with two (measured on validation); 0 with --align cca (not "
+                                "measured).", minimum=0, maximum=100,
                                 metavar="N")
     ridge: float = option(DEFAULT_RIDGE, "--ridge", "--align cca: ridge added to each model's activation covariance, "
                           "relative to its mean variance.", minimum=0.0)
@@ -149,7 +150,8 @@ class AlignOptions(Options):
         activations: +1.2 to +8.4 points); with two they changed nothing there, at the cost of more alignments."""
         if self.rounds is not None:
             return self.rounds
-        return DEFAULT_ROUNDS if models >= 3 and self.align != "none" else 0
+        # linear maps (cca) were not measured with rounds: none unless asked for
+        return DEFAULT_ROUNDS if models >= 3 and self.align in ("weights", "activations") else 0
 
     @property
     def sweeps(self) -> int:

@@ -214,10 +214,13 @@ def check_linear_spaces(parents: Parents) -> None:
                                   f"in one model and {anchor_spec.spaces[k].size} in the anchor; a linear map between "
                                   "widths has no inverse (use --align activations)")
     if len(linear) < len(anchor_spec.spaces):
-        others = sorted({s.kind for s in anchor_spec.spaces if not s.linear})
+        why = {"residual": "norms act on each unit", "heads": "softmax attention", "ffn": "a gate multiplies units",
+               "channel": "a norm acts on each unit", "hidden": "a norm acts on each unit"}
+        others = sorted({f"{s.kind}: {why.get(s.kind, 'not declared to take one')}" for s in anchor_spec.spaces
+                         if not s.linear})
         note_line(f"--align cca: linear maps for {len(linear)} of {len(anchor_spec.spaces)} spaces; the other "
-                  f"{len(anchor_spec.spaces) - len(linear)} ({', '.join(others)}: a norm, softmax heads or a gate "
-                  "acts on each unit) are permuted by the same activations")
+                  f"{len(anchor_spec.spaces) - len(linear)} ({'; '.join(others)}) are permuted by the same "
+                  "activations")
 
 
 def space_estimates(parents: Parents, options: AlignOptions) -> dict[str, float] | None:

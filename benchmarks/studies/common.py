@@ -352,12 +352,13 @@ BARYCENTRIC_ROUNDS = 5
 
 def fusion_routes(parents: list[Path], out: Path, align_data: str, stats: list[str] | None,
                   barycentric: int = 0, fits: dict | None = None, only: dict | None = None,
-                  only_routes: tuple = ()) -> dict[str, Path]:
+                  only_routes: tuple = (), linear: bool = False, names: tuple | None = None) -> dict[str, Path]:
     """Every fusion route of the studies' tables, each written to out/<route>. `stats`: each party's own
     data file for RegMean (its Grams are computed on that party's data only). barycentric: also every aligned
     route with `--rounds barycentric` (each parent aligned in turn to the mean of the others). fits: filled
     with each aligned route's collapse-guard figures (fuse's "fit"). only {part: glob patterns} with
-    only_routes: instead, the routes named there fused with `--only` for each part ("<route>, <part>")."""
+    only_routes: instead, the routes named there fused with `--only` for each part ("<route>, <part>"). linear:
+    also the linear-map routes (--align cca, alone and with RegMean). names: only the routes named there."""
     rounds = otf.AlignOptions(rounds=barycentric)
     # the plain OT routes align every parent to the anchor (--rounds 0): barycentric rounds are their own rows
     routes = {
@@ -380,6 +381,14 @@ def fusion_routes(parents: list[Path], out: Path, align_data: str, stats: list[s
         routes["OT + RegMean"] = dict(options=otf.AlignOptions(rounds=0), merge=regmean, stats=files)
         if barycentric:
             routes["OT barycentric + RegMean"] = dict(options=rounds, merge=regmean, stats=files)
+    if linear:
+        cca = otf.AlignOptions(align="cca", rounds=0)
+        routes["CCA activations"] = dict(options=cca, data=otf.DataOptions(data=align_data))
+        if stats is not None:
+            routes["CCA + RegMean"] = dict(options=cca, data=otf.DataOptions(data=align_data), merge=regmean,
+                                           stats=files)
+    if names is not None:
+        routes = {name: kw for name, kw in routes.items() if name in names}
     if only:  # the ablation rows: each route's fusion of the tensors `only` picks, the rest the anchor's
         routes = {f"{name}, {part}": {**kw, "only": list(patterns)} for name, kw in routes.items()
                   if name in only_routes for part, patterns in only.items()}

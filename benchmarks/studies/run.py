@@ -41,12 +41,25 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", type=Path, default=None, metavar="DIR",
                     help="work in DIR/<study> and keep it: every seed's checkpoints and splits, so new domains can "
                          "be scored without retraining (default: a temporary folder, removed)")
+    ap.add_argument("--add-routes", nargs="+", default=None, metavar="ROUTE",
+                    help="fuse and score these routes on the checkpoints a --keep run kept, and add their rows to "
+                         "its JSON (no retraining; the study must offer add_routes)")
     args = ap.parse_args(argv)
     seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
     name = args.study + ("_smoke" if args.smoke else "")
     args.results.mkdir(parents=True, exist_ok=True)
-    if args.report_only:
+    if args.report_only or args.add_routes:
         result = json.loads((args.results / f"{name}.json").read_text())
+    if args.add_routes:
+        module = __import__(STUDIES[args.study])
+        if not hasattr(module, "add_routes") or "kept" not in result:
+            sys.exit(f"run.py: --add-routes needs a study with add_routes and a result made with --keep")
+        start = time.perf_counter()
+        module.add_routes(result, args.add_routes)
+        result["seconds"] = round(result["seconds"] + time.perf_counter() - start, 1)
+        (args.results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    elif args.report_only:
+        pass
     elif args.merge:
         result = merged([json.loads(p.read_text()) for p in args.merge])
         (args.results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")

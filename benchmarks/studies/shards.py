@@ -28,6 +28,7 @@ SMOKE = TextScale(hidden=32, layers=1, heads=2, ffn=64, vocab=800, max_length=32
 LABELS = ["negative", "positive"]
 SHARDS = (2, 4, 8)
 SMOKE_SHARDS = (2, 4)  # the suite's smoke run: every route, not every k
+LINEAR_ROWS = ("CCA activations", "CCA + RegMean")  # --align cca (fusion_routes' linear routes)
 
 
 def load(scale: TextScale) -> dict:
@@ -90,7 +91,7 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
             start = time.perf_counter()
             fits = {}
             routes = fusion_routes(list(models.values()), folder, files["val"], shard_files,
-                                   barycentric=2 if smoke else BARYCENTRIC_ROUNDS, fits=fits)
+                                   barycentric=2 if smoke else BARYCENTRIC_ROUNDS, fits=fits, linear=True)
             guard[col] = fits
             cost[f"{col}: fusion (all routes)"] = time.perf_counter() - start
             if k == 2:  # study 4's support masses, on the two-shard pair
@@ -118,7 +119,7 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         timing.append(cost)
     rows = ["whole data", "shards (mean)", "best shard", "shard 1", "shard 2", "ensemble",
             "vanilla average", "OT weights (exact)", "OT weights, barycentric", "OT weights (sinkhorn)",
-            "OT activations", "OT activations, barycentric", "OT weights, l1 masses", "OT weights, l2 masses",
+            "OT activations", "OT activations, barycentric", *LINEAR_ROWS, "OT weights, l1 masses", "OT weights, l2 masses",
             "OT activations (raw)", "OT activations, activation masses", "RegMean", "OT + RegMean",
             "OT barycentric + RegMean", "vanilla average + fine-tune", "OT weights (exact) + fine-tune",
             "OT + RegMean + fine-tune", "shard 1 + fine-tune"]
@@ -129,3 +130,27 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
             "scale": scale.__dict__, "whole_steps": whole_steps,
             "sizes": {k: len(data[k]) for k in ("train", "val", "test")},
             "dropped_near_duplicates": data["dropped_near_duplicates"]}
+
+
+def add_routes(result: dict, names: list[str]) -> None:
+    """Fuse and score `names` (fusion_routes' route names) on every seed and k of a run kept with --keep, into
+    its runs, rows and fit figures: a route added later is scored on the same shards, splits and test set."""
+    kept = Path(result["kept"])
+    for record, guard, seed in zip(result["runs"], result["fit"], result["seeds"]):
+        for col in result["columns"]:
+            k = int(col.split("=")[1])
+            folder = kept / f"seed{seed}" / f"k{k}"
+            parents = [folder / f"shard{i + 1}" for i in range(k)]
+            fits = {}
+            paths = fusion_routes(parents, folder, str(kept / "val.jsonl"),
+                                  [str(folder / f"shard{i + 1}.jsonl") for i in range(k)],
+                                  fits=fits, linear=True, names=tuple(names))
+            if set(paths) != set(names):
+                raise SystemExit(f"add_routes: unknown route(s) {sorted(set(names) - set(paths))}")
+            record.update({f"{name}|{col}": acc for name, acc in score(paths, str(kept / "test.jsonl")).items()})
+            guard.setdefault(col, {}).update(fits)
+    rows = result["rows"]
+    for name in names:
+        if name not in rows:  # beside the other one-shot routes, before the support masses
+            rows.insert(rows.index("OT weights, l1 masses") if "OT weights, l1 masses" in rows else len(rows), name)
+

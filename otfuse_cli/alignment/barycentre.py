@@ -31,8 +31,10 @@ def same_plans(new: dict[str, Plan], old: dict[str, Plan]) -> bool:
 
 
 def fit_cost(plans: dict[str, Plan]) -> float:
-    """A parent's summed per-space matching cost to what it was aligned to (the quantity a round lowers)."""
-    return sum(p.stats.get("cost_after", 0.0) for p in plans.values())
+    """A parent's summed per-space matching cost to what it was aligned to (the quantity a round lowers); a
+    linear map's (--align cca) is 1 - its mean canonical correlation."""
+    return sum(p.stats.get("cost_after", 1.0 - p.stats["correlation"] if "correlation" in p.stats else 0.0)
+               for p in plans.values())
 
 
 def barycentric_plans(parents, plans: list[dict[str, Plan]], weights: list[float], rounds: int,
