@@ -352,13 +352,15 @@ BARYCENTRIC_ROUNDS = 5
 
 def fusion_routes(parents: list[Path], out: Path, align_data: str, stats: list[str] | None,
                   barycentric: int = 0, fits: dict | None = None, only: dict | None = None,
-                  only_routes: tuple = (), linear: bool = False, names: tuple | None = None) -> dict[str, Path]:
+                  only_routes: tuple = (), linear: bool = False, names: tuple | None = None,
+                  force: bool = False) -> dict[str, Path]:
     """Every fusion route of the studies' tables, each written to out/<route>. `stats`: each party's own
     data file for RegMean (its Grams are computed on that party's data only). barycentric: also every aligned
     route with `--rounds barycentric` (each parent aligned in turn to the mean of the others). fits: filled
     with each aligned route's collapse-guard figures (fuse's "fit"). only {part: glob patterns} with
     only_routes: instead, the routes named there fused with `--only` for each part ("<route>, <part>"). linear:
-    also the linear-map routes (--align cca, alone and with RegMean). names: only the routes named there."""
+    also the linear-map routes (--align cca, alone and with RegMean). names: only the routes named there. force:
+    overwrite routes fused before (a kept run's routes, scored again)."""
     rounds = otf.AlignOptions(rounds=barycentric)
     # the plain OT routes align every parent to the anchor (--rounds 0): barycentric rounds are their own rows
     routes = {
@@ -395,7 +397,7 @@ def fusion_routes(parents: list[Path], out: Path, align_data: str, stats: list[s
     paths = {}
     for name, kw in routes.items():
         path = out / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-        result = otf.fuse([str(p) for p in parents], str(path), **kw)
+        result = otf.fuse([str(p) for p in parents], str(path), write=otf.OutputOptions(force=force), **kw)
         if fits is not None and "fit" in result:
             fits[name] = result["fit"]
         paths[name] = path

@@ -144,7 +144,7 @@ def add_routes(result: dict, names: list[str]) -> None:
             fits = {}
             paths = fusion_routes(parents, folder, str(kept / "val.jsonl"),
                                   [str(folder / f"shard{i + 1}.jsonl") for i in range(k)],
-                                  fits=fits, linear=True, names=tuple(names))
+                                  fits=fits, linear=True, names=tuple(names), force=True)
             if set(paths) != set(names):
                 raise SystemExit(f"add_routes: unknown route(s) {sorted(set(names) - set(paths))}")
             record.update({f"{name}|{col}": acc for name, acc in score(paths, str(kept / "test.jsonl")).items()})
