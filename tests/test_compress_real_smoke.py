@@ -1,0 +1,57 @@
+"""benchmarks/compress_real.py's smoke mode (a tiny random Llama): every route runs and is scored, and the
+baselines' pruning is checked against the model's own forward: keeping every unit (in any order of the
+indices given) leaves the logits exactly as they were, and dropping units whose down_proj column is zero
+changes nothing either."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import math
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+DATA = ROOT.parent / "shared" / "data"
+
+pytestmark = pytest.mark.skipif(not (DATA / "libreoffice-help").is_dir(), reason=f"no data at {DATA}")
+
+
+def test_smoke_scores_every_route(tmp_path):
+    import compress_real
+
+    result = compress_real.main(["--smoke", "--ratios", "0.5", "--seeds", "1", "--work", str(tmp_path),
+                                 "--json", str(tmp_path / "r.json")])
+    expected = {"original", "magnitude", "minitron", "wanda", "random (seed 0)", "otfuse ot", "otfuse ot acts"}
+    assert set(result["rows"]) == expected
+    for label, by_col in result["rows"].items():
+        for ppl in by_col.values():
+            assert math.isfinite(ppl["val"]) and math.isfinite(ppl["test"]) and ppl["val"] > 1, label
+    assert result["best_otfuse_on_validation"]["0.5"] in ("otfuse ot", "otfuse ot acts")
+
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "original"
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    full = model.config.intermediate_size
+    compress_real.pruned(source, [torch.arange(full) for _ in model.model.layers], tmp_path / "all")
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "all").eval()(input_ids=ids).logits, ref)
+    # units that write nothing (a zero down_proj column) can go without changing the function
+    dead = torch.arange(0, full, 3)
+    for layer in model.model.layers:
+        layer.mlp.down_proj.weight.data[:, dead] = 0.0
+    model.save_pretrained(tmp_path / "dead")
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    alive = torch.tensor([u for u in range(full) if u % 3])
+    compress_real.pruned(tmp_path / "dead", [alive for _ in model.model.layers], tmp_path / "pruned")
+    cut = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert cut.config.intermediate_size == len(alive)
+    with torch.no_grad():
+        torch.testing.assert_close(cut(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
