@@ -27,7 +27,7 @@ import time
 import zlib
 from pathlib import Path
 
-from common import check_no_leak, fusion_routes, near_duplicate_key, save_model
+from common import check_no_leak, drop_similar, fusion_routes, near_duplicate_key, save_model
 from translation import MTScale, fit_mt, train_tokenizer, write_pairs
 
 import otfuse_cli as otf
@@ -82,9 +82,17 @@ def load(data_dir: Path, scale: MTScale, smoke: bool, max_words: int | None = MA
                 continue
             out[f"{domain} {split}"].append((r["en"], r["fi"]))
     for d in DOMAINS:  # the file is in a fixed pseudo-random order (by id): prefixes are fixed subsamples
-        out[f"{d} train"] = words(out[f"{d} train"], max_words)[:scale.limit]
+        # a margin over the limit for the second drop below (near-duplicates by 5-gram Jaccard, every pair)
+        out[f"{d} train"] = words(out[f"{d} train"], max_words)[:scale.limit + 2000 if scale.limit else None]
         out[f"{d} val"] = words(out[f"{d} val"][:val_size], max_words)
         out[f"{d} test"] = words(out[f"{d} test"], max_words)[:size]
+    tests = [en for d in DOMAINS for en, _ in out[f"{d} test"]] + [en for en, _ in office_test]
+    keys = [f"{d} {split}" for d in DOMAINS for split in ("train", "val")]
+    kept, similar = drop_similar(tests, *(out[k] for k in keys))
+    out.update(zip(keys, kept))
+    dropped += similar
+    for d in DOMAINS:
+        out[f"{d} train"] = out[f"{d} train"][:scale.limit]
     train_en = [en for d in DOMAINS for en, _ in out[f"{d} train"] + out[f"{d} val"]]
     for d in DOMAINS:
         check_no_leak([en for en, _ in out[f"{d} test"]], train_en)
