@@ -593,8 +593,10 @@ def compress(
                                                    "groups) or space name (0.ffn); repeatable."),
     method: CompressMethod = typer.Option("ot", "--method", help="ot (merge clusters of neurons), magnitude or "
                                                                  "random (prune)."),
-    repair: bool = typer.Option(False, "--repair", help="Re-estimate BatchNorm statistics on --data after "
-                                                        "compression (bare CNN/ResNet state dicts)."),
+    repair: bool = typer.Option(False, "--repair", help="After compression, on --data: re-estimate BatchNorm "
+                                                        "statistics, or without BatchNorm (MLP/CNN) REPAIR each "
+                                                        "unit's mean and std to its members' average (bare state "
+                                                        "dicts)."),
     json_out: bool = JSON_OPTION,
     options: AlignOptions = None, data: DataOptions = None, write: OutputOptions = None,
 ) -> None:

@@ -304,13 +304,14 @@ def space_plan(index: int, space: Space, k: int, method: str, src: TensorSource,
 
 
 def check_repairable(ckpt) -> None:
-    """compress --repair re-estimates BatchNorm statistics of bare nets (rebuilt from their state dict's shapes);
-    an HF model would be rebuilt from its original, wider config, and a net without BatchNorm has nothing to fix."""
+    """compress --repair re-estimates BatchNorm statistics of bare nets, or applies REPAIR to a BatchNorm-free MLP
+    or CNN (both rebuilt from their state dict's shapes); an HF model would be rebuilt from its original, wider
+    config."""
     if ckpt.config is not None:
-        raise OtfuseError("compress --repair re-estimates BatchNorm statistics of bare MLP/CNN/ResNet state dicts; "
-                          f"{ckpt.path} is a Hugging Face model")
-    if not any(name.endswith("running_mean") for name in ckpt.keys()):
-        raise OtfuseError(f"compress --repair re-estimates BatchNorm statistics; {ckpt.path} has no BatchNorm layers")
+        raise OtfuseError("compress --repair applies to bare MLP/CNN/ResNet state dicts (BatchNorm statistics, or "
+                          f"REPAIR without BatchNorm); {ckpt.path} is a Hugging Face model")
+    if not any(name.endswith("running_mean") for name in ckpt.keys()) and build_spec(ckpt).family not in ("mlp", "cnn"):
+        raise OtfuseError(f"compress --repair: {ckpt.path} has no BatchNorm layers and is not an MLP or CNN chain")
 
 
 # ---------------------------------------------------------------- the command
@@ -387,9 +388,9 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
     tensors = report.counted(compressed_tensors(ckpt, Transporter(target, spec), plans, write, count), on_space,
                              "writing", len(ckpt.keys()))
     if repair:  # the whole compressed model in memory, to run it
-        from otfuse_cli.merging.repair import repair_batchnorm
+        from otfuse_cli.merging.repair import repair_compressed
 
-        tensors = repair_batchnorm(dict(tensors), ckpt, data)
+        tensors = repair_compressed(dict(tensors), ckpt, spec, target, plans, data)
     out = write_checkpoint(output, tensors,
                            layout=layout, source=ckpt,
                            config_overrides={**dtype_overrides(ckpt, write),

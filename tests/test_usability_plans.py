@@ -172,8 +172,9 @@ def test_compress_repair_re_estimates_batchnorm_and_helps(tmp_path):
     acc = {r["model"]: r["accuracy"] for r in doc["rows"]}
     assert acc["fixed"] > acc["plain"] + 0.02, acc
     assert _provenance(fixed)["options"]["repair"] == str(CALIB)
-    for args, frag in (((), "--data"), (("--data", CALIB), "BatchNorm")):
-        bad = cli("compress", A if args else CNN, "-o", tmp_path / "x.safetensors", "--ratio", "0.5", "--repair", *args)
+    bert = FIX / "sentiment" / "bert_a"
+    for args, frag in (((), "--data"), (("--data", CALIB), "Hugging Face")):
+        bad = cli("compress", bert if args else CNN, "-o", tmp_path / "x", "--ratio", "0.5", "--repair", *args)
         assert bad.exit_code == 2, bad.output
         assert_one_line_error(bad.stderr, frag)
 

@@ -153,3 +153,23 @@ def repair_fused(state_dict: dict, parents, plans: list, weights: list[float], d
             acc = targets.setdefault(layer, [0, 0])
             acc[0], acc[1] = acc[0] + weights[k] * mean, acc[1] + weights[k] * std
     return repair_units(state_dict, like, {layer: tuple(v) for layer, v in targets.items()}, data)
+
+
+def repair_compressed(state_dict: dict, original, spec, target_spec, plans: dict, data: DataOptions) -> dict:
+    """`compress --repair`: a BatchNorm net gets its statistics re-estimated; a BatchNorm-free MLP or CNN gets
+    REPAIR, every unit's mean and std set to the average of its original members' (a merged unit's
+    pre-activation, the mean of theirs, has less spread than each: REPAIR undoes that collapse). A pruned unit's
+    members are itself; a unit of an uncompressed layer gets its own original statistics back."""
+    from otfuse_cli.alignment.transport import Transporter
+    from otfuse_cli.runnable import load_runnable, runnable_from_state_dict
+
+    compressed = runnable_from_state_dict(state_dict, original, activation=data.activation)
+    if batchnorm_modules(compressed.module):
+        return repair_batchnorm(state_dict, original, data)
+    layers = repaired_layers(spec)
+    measured = unit_statistics(load_runnable(original, activation=data.activation), layers, data)
+    mover = Transporter(target_spec, spec)
+    targets = {layer: tuple(mover.move_like(f"{layer}.weight", 0, v, plans) for v in measured[layer])
+               for layer in layers}
+    return repair_units(state_dict, original, targets, data)
+
