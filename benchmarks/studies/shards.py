@@ -154,3 +154,42 @@ def add_routes(result: dict, names: list[str]) -> None:
         if name not in rows:  # beside the other one-shot routes, before the support masses
             rows.insert(rows.index("OT weights, l1 masses") if "OT weights, l1 masses" in rows else len(rows), name)
 
+
+
+# the lines of the plot: references, then one-shot fusion routes, then the fine-tuned one
+PLOT_ROWS = ("whole data", "ensemble", "shards (mean)", "best shard", "vanilla average", "OT weights (exact)",
+             "OT weights, barycentric", "OT activations", "CCA activations", "OT + RegMean",
+             "OT barycentric + RegMean", "OT weights (exact) + fine-tune")
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Test accuracy against the number of shards k, one line per route (mean over seeds, 95% CI bars)."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from common import mean_ci
+
+    columns, runs = result["columns"], result["runs"]
+    ks = [int(c.split("=")[1]) for c in columns]
+    fig = Figure(figsize=(7.5, 4.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, row in enumerate(r for r in PLOT_ROWS if r in result["rows"]):
+        stats = [mean_ci([run[f"{row}|{c}"] * 100 for run in runs if f"{row}|{c}" in run] or [float("nan")])
+                 for c in columns]
+        style = "--" if row in ("whole data", "ensemble", "shards (mean)", "best shard") else "-"
+        ax.errorbar(ks, [m for m, _ in stats], yerr=[0 if h != h else h for _, h in stats], capsize=2,
+                    linestyle=style, marker="o", markersize=3, label=row, color=colormaps["tab20"](i))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks)
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xlabel("shards k")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(45, 80)
+    ax.set_title(f"shards: accuracy against k, mean ± 95% CI over {len(result['seeds'])} seed(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", ncol=2, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    return path
