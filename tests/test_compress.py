@@ -134,6 +134,10 @@ def test_duplicated_llama_ffn_and_kv_groups_merge_exactly(tmp_path, what, name, 
     compress(str(wide), str(tmp_path / "c"), widths={what: size})
     out = cls.from_pretrained(tmp_path / "c").eval()
     assert rel_err(ref, logits(out, x)) < 1e-5
+    ids = x["input_ids"][:1]  # and it generates what the original generates (greedy)
+    with torch.no_grad():
+        assert torch.equal(out.generate(ids, max_new_tokens=4, do_sample=False),
+                           model.generate(ids, max_new_tokens=4, do_sample=False))
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
     if what == "ffn":
         assert cfg["intermediate_size"] == model.config.intermediate_size
