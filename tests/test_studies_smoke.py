@@ -278,3 +278,19 @@ def test_keep_leaves_every_checkpoint_to_score_new_domains(tmp_path):
     assert json.loads((tmp_path / "languages_smoke.json").read_text())["kept"] == str(keep / "languages_smoke")
     with pytest.raises(SystemExit, match="not empty"):
         run.main(["languages", "--smoke", "--results", str(tmp_path), "--data-dir", str(DATA), "--keep", str(keep)])
+
+
+def test_study_tokenizers_number_tokens_alike_in_every_process():
+    """The WordPiece trainer numbers tokens of equal count in a hash map's order, which differs between processes;
+    the studies renumber them, so two processes (two seeds run apart) get the same ids for the same texts."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, %r); from common import train_tokenizer; "
+            "texts = ['the cat sat on the mat', 'a dog sat on a log', 'cats and dogs and logs'] * 5 + "
+            "['zebra yak quail', 'vole wren newt']; tok = train_tokenizer(texts, 60, 16); "
+            "print(sorted(tok.get_vocab().items())); print(tok('the zebra sat on a newt')['input_ids'])"
+            % str(ROOT / "benchmarks" / "studies"))
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+            for _ in range(3)]
+    assert runs[0] and runs[0] == runs[1] == runs[2]

@@ -290,6 +290,13 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_length: int):
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                                              min_frequency=2, show_progress=False))
+    # The trainer learns the same vocabulary in every process but numbers tokens of equal count in a hash
+    # map's order, which differs from process to process: the same seed then initialises other embeddings,
+    # and two runs of a study differ (seen as two learning-rate choices from one validation set). Numbered
+    # here instead: the specials, then the tokens in sorted order (tokenising reads the set, not the ids).
+    vocab = tok.get_vocab()
+    order = [*SPECIALS, *sorted(t for t in vocab if t not in SPECIALS)]
+    tok.model = models.WordPiece({t: i for i, t in enumerate(order)}, unk_token="[UNK]")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls),
                                                                                                ("[SEP]", sep)])
