@@ -107,7 +107,8 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         timing.append(cost)
     rows = ["EN party", "FI party", "ensemble", "vanilla average", "OT weights (exact)", "OT weights (sinkhorn)",
             "OT activations",
-            "OT weights, l1 masses", "OT weights, l2 masses", "OT activations, activation masses", "RegMean",
+            "OT weights, l1 masses", "OT weights, l2 masses", "OT activations (raw)", "OT activations, activation masses",
+            "RegMean",
             "OT + RegMean",
             "joint (both parties' data)"]
     return {"study": "languages", "runs": runs, "rows": rows, "columns": ["EN test", "FI test", "mean"],

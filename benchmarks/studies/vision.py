@@ -163,8 +163,8 @@ def run(data_dir: Path, out: Path, seeds: list[int], smoke: bool = False) -> dic
         timing.append(cost)
     rows = ["parent A", "parent B", "ensemble", "vanilla average", "OT weights (exact)", "OT weights (sinkhorn)",
             "OT activations",
-            "OT weights, l1 masses", "OT weights, l2 masses", "OT activations, activation masses",
-            "vanilla average + fine-tune", "OT weights (exact) + fine-tune", "parent A + fine-tune", "wide parent",
+            "OT weights, l1 masses", "OT weights, l2 masses", "OT activations (raw)",
+            "OT activations, activation masses", "vanilla average + fine-tune", "OT weights (exact) + fine-tune", "parent A + fine-tune", "wide parent",
             "wide → narrow OT", "wide → narrow OT + fine-tune", "narrow from scratch (fine-tune steps)"]
     return {"study": "vision", "runs": runs, "rows": rows, "columns": ["test"], "timing": timing,
             "mass_changes": mass_changes, "lr": lr,
