@@ -163,11 +163,24 @@ def otfuse_compress(source: Path, target: Path, width: int, extra: list[str]) ->
 
 
 def tiny_llama(folder: Path, texts: list[str]) -> Path:
-    """--smoke: a random two-layer Llama with a tokenizer learnt on the texts (study 9's smoke base)."""
-    sys.path.insert(0, str(HERE / "studies"))
-    from llm_domains import tiny_base
+    """--smoke: a random two-layer Llama (GQA, tied embeddings, as SmolLM2) with a word-level tokenizer learnt
+    on the texts. (Built here: the studies' helpers switch transformers' progress bars off for the process.)"""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    return tiny_base(folder, texts, None)  # its scale is not read
+    specials = ["[PAD]", "[UNK]", "[EOS]"]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=600, special_tokens=specials))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]",
+                                   model_max_length=256)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> dict:

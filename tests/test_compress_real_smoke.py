@@ -5,22 +5,30 @@ changes nothing either."""
 
 from __future__ import annotations
 
-import sys
+import importlib.util
+import math
 from pathlib import Path
 
-import math
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 DATA = ROOT.parent / "shared" / "data"
 
 pytestmark = pytest.mark.skipif(not (DATA / "libreoffice-help").is_dir(), reason=f"no data at {DATA}")
 
 
+def load_benchmark():
+    """benchmarks/compress_real.py as a module, without putting benchmarks/ on sys.path (its run.py would shadow
+    the studies' run module in later tests)."""
+    spec = importlib.util.spec_from_file_location("compress_real", ROOT / "benchmarks" / "compress_real.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_smoke_scores_every_route(tmp_path):
-    import compress_real
+    compress_real = load_benchmark()
 
     result = compress_real.main(["--smoke", "--ratios", "0.5", "--seeds", "1", "--work", str(tmp_path),
                                  "--json", str(tmp_path / "r.json")])
