@@ -5,6 +5,7 @@ it is this pipeline with nothing after it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -76,24 +77,17 @@ def _weight_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOption
 
 
 def _activation_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None, sketch=None,
-                         l1=True):
+                         l1=True, covariance=False):
     from otfuse_cli.alignment.activations import ActivationFeatures  # needs runnable models and data
 
-    return ActivationFeatures(anchor_spec, spec, anchor_src, parent_src, data, on_batch=on_batch, l1=l1)
+    return ActivationFeatures(anchor_spec, spec, anchor_src, parent_src, data, on_batch=on_batch, l1=l1,
+                              covariance=covariance)
 
 
 # --align choice -> provider(anchor spec, parent spec, anchor tensors, parent tensors, data options);
-# "none" needs no features (compute_plans returns no plans)
-def _covariance_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None, sketch=None,
-                         l1=True):
-    from otfuse_cli.alignment.activations import ActivationFeatures
-
-    return ActivationFeatures(anchor_spec, spec, anchor_src, parent_src, data, on_batch=on_batch, l1=l1,
-                              covariance=True)
-
-
+# "none" needs no features (compute_plans returns no plans). cca reads the activations' covariances too.
 PROVIDERS: dict[str, Callable] = {"weights": _weight_provider, "activations": _activation_provider,
-                                  "cca": _covariance_provider}
+                                  "cca": partial(_activation_provider, covariance=True)}
 
 
 def feature_provider(options: AlignOptions, data: DataOptions, anchor_spec, spec, anchor_src, parent_src,

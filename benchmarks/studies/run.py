@@ -50,16 +50,14 @@ def main(argv=None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     if args.report_only or args.add_routes:
         result = json.loads((args.results / f"{name}.json").read_text())
-    if args.add_routes:
-        module = __import__(STUDIES[args.study])
-        if not hasattr(module, "add_routes") or "kept" not in result:
-            sys.exit(f"run.py: --add-routes needs a study with add_routes and a result made with --keep")
-        start = time.perf_counter()
-        module.add_routes(result, args.add_routes)
-        result["seconds"] = round(result["seconds"] + time.perf_counter() - start, 1)
-        (args.results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    elif args.report_only:
-        pass
+        if args.add_routes:
+            module = __import__(STUDIES[args.study])
+            if not hasattr(module, "add_routes") or "kept" not in result:
+                sys.exit("run.py: --add-routes needs a study with add_routes and a result made with --keep")
+            start = time.perf_counter()
+            module.add_routes(result, args.add_routes)
+            result["seconds"] = round(result["seconds"] + time.perf_counter() - start, 1)
+            (args.results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     elif args.merge:
         result = merged([json.loads(p.read_text()) for p in args.merge])
         (args.results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -172,4 +172,3 @@ def repair_compressed(state_dict: dict, original, spec, target_spec, plans: dict
     targets = {layer: tuple(mover.move_like(f"{layer}.weight", 0, v, plans) for v in measured[layer])
                for layer in layers}
     return repair_units(state_dict, original, targets, data)
-
