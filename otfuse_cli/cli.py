@@ -326,6 +326,10 @@ def fuse(
                                              help="Merge only the tensors whose names match (shell-style, e.g. "
                                                   "'model.encoder.*'; repeatable); every other tensor is the "
                                                   "anchor's own, in the same basis."),
+    check: bool = typer.Option(True, "--check/--no-check",
+                               help="With --data: run the fused model and each parent on it and warn if the "
+                                    "fused model predicts like none of them (a collapse) or a parent like no "
+                                    "other (one more forward pass per model)."),
     anchor: int = ANCHOR_OPT, json_out: bool = JSON_OPTION, allow_config_mismatch: bool = ALLOW_MISMATCH_OPT,
     dry_run: bool = DRY_RUN_OPT, options: AlignOptions = None, merge: MergeOptions = None,
     data: DataOptions = None, write: OutputOptions = None,
@@ -357,9 +361,9 @@ def fuse(
         refuse_unused(given, ALIGN_FLAGS, "the plan file fixes the alignment (--plan)")
     else:
         refuse_sketch_unless_weights(given, options)
-    if not reads_data(options, merge, plan, stats, repair):
+    if not reads_data(options, merge, plan, stats, repair) and not (check and "--data" in given):
         unread = tuple(f for f in SAMPLE_FLAGS if f != "--seed" or "seed" not in rule_reads)
-        refuse_unused(given, unread, "no step reads --data here (activations, regmean/fisher, --repair)")
+        refuse_unused(given, unread, "no step reads --data here (activations, regmean/fisher, --repair, the check)")
     elif not options.reads_data or plan:
         refuse_unused(given, ACTIVATION_FLAGS, "they shape activation alignment (--align activations or cca)")
     for option, flag in (("alpha", "--regmean-alpha"), ("scale", "--scale"), ("density", "--density")):
@@ -375,7 +379,7 @@ def fuse(
         result = fuse_models(models, output, options=options, data=data, merge=merge, write=write, anchor=anchor,
                              weights=weights, plan=plan, stats=stats, repair=repair, base=base, only=only,
                              command_options=command_options, on_space=progress,
-                             allow_config_mismatch=allow_config_mismatch)
+                             allow_config_mismatch=allow_config_mismatch, check=check)
     if json_out:
         report.print_json(result)
     else:
@@ -385,6 +389,12 @@ def fuse(
                              f"(align {result['align']}, merge {result['merge']}) → {escape_path(result['output'])}")
         for name, path in result.get("members", {}).items():
             report.console.print(f"  {escape_path(name)}: merged body + its own task head → {escape_path(path)}")
+        if checked := result.get("fit", {}).get("predictions"):
+            kappas = checked["fused_kappa"]
+            span = f"{min(kappas):.2f}" + (f"–{max(kappas):.2f}" if f"{max(kappas):.2f}" != f"{min(kappas):.2f}" else "")
+            report.console.print(f"checked on {checked['rows']:,} predictions: Cohen's kappa with the parents "
+                                 f"{span} (theirs with each other, median best "
+                                 f"{checked['reference']:.2f})")
 
 
 def print_plan_of_work(models: list[str], anchor: int, allow_config_mismatch: bool, options: AlignOptions,

@@ -20,6 +20,7 @@ from otfuse_cli.checkpoint.guard import input_paths, refuse_overlap
 from otfuse_cli import deadline, distributed, report
 from otfuse_cli.errors import OtfuseError
 from otfuse_cli.merging.fit import Fit, warnings as fit_warnings
+from otfuse_cli.merging.predictions import check_fused, predictions_of, warnings as prediction_warnings
 from otfuse_cli.merging.rules import MERGES, Tensor
 from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOptions
 from otfuse_cli.pipeline import (Parents, check_data, check_output, check_shard_size, compute_plans, data_record,
@@ -302,7 +303,8 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
          write: OutputOptions = OutputOptions(), anchor: int = 0, weights: str | None = None,
          plan: str | None = None, stats: list[str] | None = None, repair: bool = False, base: str | None = None,
          only: list[str] | None = None, command_options: dict | None = None,
-         on_space: Callable[[str], None] | None = None, allow_config_mismatch: bool = False) -> dict:
+         on_space: Callable[[str], None] | None = None, allow_config_mismatch: bool = False,
+         check: bool = True) -> dict:
     """Fuse `models` into `output`: align onto the anchor (or reuse `plan`; options.align "none" keeps every
     parent in its own basis, the vanilla baseline), then merge by `merge.merge`, reading `stats` files (one
     per model) or computing them on `data.data`. With `base` (the parents' common pre-trained model) the rule
@@ -311,7 +313,9 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
     body with that parent's head and config. repair renormalises the fused units on `data.data` (REPAIR;
     BatchNorm nets: their statistics re-estimated). Parents whose config or tokenizer changes the function are
     refused unless allow_config_mismatch (the result runs with the anchor's config). only: glob patterns; the
-    tensors they match are merged, every other is the anchor's own (moved with it: the basis stays one)."""
+    tensors they match are merged, every other is the anchor's own (moved with it: the basis stays one).
+    check: with `data.data`, the written model and each parent are run on it and their predictions compared
+    (merging/predictions.py; the result's "fit" carries the figures, a `warning:` line a collapse)."""
     deadline.start(options.time_limit)
     check_output(output, write)
     weight_numbers(weights)  # the text's form now; its count once the models are open
@@ -344,10 +348,16 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
     w = parse_weights(weights, len(parents.ckpts))
     layout = "folder" if parents.heads is not None else layout_of(parents.ckpts[anchor], output)
     check_shard_size(layout, write)
-    if data.data and not uses_data:
-        raise OtfuseError("--data is read by --align activations, --merge regmean/fisher (without --stats) or "
-                          "--repair; none of them is chosen here")
+    checks = bool(data.data) and check and parents.heads is None  # one model to check (not one per head)
+    if data.data and not (uses_data or checks):
+        raise OtfuseError("--data is read by --align activations, --merge regmean/fisher (without --stats), "
+                          "--repair or the check of the fused model (not with --no-check, nor where each parent "
+                          "keeps its own task head); none of them is chosen here")
     data = data.for_family(parents.specs[anchor].family)
+    if checks:
+        from otfuse_cli.data import check_source
+
+        check_source(data.data, data.split)
     if not plan:
         options = resolved(parents, options)  # the rounds written out: provenance records what ran
     align_record, extra = options.to_json(), {}
@@ -364,6 +374,8 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
         info = data_record(options, data)  # the data read and accepted first, then hashed
         extra = {"data": info} if info else {}
     parent_statistics = parent_stats(parents, merge, data, stats)
+    # the parents' predictions before anything is written: --data that does not fit them is refused first
+    predicted = [predictions_of(c, data) for c in parents.ckpts] if checks and distributed.is_writer() else None
     inputs = parents.ckpts + ([origin.source.ckpt] if origin else [])
     record = provenance("fuse", {**(command_options or {}), "merge": merge.to_json(), "anchor": anchor,
                                  "weights": w, "dtype": write.dtype, "align": align_record, "plan_file": plan,
@@ -390,17 +402,23 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
                            config_overrides=dtype_overrides(parents.ckpts[anchor], write) or None,
                            provenance=record, max_shard_size=write.max_shard_size, force=write.force,
                            card=card_for(layout, record, parents.ckpts, anchor))
-    return {"output": str(out), **result, **_fit_record(fit, parents)}
+    return {"output": str(out), **result, **_fit_record(fit, parents, out, predicted, data)}
 
 
-def _fit_record(fit: Fit | None, parents: Parents) -> dict:
-    """{"fit": summary} once every tensor is merged (and the warnings it calls for said), or nothing."""
-    if fit is None:
-        return {}
-    summary = fit.summary([parents.label(k) for k in range(len(parents.ckpts))])
-    for line in fit_warnings(summary):
+def _fit_record(fit: Fit | None, parents: Parents, output: str | None = None,
+                predicted: list | None = None, data: DataOptions | None = None) -> dict:
+    """{"fit": summary} once every tensor is merged and the model written (and the warnings it calls for
+    said): the weight-space figures where parents were aligned, and under "predictions" the fused model's
+    agreement with its parents on --data where they were run on it; or nothing."""
+    labels = [parents.label(k) for k in range(len(parents.ckpts))]
+    summary = fit.summary(labels) if fit is not None else {}
+    for line in fit_warnings(summary) if summary else []:
         report.warning_line(line)
-    return {"fit": summary}
+    if predicted is not None and (checked := check_fused(output, predicted, data)) is not None:
+        summary["predictions"] = checked
+        for line in prediction_warnings(checked, labels):
+            report.warning_line(line)
+    return {"fit": summary} if summary else {}
 
 
 # config.json fields that describe a parent's task head rather than its body

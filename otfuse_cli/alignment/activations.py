@@ -33,10 +33,11 @@ ACTIVATIONS = {"relu": torch.relu, "gelu": nn.functional.gelu, "tanh": torch.tan
 
 
 def sample_batches(model, data: str, samples: int, seed: int, max_length: int, batch_size: int = 32,
-                   label: str = "the model", split: str | None = None):
+                   label: str = "the model", split: str | None = None, say_truncation: bool = True):
     """Batches of model inputs (fixed order) and, for token inputs, a tuple of token masks (the source's, and
     for an encoder-decoder given targets the decoder's: see mask_for). Texts cut to the
-    model's position limit (or max_length) are counted and said in one `note:` line naming `label`."""
+    model's position limit (or max_length) are counted and said in one `note:` line naming `label` (unless a
+    step that runs the models again on the same texts says it was said already: say_truncation=False)."""
     if samples < 1:
         raise OtfuseError(f"--samples must be at least 1, got {samples}")
     if is_tensor_file(data) and split is None:
@@ -71,7 +72,7 @@ def sample_batches(model, data: str, samples: int, seed: int, max_length: int, b
                                                                   max(1, max_length - 1))
             dec = decoder_inputs(model, target, avoid_length=enc["input_ids"].shape[1], limit=max_length)
             batches.append(({**enc, **dec}, (enc["attention_mask"].bool(), dec["decoder_attention_mask"].bool())))
-    if note := truncation_note(cut, "sample texts"):
+    if say_truncation and (note := truncation_note(cut, "sample texts")):
         from otfuse_cli.report import note_line
 
         note_line(f"{label}: {note} (its position limit or --max-length)")
