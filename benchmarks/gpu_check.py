@@ -12,9 +12,9 @@ once with `--device DEVICE`:
   `otfuse fuse A B --align activations --data CALIB -o fused` (fused tensors);
 - RegMean (`--merge regmean`, Grams from forward passes on --data): fused tensors;
 - REPAIR (`--repair`, MLPs and CNNs): fused tensors;
-- the weights route (`--align weights`): weight alignment with `--device` is refused today (it runs numpy on
-  the CPU), so it is recorded as "runs on CPU (refused with --device)" with the refusal's message; once
-  `--device` is accepted, its outputs are compared like the others.
+- the weights route (`--align weights`, exact and `--solver sinkhorn`): features, cross terms, costs and
+  Sinkhorn run on `--device`, the exact assignments on the CPU; its fused tensors are compared like the others
+  (a version that refuses `--device` for it is recorded as "runs on CPU (refused with --device)").
 A route refused on both devices (e.g. a merge rule a family lacks) is recorded as refused, not compared.
 
 Pairs: the bundled ones (fixtures/: digit MLPs, digit CNNs, the BERT sentiment pair) and a 125M Llama pair
@@ -204,16 +204,16 @@ def check_route(pair: dict, route: str, command: str, options: list, what: str, 
     return {**record, "status": "compared", **compare_tensors(read_tensors(dev["out"]), read_tensors(ref["out"]))}
 
 
-def check_weights(pair: dict, device: str, work: Path) -> dict:
-    """The weights route: with --device it is refused today (recorded as such); once accepted, compared with
-    the run without --device."""
-    options = ["--align", "weights"]
+def check_weights(pair: dict, device: str, work: Path, solver: str = "exact") -> dict:
+    """The weights route with --device, compared with the run without it (recorded as refused where a
+    version refuses --device for it)."""
+    options = ["--align", "weights", "--solver", solver]
     dev = run_route(pair, "fuse", options, "fused", device, work / "device")
-    record = {"pair": pair["pair"], "route": "weights", "command": "fuse", "compares": "fused", "device": device,
-              "device_s": dev["seconds"]}
+    record = {"pair": pair["pair"], "route": "weights" if solver == "exact" else f"weights, {solver}",
+              "command": "fuse", "compares": "fused", "device": device, "device_s": dev["seconds"]}
     if dev["exit"]:
         return {**record, "status": REFUSED_WEIGHTS, "message": dev["error"]}
-    ref = run_route(pair, "fuse", options, "fused", None, work / "cpu")
+    ref = run_route(pair, "fuse", options, "fused", "cpu", work / "cpu")
     if ref["exit"]:
         return {**record, "status": "failed on cpu", "equal": False, "message": ref["error"]}
     return {**record, "status": "compared", "cpu_s": ref["seconds"],
@@ -289,7 +289,7 @@ def time_weights_route(size: str, shape, device: str, work: Path, run_cpu: bool)
 
 
 def measure_device_route(a: Path, b: Path, device: str, out: Path) -> dict:
-    """The weights route with --device, timed (in this process); today refused (then its error line)."""
+    """The weights route with --device, timed (in this process); its error line where it is refused."""
     t = time.perf_counter()
     code, output = otfuse(["fuse", a, b, "--align", "weights", "--device", device, "-o", out])
     if code:
@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, (route, command, options, what) in enumerate(routes(pair)):
             checks.append(check_route(pair, route, command, options, what, device, root / slug / str(i)))
             print(f"  {checks[-1]['pair']}, {route} ({command}): {checks[-1]['status']}", file=sys.stderr, flush=True)
-        weights.append(check_weights(pair, device, root / slug / "weights"))
+        for solver in ("exact", "sinkhorn"):
+            weights.append(check_weights(pair, device, root / slug / f"weights-{solver}", solver))
     timing = None
     if not args.no_timing:
         size = "tiny" if smoke else "1.1b"

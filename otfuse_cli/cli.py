@@ -289,8 +289,9 @@ def align(
 
     given = explicit_flags()
     check_device(data)
-    if not options.reads_data:
-        refuse_unused(given, SAMPLE_FLAGS, "they shape activation alignment (--align activations or cca)")
+    if not options.reads_data:  # the weights route computes its features and costs on --device
+        refuse_unused(given, tuple(f for f in SAMPLE_FLAGS if f != "--device" or options.align != "weights"),
+                      "they shape activation alignment (--align activations or cca)")
     refuse_sketch_unless_weights(given, options)
     if dry_run:
         return print_plan_of_work(models, anchor, allow_config_mismatch, options, False, json_out)
@@ -362,7 +363,9 @@ def fuse(
     else:
         refuse_sketch_unless_weights(given, options)
     if not reads_data(options, merge, plan, stats, repair) and not (check and "--data" in given):
-        unread = tuple(f for f in SAMPLE_FLAGS if f != "--seed" or "seed" not in rule_reads)
+        # --device also places the weights route's features and costs (not with a plan file: nothing is solved)
+        unread = tuple(f for f in SAMPLE_FLAGS if (f != "--seed" or "seed" not in rule_reads)
+                       and (f != "--device" or options.align != "weights" or plan))
         refuse_unused(given, unread, "no step reads --data here (activations, regmean/fisher, --repair, the check)")
     elif not options.reads_data or plan:
         refuse_unused(given, ACTIVATION_FLAGS, "they shape activation alignment (--align activations or cca)")

@@ -234,7 +234,7 @@ def _cluster(features: Features, points, first, w, k: int, gen, metric: str, fix
         return labels, None, spread, total, {}
     # heads: the cost matches within-head dims, so cluster on it around medoid heads
     full, maps = unit_cost(features, features, metric, fixed_inner)
-    cost = torch.from_numpy(full)[first][:, first].clamp_min(0)
+    cost = full.cpu()[first][:, first].clamp_min(0)
     labels, medoids, spread = _kmedoids(cost, w, k, gen) if u > k else (torch.arange(u), torch.arange(u), 0.0)
     return labels, medoids, spread, float((w[:, None] * cost).sum(0).min()), maps
 

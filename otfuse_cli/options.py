@@ -168,7 +168,8 @@ class AlignOptions(Options):
 @dataclass(frozen=True)
 class DataOptions(Options):
     """Sample inputs and forward passes: activation alignment, BatchNorm repair, activation compression.
-    `device` runs the forward passes; weight-based costs are computed on the CPU."""
+    `device` runs the forward passes, and the weights route's features, cross terms and costs (its solvers take
+    each cost on the CPU)."""
 
     data: str | None = option(None, "--data", "Sample inputs: jsonl/csv/tsv/txt/npz/safetensors, parquet (a file or "
                               "a folder of shards), a datasets save_to_disk folder, or a dataset id in the Hugging "
@@ -189,7 +190,8 @@ class DataOptions(Options):
                                           "Match bare MLP/CNN units after (or before) the nonlinearity "
                                           "(default: per family, measured).")
     max_length: int = option(128, "--max-length", "Token limit per text sample.", minimum=1)
-    device: str = option("auto", "--device", "auto, cpu or cuda: where forward passes run.", metavar="DEVICE")
+    device: str = option("auto", "--device", "auto, cpu or cuda: where forward passes run, and (named, not "
+                         "auto) the weights route's features, costs and Sinkhorn.", metavar="DEVICE")
     device_map: str | None = option(None, "--device-map", "Spread each model's layers for activation "
                                     "alignment over the GPUs, CPU memory and disk (accelerate): auto, balanced, "
                                     "sequential. For models that do not fit one device; overrides --device.",

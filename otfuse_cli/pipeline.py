@@ -73,7 +73,21 @@ def open_parents(paths: list[str], anchor: int = 0, allow_config_mismatch: bool 
 
 def _weight_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None, sketch=None,
                      l1=True):
-    return WeightFeatures(anchor_spec, spec, anchor_src, parent_src, sketch=sketch, l1=l1)
+    """Features, cross terms and costs on --device (the tensors moved there as they are read); the solvers
+    take the costs on the CPU (see engine.align_pair)."""
+    from otfuse_cli.alignment.weights import on_device
+    from otfuse_cli.runnable import resolve_device
+
+    # auto stays on the CPU here until benchmarks/gpu_check.py has compared this route on a GPU: only an
+    # explicit --device moves it
+    device = torch.device("cpu") if data.device == "auto" else resolve_device(data.device)
+    if device.type != "cpu":
+        from otfuse_cli.report import timing_line
+
+        timing_line(f"weights route on {device}: features, cross terms and costs there; each cost goes to the CPU "
+                    "for its solver (lapjvs, POT, Sinkhorn)")
+    return WeightFeatures(anchor_spec, spec, on_device(anchor_src, device), on_device(parent_src, device),
+                          sketch=sketch, l1=l1)
 
 
 def _activation_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None, sketch=None,

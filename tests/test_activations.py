@@ -113,7 +113,7 @@ def _costs(feats, spec) -> list:
     for k in range(len(spec.spaces)):
         pair = feats.features(k, {}, True)
         out.append(None if pair.empty() else
-                   unit_cost(pair.parent, pair.anchor, "sqeuclidean", folded=pair.folded(), grams=pair.grams)[0])
+                   unit_cost(pair.parent, pair.anchor, "sqeuclidean", folded=pair.folded(), grams=pair.grams)[0].numpy())
     return out
 
 

@@ -164,7 +164,7 @@ def test_sketched_distances_approximate_the_exact_ones():
     pair = FeaturePair(sketch=1024)
     for e, x, y in zip(entries, xs, ys):
         pair.add(e, x[:, None, None, :], e, y[:, None, None, :])
-    sketched, _ = unit_cost(pair.parent, pair.anchor, "sqeuclidean", folded=pair.folded())
+    sketched = unit_cost(pair.parent, pair.anchor, "sqeuclidean", folded=pair.folded())[0].numpy()
     exact = cdist(torch.cat(xs, 1).double().numpy(), torch.cat(ys, 1).double().numpy(), "sqeuclidean")
     rel = np.abs(sketched - exact) / exact
     assert 0 < np.median(rel) < 0.1 and rel.max() < 0.3
@@ -186,7 +186,7 @@ def test_folded_cross_terms_match_float64_distances_even_where_float32_overflows
     pair = FeaturePair()
     for e, x, y in zip(entries, xs, ys):
         pair.add(e, x[:, None, None, :], e, y[:, None, None, :])
-    cost, _ = unit_cost(pair.parent, pair.anchor, "sqeuclidean", folded=pair.folded())
+    cost = unit_cost(pair.parent, pair.anchor, "sqeuclidean", folded=pair.folded())[0].numpy()
     exact = cdist(torch.cat(xs, 1).double().numpy(), torch.cat(ys, 1).double().numpy(), "sqeuclidean")
     assert np.isfinite(cost).all()
     np.testing.assert_allclose(cost, exact, rtol=1e-5 if scale == 1.0 else 1e-12)

@@ -119,7 +119,7 @@ class FeaturePair:
             self.sums = sums if self.sums is None else [a.add_(b) for a, b in zip(self.sums, sums)]
             self.count += x.shape[1]
         if self.sketch:
-            bucket, sign = _hash(ea, x.shape[1], self.sketch)
+            bucket, sign = (t.to(x.device) for t in _hash(ea, x.shape[1], self.sketch))
             if self.sketches is None:
                 self.sketches = [x.new_zeros(len(x), self.sketch, dtype=torch.float64),
                                  y.new_zeros(len(y), self.sketch, dtype=torch.float64)]
@@ -217,7 +217,8 @@ def plain_cost(parent: Features, anchor: Features, metric: str, folded: tuple | 
 
 def unit_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tuple[str, ...] = (),
               group: str = "query", folded: tuple | None = None, grams: dict | None = None):
-    """(cost (n, m) numpy, inner maps {channel or group: (n, m, d) LongTensor}). folded: the plain entries a
+    """(cost (n, m) float64 on the features' device, inner maps {channel or group: (n, m, d) LongTensor, on the
+    CPU, where the within-unit maps are solved}). folded: the plain entries a
     FeaturePair folded (FeaturePair.folded()); grams: its head channels (FeaturePair.grams), added to those
     of the features kept whole."""
     cost = None
@@ -227,7 +228,8 @@ def unit_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tupl
     inner = {}
     if any(kind == "grouped" for kind, _ in grams):
         c, inner = grouped_cost(grams, metric, fixed_inner, group)
-        return (c if cost is None else cost + c).cpu().numpy(), inner
+        c = c.to(cost.device) if cost is not None else c
+        return c if cost is None else cost + c, inner
     for (_, channel), g in grams.items():
         dims = _dims(g, metric)  # (n, m, d, d)
         n, m, d = dims.shape[:3]
@@ -243,7 +245,7 @@ def unit_cost(parent: Features, anchor: Features, metric: str, fixed_inner: tupl
             c = dims.gather(2, perm_t.unsqueeze(2)).squeeze(2).sum(-1)  # sum_j dims[u, v, perm[j], j]
             inner[channel] = perm_t.cpu()
         cost = c if cost is None else cost + c
-    return cost.cpu().numpy(), inner
+    return cost, inner
 
 
 def _dims(g: tuple, metric: str) -> torch.Tensor:

@@ -85,7 +85,7 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
             n, m = parent.spaces[k].size, anchor.spaces[k].size
             return np.zeros((n, m))
         return unit_cost(pair.parent, pair.anchor, options.metric, anchor.spaces[k].fixed_inner,
-                         folded=pair.folded(), grams=pair.grams)[0]
+                         folded=pair.folded(), grams=pair.grams)[0].cpu().numpy()
 
     def linear_plan(k: int, pair) -> Plan:
         if pair.count < 2:
@@ -113,7 +113,9 @@ def align_pair(anchor: Spec, parent: Spec, provider, options: AlignOptions,
         b = marginal(fa, sa.size, options.marginals)
         cost_n = normalize(cost, options.cost_norm)
         lap("costs")
+        # Sinkhorn solves on the cost's device; the exact solvers take it to the CPU (lapjvs, POT's simplex)
         plan, info = solve(cost_n, a, b, options.solver, options.reg, options.max_iter)
+        cost = cost.cpu().numpy()
         lap("solver")
         if plan.ndim == 1 and hasattr(provider, "tie_features"):
             classes = tie_classes(cost)

@@ -4,6 +4,7 @@ command line can check its options without loading them."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable
 
@@ -133,45 +134,48 @@ class _Kernel:
     matrix-sized temporary per iteration. The rows are met after every update (u = a / K v); the columns'
     sums c, and their L1 error `err`, are what is left to converge.
 
+    Torch float64 on the cost's device (tensor methods only: this module loads without torch): one
+    implementation for the CPU and a GPU (--device), whose products are the whole cost of an iteration.
+
     `work` counts iterations: the first (a log-domain one), then each Sinkhorn iteration, conjugate-gradient
     step and step-length trial, each a product with K and one with K^T. Rebuilding K (a rescale, or folding
     the scalings in) is not counted: it happens at most once per stage or per Newton step."""
 
-    def __init__(self, cost: np.ndarray, a: np.ndarray, b: np.ndarray, reg: float):
+    def __init__(self, cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reg: float):
         self.cost, self.a, self.b, self.reg = cost, a, b, reg
         n, m = cost.shape
         self.block = max(1, (1 << 20) // max(m, n))  # rows per temporary of the blocked passes (8 MB)
         # one Sinkhorn iteration in the log domain from zero potentials: every column of K then holds mass b_j
         # and every row at least a_i * min(b), however small reg is
-        self.f = self._transform(cost, np.zeros(m), a)
+        self.f = self._transform(cost, cost.new_zeros(m), a)
         self.g = self._transform(cost.T, self.f, b)
-        self.K = np.empty_like(cost)
+        self.K = cost.new_empty(cost.shape)
         self._rebuild()
         self.work = 1
 
-    def _transform(self, cost: np.ndarray, other: np.ndarray, mass: np.ndarray) -> np.ndarray:
+    def _transform(self, cost: torch.Tensor, other: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
         """reg * (log mass_i - logsumexp_j((other_j - cost_ij) / reg)): the potential that meets one side
         given the other (a c-transform), in row blocks."""
-        out = np.empty(cost.shape[0])
+        out = cost.new_empty(cost.shape[0])
         for s in range(0, cost.shape[0], self.block):
             t = other - cost[s:s + self.block]
             t /= self.reg
-            top = t.max(1)
+            top = t.max(1).values
             t -= top[:, None]
-            np.exp(t, out=t)
-            out[s:s + self.block] = self.reg * (np.log(mass[s:s + self.block]) - top - np.log(t.sum(1)))
+            t.exp_()
+            out[s:s + self.block] = self.reg * (mass[s:s + self.block].log() - top - t.sum(1).log())
         return out
 
     def _rebuild(self) -> None:
         """K from the potentials; the scalings start again at 1, the rows met and the columns measured."""
         for s in range(0, self.K.shape[0], self.block):
             k = self.K[s:s + self.block]
-            np.subtract(self.g, self.cost[s:s + self.block], out=k)
+            k.copy_(self.cost[s:s + self.block]).neg_().add_(self.g)  # g_j - C_ij, in place
             k += self.f[s:s + self.block, None]
             k /= self.reg
-            np.exp(k, out=k)
-        self.u = np.ones(self.K.shape[0])
-        self.v = np.ones(self.K.shape[1])
+            k.exp_()
+        self.u = self.K.new_ones(self.K.shape[0])
+        self.v = self.K.new_ones(self.K.shape[1])
         self._rows()
 
     def _rows(self) -> None:
@@ -179,19 +183,19 @@ class _Kernel:
         self.u = self.a / (self.K @ self.v)
         self.kt = self.K.T @ self.u
         self.c = self.v * self.kt
-        self.err = float(np.abs(self.c - self.b).sum())
+        self.err = float((self.c - self.b).abs().sum())
 
     def _absorb(self) -> None:
-        lu, lv = np.log(self.u), np.log(self.v)
-        if max(np.abs(lu).max(), np.abs(lv).max()) > _ABSORB:
+        lu, lv = self.u.log(), self.v.log()
+        if max(float(lu.abs().max()), float(lv.abs().max())) > _ABSORB:
             self.f += self.reg * lu
             self.g += self.reg * lv
             self._rebuild()
 
     def rescale(self, reg: float) -> None:
         """Go on at another reg from the current potentials (epsilon scaling's warm start)."""
-        self.f += self.reg * np.log(self.u)
-        self.g += self.reg * np.log(self.v)
+        self.f += self.reg * self.u.log()
+        self.g += self.reg * self.v.log()
         self.reg = reg
         self._rebuild()
 
@@ -215,15 +219,15 @@ class _Kernel:
 
         K, u, v, c = self.K, self.u, self.v, self.c
         w = u * u / self.a
-        diag = np.zeros_like(v)
+        diag = v.new_zeros(v.shape)
         for s in range(0, K.shape[0], self.block):
-            diag += np.square(K[s:s + self.block]).T @ w[s:s + self.block]
-        inv = 1.0 / np.maximum(c - v * v * diag, 1e-12 * c + 1e-300)
+            diag += K[s:s + self.block].square().T @ w[s:s + self.block]
+        inv = 1.0 / (c - v * v * diag).maximum(1e-12 * c + 1e-300)
         r = self.b - c
-        x, res = np.zeros_like(r), r.copy()
+        x, res = r.new_zeros(r.shape), r.clone()
         z = inv * res
-        p, rz = z.copy(), float(res @ z)
-        goal = min(0.1, self.err ** _FORCE) * float(np.sqrt(r @ r))
+        p, rz = z.clone(), float(res @ z)
+        goal = min(0.1, self.err ** _FORCE) * math.sqrt(float(r @ r))
         for i in range(min(_CG_MAX, budget - 3)):
             if i and i % SINKHORN_CHUNK == 0:
                 deadline.check("solving Sinkhorn")
@@ -234,19 +238,19 @@ class _Kernel:
                 break
             x += (rz / curv) * p
             res -= (rz / curv) * hp
-            if float(np.sqrt(res @ res)) <= goal:
+            if math.sqrt(float(res @ res)) <= goal:
                 break
             z = inv * res
             rz, rz_old = float(res @ z), rz
             p = z + (rz / rz_old) * p
         x -= x.mean()
-        peak = float(np.abs(x).max())
+        peak = float(x.abs().max())
         if not peak > 0:
             return False
         t = min(1.0, _STEP / peak)
         before = (self.u, self.v, self.kt, self.c, self.err)
         for _ in range(3):
-            self.v = v * np.exp(t * x)
+            self.v = v * (t * x).exp()
             self._rows()
             self.work += 1
             if self.err < before[4]:
@@ -256,14 +260,14 @@ class _Kernel:
         self.u, self.v, self.kt, self.c, self.err = before
         return False
 
-    def plan(self) -> np.ndarray:
+    def plan(self) -> torch.Tensor:
         plan = self.K  # the kernel's memory becomes the plan's
         plan *= self.u[:, None]
         plan *= self.v[None, :]
         return plan
 
 
-def scaling_schedule(cost: np.ndarray, reg: float) -> list[float]:
+def scaling_schedule(cost, reg: float) -> list[float]:
     """The regs epsilon scaling solves at, largest first, ending at reg (only reg where reg is already at
     least SCALE_START / SCALE_FACTOR of the cost's span)."""
     span = float(cost.max() - cost.min())
@@ -273,10 +277,11 @@ def scaling_schedule(cost: np.ndarray, reg: float) -> list[float]:
     return regs[::-1]
 
 
-def sinkhorn(cost: np.ndarray, a: np.ndarray, b: np.ndarray, reg: float,
+def sinkhorn(cost, a: np.ndarray, b: np.ndarray, reg: float,
              max_iter: int = SINKHORN_MAX_ITER) -> tuple[np.ndarray, dict]:
     """Soft plans: the entropic OT plan, argmin <P, cost> - reg * H(P) with marginals a and b (what POT's
-    ot.sinkhorn computes, same reg), to an L1 marginal error of SINKHORN_STOP.
+    ot.sinkhorn computes, same reg), to an L1 marginal error of SINKHORN_STOP. The cost: numpy (solved on the
+    CPU) or a torch tensor, solved on its device; the plan comes back as numpy.
 
     Stable at any reg (see _Kernel). Fast: epsilon scaling (scaling_schedule), and at each reg a few plain
     Sinkhorn iterations, then Newton steps on the dual (each a conjugate-gradient solve whose iterations
@@ -286,28 +291,32 @@ def sinkhorn(cost: np.ndarray, a: np.ndarray, b: np.ndarray, reg: float,
     1e-8 took 89,000; this reaches 1e-9 in a few hundred. Every stopping rule counts iterations (max_iter
     in all, the epsilon-scaling stages included), so the same inputs give the same bytes however busy the
     machine is; --time-limit is checked between units of work and only aborts."""
+    import torch
+
     from otfuse_cli import deadline
 
     if not (reg > 0 and np.isfinite(reg)):
         raise OtfuseError(f"--reg must be a positive finite number for the sinkhorn solver, got {reg!r}")
     deadline.check("solving Sinkhorn")
-    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
-        regs = scaling_schedule(cost, reg)
-        state = _Kernel(cost, a, b, regs[0])
-        for stage in regs:
-            if stage != state.reg:
-                state.rescale(stage)
-            last = stage == reg
-            stop, plain = (SINKHORN_STOP, SINKHORN_WARM) if last else (SCALE_STOP, SCALE_WARM)
-            while state.err > stop and state.work < max_iter and np.isfinite(state.err):
-                if plain:
-                    chunk = min(plain, SINKHORN_CHUNK, max_iter - state.work)
-                    state.sinkhorn(chunk, stop)
-                    plain -= chunk
-                elif max_iter - state.work < 4 or not state.newton(max_iter - state.work):
-                    plain = SINKHORN_WARM
-                deadline.check("solving Sinkhorn")
-        done, plan = state.work, state.plan()
+    cost = torch.as_tensor(cost).double()
+    a, b = (torch.as_tensor(np.asarray(x), dtype=torch.float64, device=cost.device) for x in (a, b))
+    regs = scaling_schedule(cost, reg)
+    state = _Kernel(cost, a, b, regs[0])
+    for stage in regs:
+        if stage != state.reg:
+            state.rescale(stage)
+        last = stage == reg
+        stop, plain = (SINKHORN_STOP, SINKHORN_WARM) if last else (SCALE_STOP, SCALE_WARM)
+        while state.err > stop and state.work < max_iter and math.isfinite(state.err):
+            if plain:
+                chunk = min(plain, SINKHORN_CHUNK, max_iter - state.work)
+                state.sinkhorn(chunk, stop)
+                plain -= chunk
+            elif max_iter - state.work < 4 or not state.newton(max_iter - state.work):
+                plain = SINKHORN_WARM
+            deadline.check("solving Sinkhorn")
+    done, plan = state.work, state.plan().cpu().numpy()
+    a, b = a.cpu().numpy(), b.cpu().numpy()
     if not np.all(np.isfinite(plan)):
         raise OtfuseError(f"sinkhorn diverged at --reg {reg:g}; use a larger --reg (e.g. 0.01)")
     err = float(np.abs(plan.sum(1) - a).sum() + np.abs(plan.sum(0) - b).sum())
@@ -323,10 +332,18 @@ SOLVERS: dict[str, Callable[..., tuple[np.ndarray, dict]]] = {"exact": exact, "s
 
 def solve(cost: np.ndarray, a: np.ndarray, b: np.ndarray, solver: str = "exact",
           reg: float = 0.01, max_iter: int = SINKHORN_MAX_ITER) -> tuple[np.ndarray, dict]:
-    """Plan P (n x m) with marginals a, b minimising <P, cost>, plus solver diagnostics."""
-    cost = np.asarray(cost, dtype=np.float64)
-    if not np.all(np.isfinite(cost)):
+    """Plan P (n x m) (numpy, on the CPU) with marginals a, b minimising <P, cost>, plus solver diagnostics.
+    cost: numpy, or a torch tensor, which Sinkhorn solves on its device and the exact solvers take to the CPU."""
+    if isinstance(cost, np.ndarray) or not hasattr(cost, "isfinite"):
+        cost = np.asarray(cost, dtype=np.float64)
+        finite = bool(np.all(np.isfinite(cost)))
+    else:
+        cost = cost.double()
+        finite = bool(cost.isfinite().all())
+    if not finite:
         raise OtfuseError("alignment cost contains NaN or Inf (a parent has non-finite weights or activations)")
     if solver not in SOLVERS:
         raise OtfuseError(f"unknown solver {solver!r}; use {' or '.join(SOLVERS)}")
+    if solver != "sinkhorn" and not isinstance(cost, np.ndarray):
+        cost = cost.cpu().numpy()
     return SOLVERS[solver](cost, a, b, reg, max_iter)

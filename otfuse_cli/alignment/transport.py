@@ -136,16 +136,17 @@ class Plan:
 
 def _move_slice(y: torch.Tensor, entry: Entry, plan: Plan, n: int, m: int) -> torch.Tensor:
     """y: (..., n*rep*inner) -> (..., m*rep*inner) for one entry."""
-    lead = y.shape[:-1]
+    lead, dev = y.shape[:-1], y.device
     y = y.reshape(*lead, n, entry.rep, entry.inner)
-    perm = plan.inner.get(entry.channel) if entry.inner > 1 else None
-    reps = plan.inner.get(entry.group) if entry.group else None
-    src = plan.hard_index()
+    # plans live on the CPU; their indices and weights go where the tensor is (--device: a no-op on the CPU)
+    perm = plan.inner[entry.channel].to(dev) if entry.inner > 1 and entry.channel in plan.inner else None
+    reps = plan.inner[entry.group].to(dev) if entry.group and entry.group in plan.inner else None
+    src = None if (src := plan.hard_index()) is None else src.to(dev)
     if src is None and y.dtype not in (torch.float32, torch.float64):
         y = y.float()  # a soft plan mixes units: in float32 at least, never in the checkpoint's bf16
     if src is not None:
         y = y.index_select(-3, src)
-        cols = torch.arange(m)
+        cols = torch.arange(m, device=dev)
         if reps is not None:  # anchor unit v's rep h <- parent unit src[v]'s rep reps[src[v], v, h]
             idx = reps[src, cols][:, :, None].expand(m, entry.rep, entry.inner)
             y = torch.gather(y, -2, idx.expand(*lead, m, entry.rep, entry.inner))
@@ -153,17 +154,17 @@ def _move_slice(y: torch.Tensor, entry: Entry, plan: Plan, n: int, m: int) -> to
             idx = perm[src, cols][:, None, :].expand(m, entry.rep, entry.inner)
             y = torch.gather(y, -1, idx.expand(*lead, m, entry.rep, entry.inner))
     elif plan.labels is not None:
-        y = _many_to_one(y, entry.role, plan.labels, m, reps, perm)
+        y = _many_to_one(y, entry.role, plan.labels.to(dev), m, reps, perm)
     elif reps is not None:
-        y = _soft_grouped(y, plan.weights(entry.role).to(y.dtype), reps, perm)
+        y = _soft_grouped(y, plan.weights(entry.role).to(dev, y.dtype), reps, perm)
     else:
-        w = plan.weights(entry.role).to(y.dtype)
+        w = plan.weights(entry.role).to(dev, y.dtype)
         if perm is None:
             y = torch.einsum("...nri,nm->...mri", y, w)
         else:
             d = entry.inner
-            q = torch.zeros(n, d, m, d, dtype=y.dtype)
-            uu, vv, jj = torch.meshgrid(torch.arange(n), torch.arange(m), torch.arange(d), indexing="ij")
+            q = torch.zeros(n, d, m, d, dtype=y.dtype, device=dev)
+            uu, vv, jj = torch.meshgrid(*(torch.arange(k, device=dev) for k in (n, m, d)), indexing="ij")
             q[uu, perm, vv, jj] = w[:, :, None].expand(n, m, d)
             y = torch.einsum("...nri,nimj->...mrj", y, q)
     return y.reshape(*lead, m * entry.rep * entry.inner)

@@ -82,6 +82,28 @@ class TensorSource:
         return x if raw else as_float(x)
 
 
+class OnDevice:
+    """A TensorSource's tensors on `device` (--device for the weights route): what the features, cross terms
+    and costs are computed from. A source that caches keeps its copies there too, so refinement sweeps do not
+    move every tensor again; on the CPU it is the source itself."""
+
+    def __init__(self, source: TensorSource, device: torch.device):
+        self.source, self.device, self.cache = source, device, {}
+        self.label = source.label
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name in self.cache:
+            return self.cache[name]
+        x = self.source(name).to(self.device)
+        if self.source.caching:
+            self.cache[name] = x
+        return x
+
+
+def on_device(source: TensorSource, device: torch.device):
+    return source if device.type == "cpu" else OnDevice(source, device)
+
+
 def unit_slices(x: torch.Tensor, entry: Entry, size: int) -> torch.Tensor:
     """(size, rep, inner, rest) view of the units of `entry` in tensor x."""
     y = x.narrow(entry.axis, entry.start, entry.span(size)).movedim(entry.axis, 0)
