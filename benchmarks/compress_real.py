@@ -9,6 +9,9 @@ Routes (each at every ratio):
   original        the checkpoint itself;
   otfuse ot       `otfuse compress --width ffn=N` (OT clustering of units by their weights), and
   otfuse ot acts  the same with `--align activations --data` (the calibration texts);
+  ... + repair    with `--repair` as well: every down projection refitted by least squares on the calibration
+                  texts (otfuse_cli/merging/refit.py), after otfuse's magnitude pruning (`--method magnitude`)
+                  at each of --ridges, and after OT on activations at the ridge that route chose on validation;
   the baselines, written here from their papers (torch only; nothing from otfuse_cli), each keeping the N
   best-scored units of every layer's SwiGLU FFN (gate and up rows, down columns) and writing the model with
   `intermediate_size = N`:
@@ -149,11 +152,12 @@ def pruned(source: Path, keep: list[torch.Tensor], target: Path) -> None:
     model.save_pretrained(target)
 
 
-def otfuse_compress(source: Path, target: Path, width: int, extra: list[str]) -> float:
-    """`otfuse compress`, one subprocess; returns its CPU seconds."""
+def otfuse_compress(source: Path, target: Path, width: int, extra: list[str], ridge: float | None = None) -> float:
+    """`otfuse compress`, one subprocess; returns its CPU seconds. ridge: the refit's (--repair) instead of
+    otfuse's default, set by this file's `_ridge` entry (the choice below is made on validation)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cmd = [sys.executable, "-m", "otfuse_cli", "--quiet", "compress", str(source), "-o", str(target),
-           "--width", f"ffn={width}", *extra]
+    head = [sys.executable, "-m", "otfuse_cli"] if ridge is None else [sys.executable, __file__, "_ridge", str(ridge)]
+    cmd = [*head, "--quiet", "compress", str(source), "-o", str(target), "--width", f"ffn={width}", *extra]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if run.returncode:
@@ -194,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, default=None, help="keep the models here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--ridges", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2],
+                        help="the refit's ridges tried on validation (relative to the mean Gram diagonal)")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -231,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     widths = {r: max(1, round(full * r)) for r in args.ratios}
     rows = {"original": {"1.0": evaluate(source)}}
-    cpu = {}
+    cpu, chosen = {}, {}
     for r, width in widths.items():
         col = str(r)
         for method in BASELINES:
@@ -241,19 +247,34 @@ def main(argv: list[str] | None = None) -> dict:
                 target = work / f"{method}_{seed}_{r}"
                 pruned(source, keep, target)
                 rows.setdefault(label, {})[col] = evaluate(target)
-        for label, extra in (("otfuse ot", []),
-                             ("otfuse ot acts", ["--align", "activations", "--data", str(calib),
-                                                 "--samples", str(len(texts["calib"])), "--max-length",
-                                                 str(args.max_length)])):
+        reads = ["--data", str(calib), "--samples", str(len(texts["calib"])), "--max-length", str(args.max_length)]
+        for label, extra in (("otfuse ot", []), ("otfuse ot acts", ["--align", "activations", *reads])):
             target = work / f"{label.replace(' ', '_')}_{r}"
             cpu[f"{label}|{col}"] = otfuse_compress(source, target, width, extra)
             rows.setdefault(label, {})[col] = evaluate(target)
+        # the refit's ridge, chosen on validation with the cheap route (pruning, then the refit), then used
+        # for OT on activations + the refit
+        tried = {}
+        for ridge in args.ridges:
+            target = work / f"magnitude_repair_{ridge}_{r}"
+            cpu[f"otfuse magnitude + repair (ridge {ridge:g})|{col}"] = otfuse_compress(
+                source, target, width, ["--method", "magnitude", "--repair", *reads], ridge)
+            tried[ridge] = rows.setdefault(f"otfuse magnitude + repair (ridge {ridge:g})", {})[col] = evaluate(target)
+        best = min(tried, key=lambda x: tried[x]["val"])
+        chosen[col] = best
+        label = f"otfuse ot acts + repair (ridge {best:g})"
+        target = work / f"ot_acts_repair_{r}"
+        cpu[f"{label}|{col}"] = otfuse_compress(source, target, width, ["--align", "activations", "--repair", *reads],
+                                                best)
+        rows.setdefault(label, {})[col] = evaluate(target)
         print(f"ratio {r}: done", flush=True)
     result = {"model": name, "full_width": full, "widths": {str(r): w for r, w in widths.items()},
               "texts": {k: len(v) for k, v in texts.items()}, "max_length": args.max_length, "rows": rows,
-              "otfuse_cpu_s": cpu, "smoke": args.smoke, "date": time.strftime("%Y-%m-%d")}
+              "otfuse_cpu_s": cpu, "refit_ridge_on_validation": chosen, "smoke": args.smoke,
+              "date": time.strftime("%Y-%m-%d")}
     result["best_otfuse_on_validation"] = {
-        col: min(("otfuse ot", "otfuse ot acts"), key=lambda lab: rows[lab][col]["val"]) for col in map(str, args.ratios)}
+        col: min((lab for lab in rows if lab.startswith("otfuse") and col in rows[lab]),
+                 key=lambda lab: rows[lab][col]["val"]) for col in map(str, args.ratios)}
     print(markdown(result))
     out = args.json or (None if args.smoke else HERE / "compress_real.json")
     if out is not None:
@@ -276,5 +297,18 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def run_with_ridge(argv: list[str]) -> None:
+    """`compress_real.py _ridge R otfuse-args...`: the otfuse command line with the refit's ridge set to R."""
+    from otfuse_cli.entry import main as otfuse_main
+    from otfuse_cli.merging import refit
+
+    refit.RIDGE = float(argv[0])
+    sys.argv = ["otfuse", *argv[1:]]
+    otfuse_main()
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["_ridge"]:
+        run_with_ridge(sys.argv[2:])
+    else:
+        main()

@@ -302,11 +302,10 @@ def space_plan(index: int, space: Space, k: int, method: str, src: TensorSource,
 
 def check_repairable(ckpt) -> None:
     """compress --repair re-estimates BatchNorm statistics of bare nets, or applies REPAIR to a BatchNorm-free MLP
-    or CNN (both rebuilt from their state dict's shapes); an HF model would be rebuilt from its original, wider
-    config."""
+    or CNN (both rebuilt from their state dict's shapes); a Hugging Face model gets the layers that read its
+    compressed units refitted by least squares (merging/refit.py)."""
     if ckpt.config is not None:
-        raise OtfuseError("compress --repair applies to bare MLP/CNN/ResNet state dicts (BatchNorm statistics, or "
-                          f"REPAIR without BatchNorm); {ckpt.path} is a Hugging Face model")
+        return
     if not any(name.endswith("running_mean") for name in ckpt.keys()) and build_spec(ckpt).family not in ("mlp", "cnn"):
         raise OtfuseError(f"compress --repair: {ckpt.path} has no BatchNorm layers and is not an MLP or CNN chain")
 
@@ -384,7 +383,11 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
     count = [0]
     tensors = report.counted(compressed_tensors(ckpt, Transporter(target, spec), plans, write, count), on_space,
                              "writing", len(ckpt.keys()))
-    if repair:  # the whole compressed model in memory, to run it
+    if repair and family:  # the whole compressed model in memory, to run it
+        from otfuse_cli.merging.refit import refit_readers
+
+        tensors = refit_readers(dict(tensors), ckpt, spec, targets, config_overrides(spec, family, targets), data)
+    elif repair:
         from otfuse_cli.merging.repair import repair_compressed
 
         tensors = repair_compressed(dict(tensors), ckpt, spec, target, plans, data)

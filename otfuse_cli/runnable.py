@@ -175,10 +175,11 @@ def load_runnable(ckpt, *, activation: str | None = None, device: str | torch.de
 
 
 def runnable_from_state_dict(state_dict: Mapping[str, torch.Tensor], like, activation: str | None = None,
-                             device: str | torch.device = "cpu") -> RunnableModel:
-    """A runnable model for weights held in memory, shaped like the checkpoint ``like`` (config, metadata)."""
+                             device: str | torch.device = "cpu", config_overrides: dict | None = None) -> RunnableModel:
+    """A runnable model for weights held in memory, shaped like the checkpoint ``like`` (config, metadata);
+    config_overrides: config fields that differ from like's (a compressed model's widths)."""
     if like.config is not None:
-        return _hf_from_state_dict(state_dict, like, device)
+        return _hf_from_state_dict(state_dict, like, device, config_overrides)
     meta = dict(getattr(like, "metadata", None) or {})
     act = activation or meta.get("otfuse.activation") or "relu"
     if act not in ACTIVATIONS:
@@ -345,8 +346,10 @@ def _check_loading_info(folder, arch: str, info: dict) -> None:
                           f"{tuple(built)} for {arch}")
 
 
-def _hf_from_state_dict(state_dict, like, device) -> RunnableModel:
+def _hf_from_state_dict(state_dict, like, device, overrides: dict | None = None) -> RunnableModel:
     config = _hf_config(like)
+    for field, value in (overrides or {}).items():
+        setattr(config, field, value)
     cls, heads = hf_auto_class(config)
     with quiet_transformers():
         try:

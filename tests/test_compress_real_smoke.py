@@ -31,13 +31,20 @@ def test_smoke_scores_every_route(tmp_path):
     compress_real = load_benchmark()
 
     result = compress_real.main(["--smoke", "--ratios", "0.5", "--seeds", "1", "--work", str(tmp_path),
-                                 "--json", str(tmp_path / "r.json")])
-    expected = {"original", "magnitude", "minitron", "wanda", "random (seed 0)", "otfuse ot", "otfuse ot acts"}
+                                 "--json", str(tmp_path / "r.json"), "--ridges", "1e-4", "1e-2"])
+    ridge = result["refit_ridge_on_validation"]["0.5"]
+    expected = {"original", "magnitude", "minitron", "wanda", "random (seed 0)", "otfuse ot", "otfuse ot acts",
+                "otfuse magnitude + repair (ridge 0.01)", "otfuse magnitude + repair (ridge 0.0001)",
+                f"otfuse ot acts + repair (ridge {ridge:g})"}
     assert set(result["rows"]) == expected
     for label, by_col in result["rows"].items():
         for ppl in by_col.values():
             assert math.isfinite(ppl["val"]) and math.isfinite(ppl["test"]) and ppl["val"] > 1, label
-    assert result["best_otfuse_on_validation"]["0.5"] in ("otfuse ot", "otfuse ot acts")
+    repaired = {r: result["rows"][f"otfuse magnitude + repair (ridge {r:g})"]["0.5"]["val"] for r in (1e-4, 1e-2)}
+    assert ridge == min(repaired, key=repaired.get)  # the ridge is chosen on validation
+    best = result["best_otfuse_on_validation"]["0.5"]
+    assert result["rows"][best]["0.5"]["val"] == min(v["0.5"]["val"] for k, v in result["rows"].items()
+                                                    if k.startswith("otfuse"))
 
     from transformers import AutoModelForCausalLM
 
