@@ -32,7 +32,7 @@ Timing (the weights route at 1.1B, or the tiny shape in smoke mode): the route's
 machine's CPU (benchmarks/scale.py: its products from `--dry-run`'s estimates at the measured CPU GEMM rate plus
 its assignments at the measured lapjvs time; the solves counted from one CPU run in full mode, the dry-run's
 first solve only in smoke mode), the device's GEMM rate at the same shapes and what the products take at it,
-and the route itself with `--device`: refused today, else its wall seconds and ratio to the CPU floor.
+and the route itself with `--device`: its wall seconds (its error line where a version refuses it) and ratio to the CPU floor.
 
 Output: a JSON document (stdout with --json; benchmarks/gpu_check.json with --save) and a summary table."""
 
@@ -253,7 +253,7 @@ SOLVES = 2  # solves per space of the exact weights route at 1.1B: aligning + on
 
 def time_weights_route(size: str, shape, device: str, work: Path, run_cpu: bool) -> dict:
     """The weights route at one size: its CPU arithmetic floor (scale.py), the device's GEMM rate at the same
-    shapes, and the route with --device (refused today). run_cpu: also run the route on the CPU once (minutes at
+    shapes, and the route with --device. run_cpu: also run the route on the CPU once (minutes at
     1.1B), which counts the solves it runs; else the floor counts SOLVES per space."""
     a, b = work / "a", work / "b"
     t = time.perf_counter()
