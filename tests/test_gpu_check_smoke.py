@@ -1,6 +1,6 @@
 """Smoke mode of benchmarks/gpu_check.py (cpu against cpu: the smallest bundled pair and a tiny Llama pair): every
-route that takes --device runs twice and its plans and fused tensors compare equal, the weights route is recorded
-as refused with --device, the timing section is filled in — and the comparison can fail: a planted difference in
+route that takes --device runs twice and its plans and fused tensors compare equal (the weights route too, exact
+and with Sinkhorn), the timing section is filled in — and the comparison can fail: a planted difference in
 a plan or a fused tensor is reported as unequal."""
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ def test_every_check_is_equal(smoke):
     for c in doc["checks"]:
         assert c["status"] == "compared" and c["equal"] is True and c["tensors"] > 0, c
         assert c["max_rel_error"] <= c["rtol"] and not c["differing"]
-    assert len(doc["weights_route"]) == 2
-    for w in doc["weights_route"]:  # refused with --device today; compared like the others once it is not
-        assert w["status"] == gpu_check.REFUSED_WEIGHTS and w["message"].startswith("error:") or w["equal"] is True, w
+    assert {(w["pair"], w["route"]) for w in doc["weights_route"]} == {
+        (p, r) for p in ("digits CNN (bundled)", "tiny Llama (random)") for r in ("weights", "weights, sinkhorn")}
+    for w in doc["weights_route"]:  # takes --device: compared like the others
+        assert w["status"] == "compared" and w["equal"] is True and w["tensors"] > 0, w
     t = doc["timing"]
     assert t["cpu_floor"]["cpu_s"] > 0 and t["device_gemm"]["products_wall_s"] > 0
-    assert t["device_route"]["status"] in (gpu_check.REFUSED_WEIGHTS, "ran")
+    assert t["device_route"]["status"] == "ran"
 
 
 def test_a_planted_difference_is_unequal(smoke, tmp_path):
