@@ -15,20 +15,7 @@ from sklearn.metrics import cohen_kappa_score
 
 from conftest import assert_one_line_error, cli
 from otfuse_cli.merging.predictions import agreement, kappa
-
-D, H, C = 12, 32, 4
-META = {"otfuse.arch": "mlp", "otfuse.activation": "relu", "otfuse.input_shape": str(D)}
-
-
-def random_mlp(rng) -> dict[str, np.ndarray]:
-    return {"0.weight": rng.normal(size=(H, D)).astype(np.float32), "0.bias": rng.normal(size=H).astype(np.float32),
-            "2.weight": rng.normal(size=(C, H)).astype(np.float32), "2.bias": rng.normal(size=C).astype(np.float32)}
-
-
-def permuted(sd, perm) -> dict[str, np.ndarray]:
-    return {"0.weight": sd["0.weight"][perm], "0.bias": sd["0.bias"][perm],
-            "2.weight": np.ascontiguousarray(sd["2.weight"][:, perm]), "2.bias": sd["2.bias"]}
-
+from test_barycentre import META, C, D, H, permuted, random_mlp  # one-hidden-layer MLPs and their permutations
 
 def predict(sd, x) -> np.ndarray:
     return (np.maximum(x @ sd["0.weight"].T + sd["0.bias"], 0) @ sd["2.weight"].T + sd["2.bias"]).argmax(1)
