@@ -86,7 +86,9 @@ def warnings(summary: dict, labels: list[str]) -> list[str]:
 def predictions_of(ckpt, data) -> np.ndarray:
     from otfuse_cli.runnable import load_runnable
 
-    return top_predictions(load_runnable(ckpt, activation=data.activation, device=data.device), data)
+    # a model spread over devices for activation alignment (--device-map) is loaded the same way here
+    return top_predictions(load_runnable(ckpt, activation=data.activation, device=data.device,
+                                         device_map=data.device_map), data)
 
 
 def check_fused(output: str, parents: list[np.ndarray], data) -> dict | None:
