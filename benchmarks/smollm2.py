@@ -34,6 +34,7 @@ def export_smollm2(target: Path):
     save_file(state, target / "model.safetensors", metadata={"format": "pt"})
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]  # as the hub's config has it (from GGUF it is unset)
     (target / "config.json").write_text(json.dumps(config, indent=2))
     tok.save_pretrained(target)
     return model, tok

@@ -131,7 +131,8 @@ class RunnableModel:
                 out = self.module(**{k: v.to(self.device) for k, v in batch.items()})
         except (RuntimeError, ValueError, IndexError) as e:  # shapes that do not fit this model, token ids...
             raise OtfuseError(f"the inputs do not fit the model: {str(e).splitlines()[0]}") from None
-        logits = out.logits if hasattr(out, "logits") else out
+        # a base model class (a config without architectures: no task head) gives its last hidden states
+        logits = out.logits if hasattr(out, "logits") else getattr(out, "last_hidden_state", out)
         return logits.float()
 
     def check_input(self, batch) -> None:
@@ -356,6 +357,11 @@ def _hf_from_state_dict(state_dict, like, device, overrides: dict | None = None)
             model = cls.from_config(config).float()
         except (ValueError, KeyError) as e:
             raise OtfuseError(f"cannot build a model from the config of {like.path}: {str(e).splitlines()[0]}") from None
+    # a base model class (config without architectures) names its weights without the checkpoint's prefix,
+    # as from_pretrained accepts them
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    if prefix != "." and not any(k.startswith(prefix) for k in model.state_dict()):
+        state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}
     _load_strict(model, state_dict, allow_tied=True)
     tok, tok_err = _hf_tokenizer(like.folder)
     return RunnableModel(model, "hf", tokenizer=tok, config=config, task_heads=heads, device=device,

@@ -27,19 +27,23 @@ from otfuse_cli.options import DataOptions
 RIDGE = 1e-3
 
 
-def readers(spec, targets: dict[str, int], module: nn.Module) -> list[str]:
-    """The linear layers (module names, in forward order) whose whole input is one compressed space."""
+def readers(spec, targets: dict[str, int], module: nn.Module) -> list[tuple[str, str]]:
+    """(module name, checkpoint tensor name) of every linear layer whose whole input is one compressed space, in
+    forward order. A base model class (no task head) names its modules without the checkpoint's prefix."""
     linear = {name for name, m in module.named_modules() if isinstance(m, nn.Linear)}
-    found = set()
+    found = {}
     for space in spec.spaces:
         if space.name not in targets:
             continue
         for e in space.entries:
-            name = e.tensor.removesuffix(".weight")
-            if e.role == "in" and e.axis == 1 and e.tensor.endswith(".weight") and name in linear and e.start == 0:
-                found.add(name)
+            if not (e.role == "in" and e.axis == 1 and e.tensor.endswith(".weight") and e.start == 0):
+                continue
+            parts = e.tensor.removesuffix(".weight").split(".")
+            name = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in linear), None)
+            if name is not None:
+                found[name] = e.tensor
     order = [name for name, _ in module.named_modules()]
-    return sorted(found, key=order.index)
+    return sorted(found.items(), key=lambda item: order.index(item[0]))
 
 
 BATCH = 8  # texts per forward pass: each reader's input is held for one batch of the original model
@@ -63,21 +67,23 @@ def refit_readers(state_dict: dict, original, spec, targets: dict[str, int], ove
     out = dict(state_dict)
     for _ in range(PASSES):
         small = runnable_from_state_dict(out, original, device=data.device, config_overrides=overrides)
-        sums = {name: _Sums(layers[name], out[f"{name}.weight"].shape[1]) for name in names}
+        sums = {name: _Sums(layers[name], out[tensor].shape[1]) for name, tensor in names}
         for batch, masks in batches:
             interrupts.check()
             seen: dict[str, torch.Tensor] = {}
-            with _Hooks(full, names, lambda name, h: seen.__setitem__(name, h)):
+            with _Hooks(full, sums, lambda name, h: seen.__setitem__(name, h)):
                 full.predict_logits(batch)
-            with _Hooks(small, names, lambda name, h: sums[name].add(seen.pop(name), h, masks)):
+            with _Hooks(small, sums, lambda name, h: sums[name].add(seen.pop(name), h, masks)):
                 small.predict_logits(batch)
-        for name in names:
-            out.update(sums[name].fitted(name, out))
+        for name, tensor in names:
+            out.update(sums[name].fitted(tensor, out))
     return out
 
 
 class _Hooks:
-    def __init__(self, model, names: list[str], record):
+    """Forward pre-hooks that hand each named layer's input to record(name, input), removed on exit."""
+
+    def __init__(self, model, names, record):
         modules = dict(model.module.named_modules())
         self.handles = [modules[name].register_forward_pre_hook(self._hook(name, record)) for name in names]
 
@@ -115,7 +121,8 @@ class _Sums:
         self.cross += h.T @ z
         self.gram += z.T @ z
 
-    def fitted(self, name: str, out: dict) -> dict:
+    def fitted(self, tensor: str, out: dict) -> dict:
+        """The refitted weight (and bias) under the checkpoint's names, `tensor` being the weight's."""
         k = self.k
         target = self.weight @ self.cross  # sum over tokens of (W h) z^T
         if self.bias is not None:
@@ -123,7 +130,8 @@ class _Sums:
         reg = self.gram.clone()
         reg.diagonal()[:k] += RIDGE * float(self.gram.diagonal()[:k].mean())
         fitted = torch.linalg.solve(reg, target.T).T  # fitted @ reg = target
-        new = {f"{name}.weight": fitted[:, :k].to(out[f"{name}.weight"].dtype).cpu().contiguous()}
+        new = {tensor: fitted[:, :k].to(out[tensor].dtype).cpu().contiguous()}
+        bias = tensor.removesuffix(".weight") + ".bias"
         if self.bias is not None:
-            new[f"{name}.bias"] = fitted[:, k].to(out[f"{name}.bias"].dtype).cpu().contiguous()
+            new[bias] = fitted[:, k].to(out[bias].dtype).cpu().contiguous()
         return new
