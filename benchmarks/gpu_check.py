@@ -32,7 +32,8 @@ Timing (the weights route at 1.1B, or the tiny shape in smoke mode): the route's
 machine's CPU (benchmarks/scale.py: its products from `--dry-run`'s estimates at the measured CPU GEMM rate plus
 its assignments at the measured lapjvs time; the solves counted from one CPU run in full mode, the dry-run's
 first solve only in smoke mode), the device's GEMM rate at the same shapes and what the products take at it,
-and the route itself with `--device`: its wall seconds (its error line where a version refuses it) and ratio to the CPU floor.
+and the route itself with `--device`: its wall seconds (its error line where a version refuses it) and ratio to
+the CPU floor.
 
 Output: a JSON document (stdout with --json; benchmarks/gpu_check.json with --save) and a summary table."""
 

@@ -394,7 +394,8 @@ def fuse(
             report.console.print(f"  {escape_path(name)}: merged body + its own task head → {escape_path(path)}")
         if checked := result.get("fit", {}).get("predictions"):
             kappas = checked["fused_kappa"]
-            span = f"{min(kappas):.2f}" + (f"–{max(kappas):.2f}" if f"{max(kappas):.2f}" != f"{min(kappas):.2f}" else "")
+            low, high = f"{min(kappas):.2f}", f"{max(kappas):.2f}"
+            span = low if low == high else f"{low}–{high}"
             report.console.print(f"checked on {checked['rows']:,} predictions: Cohen's kappa with the parents "
                                  f"{span} (theirs with each other, median best "
                                  f"{checked['reference']:.2f})")

@@ -73,8 +73,8 @@ def open_parents(paths: list[str], anchor: int = 0, allow_config_mismatch: bool 
 
 def _weight_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None, sketch=None,
                      l1=True):
-    """Features, cross terms and costs on --device (the tensors moved there as they are read); the solvers
-    take the costs on the CPU (see engine.align_pair)."""
+    """Features, cross terms and costs on --device (the tensors moved there as they are read); Sinkhorn solves
+    there too, the exact solvers take each cost to the CPU (solvers.solve)."""
     from otfuse_cli.alignment.weights import on_device
     from otfuse_cli.runnable import resolve_device
 
@@ -84,8 +84,8 @@ def _weight_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOption
     if device.type != "cpu":
         from otfuse_cli.report import timing_line
 
-        timing_line(f"weights route on {device}: features, cross terms and costs there; each cost goes to the CPU "
-                    "for its solver (lapjvs, POT, Sinkhorn)")
+        timing_line(f"weights route on {device}: features, cross terms, costs and Sinkhorn there; the exact "
+                    "solvers (lapjvs, POT's simplex) take each cost to the CPU")
     return WeightFeatures(anchor_spec, spec, on_device(anchor_src, device), on_device(parent_src, device),
                           sketch=sketch, l1=l1)
 

@@ -25,6 +25,8 @@ from otfuse_cli.errors import OtfuseError
 from otfuse_cli.options import DataOptions
 
 RIDGE = 1e-3
+BATCH = 8  # texts per forward pass: each reader's input is held for one batch of the original model
+PASSES = 2
 
 
 def readers(spec, targets: dict[str, int], module: nn.Module) -> list[tuple[str, str]]:
@@ -44,10 +46,6 @@ def readers(spec, targets: dict[str, int], module: nn.Module) -> list[tuple[str,
                 found[name] = e.tensor
     order = [name for name, _ in module.named_modules()]
     return sorted(found.items(), key=lambda item: order.index(item[0]))
-
-
-BATCH = 8  # texts per forward pass: each reader's input is held for one batch of the original model
-PASSES = 2
 
 
 @torch.no_grad()
@@ -99,7 +97,6 @@ class _Hooks:
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
-
 
 
 class _Sums:
