@@ -205,6 +205,10 @@ def parents_for(seed: int, n: int, widths, epochs: int, data: dict, cache: Path)
     return paths, cpus
 
 
+def default_cache() -> Path:
+    return Path(os.environ.get("OTFUSE_BENCH_CACHE", Path(tempfile.gettempdir()) / "otfuse-bench")) / "cnn_parents"
+
+
 def load_sd(path: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -693,8 +697,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     with tempfile.TemporaryDirectory(prefix="cnn_parents_") as tmp:
         tmp = Path(tmp)
-        cache = a.cache or (tmp / "cache" if a.smoke else Path(os.environ.get(
-            "OTFUSE_BENCH_CACHE", Path(tempfile.gettempdir()) / "otfuse-bench")) / "cnn_parents")
+        cache = a.cache or (tmp / "cache" if a.smoke else default_cache())
         from safetensors.torch import save_file
 
         calib_x = data["train"][0][:a.calib].contiguous()

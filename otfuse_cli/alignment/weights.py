@@ -110,6 +110,13 @@ def unit_slices(x: torch.Tensor, entry: Entry, size: int) -> torch.Tensor:
     return y.reshape(size, entry.rep, entry.inner, -1)
 
 
+# A BatchNorm's running mean and variance (buffers measured on data, not parameters) and whether they enter a
+# unit's weight features. They stay out (as in Re-Basin): benchmarks/bn_features.py measured both choices
+# on validation data (three kinds of BatchNorm CNN; out gained 0.8 points on their mean, in two of the three).
+NORM_STATISTICS = (".running_mean", ".running_var")
+NORM_STATISTICS_IN_FEATURES = False
+
+
 class WeightFeatures:
     def __init__(self, anchor_spec: Spec, parent_spec: Spec, anchor: TensorSource, parent: TensorSource,
                  sketch: int | None = None, l1: bool = True):
@@ -128,6 +135,8 @@ class WeightFeatures:
         ready = [(ep, ea) for ep, ea in pairs if self.transporter.spaces_of(ep.tensor) - {sa.name} <= set(plans)]
         if first_pass and ready:
             pairs = ready  # only entries whose other axes are already aligned carry signal
+        if not NORM_STATISTICS_IN_FEATURES:
+            pairs = [(ep, ea) for ep, ea in pairs if not ep.tensor.endswith(NORM_STATISTICS)]
         pair = FeaturePair(fold, self.sketch if fold else None, self.l1)
         for ep, ea in pairs:
             xp = self.transporter.move(ep.tensor, self.parent(ep.tensor), plans, skip=sa.name)
