@@ -17,7 +17,7 @@ Routes, each scored by test accuracy (and validation accuracy, for choices) and 
   otfuse through its CLI, one subprocess each, OTFUSE_THREADS=1 (CPU = that process's user + sys, start-up
     included: `startup_cpu_s` in the JSON is that of a Python that only imports torch, the CLI and transformers):
       --align none | weights | weights --repair | activations | activations --repair, and, when `fuse --help`
-      lists --rounds, also --align weights --rounds 5 (+/- --repair) and --align activations --rounds 5
+      lists --rounds, also --align weights --rounds 5 (+/- --repair) and --align activations --rounds 5 (+/- --repair)
       (--data: a safetensors file of --calib training images, --samples the same number);
   peers, written here from the papers (numpy/scipy/torch; nothing from otfuse_cli), in-process CPU seconds:
       wm        Re-Basin weight matching, anchor = parent 0: coordinate descent over the three channel
@@ -97,7 +97,9 @@ def otfuse_routes(rounds: bool, smoke: bool = False) -> dict[str, list[str]]:
                        f"otfuse weights rounds{ROUNDS} +repair": ["--align", "weights", "--rounds", str(ROUNDS),
                                                                    "--repair", "DATA"],
                        f"otfuse activations rounds{ROUNDS}": ["--align", "activations", "--rounds", str(ROUNDS),
-                                                              "DATA"]})
+                                                              "DATA"],
+                       f"otfuse activations rounds{ROUNDS} +repair": ["--align", "activations", "--rounds",
+                                                                      str(ROUNDS), "--repair", "DATA"]})
     return {k: v for k, v in routes.items() if k in SMOKE_ROUTES} if smoke else routes
 
 
