@@ -363,9 +363,8 @@ def fuse(
     else:
         refuse_sketch_unless_weights(given, options)
     if not reads_data(options, merge, plan, stats, repair) and not (check and "--data" in given):
-        # --device also places the weights route's features and costs (not with a plan file: nothing is solved)
-        unread = tuple(f for f in SAMPLE_FLAGS if (f != "--seed" or "seed" not in rule_reads)
-                       and (f != "--device" or options.align != "weights" or plan))
+        # --device places the merge of every tensor (and the weights route's features and costs)
+        unread = tuple(f for f in SAMPLE_FLAGS if (f != "--seed" or "seed" not in rule_reads) and f != "--device")
         refuse_unused(given, unread, "no step reads --data here (activations, regmean/fisher, --repair, the check)")
     elif not options.reads_data or plan:
         refuse_unused(given, ACTIVATION_FLAGS, "they shape activation alignment (--align activations or cca)")

@@ -25,7 +25,7 @@ from otfuse_cli.merging.rules import MERGES, Tensor
 from otfuse_cli.options import AlignOptions, DataOptions, MergeOptions, OutputOptions
 from otfuse_cli.pipeline import (Parents, check_data, check_output, check_shard_size, compute_plans, data_record,
                                  dtype_overrides, layout_of, open_parents, output_dtype, plan_summary,
-                                 requested_layout, resolved)
+                                 requested_layout, resolved, weights_route_device)
 
 
 def weight_numbers(text: str | None) -> list[float] | None:
@@ -102,12 +102,15 @@ def open_base(path: str, parents: Parents, allow_config_mismatch: bool) -> Base:
 
 def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[float], merge: MergeOptions,
                   write: OutputOptions, stats: list | None = None, base: Base | None = None,
-                  seed: int = 0, fit=None, only: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                  seed: int = 0, fit=None, only: set[str] | None = None,
+                  device: torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The merged tensors in the anchor's order; with `base`, the rule merges task vectors and the base is
     added back. Task heads kept apart (parents.heads) are not among them. fit (merging.fit.Fit), when
     given, measures each aligned parent's distance to every merged tensor. only: the names merged; every
-    other tensor is the anchor's own (moved by the anchor's plans, which barycentric rounds give it)."""
+    other tensor is the anchor's own (moved by the anchor's plans, which barycentric rounds give it).
+    device: where each tensor is transported and merged (read on the CPU, moved there, and the result back)."""
     anchor = parents.anchor
+    there = (lambda x: x.to(device)) if device is not None and device.type != "cpu" else (lambda x: x)
     movers = [Transporter(parents.specs[anchor], s) for s in parents.specs]
     rule = MERGES[merge.merge]
     ckpt = parents.ckpts[anchor]
@@ -117,12 +120,12 @@ def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[
             yield name, ckpt.get(name)
             continue
         if only is not None and name not in only:
-            x = parents.source(anchor).take(name)
-            yield name, (movers[anchor].move(name, x, plans[anchor]) if plans[anchor] else x).to(dtype)
+            x = there(parents.source(anchor).take(name))
+            yield name, (movers[anchor].move(name, x, plans[anchor]) if plans[anchor] else x).to("cpu", dtype)
             continue
         aligned = []
         for k in range(len(parents.ckpts)):
-            x = parents.source(k).take(name, raw=rule.elementwise)  # an elementwise rule converts block by block
+            x = there(parents.source(k).take(name, raw=rule.elementwise))  # an elementwise rule converts in blocks
             if plans[k]:  # every parent but the anchor, and the anchor too after barycentric rounds
                 x = movers[k].move(name, x, plans[k])
             if tuple(x.shape) != shape:
@@ -132,14 +135,14 @@ def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[
         extra = None
         if rule.needs:
             extra = [_statistic(rule, parents, movers, plans, stats, name, k) for k in range(len(aligned))]
-            extra = None if any(e is None for e in extra) else extra
+            extra = None if any(e is None for e in extra) else [there(e) for e in extra]
         tensor = Tensor(name, weights, merge, seed=seed)
-        origin = None if base is None else base.source.take(base.names[name], raw=rule.elementwise)
+        origin = None if base is None else there(base.source.take(base.names[name], raw=rule.elementwise))
         if rule.elementwise:
             out = check_finite_output(name, _blockwise(rule, tensor, aligned, extra, origin, dtype), merge)
             if fit is not None:
                 fit.add(aligned, out)
-            yield name, out
+            yield name, out.to("cpu")
             continue
         whole = aligned
         if origin is not None:  # task vectors, then the base added back
@@ -149,7 +152,7 @@ def fused_tensors(parents: Parents, plans: list[dict[str, Plan]], weights: list[
         out = check_finite_output(name, (out if origin is None else out.to(origin.dtype) + origin).to(dtype), merge)
         if fit is not None:
             fit.add(whole, out)
-        yield name, out
+        yield name, out.to("cpu")
 
 
 def selected(parents: Parents, only: list[str] | None) -> set[str] | None:
@@ -210,7 +213,7 @@ def _blockwise(rule, tensor: Tensor, aligned: list[torch.Tensor], extra: list | 
     """rule applied to aligned blocks of the parents' elements (any dtype; computed in float32, float64 kept),
     minus and plus the base's block when there is one, written straight into the output tensor of `dtype`.
     A rule with a per-tensor preparation (TIES' thresholds) first streams over every parent's blocks."""
-    out = torch.empty(aligned[0].shape, dtype=dtype)
+    out = torch.empty(aligned[0].shape, dtype=dtype, device=aligned[0].device)
     flat = out.view(-1)
     xs = [x.reshape(-1) for x in aligned]
     ss = None if extra is None else [s.reshape(-1) for s in extra]
@@ -384,7 +387,7 @@ def fuse(models: list[str], output: str, *, options: AlignOptions = AlignOptions
     # the collapse guard: only where parents were aligned (children of one model merged in place need none)
     fit = Fit(len(parents.ckpts), w) if any(plans) else None
     tensors = report.counted(fused_tensors(parents, plans, w, merge, write, parent_statistics, origin, data.seed,
-                                           fit, merged_names), on_space, "merging",
+                                           fit, merged_names, weights_route_device(data)), on_space, "merging",
                              len(fused_layout(parents.ckpts[anchor], write, _kept(parents))))
     result = {"family": parents.specs[anchor].family, "align": align_record.get("align", options.align),
               "merge": merge.merge, "anchor": anchor, "weights": w, "spaces": plan_summary(plans, parents.specs, anchor)}

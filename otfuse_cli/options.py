@@ -191,7 +191,8 @@ class DataOptions(Options):
                                           "(default: per family, measured).")
     max_length: int = option(128, "--max-length", "Token limit per text sample.", minimum=1)
     device: str = option("auto", "--device", "auto, cpu or cuda: where forward passes run, and (named, not "
-                         "auto) the weights route's features, costs and Sinkhorn.", metavar="DEVICE")
+                         "auto) the weights route's features, costs and Sinkhorn, and fuse's merge of every tensor.",
+                         metavar="DEVICE")
     device_map: str | None = option(None, "--device-map", "Spread each model's layers for activation "
                                     "alignment over the GPUs, CPU memory and disk (accelerate): auto, balanced, "
                                     "sequential. For models that do not fit one device; overrides --device.",

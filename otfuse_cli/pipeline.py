@@ -71,16 +71,22 @@ def open_parents(paths: list[str], anchor: int = 0, allow_config_mismatch: bool 
 
 # ---------------------------------------------------------------- features and plans
 
+def weights_route_device(data: DataOptions) -> torch.device:
+    """Where the weights route computes (its features and costs, and the merge of every tensor). auto stays
+    on the CPU until benchmarks/gpu_check.py has compared this route on a GPU: only an explicit --device
+    moves it."""
+    from otfuse_cli.runnable import resolve_device
+
+    return torch.device("cpu") if data.device == "auto" else resolve_device(data.device)
+
+
 def _weight_provider(anchor_spec, spec, anchor_src, parent_src, data: DataOptions, on_batch=None, sketch=None,
                      l1=True):
     """Features, cross terms and costs on --device (the tensors moved there as they are read); Sinkhorn solves
     there too, the exact solvers take each cost to the CPU (solvers.solve)."""
     from otfuse_cli.alignment.weights import on_device
-    from otfuse_cli.runnable import resolve_device
 
-    # auto stays on the CPU here until benchmarks/gpu_check.py has compared this route on a GPU: only an
-    # explicit --device moves it
-    device = torch.device("cpu") if data.device == "auto" else resolve_device(data.device)
+    device = weights_route_device(data)
     if device.type != "cpu":
         from otfuse_cli.report import timing_line
 

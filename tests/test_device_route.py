@@ -43,7 +43,7 @@ def test_a_non_finite_torch_cost_is_refused_in_one_line():
         solve(cost, np.full(3, 1 / 3), np.full(3, 1 / 3), "sinkhorn")
 
 
-@pytest.mark.parametrize("flags", [[], ["--solver", "sinkhorn", "--reg", "0.05"], ["--sketch", "64"]])
+@pytest.mark.parametrize("flags", [[], ["--solver", "sinkhorn", "--reg", "0.05"], ["--sketch", "64"], ["--align", "none"]])
 def test_device_cpu_gives_the_defaults_model(tmp_path, flags):
     pair = [DIGITS / "cnn_a.safetensors", DIGITS / "cnn_b.safetensors"]
     outs = []

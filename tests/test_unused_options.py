@@ -13,8 +13,7 @@ A, B = DIGITS / "mlp_a.safetensors", DIGITS / "mlp_b.safetensors"
 
 
 @pytest.mark.parametrize("command,args,words", [
-    ("fuse", ["--device", "cpu", "--align", "none"], "--device does not apply"),
-    ("fuse", ["--device", "cpu", "--plan", "p.safetensors"], "--device does not apply"),
+    ("align", ["--device", "cpu", "--align", "none"], "--device does not apply"),
     ("fuse", ["--data", DIGITS / "calib.safetensors", "--no-check"], "--data is read by"),
     ("fuse", ["--samples", "10"], "--samples does not apply"),
     ("fuse", ["--plan", "p.safetensors", "--solver", "sinkhorn"], "--solver does not apply: the plan file"),

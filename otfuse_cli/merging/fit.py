@@ -39,8 +39,8 @@ class Fit:
             f = flat[start:start + BLOCK].double()
             block = torch.stack([x[start:start + BLOCK] for x in xs]).double()  # (parents, block)
             self.fused += float(f @ f)
-            self.cross += block @ f
-            self.gram += block @ block.T
+            self.cross += (block @ f).cpu()  # the blocks may be on --device; the sums stay on the CPU
+            self.gram += (block @ block.T).cpu()
 
     def summary(self, labels: list[str]) -> dict:
         """{"parents": [{model, label, residual, agreement}], "retention", "outliers": [model indices]}."""
