@@ -19,7 +19,12 @@ Routes (each at every ratio):
     minitron      Minitron's activation importance (Muralidharan et al. 2024): the L2 norm over the calibration
                   tokens of the unit's output, silu(gate_j x) * up_j x;
     wanda         Wanda's score for a whole unit (Sun et al. 2024): that activation norm times |down_:,j|;
-    random        a seeded random choice (one per seed).
+    random        a seeded random choice (one per seed);
+  and model folding (Wang et al., ICLR 2025), data-free, also written here: per layer, k-means (scikit-learn,
+  one seeded start) on each unit's input weights [gate_j, up_j] into N clusters; a cluster's unit takes its
+  members' mean gate and up rows and the sum of their down columns, and its gate and up rows are rescaled to
+  their members' mean norm: the published data-free variance correction (Fold-AR: a merged unit's
+  pre-activation keeps its members' spread) under inputs with no preferred direction.
 Data-dependent routes see the calibration texts only; every choice (the best otfuse route) is made on
 validation perplexity; test perplexity is reported beside it.
 
@@ -129,6 +134,38 @@ def scores(model, method: str, norms: list[torch.Tensor], seed: int) -> list[tor
             raise ValueError(method)
         out.append(s)
     return out
+
+
+def folded(source: Path, width: int, target: Path, seed: int = 0) -> None:
+    """Model folding (see the module docs), written with intermediate_size = width."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        gate, up, down = (mlp.gate_proj.weight.data.double(), mlp.up_proj.weight.data.double(),
+                          mlp.down_proj.weight.data.double())
+        feats = torch.cat([gate, up], 1).numpy()
+        labels = torch.from_numpy(KMeans(width, n_init=1, random_state=seed).fit(feats).labels_.astype(np.int64))
+        onehot = torch.zeros(width, len(labels), dtype=torch.float64)
+        onehot[labels, torch.arange(len(labels))] = 1.0
+        size = onehot.sum(1, keepdim=True).clamp_min(1)
+        rows = []
+        for w in (gate, up):
+            mean = onehot @ w / size
+            target_norm = onehot @ w.norm(dim=1, keepdim=True) / size
+            rows.append(mean * target_norm / mean.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        for name, w in (("gate_proj", rows[0]), ("up_proj", rows[1])):
+            new = torch.nn.Linear(w.shape[1], width, bias=False)
+            new.weight.data = w.float().contiguous()
+            setattr(mlp, name, new)
+        new = torch.nn.Linear(width, down.shape[0], bias=False)
+        new.weight.data = (down @ onehot.T).float().contiguous()
+        mlp.down_proj = new
+    model.config.intermediate_size = width
+    model.save_pretrained(target)
 
 
 def pruned(source: Path, keep: list[torch.Tensor], target: Path) -> None:
@@ -247,6 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
                 target = work / f"{method}_{seed}_{r}"
                 pruned(source, keep, target)
                 rows.setdefault(label, {})[col] = evaluate(target)
+        target = work / f"folding_{r}"
+        folded(source, width, target)
+        rows.setdefault("model folding (k-means on weights, Fold-AR rescaling)", {})[col] = evaluate(target)
         reads = ["--data", str(calib), "--samples", str(len(texts["calib"])), "--max-length", str(args.max_length)]
         for label, extra in (("otfuse ot", []), ("otfuse ot acts", ["--align", "activations", *reads])):
             target = work / f"{label.replace(' ', '_')}_{r}"

@@ -1,7 +1,8 @@
 """benchmarks/compress_real.py's smoke mode (a tiny random Llama): every route runs and is scored, and the
 baselines' pruning is checked against the model's own forward: keeping every unit (in any order of the
 indices given) leaves the logits exactly as they were, and dropping units whose down_proj column is zero
-changes nothing either."""
+changes nothing either; model folding of a Llama whose FFN units come in identical pairs (each writing half
+of the pair's output) gives the logits back."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def test_smoke_scores_every_route(tmp_path):
                                  "--json", str(tmp_path / "r.json"), "--ridges", "1e-4", "1e-2"])
     ridge = result["refit_ridge_on_validation"]["0.5"]
     expected = {"original", "magnitude", "minitron", "wanda", "random (seed 0)", "otfuse ot", "otfuse ot acts",
+                "model folding (k-means on weights, Fold-AR rescaling)",
                 "otfuse magnitude + repair (ridge 0.01)", "otfuse magnitude + repair (ridge 0.0001)",
                 f"otfuse ot acts + repair (ridge {ridge:g})"}
     assert set(result["rows"]) == expected
@@ -70,3 +72,25 @@ def test_smoke_scores_every_route(tmp_path):
     assert cut.config.intermediate_size == len(alive)
     with torch.no_grad():
         torch.testing.assert_close(cut(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+    # model folding: every unit doubled (gate and up rows repeated, each copy writing half the down column)
+    # folds back to the original width and function
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        for name in ("gate_proj", "up_proj"):
+            w = getattr(mlp, name).weight.data
+            setattr(mlp, name, torch.nn.Linear(w.shape[1], 2 * full, bias=False))
+            getattr(mlp, name).weight.data = torch.cat([w, w])
+        d = mlp.down_proj.weight.data
+        mlp.down_proj = torch.nn.Linear(2 * full, d.shape[0], bias=False)
+        mlp.down_proj.weight.data = torch.cat([d / 2, d / 2], 1)
+    model.config.intermediate_size = 2 * full
+    model.save_pretrained(tmp_path / "doubled")
+    compress_real.folded(tmp_path / "doubled", full, tmp_path / "folded")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "folded").eval()
+    assert back.config.intermediate_size == full
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
