@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +47,19 @@ RATIOS = (0.9, 0.75, 0.5)
 BASELINES = ("magnitude", "minitron", "wanda", "random", "folding")
 LRS = (3e-5, 1e-4)
 CALIB = 256
+
+
+def sibling(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ stays off sys.path: its run.py would shadow the studies')."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REAL = sibling("compress_real")  # its activation norms, otfuse subprocess and table serve here too
 
 
 def studies():
@@ -77,31 +87,6 @@ def accuracy(model, tok, rows: list[tuple[str, str]], labels: list[str], max_len
         pred = model(**enc).logits.argmax(-1)
         right += int((pred == torch.tensor([labels.index(lab) for _, lab in part])).sum())
     return right / len(rows)
-
-
-@torch.no_grad()
-def unit_output_norms(model, tok, texts: list[str], max_length: int, batch: int = 32) -> list[torch.Tensor]:
-    """Per layer, the L2 norm over the calibration tokens (padding excluded) of each FFN unit's output (the
-    input of the FFN's output projection)."""
-    sums = [torch.zeros(layer.output.dense.in_features, dtype=torch.float64) for layer in layers_of(model)]
-    mask = {}
-
-    def hook(k):
-        def pre(_module, args):
-            h = args[0].double() * mask["m"][..., None]
-            sums[k] += (h * h).sum((0, 1))
-        return pre
-
-    handles = [layer.output.dense.register_forward_pre_hook(hook(k)) for k, layer in enumerate(layers_of(model))]
-    try:
-        for i in range(0, len(texts), batch):
-            enc = tok(texts[i:i + batch], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-            mask["m"] = enc["attention_mask"].double()
-            model(**enc)
-    finally:
-        for h in handles:
-            h.remove()
-    return [s.sqrt() for s in sums]
 
 
 def scores(model, method: str, norms: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
@@ -168,18 +153,6 @@ def folded(source: Path, width: int, target: Path, seed: int = 0) -> None:
     with_ffn(model, rows, target)
 
 
-def otfuse_compress(source: Path, target: Path, width: int, extra: list[str]) -> float:
-    """`otfuse compress`, one subprocess; returns its CPU seconds."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cmd = [sys.executable, "-m", "otfuse_cli", "--quiet", "compress", str(source), "-o", str(target),
-           "--width", f"ffn={width}", *extra]
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    if run.returncode:
-        raise SystemExit(f"otfuse compress failed: {run.stderr.strip()}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
@@ -215,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     calib_rows = parts["train"][:CALIB]
     calib = work / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": t, "label": labels.index(lab)}) + "\n" for t, lab in calib_rows))
-    norms = unit_output_norms(model, tok, [t for t, _ in calib_rows], scale.max_length)
+    norms = REAL.unit_output_norms(model, tok, [t for t, _ in calib_rows], scale.max_length,
+                                   readers=lambda m: [layer.output.dense for layer in layers_of(m)])
     full = model.config.intermediate_size
 
     def evaluate(path: Path) -> dict:
@@ -245,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
                              ("otfuse ot acts", ["--align", "activations", *reads]),
                              ("otfuse ot acts + repair", ["--align", "activations", "--repair", *reads])):
             target = work / f"{label.replace(' ', '_').replace('+', 'p')}_{r}"
-            cpu[f"{label}|{col}"] = otfuse_compress(source, target, width, extra)
+            cpu[f"{label}|{col}"] = REAL.otfuse_compress(source, target, width, extra)
             rows.setdefault(label, {})[col] = evaluate(target)
         print(f"ratio {r}: done", file=sys.stderr, flush=True)
     result = {"model": "all-MiniLM-L6-v2 fine-tuned for sentiment" + (" (smoke: 1 layer)" if a.smoke else ""),
@@ -265,19 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def markdown(result: dict) -> str:
-    cols = list(result["widths"])
-    lines = [f"{result['model']}: accuracy validation / test (%), FFN width kept (of {result['full_width']})",
-             "| route | " + " | ".join(f"{float(c):.0%} ({result['widths'][c]})" for c in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
-    base = result["rows"]["original"]["1.0"]
-    lines.append("| original | " + " | ".join(f"{100 * base['val']:.1f} / {100 * base['test']:.1f}" for _ in cols)
-                 + " |")
-    for label, by_col in result["rows"].items():
-        if label != "original":
-            lines.append(f"| {label} | " + " | ".join(
-                f"{100 * by_col[c]['val']:.1f} / {100 * by_col[c]['test']:.1f}" if c in by_col else "–"
-                for c in cols) + " |")
-    return "\n".join(lines)
+    return REAL.markdown(result, "accuracy (%)", 100.0, 1)
 
 
 if __name__ == "__main__":

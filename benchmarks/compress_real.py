@@ -89,11 +89,16 @@ def perplexity(model, tok, texts: list[str], max_length: int, batch: int = 16) -
     return float(torch.tensor(total / count).exp())
 
 
-def unit_output_norms(model, tok, texts: list[str], max_length: int, batch: int = 16) -> list[torch.Tensor]:
+def down_projections(model) -> list:
+    return [layer.mlp.down_proj for layer in model.model.layers]
+
+
+def unit_output_norms(model, tok, texts: list[str], max_length: int, batch: int = 16,
+                      readers=down_projections) -> list[torch.Tensor]:
     """Per layer, the L2 norm over the calibration tokens (padding excluded) of each FFN unit's output: the
-    input of down_proj."""
-    layers = model.model.layers
-    sums = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
+    input of the layer's FFN output projection (readers(model), one per layer)."""
+    modules = readers(model)
+    sums = [torch.zeros(m.in_features, dtype=torch.float64) for m in modules]
     mask = {}
 
     def hook(k):
@@ -102,7 +107,7 @@ def unit_output_norms(model, tok, texts: list[str], max_length: int, batch: int 
             sums[k] += (h * h).sum((0, 1))
         return pre
 
-    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(k)) for k, layer in enumerate(layers)]
+    handles = [m.register_forward_pre_hook(hook(k)) for k, m in enumerate(modules)]
     try:
         for i in range(0, len(texts), batch):
             enc = tok(texts[i:i + batch], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
@@ -322,18 +327,21 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def markdown(result: dict) -> str:
-    cols = [c for c in result["widths"]]
-    lines = [f"{result['model']}: perplexity validation / test, FFN width kept (of {result['full_width']})",
+def markdown(result: dict, metric: str = "perplexity", scale: float = 1.0, digits: int = 2) -> str:
+    """The result's table: one row per route, validation / test (times scale) at each width kept."""
+    cols = list(result["widths"])
+
+    def cell(v: dict) -> str:
+        return f"{scale * v['val']:.{digits}f} / {scale * v['test']:.{digits}f}"
+
+    lines = [f"{result['model']}: {metric} validation / test, FFN width kept (of {result['full_width']})",
              "| route | " + " | ".join(f"{float(c):.0%} ({result['widths'][c]})" for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     base = result["rows"]["original"]["1.0"]
-    lines.append("| original | " + " | ".join(f"{base['val']:.2f} / {base['test']:.2f}" for _ in cols) + " |")
+    lines.append("| original | " + " | ".join(cell(base) for _ in cols) + " |")
     for label, by_col in result["rows"].items():
-        if label == "original":
-            continue
-        lines.append(f"| {label} | " + " | ".join(
-            f"{by_col[c]['val']:.2f} / {by_col[c]['test']:.2f}" if c in by_col else "–" for c in cols) + " |")
+        if label != "original":
+            lines.append(f"| {label} | " + " | ".join(cell(by_col[c]) if c in by_col else "–" for c in cols) + " |")
     return "\n".join(lines)
 
 
