@@ -129,7 +129,7 @@ def _dare(xs: list, t: Tensor) -> list:
     density = t.options.density
     if density >= 1:
         return xs
-    return [x * (keep_mask(t.seed, t.name, k, t.start, x.numel(), density).view(x.shape) / density)
+    return [x * (keep_mask(t.seed, t.name, k, t.start, x.numel(), density).to(x.device).view(x.shape) / density)
             for k, x in enumerate(xs)]
 
 
@@ -281,7 +281,7 @@ def _radix_threshold(blocks: Callable, rank: int) -> float:
         counts = torch.zeros(1 << 16, dtype=torch.int64)
         for block in blocks():
             bits = block.abs().to(torch.float32).reshape(-1).view(torch.int32)
-            counts += torch.bincount(select(bits), minlength=1 << 16)
+            counts += torch.bincount(select(bits), minlength=1 << 16).cpu()  # blocks may be on --device
         return counts
 
     above = torch.flip(histogram(lambda bits: bits >> 16), [0]).cumsum(0)  # entries at or above each bucket
