@@ -11,6 +11,8 @@ Validation and test: the four domains' validation and test texts (at most 400 ea
 Routes (each at every ratio):
   otfuse ot          `otfuse compress --width ffn=N` (OT clustering of units by their weights);
   otfuse ot acts     the same with `--align activations --data` (the calibration texts);
+  otfuse importance  `--method importance --data`: otfuse's activation-importance pruning (the minitron score
+                     below, computed by otfuse_cli/merging/importance.py);
   ... + repair       `--repair` as well: every FFN output projection refitted by least squares on the
                      calibration texts (otfuse_cli/merging/refit.py);
   written here from their papers (torch, scikit-learn; nothing from otfuse_cli), each keeping N units of every
@@ -217,7 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.setdefault(label, {})[col] = evaluate(target)
         for label, extra in (("otfuse ot", []), ("otfuse ot + repair", ["--repair", *reads]),
                              ("otfuse ot acts", ["--align", "activations", *reads]),
-                             ("otfuse ot acts + repair", ["--align", "activations", "--repair", *reads])):
+                             ("otfuse ot acts + repair", ["--align", "activations", "--repair", *reads]),
+                             ("otfuse importance", ["--method", "importance", *reads]),
+                             ("otfuse importance + repair", ["--method", "importance", "--repair", *reads])):
             target = work / f"{label.replace(' ', '_').replace('+', 'p')}_{r}"
             cpu[f"{label}|{col}"] = REAL.otfuse_compress(source, target, width, extra)
             rows.setdefault(label, {})[col] = evaluate(target)

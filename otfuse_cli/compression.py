@@ -5,8 +5,9 @@ points: k-means on per-unit features (k-medoids on the head cost for attention h
 dims must be matched). The plan P (n x k), P[i, c] = 1/n for unit i in cluster c, then goes through the
 same Transporter as fusion: "out" entries become the cluster mean (barycentre of incoming weights,
 biases, norm and BN parameters), "in" entries the sum of outgoing weights, so identical units merge
-without changing the function. Baselines prune instead: P keeps k units (largest incoming-weight norm,
-or random), dropped units get zero rows and contribute nothing.
+without changing the function. Pruning keeps k units instead (the largest incoming-weight norm, the largest
+activation importance on --data (merging/importance.py), or random); dropped units get zero rows and
+contribute nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from otfuse_cli.arch import build_spec, hf_family
 from otfuse_cli.arch.transformers import Family
 from otfuse_cli.arch.model import Space, Spec
 
-METHODS = ("ot", "magnitude", "random")
+METHODS = ("ot", "magnitude", "importance", "random")
 COMPRESSIBLE = ("hidden", "channel", "ffn", "heads")
 SKIP_REASONS = {
     "residual": "shared by every layer and normalised by LayerNorm/RMSNorm; not compressed",
@@ -282,11 +283,11 @@ def incoming_norms(space: Space, src: TensorSource) -> torch.Tensor:
 
 
 def space_plan(index: int, space: Space, k: int, method: str, src: TensorSource, provider, fallback,
-               options: AlignOptions, seed: int) -> tuple[Plan, dict]:
+               options: AlignOptions, seed: int, importance: dict[str, torch.Tensor] | None = None) -> tuple[Plan, dict]:
     n = space.size
-    if method == "magnitude":
-        keep = incoming_norms(space, src).argsort(descending=True, stable=True)[:k]
-        return keep_plan(keep, n), {}
+    if method in ("magnitude", "importance"):
+        score = incoming_norms(space, src) if method == "magnitude" else importance[space.name]
+        return keep_plan(score.argsort(descending=True, stable=True)[:k], n), {}
     if method == "random":
         return keep_plan(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k], n), {}
     features = provider.features(index, {}, False, fold=False).parent  # clustering needs the features whole
@@ -344,17 +345,19 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
     check_output(output, write)
     if repair and not data.data:
         raise OtfuseError("--repair needs --data FILE with sample inputs")
+    if method == "importance" and not data.data:
+        raise OtfuseError("--method importance scores units by their output on --data FILE; give --data")
     data = replace(data, standardize=data.standardize or "none", post_activation=bool(data.post_activation))
     ckpt = open_checkpoint(model)
-    uses_data = repair or (method == "ot" and options.align == "activations")
+    uses_data = repair or method == "importance" or (method == "ot" and options.align == "activations")
     refuse_overlap(output, input_paths([ckpt], [data.data if uses_data else None]))
     if repair:
         check_repairable(ckpt)
     layout = layout_of(ckpt, output)
     check_shard_size(layout, write)
     if data.data and not uses_data:
-        raise OtfuseError("--data is read by --align activations (with --method ot) or --repair; neither is "
-                          "chosen here")
+        raise OtfuseError("--data is read by --align activations (with --method ot), --method importance or "
+                          "--repair; none of them is chosen here")
     spec = build_spec(ckpt)
     family = hf_family(ckpt)
     targets, reasons = target_widths(spec, family, ratio, widths)
@@ -363,15 +366,25 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
     src = TensorSource(ckpt, str(ckpt.path))
     fallback = WeightFeatures(spec, spec, src, src)
     provider = feature_provider(options, data, spec, spec, src, src) if method == "ot" else None
+    importance = None
+    if method == "importance":
+        from otfuse_cli.merging.importance import unit_importance
+
+        importance = unit_importance(ckpt, spec, targets, data)
     plans, stats = {}, {}
     for index, space in enumerate(spec.spaces):
         if space.name in targets:
             plans[space.name], stats[space.name] = space_plan(index, space, targets[space.name], method, src,
-                                                              provider, fallback, options, data.seed)
+                                                              provider, fallback, options, data.seed, importance)
             if on_space:
                 on_space(space.name)
     src.cache.clear()
-    info = data_record(options, data) if method == "ot" else None  # the data read and accepted first, then hashed
+    # the data read and accepted first, then hashed
+    info = data_record(options, data) if method == "ot" else None
+    if method == "importance":
+        from otfuse_cli.alignment.activations import data_info
+
+        info = data_info(data)
     target = copy.deepcopy(spec)
     for s in target.spaces:
         s.size = targets.get(s.name, s.size)

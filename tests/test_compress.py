@@ -294,7 +294,7 @@ def bad_inputs(tmp_path_factory):
     ("mlp.safetensors", ["--width", "hidden"], ["--width takes KIND=N"]),
     ("mlp.safetensors", [], ["say how much to compress", "--ratio R"]),
     ("mlp.safetensors", ["--ratio", "0.5", "--width", "0=4"], ["give either --ratio R or --width KIND=N"]),
-    ("mlp.safetensors", ["--ratio", "0.5", "--method", "prune"], ["'prune' is not one of 'ot', 'magnitude', 'random'"]),
+    ("mlp.safetensors", ["--ratio", "0.5", "--method", "prune"], ["'prune' is not one of 'ot', 'magnitude', 'importance', 'random'"]),
     ("mlp.safetensors", ["--ratio", "0.5", "--align", "activations"], ["--align activations needs --data"]),
     ("bert", ["--width", "residual=8"], ["--width residual: shared by every layer", "compressible here: ffn"]),
     ("bert", ["--width", "heads=2"], ["derives head size from hidden_size; heads cannot be compressed"]),

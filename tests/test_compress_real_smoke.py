@@ -35,7 +35,8 @@ def test_smoke_scores_every_route(tmp_path):
                                  "--json", str(tmp_path / "r.json"), "--ridges", "1e-4", "1e-2"])
     ridge = result["refit_ridge_on_validation"]["0.5"]
     expected = {"original", "magnitude", "minitron", "wanda", "random (seed 0)", "otfuse ot", "otfuse ot acts",
-                "model folding (k-means on weights, Fold-AR rescaling)",
+                "model folding (k-means on weights, Fold-AR rescaling)", "otfuse importance",
+                f"otfuse importance + repair (ridge {ridge:g})",
                 "otfuse magnitude + repair (ridge 0.01)", "otfuse magnitude + repair (ridge 0.0001)",
                 f"otfuse ot acts + repair (ridge {ridge:g})"}
     assert set(result["rows"]) == expected
@@ -44,6 +45,8 @@ def test_smoke_scores_every_route(tmp_path):
             assert math.isfinite(ppl["val"]) and math.isfinite(ppl["test"]) and ppl["val"] > 1, label
     repaired = {r: result["rows"][f"otfuse magnitude + repair (ridge {r:g})"]["0.5"]["val"] for r in (1e-4, 1e-2)}
     assert ridge == min(repaired, key=repaired.get)  # the ridge is chosen on validation
+    # otfuse's importance pruning keeps the units this file's Minitron baseline keeps (its own code)
+    assert result["rows"]["otfuse importance"] == result["rows"]["minitron"]
     best = result["best_otfuse_on_validation"]["0.5"]
     assert result["rows"][best]["0.5"]["val"] == min(v["0.5"]["val"] for k, v in result["rows"].items()
                                                     if k.startswith("otfuse"))

@@ -91,7 +91,7 @@ def test_declared_choices_match_the_tables_they_name():
     ("fuse", "--cost-norm", "'mean', 'max', 'none'"), ("fuse", "--standardize", "'none', 'center', 'zscore'"),
     ("fuse", "--dtype", "'keep', 'float32'"), ("stats", "--kind", "'gram', 'fisher'"),
     ("fuse", "--merge", "'average', 'regmean', 'fisher'"), ("align", "--solver", "'exact', 'sinkhorn'"),
-    ("compress", "--metric", "'sqeuclidean', 'cosine'"), ("compress", "--method", "'ot', 'magnitude', 'random'"),
+    ("compress", "--metric", "'sqeuclidean', 'cosine'"), ("compress", "--method", "'ot', 'magnitude', 'importance', 'random'"),
     ("evaluate", "--activation", "'relu', 'gelu', 'tanh'"),
 ])
 def test_bad_choices_fail_while_parsing(tmp_path, command, flag, choices):

@@ -29,9 +29,10 @@ BATCH = 8  # texts per forward pass: each reader's input is held for one batch o
 PASSES = 2
 
 
-def readers(spec, targets: dict[str, int], module: nn.Module) -> list[tuple[str, str]]:
-    """(module name, checkpoint tensor name) of every linear layer whose whole input is one compressed space, in
-    forward order. A base model class (no task head) names its modules without the checkpoint's prefix."""
+def readers(spec, targets: dict[str, int], module: nn.Module) -> list[tuple[str, str, str]]:
+    """(module name, checkpoint tensor name, space name) of every linear layer whose whole input is one compressed
+    space, in forward order. A base model class (no task head) names its modules without the checkpoint's
+    prefix."""
     linear = {name for name, m in module.named_modules() if isinstance(m, nn.Linear)}
     found = {}
     for space in spec.spaces:
@@ -43,9 +44,10 @@ def readers(spec, targets: dict[str, int], module: nn.Module) -> list[tuple[str,
             parts = e.tensor.removesuffix(".weight").split(".")
             name = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in linear), None)
             if name is not None:
-                found[name] = e.tensor
+                found[name] = (e.tensor, space.name)
     order = [name for name, _ in module.named_modules()]
-    return sorted(found.items(), key=lambda item: order.index(item[0]))
+    return sorted(((name, tensor, space) for name, (tensor, space) in found.items()),
+                  key=lambda item: order.index(item[0]))
 
 
 @torch.no_grad()
@@ -65,20 +67,20 @@ def refit_readers(state_dict: dict, original, spec, targets: dict[str, int], ove
     out = dict(state_dict)
     for _ in range(PASSES):
         small = runnable_from_state_dict(out, original, device=data.device, config_overrides=overrides)
-        sums = {name: _Sums(layers[name], out[tensor].shape[1]) for name, tensor in names}
+        sums = {name: _Sums(layers[name], out[tensor].shape[1]) for name, tensor, _ in names}
         for batch, masks in batches:
             interrupts.check()
             seen: dict[str, torch.Tensor] = {}
-            with _Hooks(full, sums, lambda name, h: seen.__setitem__(name, h)):
+            with Hooks(full, sums, lambda name, h: seen.__setitem__(name, h)):
                 full.predict_logits(batch)
-            with _Hooks(small, sums, lambda name, h: sums[name].add(seen.pop(name), h, masks)):
+            with Hooks(small, sums, lambda name, h: sums[name].add(seen.pop(name), h, masks)):
                 small.predict_logits(batch)
-        for name, tensor in names:
+        for name, tensor, _ in names:
             out.update(sums[name].fitted(tensor, out))
     return out
 
 
-class _Hooks:
+class Hooks:
     """Forward pre-hooks that hand each named layer's input to record(name, input), removed on exit."""
 
     def __init__(self, model, names, record):
@@ -99,6 +101,15 @@ class _Hooks:
             handle.remove()
 
 
+def token_rows(h: torch.Tensor, masks) -> torch.Tensor:
+    """A layer input's rows, one per token: token models keep the positions that hold a token (an
+    encoder-decoder's decoder has its own mask)."""
+    keep = next((m for m in masks or () if tuple(m.shape) == tuple(h.shape[:-1])), None)
+    if keep is not None:
+        h = h[keep.to(h.device)]
+    return h.reshape(-1, h.shape[-1])
+
+
 class _Sums:
     """One reader's sums over tokens: A = sum h z^T and G = sum z z^T, z = [h', 1] (h' alone without a bias)."""
 
@@ -109,11 +120,7 @@ class _Sums:
         self.gram = self.weight.new_zeros(width, width)
 
     def add(self, h: torch.Tensor, h_small: torch.Tensor, masks) -> None:
-        # token models: the positions that hold a token (an encoder-decoder's decoder has its own mask)
-        keep = next((m for m in masks or () if tuple(m.shape) == tuple(h.shape[:-1])), None)
-        if keep is not None:
-            h, h_small = h[keep.to(h.device)], h_small[keep.to(h.device)]
-        h, h_small = h.reshape(-1, h.shape[-1]), h_small.reshape(-1, h_small.shape[-1])
+        h, h_small = token_rows(h, masks), token_rows(h_small, masks)
         z = torch.cat([h_small, h_small.new_ones(len(h_small), 1)], 1) if self.bias is not None else h_small
         self.cross += h.T @ z
         self.gram += z.T @ z
