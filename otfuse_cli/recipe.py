@@ -60,7 +60,7 @@ TYPES = {
     "allow_config_mismatch": (lambda v: isinstance(v, bool), "true or false"),
     "ratio": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number between 0 and 1"),
     "widths": (lambda v: isinstance(v, (list, dict)), "a list like [ffn=64] or a mapping"),
-    "method": (lambda v: isinstance(v, str), "ot, magnitude or random"),
+    "method": (lambda v: isinstance(v, str), "ot, magnitude, importance or random"),
 }
 # option fields whose type the dataclasses do not check themselves
 BOOL_FIELDS = ("force", "post_activation")
