@@ -121,12 +121,14 @@ def test_smoke_run_scores_every_route(tmp_path):
 
 
 def test_readme_rounds_claims_hold_on_every_seed_of_the_committed_run():
-    """README ("Many parents"): with three parents, rounds raised validation accuracy in all nine comparisons,
-    by 1.2 to 8.4 points, and mean test accuracy 69.44 -> 74.35 (weights), 79.80 -> 82.61 (with --repair); with two
-    parents they changed nothing. Checked seed by seed against benchmarks/cnn_parents.json."""
+    """README ("Many parents"): with three parents, rounds raised validation accuracy in 9 of 12 comparisons
+    (mean +1.6 points), and mean test accuracy 77.70 -> 79.27 (weights), 85.52 -> 86.53 (with --repair); with two
+    parents they change nothing; and the table against Re-Basin. Checked seed by seed against
+    benchmarks/cnn_parents.json."""
     doc = json.loads((REPO / "benchmarks" / "cnn_parents.json").read_text())
     pairs = [("otfuse weights", "otfuse weights rounds5"), ("otfuse weights +repair", "otfuse weights rounds5 +repair"),
-             ("otfuse activations", "otfuse activations rounds5")]
+             ("otfuse activations", "otfuse activations rounds5"),
+             ("otfuse activations +repair", "otfuse activations rounds5 +repair")]
     gains, test = [], {}
     for run in doc["runs"]:
         routes = run["routes"]
@@ -134,15 +136,23 @@ def test_readme_rounds_claims_hold_on_every_seed_of_the_committed_run():
             diff = 100 * (routes[rounds]["val_acc"] - routes[plain]["val_acc"])
             if run["parents"] == 3:
                 gains.append(diff)
-                for name in (plain, rounds):
-                    test.setdefault(name, []).append(100 * routes[name]["test_acc"])
             else:
                 assert routes[rounds]["test_acc"] == routes[plain]["test_acc"], (run["seed"], plain)
-    assert len(gains) == 9 and all(g > 0 for g in gains)
-    assert round(min(gains), 1) == 1.2 and round(max(gains), 1) == 8.4
-    mean = {name: sum(v) / len(v) for name, v in test.items()}
-    for name, quoted in (("otfuse weights", 69.44), ("otfuse weights rounds5", 74.35),
-                         ("otfuse weights +repair", 79.80), ("otfuse weights rounds5 +repair", 82.61)):
-        assert abs(mean[name] - quoted) <= 0.005 + 1e-9, (name, mean[name])
+            for name in (plain, rounds):
+                test.setdefault((run["parents"], name), []).append(100 * routes[name]["test_acc"])
+        for name in ("am +REPAIR", "mergemany +REPAIR", "wm +REPAIR"):
+            test.setdefault((run["parents"], name), []).append(100 * routes[name]["test_acc"])
+    assert len(gains) == 12 and sum(g > 0 for g in gains) == 9 and round(sum(gains) / 12, 1) == 1.6
+    mean = {key: sum(v) / len(v) for key, v in test.items()}
+    for key, quoted in (((3, "otfuse weights"), 77.70), ((3, "otfuse weights rounds5"), 79.27),
+                        ((3, "otfuse weights +repair"), 85.52), ((3, "otfuse weights rounds5 +repair"), 86.53),
+                        ((2, "otfuse activations +repair"), 88.68), ((2, "am +REPAIR"), 88.60),
+                        ((2, "mergemany +REPAIR"), 88.41), ((2, "wm +REPAIR"), 88.46), ((3, "am +REPAIR"), 86.30),
+                        ((3, "mergemany +REPAIR"), 86.01), ((3, "wm +REPAIR"), 84.92)):
+        assert abs(mean[key] - quoted) <= 0.005 + 1e-9, (key, mean[key])
+    # otfuse's best route is at least every peer's, with 2 and 3 parents
+    for parents in (2, 3):
+        ours = max(v for (p, name), v in mean.items() if p == parents and name.startswith("otfuse"))
+        assert ours >= max(v for (p, name), v in mean.items() if p == parents and not name.startswith("otfuse"))
     readme = " ".join((REPO / "README.md").read_text().split())
-    assert "in all nine comparisons, by 1.2 to 8.4 points" in readme and "from 69.44 to 74.35%" in readme
+    assert "in 9 of 12 comparisons (mean +1.6 points)" in readme and "from 77.70 to 79.27%" in readme
