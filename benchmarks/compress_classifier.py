@@ -91,23 +91,10 @@ def accuracy(model, tok, rows: list[tuple[str, str]], labels: list[str], max_len
     return right / len(rows)
 
 
-def scores(model, method: str, norms: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
-    out, g = [], torch.Generator().manual_seed(seed)
-    for k, layer in enumerate(layers_of(model)):
-        w_in, b_in = layer.intermediate.dense.weight.double(), layer.intermediate.dense.bias.double()
-        w_out = layer.output.dense.weight.double()
-        if method == "magnitude":
-            s = (w_in.pow(2).sum(1) + b_in.pow(2) + w_out.pow(2).sum(0)).sqrt()
-        elif method == "minitron":
-            s = norms[k]
-        elif method == "wanda":
-            s = norms[k] * w_out.norm(dim=0)
-        elif method == "random":
-            s = torch.rand(len(b_in), generator=g, dtype=torch.float64)
-        else:
-            raise ValueError(method)
-        out.append(s)
-    return out
+def bert_units(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, each FFN unit's incoming weights and bias (one row a unit) and the output projection."""
+    return [(torch.cat([layer.intermediate.dense.weight, layer.intermediate.dense.bias[:, None]], 1).double(),
+             layer.output.dense.weight.double()) for layer in layers_of(model)]
 
 
 def with_ffn(model, rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], target: Path) -> None:
@@ -214,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if method == "folding":
                     folded(source, width, target)
                 else:
-                    keep = [s.argsort(descending=True)[:width].sort().values for s in scores(model, method, norms, seed)]
+                    keep = [s.argsort(descending=True)[:width].sort().values
+                            for s in REAL.scores(model, method, norms, seed, bert_units)]
                     pruned(source, keep, target)
                 rows.setdefault(label, {})[col] = evaluate(target)
         for label, extra in (("otfuse ot", []), ("otfuse ot + repair", ["--repair", *reads]),

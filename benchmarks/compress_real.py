@@ -127,21 +127,25 @@ def unit_output_norms(model, tok, texts: list[str], max_length: int, batch: int 
     return [s.sqrt() for s in sums]
 
 
-def scores(model, method: str, norms: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+def llama_units(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, each FFN unit's incoming weights (gate and up rows, one row a unit) and the down projection."""
+    return [(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight], 1).double(),
+             layer.mlp.down_proj.weight.double()) for layer in model.model.layers]
+
+
+def scores(model, method: str, norms: list[torch.Tensor], seed: int, units=llama_units) -> list[torch.Tensor]:
+    """Per layer, each FFN unit's score under a baseline; units(model) gives (incoming rows, output matrix)."""
     out = []
     g = torch.Generator().manual_seed(seed)
-    for k, layer in enumerate(model.model.layers):
-        mlp = layer.mlp
-        down = mlp.down_proj.weight.double().norm(dim=0)
-        if method == "magnitude":
-            s = (mlp.gate_proj.weight.double().pow(2).sum(1) + mlp.up_proj.weight.double().pow(2).sum(1)
-                 + mlp.down_proj.weight.double().pow(2).sum(0)).sqrt()
+    for k, (incoming, outgoing) in enumerate(units(model)):
+        if method == "magnitude":  # |[w_in_j, w_out_:,j]|
+            s = (incoming.pow(2).sum(1) + outgoing.pow(2).sum(0)).sqrt()
         elif method == "minitron":
             s = norms[k]
         elif method == "wanda":
-            s = norms[k] * down
+            s = norms[k] * outgoing.norm(dim=0)
         elif method == "random":
-            s = torch.rand(len(down), generator=g, dtype=torch.float64)
+            s = torch.rand(outgoing.shape[1], generator=g, dtype=torch.float64)
         else:
             raise ValueError(method)
         out.append(s)
