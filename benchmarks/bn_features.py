@@ -31,6 +31,7 @@ set each way; the fused models are scored by this file's own forward pass.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -44,11 +45,16 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import cnn_parents  # noqa: E402  (Fashion-MNIST splits, the wide parents and their cache)
 import otfuse_cli as otf  # noqa: E402
 from otfuse_cli.alignment import weights as weight_features  # noqa: E402
+
+
+# Fashion-MNIST splits, the wide parents and their cache; loaded by path (benchmarks/ stays off sys.path: its
+# run.py would shadow the studies')
+_SPEC = importlib.util.spec_from_file_location("cnn_parents", REPO / "benchmarks" / "cnn_parents.py")
+cnn_parents = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(cnn_parents)
 
 FIXTURES = REPO / "fixtures" / "digits"
 SMALL = dict(n_train=4000, epochs=10, lr=2e-3, batch=64)  # the fixture's recipe (fixtures/make_fixtures.py)

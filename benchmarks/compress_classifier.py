@@ -61,7 +61,7 @@ def sibling(name: str):
     return module
 
 
-REAL = sibling("compress_real")  # its activation norms, otfuse subprocess and table serve here too
+REAL = sibling("compress_real")  # its activation norms, scorer, folding, otfuse subprocess and table serve here too
 
 
 def studies():
@@ -122,9 +122,7 @@ def pruned(source: Path, keep: list[torch.Tensor], target: Path) -> None:
 
 
 def folded(source: Path, width: int, target: Path, seed: int = 0) -> None:
-    """Model folding (module docs)."""
-    import numpy as np
-    from sklearn.cluster import KMeans
+    """Model folding (module docs): [w_in_j, b_j] is one pre-activation, clustered and rescaled as one part."""
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(source)
@@ -132,13 +130,8 @@ def folded(source: Path, width: int, target: Path, seed: int = 0) -> None:
     for layer in layers_of(model):
         w = torch.cat([layer.intermediate.dense.weight.data.double(),
                        layer.intermediate.dense.bias.data.double()[:, None]], 1)
-        labels = KMeans(width, n_init=1, random_state=seed).fit(w.numpy()).labels_.astype(np.int64)
-        onehot = torch.zeros(width, len(labels), dtype=torch.float64)
-        onehot[torch.from_numpy(labels), torch.arange(len(labels))] = 1.0
-        size = onehot.sum(1, keepdim=True).clamp_min(1)
-        mean = onehot @ w / size
-        mean = mean * (onehot @ w.norm(dim=1, keepdim=True) / size) / mean.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        rows.append((mean[:, :-1], mean[:, -1], layer.output.dense.weight.data.double() @ onehot.T))
+        (merged,), out = REAL.fold(w, [w], layer.output.dense.weight.data.double(), width, seed)
+        rows.append((merged[:, :-1], merged[:, -1], out))
     with_ffn(model, rows, target)
 
 

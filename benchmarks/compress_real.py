@@ -61,7 +61,7 @@ RATIOS = (0.9, 0.75, 0.5)
 BASELINES = ("magnitude", "minitron", "wanda", "random")
 GROUPS = {"baselines": "the pruning baselines and model folding", "ot": "otfuse ot and ot acts",
           "repair": "otfuse magnitude + repair at each ridge, then ot acts + repair at the chosen one",
-          "importance": "otfuse importance, and + repair at each ridge"}
+          "importance": "otfuse importance, and + repair (at the chosen ridge with the repair group, else at each)"}
 
 
 def load_texts(data: Path, calib: int, val: int, test: int, min_chars: int = 200) -> dict[str, list[str]]:
@@ -152,10 +152,29 @@ def scores(model, method: str, norms: list[torch.Tensor], seed: int, units=llama
     return out
 
 
-def folded(source: Path, width: int, target: Path, seed: int = 0) -> None:
-    """Model folding (see the module docs), written with intermediate_size = width."""
+def fold(features: torch.Tensor, parts: list[torch.Tensor], outgoing: torch.Tensor, width: int,
+         seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Model folding of one layer (see the module docs): k-means (one seeded start) of the units' feature rows
+    into `width` clusters. Each part (per-unit rows feeding one pre-activation) becomes its members' mean,
+    rescaled to their mean norm; the outgoing matrix's columns are summed."""
     import numpy as np
     from sklearn.cluster import KMeans
+
+    labels = torch.from_numpy(KMeans(width, n_init=1, random_state=seed).fit(features.numpy()).labels_
+                              .astype(np.int64))
+    onehot = torch.zeros(width, len(labels), dtype=torch.float64)
+    onehot[labels, torch.arange(len(labels))] = 1.0
+    size = onehot.sum(1, keepdim=True).clamp_min(1)
+    merged = []
+    for w in parts:
+        mean = onehot @ w / size
+        target_norm = onehot @ w.norm(dim=1, keepdim=True) / size
+        merged.append(mean * target_norm / mean.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    return merged, outgoing @ onehot.T
+
+
+def folded(source: Path, width: int, target: Path, seed: int = 0) -> None:
+    """Model folding (see the module docs), written with intermediate_size = width."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
@@ -163,22 +182,13 @@ def folded(source: Path, width: int, target: Path, seed: int = 0) -> None:
         mlp = layer.mlp
         gate, up, down = (mlp.gate_proj.weight.data.double(), mlp.up_proj.weight.data.double(),
                           mlp.down_proj.weight.data.double())
-        feats = torch.cat([gate, up], 1).numpy()
-        labels = torch.from_numpy(KMeans(width, n_init=1, random_state=seed).fit(feats).labels_.astype(np.int64))
-        onehot = torch.zeros(width, len(labels), dtype=torch.float64)
-        onehot[labels, torch.arange(len(labels))] = 1.0
-        size = onehot.sum(1, keepdim=True).clamp_min(1)
-        rows = []
-        for w in (gate, up):
-            mean = onehot @ w / size
-            target_norm = onehot @ w.norm(dim=1, keepdim=True) / size
-            rows.append(mean * target_norm / mean.norm(dim=1, keepdim=True).clamp_min(1e-12))
-        for name, w in (("gate_proj", rows[0]), ("up_proj", rows[1])):
+        (gate, up), down = fold(torch.cat([gate, up], 1), [gate, up], down, width, seed)
+        for name, w in (("gate_proj", gate), ("up_proj", up)):
             new = torch.nn.Linear(w.shape[1], width, bias=False)
             new.weight.data = w.float().contiguous()
             setattr(mlp, name, new)
         new = torch.nn.Linear(width, down.shape[0], bias=False)
-        new.weight.data = (down @ onehot.T).float().contiguous()
+        new.weight.data = down.float().contiguous()
         mlp.down_proj = new
     model.config.intermediate_size = width
     model.save_pretrained(target)

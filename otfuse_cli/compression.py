@@ -283,7 +283,8 @@ def incoming_norms(space: Space, src: TensorSource) -> torch.Tensor:
 
 
 def space_plan(index: int, space: Space, k: int, method: str, src: TensorSource, provider, fallback,
-               options: AlignOptions, seed: int, importance: dict[str, torch.Tensor] | None = None) -> tuple[Plan, dict]:
+               options: AlignOptions, seed: int,
+               importance: dict[str, torch.Tensor] | None = None) -> tuple[Plan, dict]:
     n = space.size
     if method in ("magnitude", "importance"):
         score = incoming_norms(space, src) if method == "magnitude" else importance[space.name]
@@ -380,11 +381,12 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
                 on_space(space.name)
     src.cache.clear()
     # the data read and accepted first, then hashed
-    info = data_record(options, data) if method == "ot" else None
     if method == "importance":
         from otfuse_cli.alignment.activations import data_info
 
         info = data_info(data)
+    else:
+        info = data_record(options, data) if method == "ot" else None
     target = copy.deepcopy(spec)
     for s in target.spaces:
         s.size = targets.get(s.name, s.size)

@@ -169,7 +169,7 @@ class AlignOptions(Options):
 class DataOptions(Options):
     """Sample inputs and forward passes: activation alignment, BatchNorm repair, activation compression.
     `device` runs the forward passes, and (named, not auto) the weights route's features, cross terms, costs and
-    Sinkhorn (the exact solvers take each cost to the CPU)."""
+    Sinkhorn (the exact solvers take each cost to the CPU) and fuse's merge of every tensor."""
 
     data: str | None = option(None, "--data", "Sample inputs: jsonl/csv/tsv/txt/npz/safetensors, parquet (a file or "
                               "a folder of shards), a datasets save_to_disk folder, or a dataset id in the Hugging "

@@ -4,13 +4,11 @@ the rows with numpy, and the module switch left as it was."""
 from __future__ import annotations
 
 import importlib.util
-import sys
 
 import numpy as np
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
 SPEC = importlib.util.spec_from_file_location("bn_features", REPO / "benchmarks" / "bn_features.py")
 bench = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(bench)
