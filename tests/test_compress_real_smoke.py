@@ -7,6 +7,7 @@ of the pair's output) gives the logits back."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -100,3 +101,58 @@ def test_smoke_scores_every_route(tmp_path):
     assert back.config.intermediate_size == full
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_seeds_move_only_the_calibration_texts():
+    """Seed 0 is the first N calibration paragraphs (the committed runs'); seed N > 0 another N of the
+    calibration split, read here straight from the file; validation and test never move."""
+    import lzma
+
+    compress_real = load_benchmark()
+    first = compress_real.load_texts(DATA, 12, 5, 5)
+    other = compress_real.load_texts(DATA, 12, 5, 5, calib_seed=1)
+    again = compress_real.load_texts(DATA, 12, 5, 5, calib_seed=1)
+    third = compress_real.load_texts(DATA, 12, 5, 5, calib_seed=2)
+    calib, held = [], set()
+    with lzma.open(DATA / "libreoffice-help" / "en-fi.jsonl.xz", "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if len(row["en"]) >= 200:
+                (held.add(row["en"]) if row["id"] % 10 in (0, 1) else calib.append(row["en"]))
+            if len(calib) >= 120:
+                break
+    assert first["calib"] == calib[:12]
+    assert other == again and other["calib"] != first["calib"] != third["calib"] != other["calib"]
+    for sample in (other, third):
+        assert len(set(sample["calib"])) == 12 and set(sample["calib"]) <= set(calib[:120])
+        assert not set(sample["calib"]) & held
+        assert sample["calib"] == sorted(sample["calib"], key=calib.index)  # file order kept
+        assert (sample["val"], sample["test"]) == (first["val"], first["test"])
+
+
+def test_merge_joins_runs_and_refuses_a_changed_cell(tmp_path):
+    compress_real = load_benchmark()
+    base = {"model": "m", "full_width": 8, "texts": {"calib": 4, "val": 2, "test": 2}, "max_length": 16}
+    a = {**base, "widths": {"0.5": 4}, "rows": {"original": {"1.0": {"val": 3.0, "test": 4.0}},
+                                                "otfuse ot": {"0.5": {"val": 9.0, "test": 9.5}}},
+         "runs": [{"command": "a"}], "otfuse_cpu_s": {"otfuse ot|0.5": 1.0}}
+    b = {**base, "widths": {"0.9": 7}, "rows": {"original": {"1.0": {"val": 3.0, "test": 4.0}},
+                                                "otfuse ot": {"0.9": {"val": 5.0, "test": 6.0}},
+                                                "otfuse importance (calibration seed 1)": {
+                                                    "0.9": {"val": 1.0, "test": 1.0}}},
+         "runs": [{"command": "b"}], "otfuse_cpu_s": {}}
+    for name, doc in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    out = compress_real.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                              "--json", str(tmp_path / "m.json")])
+    assert json.loads((tmp_path / "m.json").read_text()) == out
+    assert list(out["widths"]) == ["0.9", "0.5"] and [r["command"] for r in out["runs"]] == ["a", "b"]
+    assert out["rows"]["otfuse ot"] == {"0.5": {"val": 9.0, "test": 9.5}, "0.9": {"val": 5.0, "test": 6.0}}
+    # the best route is chosen among the first calibration sample's routes only
+    assert out["best_otfuse_on_validation"] == {"0.9": "otfuse ot", "0.5": "otfuse ot"}
+    b["rows"]["otfuse ot"] = {"0.5": {"val": 8.0, "test": 9.5}}
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    with pytest.raises(SystemExit, match="differs between runs"):
+        compress_real.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                            "--json", str(tmp_path / "m2.json")])
+    assert not (tmp_path / "m2.json").exists()
