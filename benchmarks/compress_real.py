@@ -331,7 +331,8 @@ def tiny_llama(folder: Path, texts: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    parser.add_argument("--ratios", type=float, nargs="*", default=list(RATIOS),
+                        help="FFN widths kept (none: only --heads)")
     parser.add_argument("--seeds", type=int, default=3, help="random pruning's seeds")
     parser.add_argument("--calib", type=int, default=128, help="calibration texts (activation routes)")
     parser.add_argument("--eval", type=int, default=64, help="validation and test texts each")
