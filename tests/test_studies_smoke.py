@@ -66,6 +66,11 @@ def test_study_smoke(study, tmp_path):
         assert result["chosen"] and all(v[result["chosen"][row]] == max(v.values())
                                         for row, v in result["validation"].items())
         assert "| otfuse TIES |" in table and "Cost of each merge" in table
+    if study == "translation":  # the ablated route's candidates, scored on validation in every run
+        from translation import VALIDATED, VALIDATION
+
+        assert all(0.0 <= run0[f"{route}|{VALIDATION}"] <= 1.0 for route in VALIDATED)
+        assert "On validation, per seed: OT + RegMean, BLEU greedy, validation" in table
     if study == "vision":  # smoke mode's one study with two candidate rates: the argmax is exercised
         assert len(result["lr_validation"]) >= 2
     if result["lr_validation"]:  # chosen on validation: the best rate's

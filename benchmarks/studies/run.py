@@ -130,6 +130,11 @@ def summary(result: dict) -> str:
         keys = list(result["timing"][0])
         lines.append(f"Wall-clock seconds (mean over {len(result['timing'])} timed seed(s)): " + ", ".join(
             f"{k} {sum(t.get(k, 0) for t in result['timing']) / len(result['timing']):.0f}" for k in keys) + ".")
+    chosen_on = sorted({k for r in result["runs"] for k in r if k.endswith(", validation")})
+    if chosen_on:  # scores a choice was made on (translation: the ablated route), per seed
+        lines.append("On validation, per seed: " + "; ".join(
+            f"{k.replace('|', ', ')} " + " / ".join(f"{100 * r[k]:.1f}" if k in r else "–" for r in result["runs"])
+            for k in chosen_on) + ".")
     if result.get("mass_changes"):
         keys = list(result["mass_changes"][0])
         lines.append("Support masses, fraction of parent units whose match changed against uniform masses (mean "
