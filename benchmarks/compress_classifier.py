@@ -28,6 +28,7 @@ Routes (each at every ratio):
 The best otfuse route is chosen on validation accuracy; test accuracy is reported beside it.
 
     .venv/bin/python benchmarks/compress_classifier.py            # writes benchmarks/compress_classifier.json
+    .venv/bin/python benchmarks/compress_classifier.py --calib-seed 1 --json s1.json   # another calibration sample
     .venv/bin/python benchmarks/compress_classifier.py --smoke    # one layer, tiny data: the pipeline only
 """
 
@@ -142,7 +143,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=None, help="keep the models here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--calib-seed", type=int, default=0,
+                    help="0: the first 256 training texts calibrate; N > 0: a seeded sample of 256 of them. With "
+                         "N > 0 only the routes that read data run, their rows labelled with N")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="join results of separate runs (other ratios or calibration seeds) into --json")
     a = ap.parse_args(argv)
+    if a.merge:
+        return REAL.merge_results(a.merge, a.json or HERE / "compress_classifier.json", max, markdown)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     common, federated, pretrained = studies()
@@ -168,6 +176,13 @@ def main(argv: list[str] | None = None) -> dict:
     source = common.save_model(tried[lr][1], work / "original", tok)
     model = AutoModelForSequenceClassification.from_pretrained(source).eval()
     calib_rows = parts["train"][:CALIB]
+    if a.calib_seed:  # another calibration sample of the same size from the same training texts
+        import numpy as np
+
+        picked = np.random.default_rng(a.calib_seed).choice(len(parts["train"]), size=len(calib_rows),
+                                                             replace=False)
+        calib_rows = [parts["train"][i] for i in sorted(picked)]
+    tag = f" (calibration seed {a.calib_seed})" if a.calib_seed else ""
     calib = work / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": t, "label": labels.index(lab)}) + "\n" for t, lab in calib_rows))
     norms = REAL.unit_output_norms(model, tok, [t for t, _ in calib_rows], scale.max_length,
@@ -188,8 +203,10 @@ def main(argv: list[str] | None = None) -> dict:
     for r, width in widths.items():
         col = str(r)
         for method in BASELINES:
+            if tag and method not in ("minitron", "wanda"):  # the data-free ones would repeat seed 0's
+                continue
             for seed in range(a.seeds if method == "random" else 1):
-                label = {"random": f"random (seed {seed})", "folding": "model folding"}.get(method, method)
+                label = {"random": f"random (seed {seed})", "folding": "model folding"}.get(method, method) + tag
                 target = work / f"{method}_{seed}_{r}"
                 if method == "folding":
                     folded(source, width, target)
@@ -198,11 +215,13 @@ def main(argv: list[str] | None = None) -> dict:
                             for s in REAL.scores(model, method, norms, seed, bert_units)]
                     pruned(source, keep, target)
                 rows.setdefault(label, {})[col] = evaluate(target)
-        for label, extra in (("otfuse ot", []), ("otfuse ot + repair", ["--repair", *reads]),
-                             ("otfuse ot acts", ["--align", "activations", *reads]),
-                             ("otfuse ot acts + repair", ["--align", "activations", "--repair", *reads]),
-                             ("otfuse importance", ["--method", "importance", *reads]),
-                             ("otfuse importance + repair", ["--method", "importance", "--repair", *reads])):
+        routes = [("otfuse ot", []), ("otfuse ot + repair", ["--repair", *reads]),
+                  ("otfuse ot acts", ["--align", "activations", *reads]),
+                  ("otfuse ot acts + repair", ["--align", "activations", "--repair", *reads]),
+                  ("otfuse importance", ["--method", "importance", *reads]),
+                  ("otfuse importance + repair", ["--method", "importance", "--repair", *reads])]
+        for label, extra in routes[1:] if tag else routes:  # OT on weights reads no data
+            label += tag
             target = work / f"{label.replace(' ', '_').replace('+', 'p')}_{r}"
             cpu[f"{label}|{col}"] = REAL.otfuse_compress(source, target, width, extra)
             rows.setdefault(label, {})[col] = evaluate(target)
@@ -212,10 +231,11 @@ def main(argv: list[str] | None = None) -> dict:
               "lr_validation_accuracy": {str(k): v[0] for k, v in tried.items()},
               "texts": {k: len(v) for k, v in parts.items()}, "calibration_texts": len(calib_rows),
               "max_length": scale.max_length, "rows": rows, "otfuse_cpu_s": cpu, "smoke": a.smoke,
+              "calib_seed": a.calib_seed,
               "wall_s": round(time.time() - start, 1), "date": time.strftime("%Y-%m-%d")}
     result["best_otfuse_on_validation"] = {
         col: max((lab for lab in rows if lab.startswith("otfuse") and col in rows[lab]),
-                 key=lambda lab: rows[lab][col]["val"]) for col in map(str, a.ratios)}
+                 key=lambda lab: rows[lab][col]["val"]) for col in map(str, a.ratios)}  # of this run's sample
     print(markdown(result))
     target = a.json or (None if a.smoke else HERE / "compress_classifier.json")
     if target is not None:

@@ -480,13 +480,14 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def best_on_validation(rows: dict, cols) -> dict:
-    """Per column, the otfuse route with the lowest validation perplexity on the first calibration sample."""
-    return {col: min((lab for lab in rows if lab.startswith("otfuse") and "calibration seed" not in lab
+def best_on_validation(rows: dict, cols, best=min) -> dict:
+    """Per column, the otfuse route with the best validation score (the lowest perplexity; best=max for an
+    accuracy) on the first calibration sample."""
+    return {col: best((lab for lab in rows if lab.startswith("otfuse") and "calibration seed" not in lab
                       and col in rows[lab]), key=lambda lab: rows[lab][col]["val"], default=None) for col in cols}
 
 
-def merge_results(parts: list[Path], out: Path) -> dict:
+def merge_results(parts: list[Path], out: Path, best=min, table=None) -> dict:
     """One result from separate runs of this script: rows joined cell by cell (a cell in two runs is refused
     unless equal), widths, timings and ridge choices joined, the runs' commands listed, the best route recomputed."""
     docs = [json.loads(Path(p).read_text()) for p in parts]
@@ -507,10 +508,10 @@ def merge_results(parts: list[Path], out: Path) -> dict:
         result["runs"] += doc.get("runs") or [{"date": doc.get("date"), "ratios": list(doc["widths"])}]
     result["widths"] = dict(sorted(result["widths"].items(), key=lambda kv: -float(kv[0])))
     result["best_otfuse_on_validation"] = best_on_validation(
-        result["rows"], [*result["widths"], *(c for c in result["kv_groups"] if c != "full")])
+        result["rows"], [*result["widths"], *(c for c in result["kv_groups"] if c != "full")], best)
     result["date"] = max(str(r.get("date")) for r in result["runs"])
     Path(out).write_text(json.dumps(result, indent=1) + "\n")
-    print(markdown(result))
+    print((table or markdown)(result))
     return result
 
 

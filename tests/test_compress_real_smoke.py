@@ -137,7 +137,8 @@ def test_merge_joins_runs_and_refuses_a_changed_cell(tmp_path):
     compress_real = load_benchmark()
     base = {"model": "m", "full_width": 8, "texts": {"calib": 4, "val": 2, "test": 2}, "max_length": 16}
     a = {**base, "widths": {"0.5": 4}, "rows": {"original": {"1.0": {"val": 3.0, "test": 4.0}},
-                                                "otfuse ot": {"0.5": {"val": 9.0, "test": 9.5}}},
+                                                "otfuse ot": {"0.5": {"val": 9.0, "test": 9.5}},
+                                                "otfuse ot acts": {"0.5": {"val": 3.0, "test": 3.5}}},
          "runs": [{"command": "a"}], "otfuse_cpu_s": {"otfuse ot|0.5": 1.0}}
     b = {**base, "widths": {"0.9": 7}, "rows": {"original": {"1.0": {"val": 3.0, "test": 4.0}},
                                                 "otfuse ot": {"0.9": {"val": 5.0, "test": 6.0}},
@@ -151,8 +152,11 @@ def test_merge_joins_runs_and_refuses_a_changed_cell(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text()) == out
     assert list(out["widths"]) == ["0.9", "0.5"] and [r["command"] for r in out["runs"]] == ["a", "b"]
     assert out["rows"]["otfuse ot"] == {"0.5": {"val": 9.0, "test": 9.5}, "0.9": {"val": 5.0, "test": 6.0}}
-    # the best route is chosen among the first calibration sample's routes only
-    assert out["best_otfuse_on_validation"] == {"0.9": "otfuse ot", "0.5": "otfuse ot"}
+    # the best route is chosen among the first calibration sample's routes only (lowest perplexity; for an
+    # accuracy, the highest)
+    assert out["best_otfuse_on_validation"] == {"0.9": "otfuse ot", "0.5": "otfuse ot acts"}
+    accuracy = compress_real.merge_results([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "acc.json", max)
+    assert accuracy["best_otfuse_on_validation"] == {"0.9": "otfuse ot", "0.5": "otfuse ot"}
     b["rows"]["otfuse ot"] = {"0.5": {"val": 8.0, "test": 9.5}}
     (tmp_path / "b.json").write_text(json.dumps(b))
     with pytest.raises(SystemExit, match="differs between runs"):
