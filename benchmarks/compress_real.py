@@ -255,6 +255,7 @@ def head_layout(config) -> tuple[int, int, int]:
     return kv, heads // kv, getattr(config, "head_dim", None) or config.hidden_size // heads
 
 
+@torch.no_grad()
 def group_scores(model, method: str, norms: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
     """Per layer, each KV group's score (a group goes whole: its K and V heads and the query heads reading them):
     magnitude the norm of all its weights (q, k, v rows, o columns); minitron Minitron's head importance, the L2

@@ -193,12 +193,13 @@ def test_pruned_heads_follow_the_forward_pass(tmp_path):
             torch.testing.assert_close(cut(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
     scores = compress_real.group_scores(model, "magnitude", [], 0)
     for layer, got in zip(model.model.layers, scores):
-        a = layer.self_attn
+        a = {name: getattr(layer.self_attn, name).weight.detach()
+             for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
         for g in range(3):
             total = 0.0
             for h in range(g * group, (g + 1) * group):
-                total += float(a.q_proj.weight[h * size:(h + 1) * size].double().pow(2).sum())
-                total += float(a.o_proj.weight[:, h * size:(h + 1) * size].double().pow(2).sum())
-            total += float(a.k_proj.weight[g * size:(g + 1) * size].double().pow(2).sum())
-            total += float(a.v_proj.weight[g * size:(g + 1) * size].double().pow(2).sum())
+                total += float(a["q_proj"][h * size:(h + 1) * size].double().pow(2).sum())
+                total += float(a["o_proj"][:, h * size:(h + 1) * size].double().pow(2).sum())
+            total += float(a["k_proj"][g * size:(g + 1) * size].double().pow(2).sum())
+            total += float(a["v_proj"][g * size:(g + 1) * size].double().pow(2).sum())
             assert abs(float(got[g]) - math.sqrt(total)) < 1e-9
