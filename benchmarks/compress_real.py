@@ -364,7 +364,6 @@ def main(argv: list[str] | None = None) -> dict:
     n = (16, 8, 8) if args.smoke else (args.calib, args.eval, args.eval)
     texts = load_texts(args.data, *n, calib_seed=args.calib_seed)
     tag = f" (calibration seed {args.calib_seed})" if args.calib_seed else ""
-    reads_data = not tag  # with another calibration sample, the routes that read no data would repeat seed 0's
     work = args.work or Path(tempfile.mkdtemp(prefix="otfuse-compress-real-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:
@@ -394,13 +393,21 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(path)
         return ppl
 
+    def skipped(method: str, *reading: str) -> bool:
+        """With another calibration sample, only the routes that read it run (the rest would repeat seed 0's)."""
+        return bool(tag) and method not in reading
+
+    reads = ["--data", str(calib), "--samples", str(len(texts["calib"])), "--max-length", str(args.max_length)]
+    ot_routes = [("otfuse ot", []), ("otfuse ot acts", ["--align", "activations", *reads])]
+    ot_routes = [(label, extra) for label, extra in ot_routes
+                 if "ot" in args.groups and not skipped(label, "otfuse ot acts")]
     widths = {r: max(1, round(full * r)) for r in args.ratios}
     rows = {"original": {"1.0": evaluate(source)}}
     cpu, chosen = {}, {}
     for r, width in widths.items():
         col = str(r)
         for method in BASELINES if "baselines" in args.groups else ():
-            if tag and method in ("magnitude", "random"):
+            if skipped(method, "minitron"):
                 continue
             for seed in range(args.seeds if method == "random" else 1):
                 label = f"{method}{tag}" if method != "random" else f"random (seed {seed})"
@@ -408,13 +415,11 @@ def main(argv: list[str] | None = None) -> dict:
                 target = work / f"{method}_{seed}_{r}"
                 pruned(source, keep, target)
                 rows.setdefault(label, {})[col] = evaluate(target)
-        if "baselines" in args.groups and reads_data:
+        if "baselines" in args.groups and not skipped("folding"):
             target = work / f"folding_{r}"
             folded(source, width, target)
             rows.setdefault("model folding (k-means on weights, Fold-AR rescaling)", {})[col] = evaluate(target)
-        reads = ["--data", str(calib), "--samples", str(len(texts["calib"])), "--max-length", str(args.max_length)]
-        plain = [("otfuse ot", []), ("otfuse ot acts", ["--align", "activations", *reads])][1 - reads_data:] \
-            if "ot" in args.groups else []
+        plain = list(ot_routes)
         importance = ["--method", "importance", *reads]
         if "importance" in args.groups:
             plain.append(("otfuse importance", importance))
@@ -449,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
         kv_cols[col] = args.heads
         head_norms = unit_output_norms(model, tok, texts["calib"], args.max_length, readers=attention_outputs)
         for method in ("magnitude", "minitron", "random") if "baselines" in args.groups else ():
-            if tag and method != "minitron":
+            if skipped(method, "minitron"):
                 continue
             for seed in range(args.seeds if method == "random" else 1):
                 label = f"{method}{tag}" if method != "random" else f"random (seed {seed})"
@@ -458,9 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
                 target = work / f"heads_{method}_{seed}"
                 pruned_heads(source, keep, target)
                 rows.setdefault(label, {})[col] = evaluate(target)
-        reads = ["--data", str(calib), "--samples", str(len(texts["calib"])), "--max-length", str(args.max_length)]
-        for label, extra in ([("otfuse ot", []), ("otfuse ot acts", ["--align", "activations", *reads])]
-                             [1 - reads_data:] if "ot" in args.groups else []):
+        for label, extra in ot_routes:
             label += tag
             target = work / f"heads_{label.replace(' ', '_')}"
             cpu[f"{label}|{col}"] = otfuse_compress(source, target, args.heads, extra, space="heads")
