@@ -36,7 +36,7 @@ def test_smoke_scores_every_route(tmp_path):
     # each
     result = compress_real.main(["--smoke", "--ratios", "0.5", "--seeds", "1", "--work", str(tmp_path),
                                  "--json", str(tmp_path / "r.json"), "--ridges", "1e-4", "1e-2",
-                                 "--groups", "baselines", "repair", "importance", "--heads", "1"])
+                                 "--groups", "baselines", "folding", "repair", "importance", "--heads", "1"])
     ridge = result["refit_ridge_on_validation"]["0.5"]
     expected = {"original", "magnitude", "minitron", "wanda", "random (seed 0)",
                 "model folding (k-means on weights, Fold-AR rescaling)", "otfuse importance",
@@ -157,7 +157,13 @@ def test_merge_joins_runs_and_refuses_a_changed_cell(tmp_path):
     assert out["best_otfuse_on_validation"] == {"0.9": "otfuse ot", "0.5": "otfuse ot acts"}
     accuracy = compress_real.merge_results([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "acc.json", max)
     assert accuracy["best_otfuse_on_validation"] == {"0.9": "otfuse ot", "0.5": "otfuse ot"}
-    b["rows"]["otfuse ot"] = {"0.5": {"val": 8.0, "test": 9.5}}
+    # another thread count sums float32 in another order: a 1e-5 relative change is the same cell (the first
+    # run's value kept); a 1e-3 change is another result
+    b["rows"]["otfuse ot"] = {"0.5": {"val": 9.0 * (1 + 1e-5), "test": 9.5}}
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    out = compress_real.merge_results([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "m1.json")
+    assert out["rows"]["otfuse ot"]["0.5"] == {"val": 9.0, "test": 9.5}
+    b["rows"]["otfuse ot"] = {"0.5": {"val": 9.0 * (1 + 1e-3), "test": 9.5}}
     (tmp_path / "b.json").write_text(json.dumps(b))
     with pytest.raises(SystemExit, match="differs between runs"):
         compress_real.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
