@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
     ot_routes = [("otfuse ot", []), ("otfuse ot acts", ["--align", "activations", *reads])]
     ot_routes = [(label, extra) for label, extra in ot_routes
                  if "ot" in args.groups and not skipped(label, "otfuse ot acts")]
+    importance = ["--method", "importance", *reads]
     widths = {r: max(1, round(full * r)) for r in args.ratios}
     rows = {"original": {"1.0": evaluate(source)}}
     cpu, chosen = {}, {}
@@ -421,7 +422,6 @@ def main(argv: list[str] | None = None) -> dict:
             folded(source, width, target)
             rows.setdefault("model folding (k-means on weights, Fold-AR rescaling)", {})[col] = evaluate(target)
         plain = list(ot_routes)
-        importance = ["--method", "importance", *reads]
         if "importance" in args.groups:
             plain.append(("otfuse importance", importance))
         if "repair" in args.groups:
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
                 target = work / f"heads_{method}_{seed}"
                 pruned_heads(source, keep, target)
                 rows.setdefault(label, {})[col] = evaluate(target)
-        for label, extra in ot_routes:
+        for label, extra in [*ot_routes, *([("otfuse importance", importance)] if "importance" in args.groups else [])]:
             label += tag
             target = work / f"heads_{label.replace(' ', '_')}"
             cpu[f"{label}|{col}"] = otfuse_compress(source, target, args.heads, extra, space="heads")

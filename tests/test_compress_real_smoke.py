@@ -45,7 +45,8 @@ def test_smoke_scores_every_route(tmp_path):
                 f"otfuse ot acts + repair (ridge {ridge:g})"}
     assert set(result["rows"]) == expected
     # the KV-group baselines (the tiny Llama has 2 groups): one column each
-    assert {k for k, v in result["rows"].items() if "kv1" in v} == {"magnitude", "minitron", "random (seed 0)"}
+    assert {k for k, v in result["rows"].items() if "kv1" in v} == {"magnitude", "minitron", "random (seed 0)",
+                                                                    "otfuse importance"}
     assert result["kv_groups"] == {"full": 2, "kv1": 1}
     for label, by_col in result["rows"].items():
         for ppl in by_col.values():
@@ -54,6 +55,8 @@ def test_smoke_scores_every_route(tmp_path):
     assert ridge == min(repaired, key=repaired.get)  # the ridge is chosen on validation
     # otfuse's importance pruning keeps the units this file's Minitron baseline keeps (its own code)
     assert result["rows"]["otfuse importance"]["0.5"] == result["rows"]["minitron"]["0.5"]
+    # and, cutting KV groups, the groups this file's Minitron head importance keeps
+    assert result["rows"]["otfuse importance"]["kv1"] == result["rows"]["minitron"]["kv1"]
     best = result["best_otfuse_on_validation"]["0.5"]
     assert result["rows"][best]["0.5"]["val"] == min(v["0.5"]["val"] for k, v in result["rows"].items()
                                                     if k.startswith("otfuse"))
