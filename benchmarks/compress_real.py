@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r, width in widths.items():
         col = str(r)
         for method in BASELINES if "baselines" in args.groups else ():
-            if skipped(method, "minitron"):
+            if skipped(method, "minitron", "wanda"):
                 continue
             for seed in range(args.seeds if method == "random" else 1):
                 label = f"{method}{tag}" if method != "random" else f"random (seed {seed})"
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> dict:
         kv_cols[col] = args.heads
         head_norms = unit_output_norms(model, tok, texts["calib"], args.max_length, readers=attention_outputs)
         for method in ("magnitude", "minitron", "random") if "baselines" in args.groups else ():
-            if skipped(method, "minitron"):
+            if skipped(method, "minitron", "wanda"):
                 continue
             for seed in range(args.seeds if method == "random" else 1):
                 label = f"{method}{tag}" if method != "random" else f"random (seed {seed})"

@@ -212,3 +212,13 @@ def test_pruned_heads_follow_the_forward_pass(tmp_path):
             total += float(a["k_proj"][g * size:(g + 1) * size].double().pow(2).sum())
             total += float(a["v_proj"][g * size:(g + 1) * size].double().pow(2).sum())
             assert abs(float(got[g]) - math.sqrt(total)) < 1e-9
+
+
+def test_another_calibration_sample_runs_only_the_routes_that_read_it(tmp_path):
+    compress_real = load_benchmark()
+    result = compress_real.main(["--smoke", "--calib-seed", "1", "--ratios", "0.5", "--seeds", "1",
+                                 "--work", str(tmp_path), "--json", str(tmp_path / "r.json"),
+                                 "--groups", "baselines", "folding", "--heads", "1"])
+    # magnitude, random and model folding read no calibration text: with another sample they would repeat seed 0
+    assert {k: set(v) for k, v in result["rows"].items()} == {
+        "original": {"1.0"}, "minitron (calibration seed 1)": {"0.5", "kv1"}, "wanda (calibration seed 1)": {"0.5"}}
