@@ -66,6 +66,9 @@ ROOT = HERE.parent
 DATA = ROOT.parent / "shared" / "data"
 RATIOS = (0.9, 0.75, 0.5)
 BASELINES = ("magnitude", "minitron", "wanda", "random")
+# the routes that read the calibration sample (otfuse importance and the repairs always do): the only ones run again
+# with another sample (--calib-seed)
+READ_CALIBRATION = {"minitron", "wanda", "otfuse ot acts"}
 GROUPS = {"baselines": "the pruning baselines", "folding": "model folding", "ot": "otfuse ot and ot acts",
           "repair": "otfuse magnitude + repair at each ridge, then ot acts + repair at the chosen one",
           "importance": "otfuse importance, and + repair (at the chosen ridge with the repair group, else at each)"}
@@ -394,22 +397,25 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(path)
         return ppl
 
-    def skipped(method: str, *reading: str) -> bool:
+    def skipped(route: str) -> bool:
         """With another calibration sample, only the routes that read it run (the rest would repeat seed 0's)."""
-        return bool(tag) and method not in reading
+        return bool(tag) and route not in READ_CALIBRATION
 
     reads = ["--data", str(calib), "--samples", str(len(texts["calib"])), "--max-length", str(args.max_length)]
-    ot_routes = [("otfuse ot", []), ("otfuse ot acts", ["--align", "activations", *reads])]
-    ot_routes = [(label, extra) for label, extra in ot_routes
-                 if "ot" in args.groups and not skipped(label, "otfuse ot acts")]
     importance = ["--method", "importance", *reads]
+    # the otfuse routes run at every FFN width and on KV groups; the repair group adds its own at each width
+    plain_routes = [(label, extra) for label, extra in (("otfuse ot", []),
+                                                        ("otfuse ot acts", ["--align", "activations", *reads]))
+                    if "ot" in args.groups and not skipped(label)]
+    if "importance" in args.groups:
+        plain_routes.append(("otfuse importance", importance))
     widths = {r: max(1, round(full * r)) for r in args.ratios}
     rows = {"original": {"1.0": evaluate(source)}}
     cpu, chosen = {}, {}
     for r, width in widths.items():
         col = str(r)
         for method in BASELINES if "baselines" in args.groups else ():
-            if skipped(method, "minitron", "wanda"):
+            if skipped(method):
                 continue
             for seed in range(args.seeds if method == "random" else 1):
                 label = f"{method}{tag}" if method != "random" else f"random (seed {seed})"
@@ -421,9 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
             target = work / f"folding_{r}"
             folded(source, width, target)
             rows.setdefault("model folding (k-means on weights, Fold-AR rescaling)", {})[col] = evaluate(target)
-        plain = list(ot_routes)
-        if "importance" in args.groups:
-            plain.append(("otfuse importance", importance))
+        plain = list(plain_routes)
         if "repair" in args.groups:
             # the refit's ridge, chosen on validation with the cheap route (pruning, then the refit), then used
             # for OT on activations (and importance) + the refit
@@ -455,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
         kv_cols[col] = args.heads
         head_norms = unit_output_norms(model, tok, texts["calib"], args.max_length, readers=attention_outputs)
         for method in ("magnitude", "minitron", "random") if "baselines" in args.groups else ():
-            if skipped(method, "minitron", "wanda"):
+            if skipped(method):
                 continue
             for seed in range(args.seeds if method == "random" else 1):
                 label = f"{method}{tag}" if method != "random" else f"random (seed {seed})"
@@ -464,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
                 target = work / f"heads_{method}_{seed}"
                 pruned_heads(source, keep, target)
                 rows.setdefault(label, {})[col] = evaluate(target)
-        for label, extra in [*ot_routes, *([("otfuse importance", importance)] if "importance" in args.groups else [])]:
+        for label, extra in plain_routes:
             label += tag
             target = work / f"heads_{label.replace(' ', '_')}"
             cpu[f"{label}|{col}"] = otfuse_compress(source, target, args.heads, extra, space="heads")
