@@ -612,7 +612,10 @@ def compress(
                                                         "statistics, or without BatchNorm (MLP/CNN) REPAIR each "
                                                         "unit's mean and std to its members' average (bare state "
                                                         "dicts); on a Hugging Face model refit the layers that "
-                                                        "read compressed units by least squares."),
+                                                        "read compressed units by least squares. Without --data "
+                                                        "(--method ot): scale each merged unit's incoming weights "
+                                                        "to its members' mean norm (model folding's data-free "
+                                                        "repair; FFN, MLP and CNN units)."),
     json_out: bool = JSON_OPTION,
     options: AlignOptions = None, data: DataOptions = None, write: OutputOptions = None,
 ) -> None:
@@ -632,7 +635,7 @@ def compress(
     if method.value != "ot" or options.align != "activations":
         # --repair and --method importance run the model on --data too: only the activation-feature flags stay
         # unused then
-        unused = ACTIVATION_FLAGS if repair or method.value == "importance" else SAMPLE_FLAGS
+        unused = ACTIVATION_FLAGS if (repair and data.data) or method.value == "importance" else SAMPLE_FLAGS
         refuse_unused(explicit_flags(), tuple(f for f in unused if f != "--seed"),
                       "they shape activation features (--method ot --align activations)")
 

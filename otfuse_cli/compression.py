@@ -314,14 +314,19 @@ def check_repairable(ckpt) -> None:
 
 # ---------------------------------------------------------------- the command
 
-def compressed_tensors(ckpt, mover: Transporter, plans: dict[str, Plan], write: OutputOptions, count: list[int]):
-    """Every tensor moved by the plans, streamed; count[0] sums the written parameters."""
+def compressed_tensors(ckpt, mover: Transporter, plans: dict[str, Plan], write: OutputOptions, count: list[int],
+                       rescale=None):
+    """Every tensor moved by the plans, streamed; count[0] sums the written parameters. rescale(name, before,
+    after) post-processes each moved tensor (the data-free variance repair)."""
     for name in ckpt.keys():
         x = ckpt.get(name)
         if not x.is_floating_point():
             yield name, x
             continue
-        y = mover.move(name, checked_float(x, str(ckpt.path), name), plans)
+        x = checked_float(x, str(ckpt.path), name)
+        y = mover.move(name, x, plans)
+        if rescale is not None:
+            y = rescale(name, x, y)
         count[0] += y.numel()
         yield name, check_finite_output(name, y.to(output_dtype(x.dtype, write)))
 
@@ -344,15 +349,18 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
                           "or activations); --align cca maps one model's units onto another's")
     deadline.start(options.time_limit)
     check_output(output, write)
-    if repair and not data.data:
-        raise OtfuseError("--repair needs --data FILE with sample inputs")
+    datafree = repair and not data.data  # model folding's variance repair, from the weights alone
+    if datafree and method != "ot":
+        raise OtfuseError(f"--repair without --data corrects merged units (--method ot); --method {method} keeps "
+                          f"units whole, so only a repair on --data FILE (a refit or REPAIR) applies")
     if method == "importance" and not data.data:
         raise OtfuseError("--method importance scores units by their output on --data FILE; give --data")
     data = replace(data, standardize=data.standardize or "none", post_activation=bool(data.post_activation))
     ckpt = open_checkpoint(model)
-    uses_data = repair or method == "importance" or (method == "ot" and options.align == "activations")
+    uses_data = (repair and not datafree) or method == "importance" or (method == "ot" and
+                                                                       options.align == "activations")
     refuse_overlap(output, input_paths([ckpt], [data.data if uses_data else None]))
-    if repair:
+    if repair and not datafree:
         check_repairable(ckpt)
     layout = layout_of(ckpt, output)
     check_shard_size(layout, write)
@@ -393,16 +401,22 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
     record = provenance("compress", {**(command_options or {}), "method": method, "ratio": ratio,
                                      "widths": targets, "seed": data.seed, "dtype": write.dtype,
                                      "align": {"align": options.align, "metric": options.metric}
-                                     if method == "ot" else None, "repair": str(data.data) if repair else None,
+                                     if method == "ot" else None,
+                                     "repair": ("data-free" if datafree else str(data.data)) if repair else None,
                                      **({"data": info} if info else {})}, [ckpt])
     count = [0]
-    tensors = report.counted(compressed_tensors(ckpt, Transporter(target, spec), plans, write, count), on_space,
-                             "writing", len(ckpt.keys()))
-    if repair and family:  # the whole compressed model in memory, to run it
+    rescale = None
+    if datafree:
+        from otfuse_cli.merging.variance import VarianceRepair
+
+        rescale = VarianceRepair(spec, target, plans)
+    tensors = report.counted(compressed_tensors(ckpt, Transporter(target, spec), plans, write, count, rescale),
+                             on_space, "writing", len(ckpt.keys()))
+    if repair and not datafree and family:  # the whole compressed model in memory, to run it
         from otfuse_cli.merging.refit import refit_readers
 
         tensors = refit_readers(dict(tensors), ckpt, spec, targets, config_overrides(spec, family, targets), data)
-    elif repair:
+    elif repair and not datafree:
         from otfuse_cli.merging.repair import repair_compressed
 
         tensors = repair_compressed(dict(tensors), ckpt, spec, target, plans, data)
