@@ -10,10 +10,12 @@ Validation and test: the four domains' validation and test texts (at most 400 ea
 
 Routes (each at every ratio):
   otfuse ot          `otfuse compress --width ffn=N` (OT clustering of units by their weights);
+  otfuse ot + data-free repair  `--repair` without data: each merged unit's incoming rows scaled to their
+                     members' mean norm, its bias kept (otfuse_cli/merging/variance.py);
   otfuse ot acts     the same with `--align activations --data` (the calibration texts);
   otfuse importance  `--method importance --data`: otfuse's activation-importance pruning (the minitron score
                      below, computed by otfuse_cli/merging/importance.py);
-  ... + repair       `--repair` as well: every FFN output projection refitted by least squares on the
+  ... + repair       `--repair` and its data as well: every FFN output projection refitted by least squares on the
                      calibration texts (otfuse_cli/merging/refit.py);
   written here from their papers (torch, scikit-learn; nothing from otfuse_cli), each keeping N units of every
   layer's FFN (intermediate rows and bias, output columns) and writing `intermediate_size = N`:
@@ -29,6 +31,7 @@ The best otfuse route is chosen on validation accuracy; test accuracy is reporte
 
     .venv/bin/python benchmarks/compress_classifier.py            # writes benchmarks/compress_classifier.json
     .venv/bin/python benchmarks/compress_classifier.py --calib-seed 1 --json s1.json   # another calibration sample
+    .venv/bin/python benchmarks/compress_classifier.py --only 'otfuse ot + data-free repair' --json d.json
     .venv/bin/python benchmarks/compress_classifier.py --smoke    # one layer, tiny data: the pipeline only
 """
 
@@ -146,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calib-seed", type=int, default=0,
                     help="0: the first 256 training texts calibrate; N > 0: a seeded sample of 256 of them. With "
                          "N > 0 only the routes that read data run, their rows labelled with N")
+    ap.add_argument("--only", nargs="+", default=None, metavar="ROUTE",
+                    help="run only these otfuse routes (e.g. 'otfuse ot + data-free repair'), no baselines")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                     help="join results of separate runs (other ratios or calibration seeds) into --json")
     a = ap.parse_args(argv)
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     reads = ["--data", str(calib), "--samples", str(len(calib_rows)), "--max-length", str(scale.max_length)]
     for r, width in widths.items():
         col = str(r)
-        for method in BASELINES:
+        for method in BASELINES if not a.only else ():
             if tag and method not in ("minitron", "wanda"):  # the data-free ones would repeat seed 0's
                 continue
             for seed in range(a.seeds if method == "random" else 1):
@@ -215,12 +220,15 @@ def main(argv: list[str] | None = None) -> dict:
                             for s in REAL.scores(model, method, norms, seed, bert_units)]
                     pruned(source, keep, target)
                 rows.setdefault(label, {})[col] = evaluate(target)
-        routes = [("otfuse ot", []), ("otfuse ot + repair", ["--repair", *reads]),
+        routes = [("otfuse ot", []), ("otfuse ot + data-free repair", ["--repair"]),
+                  ("otfuse ot + repair", ["--repair", *reads]),
                   ("otfuse ot acts", ["--align", "activations", *reads]),
                   ("otfuse ot acts + repair", ["--align", "activations", "--repair", *reads]),
                   ("otfuse importance", ["--method", "importance", *reads]),
                   ("otfuse importance + repair", ["--method", "importance", "--repair", *reads])]
-        for label, extra in routes[1:] if tag else routes:  # OT on weights reads no data
+        for label, extra in routes:
+            if (tag and "--data" not in extra) or (a.only and label not in a.only):  # no data: seed 0's again
+                continue
             label += tag
             target = work / f"{label.replace(' ', '_').replace('+', 'p')}_{r}"
             cpu[f"{label}|{col}"] = REAL.otfuse_compress(source, target, width, extra)

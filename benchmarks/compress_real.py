@@ -9,7 +9,10 @@ Routes (each at every ratio):
   original        the checkpoint itself;
   otfuse ot       `otfuse compress --width ffn=N` (OT clustering of units by their weights), and
   otfuse ot acts  the same with `--align activations --data` (the calibration texts);
-  ... + repair    with `--repair` as well: every down projection refitted by least squares on the calibration
+  otfuse ot + data-free repair  `--repair` without data: OT on weights, then each merged unit's gate and up
+                  rows scaled to their members' mean norm (otfuse_cli/merging/variance.py, model folding's
+                  correction inside otfuse; group datafree);
+  ... + repair    with `--repair` and --data as well: every down projection refitted by least squares on the calibration
                   texts (otfuse_cli/merging/refit.py), after otfuse's magnitude pruning (`--method magnitude`)
                   at each of --ridges, and after OT on activations at the ridge that route chose on validation;
   otfuse importance  `--method importance --data`: otfuse's own activation-importance pruning (Minitron's score,
@@ -71,7 +74,8 @@ BASELINES = ("magnitude", "minitron", "wanda", "random")
 READ_CALIBRATION = {"minitron", "wanda", "otfuse ot acts"}
 GROUPS = {"baselines": "the pruning baselines", "folding": "model folding", "ot": "otfuse ot and ot acts",
           "repair": "otfuse magnitude + repair at each ridge, then ot acts + repair at the chosen one",
-          "importance": "otfuse importance, and + repair (at the chosen ridge with the repair group, else at each)"}
+          "importance": "otfuse importance, and + repair (at the chosen ridge with the repair group, else at each)",
+          "datafree": "otfuse ot + data-free repair (FFN widths; model folding's variance correction)"}
 
 
 def load_texts(data: Path, calib: int, val: int, test: int, min_chars: int = 200, calib_seed: int = 0,
@@ -428,6 +432,8 @@ def main(argv: list[str] | None = None) -> dict:
             folded(source, width, target)
             rows.setdefault("model folding (k-means on weights, Fold-AR rescaling)", {})[col] = evaluate(target)
         plain = list(plain_routes)
+        if "datafree" in args.groups and not skipped("datafree"):  # heads are not rescaled: FFN widths only
+            plain.append(("otfuse ot + data-free repair", ["--repair"]))
         if "repair" in args.groups:
             # the refit's ridge, chosen on validation with the cheap route (pruning, then the refit), then used
             # for OT on activations (and importance) + the refit

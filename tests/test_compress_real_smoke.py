@@ -36,13 +36,14 @@ def test_smoke_scores_every_route(tmp_path):
     # each
     result = compress_real.main(["--smoke", "--ratios", "0.5", "--seeds", "1", "--work", str(tmp_path),
                                  "--json", str(tmp_path / "r.json"), "--ridges", "1e-4", "1e-2",
-                                 "--groups", "baselines", "folding", "repair", "importance", "--heads", "1"])
+                                 "--groups", "baselines", "folding", "repair", "importance", "datafree",
+                                 "--heads", "1"])
     ridge = result["refit_ridge_on_validation"]["0.5"]
     expected = {"original", "magnitude", "minitron", "wanda", "random (seed 0)",
                 "model folding (k-means on weights, Fold-AR rescaling)", "otfuse importance",
                 f"otfuse importance + repair (ridge {ridge:g})",
                 "otfuse magnitude + repair (ridge 0.01)", "otfuse magnitude + repair (ridge 0.0001)",
-                f"otfuse ot acts + repair (ridge {ridge:g})"}
+                f"otfuse ot acts + repair (ridge {ridge:g})", "otfuse ot + data-free repair"}
     assert set(result["rows"]) == expected
     # the KV-group baselines (the tiny Llama has 2 groups): one column each
     assert {k for k, v in result["rows"].items() if "kv1" in v} == {"magnitude", "minitron", "random (seed 0)",
@@ -218,7 +219,7 @@ def test_another_calibration_sample_runs_only_the_routes_that_read_it(tmp_path):
     compress_real = load_benchmark()
     result = compress_real.main(["--smoke", "--calib-seed", "1", "--ratios", "0.5", "--seeds", "1",
                                  "--work", str(tmp_path), "--json", str(tmp_path / "r.json"),
-                                 "--groups", "baselines", "folding", "--heads", "1"])
-    # magnitude, random and model folding read no calibration text: with another sample they would repeat seed 0
+                                 "--groups", "baselines", "folding", "datafree", "--heads", "1"])
+    # magnitude, random, model folding and the data-free repair read no calibration text: with another sample they would repeat seed 0
     assert {k: set(v) for k, v in result["rows"].items()} == {
         "original": {"1.0"}, "minitron (calibration seed 1)": {"0.5", "kv1"}, "wanda (calibration seed 1)": {"0.5"}}
