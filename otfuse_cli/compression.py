@@ -7,7 +7,9 @@ same Transporter as fusion: "out" entries become the cluster mean (barycentre of
 biases, norm and BN parameters), "in" entries the sum of outgoing weights, so identical units merge
 without changing the function. Pruning keeps k units instead (the largest incoming-weight norm, the largest
 activation importance on --data (merging/importance.py), or random); dropped units get zero rows and
-contribute nothing.
+contribute nothing. `--repair` afterwards: without data, merged units' incoming rows are scaled to their
+members' mean norm (merging/variance.py); with --data, REPAIR or BatchNorm statistics for bare nets, a
+least-squares refit of the readers for Hugging Face models (merging/repair.py, merging/refit.py).
 """
 
 from __future__ import annotations
