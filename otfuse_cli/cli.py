@@ -263,6 +263,7 @@ SEED_OPT = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed for sampli
 DEVICE_OPT = typer.Option("auto", "--device", metavar="[auto|cpu|cuda]", help="auto, cpu or cuda: where forward passes run.")
 FORCE_OPT = typer.Option(False, "--force", help="Overwrite an existing output.")
 CompressMethod = enum.Enum("CompressMethod", {m: m for m in ("ot", "magnitude", "importance", "random")}, type=str)
+RepairRule = enum.Enum("RepairRule", {m: m for m in ("weights", "statistics", "refit")}, type=str)
 Activation = enum.Enum("Activation", {a: a for a in ACTIVATIONS}, type=str)
 StatKind = enum.Enum("StatKind", {k: k for k in ("gram", "fisher")}, type=str)
 
@@ -616,6 +617,11 @@ def compress(
                                                         "(--method ot): scale each merged unit's incoming weights "
                                                         "to its members' mean norm (model folding's data-free "
                                                         "repair; FFN, MLP and CNN units)."),
+    repair_by: Optional[RepairRule] = typer.Option(None, "--repair-by", help="Which repair (implies --repair): "
+                                                   "weights (no data, as above), statistics (REPAIR on --data: "
+                                                   "each unit's mean and std to its members'; on a Hugging "
+                                                   "Face model, its FFN units), refit (least squares on "
+                                                   "--data; Hugging Face models)."),
     json_out: bool = JSON_OPTION,
     options: AlignOptions = None, data: DataOptions = None, write: OutputOptions = None,
 ) -> None:
@@ -632,10 +638,12 @@ def compress(
     from otfuse_cli.compression import compress as compress_model
 
     check_device(data)
+    repair = repair_by.value if repair_by else repair
     if method.value != "ot" or options.align != "activations":
-        # --repair and --method importance run the model on --data too: only the activation-feature flags stay
-        # unused then
-        unused = ACTIVATION_FLAGS if (repair and data.data) or method.value == "importance" else SAMPLE_FLAGS
+        # --repair on data and --method importance run the model on --data too: only the activation-feature
+        # flags stay unused then
+        reads = repair and data.data and repair != "weights"
+        unused = ACTIVATION_FLAGS if reads or method.value == "importance" else SAMPLE_FLAGS
         refuse_unused(explicit_flags(), tuple(f for f in unused if f != "--seed"),
                       "they shape activation features (--method ot --align activations)")
 

@@ -316,6 +316,33 @@ def check_repairable(ckpt) -> None:
 
 # ---------------------------------------------------------------- the command
 
+# What `--repair` does after compression (`--repair-by`): weights (no data: merged units' incoming rows to their
+# members' mean norm, merging/variance.py), statistics (REPAIR on --data: each unit's mean and std to its
+# members'; BatchNorm nets re-estimate their statistics, merging/repair.py), refit (least squares on --data of
+# the layers reading compressed units, merging/refit.py).
+REPAIRS = ("weights", "statistics", "refit")
+
+
+def repair_rule(repair: bool | str, ckpt, method: str, has_data: bool) -> str | None:
+    """The repair to apply: the one named, or by default refit on a Hugging Face model given --data, statistics
+    on a bare net given --data, weights without data."""
+    if not repair:
+        return None
+    rule = repair if isinstance(repair, str) else \
+        ("refit" if ckpt.config is not None else "statistics") if has_data else "weights"
+    if rule not in REPAIRS:
+        raise OtfuseError(f"unknown --repair-by {rule!r}; choose from {', '.join(REPAIRS)}")
+    if rule == "weights" and method != "ot":
+        raise OtfuseError(f"--repair without --data (or --repair-by weights) corrects merged units (--method ot); "
+                          f"--method {method} keeps units whole, so only a repair on --data FILE applies")
+    if rule != "weights" and not has_data:
+        raise OtfuseError(f"--repair-by {rule} needs --data FILE with sample inputs")
+    if rule == "refit" and ckpt.config is None:
+        raise OtfuseError("--repair-by refit applies to Hugging Face models; a bare MLP or CNN takes statistics "
+                          "(REPAIR, or BatchNorm statistics) or weights")
+    return rule
+
+
 def compressed_tensors(ckpt, mover: Transporter, plans: dict[str, Plan], write: OutputOptions, count: list[int],
                        rescale=None):
     """Every tensor moved by the plans, streamed; count[0] sums the written parameters. rescale(name, before,
@@ -336,11 +363,11 @@ def compressed_tensors(ckpt, mover: Transporter, plans: dict[str, Plan], write: 
 def compress(model: str, output: str, *, ratio: float | None = None, widths=None, method: str = "ot",
              options: AlignOptions = AlignOptions(), data: DataOptions = DataOptions(),
              write: OutputOptions = OutputOptions(), command_options: dict | None = None, on_space=None,
-             repair: bool = False) -> dict:
+             repair: bool | str = False) -> dict:
     """Write `model` with its compressible spaces shrunk; see the module docs for the methods. data.seed seeds
     the clustering and --method random; activations are not standardised unless data.standardize says so
-    (a merged unit's pre-activation is the mean of the raw ones). repair re-estimates every BatchNorm's
-    running statistics on data.data afterwards (merged channels no longer have their parents' statistics)."""
+    (a merged unit's pre-activation is the mean of the raw ones). repair: one of REPAIRS, or True for the
+    model's default (repair_rule)."""
     if method not in METHODS:
         raise OtfuseError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
     if method == "ot" and options.align == "none":  # was a KeyError traceback
@@ -351,18 +378,15 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
                           "or activations); --align cca maps one model's units onto another's")
     deadline.start(options.time_limit)
     check_output(output, write)
-    datafree = repair and not data.data  # model folding's variance repair, from the weights alone
-    if datafree and method != "ot":
-        raise OtfuseError(f"--repair without --data corrects merged units (--method ot); --method {method} keeps "
-                          f"units whole, so only a repair on --data FILE (a refit or REPAIR) applies")
     if method == "importance" and not data.data:
         raise OtfuseError("--method importance scores units by their output on --data FILE; give --data")
     data = replace(data, standardize=data.standardize or "none", post_activation=bool(data.post_activation))
     ckpt = open_checkpoint(model)
-    uses_data = (repair and not datafree) or method == "importance" or (method == "ot" and
-                                                                       options.align == "activations")
+    rule = repair_rule(repair, ckpt, method, bool(data.data))
+    uses_data = rule in ("statistics", "refit") or method == "importance" or (method == "ot" and
+                                                                            options.align == "activations")
     refuse_overlap(output, input_paths([ckpt], [data.data if uses_data else None]))
-    if repair and not datafree:
+    if rule == "statistics" and ckpt.config is None:
         check_repairable(ckpt)
     layout = layout_of(ckpt, output)
     check_shard_size(layout, write)
@@ -404,21 +428,27 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
                                      "widths": targets, "seed": data.seed, "dtype": write.dtype,
                                      "align": {"align": options.align, "metric": options.metric}
                                      if method == "ot" else None,
-                                     "repair": ("data-free" if datafree else str(data.data)) if repair else None,
+                                     "repair": rule and {"rule": rule, "data": str(data.data) if rule != "weights" else None},
                                      **({"data": info} if info else {})}, [ckpt])
     count = [0]
     rescale = None
-    if datafree:
+    if rule == "weights":
         from otfuse_cli.merging.variance import VarianceRepair
 
         rescale = VarianceRepair(spec, target, plans)
     tensors = report.counted(compressed_tensors(ckpt, Transporter(target, spec), plans, write, count, rescale),
                              on_space, "writing", len(ckpt.keys()))
-    if repair and not datafree and family:  # the whole compressed model in memory, to run it
+    # the rules on data hold the whole compressed model in memory, to run it
+    if rule == "refit":
         from otfuse_cli.merging.refit import refit_readers
 
         tensors = refit_readers(dict(tensors), ckpt, spec, targets, config_overrides(spec, family, targets), data)
-    elif repair and not datafree:
+    elif rule == "statistics" and family:
+        from otfuse_cli.merging.repair import repair_producers
+
+        tensors = repair_producers(dict(tensors), ckpt, spec, target, plans, config_overrides(spec, family, targets),
+                                   data)
+    elif rule == "statistics":
         from otfuse_cli.merging.repair import repair_compressed
 
         tensors = repair_compressed(dict(tensors), ckpt, spec, target, plans, data)

@@ -171,12 +171,14 @@ def test_compress_repair_re_estimates_batchnorm_and_helps(tmp_path):
     doc = json.loads(cli("evaluate", plain, fixed, "--data", TEST, "--json").stdout)
     acc = {r["model"]: r["accuracy"] for r in doc["rows"]}
     assert acc["fixed"] > acc["plain"] + 0.02, acc
-    assert _provenance(fixed)["options"]["repair"] == str(CALIB)
+    assert _provenance(fixed)["options"]["repair"] == {"rule": "statistics", "data": str(CALIB)}
     bert = FIX / "sentiment" / "bert_a"
     # a Hugging Face model's --repair refits its layers on the data (tests/test_compress_refit.py): images do not
-    # fit a text model, and nothing is written
-    for args, frag in (((), "--data"), (("--data", CALIB), "a text model cannot run on tensor data")):
-        bad = cli("compress", bert if args else CNN, "-o", tmp_path / "x", "--ratio", "0.5", "--repair", *args)
+    # fit a text model, and nothing is written; the rules on data need data
+    for model, args, frag in ((bert, ("--data", CALIB), "a text model cannot run on tensor data"),
+                              (bert, ("--repair-by", "refit"), "--repair-by refit needs --data FILE"),
+                              (CNN, ("--repair-by", "refit", "--data", CALIB), "applies to Hugging Face models")):
+        bad = cli("compress", model, "-o", tmp_path / "x", "--ratio", "0.5", "--repair", *args)
         assert bad.exit_code == 2, bad.output
         assert_one_line_error(bad.stderr, frag)
         assert not (tmp_path / "x").exists()

@@ -29,17 +29,19 @@ BATCH = 8  # texts per forward pass: each reader's input is held for one batch o
 PASSES = 2
 
 
-def readers(spec, targets: dict[str, int], module: nn.Module) -> list[tuple[str, str, str]]:
+def readers(spec, targets: dict[str, int], module: nn.Module, role: str = "in") -> list[tuple[str, str, str]]:
     """(module name, checkpoint tensor name, space name) of every linear layer whose whole input is one compressed
-    space, in forward order. A base model class (no task head) names its modules without the checkpoint's
-    prefix."""
+    space (role "out": whose whole output is one, unit by unit: an FFN's up/gate projection), in forward order.
+    A base model class (no task head) names its modules without the checkpoint's prefix."""
     linear = {name for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    axis = 1 if role == "in" else 0
     found = {}
     for space in spec.spaces:
         if space.name not in targets:
             continue
         for e in space.entries:
-            if not (e.role == "in" and e.axis == 1 and e.tensor.endswith(".weight") and e.start == 0):
+            if not (e.role == role and e.axis == axis and e.tensor.endswith(".weight") and e.start == 0
+                    and (role == "in" or (e.rep, e.inner) == (1, 1))):  # heads' q/k/v rows are not units
                 continue
             parts = e.tensor.removesuffix(".weight").split(".")
             name = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in linear), None)

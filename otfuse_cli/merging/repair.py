@@ -172,3 +172,74 @@ def repair_compressed(state_dict: dict, original, spec, target_spec, plans: dict
     targets = {layer: tuple(mover.move_like(f"{layer}.weight", 0, v, plans) for v in measured[layer])
                for layer in layers}
     return repair_units(state_dict, original, targets, data)
+
+
+@torch.no_grad()
+def repair_producers(state_dict: dict, original, spec, target_spec, plans: dict, overrides: dict,
+                     data: DataOptions) -> dict:
+    """`compress --repair-by statistics` on a Hugging Face model: REPAIR for the units of its compressed FFNs.
+    Every linear layer that produces them (an FFN's up, gate or intermediate projection) gets each unit's mean
+    and std over the tokens of --data set to the average of its original members' (only the std where the layer
+    has no bias), one compressed space after another in forward order, each measured after the ones before it
+    were repaired (the producers of one space read the same input: one pass each)."""
+    from otfuse_cli.alignment.activations import sample_batches
+    from otfuse_cli.alignment.transport import Transporter
+    from otfuse_cli.merging.refit import readers
+    from otfuse_cli.runnable import load_runnable, runnable_from_state_dict
+
+    full = load_runnable(original, device=data.device)
+    names = readers(spec, plans, full.module, role="out")
+    if not names:
+        raise OtfuseError("compress --repair-by statistics: no linear layer produces a compressed FFN's units here")
+    batches = sample_batches(full, data.data, data.samples, data.seed, data.max_length, batch_size=8,
+                             split=data.split, say_truncation=False)
+    mover = Transporter(target_spec, spec)
+    measured = _output_statistics(full, [name for name, _, _ in names], batches)
+    targets = {name: tuple(mover.move_like(tensor, 0, v, plans) for v in measured[name]) for name, tensor, _ in names}
+    out = dict(state_dict)
+    for space in dict.fromkeys(space for _, _, space in names):
+        group = [(name, tensor) for name, tensor, s in names if s == space]
+        small = runnable_from_state_dict(out, original, device=data.device, config_overrides=overrides)
+        measured = _output_statistics(small, [name for name, _ in group], batches)
+        for name, tensor in group:
+            (mean_f, std_f), (mean_t, std_t) = measured[name], targets[name]
+            scale = torch.where(std_f > 1e-12, std_t / std_f.clamp_min(1e-12), torch.ones_like(std_f))
+            out[tensor] = (out[tensor].double() * scale[:, None]).to(out[tensor].dtype)
+            bias = tensor.removesuffix(".weight") + ".bias"
+            if bias in out:
+                out[bias] = ((out[bias].double() - mean_f) * scale + mean_t).to(out[bias].dtype)
+    return finite(out)
+
+
+def _output_statistics(model, names: list[str], batches) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-unit mean and std of each named linear layer's output over the tokens of the batches."""
+    from otfuse_cli.merging.refit import token_rows
+
+    modules = dict(model.module.named_modules())
+    sums: dict[str, list] = {name: [0, 0.0, 0.0] for name in names}
+    masks_now: list = [None]
+
+    def hook(name):
+        def record(_mod, _inp, output):
+            y = token_rows(output.detach().double(), masks_now[0])
+            acc = sums[name]
+            acc[0] += len(y)
+            acc[1] = acc[1] + y.sum(0)
+            acc[2] = acc[2] + (y * y).sum(0)
+        return record
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    try:
+        for batch, masks in batches:
+            interrupts.check()
+            masks_now[0] = masks
+            model.predict_logits(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name in names:
+        n, s, sq = sums[name]
+        mean = s / n
+        out[name] = (mean.cpu(), (sq / n - mean * mean).clamp_min(0).sqrt().cpu())
+    return out
