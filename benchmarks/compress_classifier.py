@@ -15,6 +15,8 @@ Routes (each at every ratio):
   otfuse ot acts     the same with `--align activations --data` (the calibration texts);
   otfuse importance  `--method importance --data`: otfuse's activation-importance pruning (the minitron score
                      below, computed by otfuse_cli/merging/importance.py);
+  ... + REPAIR       `--repair-by statistics --data`: each merged unit's intermediate output (pre-GELU) given
+                     its members' mean and std on the calibration texts (otfuse_cli/merging/repair.py);
   ... + repair       `--repair` and its data as well: every FFN output projection refitted by least squares on the
                      calibration texts (otfuse_cli/merging/refit.py);
   written here from their papers (torch, scikit-learn; nothing from otfuse_cli), each keeping N units of every
@@ -222,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.setdefault(label, {})[col] = evaluate(target)
         routes = [("otfuse ot", []), ("otfuse ot + data-free repair", ["--repair"]),
                   ("otfuse ot + repair", ["--repair", *reads]),
+                  ("otfuse ot + REPAIR", ["--repair-by", "statistics", *reads]),
+                  ("otfuse ot acts + REPAIR", ["--align", "activations", "--repair-by", "statistics", *reads]),
                   ("otfuse ot acts", ["--align", "activations", *reads]),
                   ("otfuse ot acts + repair", ["--align", "activations", "--repair", *reads]),
                   ("otfuse importance", ["--method", "importance", *reads]),

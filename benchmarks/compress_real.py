@@ -12,6 +12,8 @@ Routes (each at every ratio):
   otfuse ot + data-free repair  `--repair` without data: OT on weights, then each merged unit's gate and up
                   rows scaled to their members' mean norm (otfuse_cli/merging/variance.py, model folding's
                   correction inside otfuse; group datafree);
+  otfuse ot acts + REPAIR  `--repair-by statistics`: each merged unit's gate and up outputs given their
+                  members' mean and std on the calibration texts (group statistics);
   ... + repair    with `--repair` and --data as well: every down projection refitted by least squares on the calibration
                   texts (otfuse_cli/merging/refit.py), after otfuse's magnitude pruning (`--method magnitude`)
                   at each of --ridges, and after OT on activations at the ridge that route chose on validation;
@@ -75,7 +77,8 @@ READ_CALIBRATION = {"minitron", "wanda", "otfuse ot acts"}
 GROUPS = {"baselines": "the pruning baselines", "folding": "model folding", "ot": "otfuse ot and ot acts",
           "repair": "otfuse magnitude + repair at each ridge, then ot acts + repair at the chosen one",
           "importance": "otfuse importance, and + repair (at the chosen ridge with the repair group, else at each)",
-          "datafree": "otfuse ot + data-free repair (FFN widths; model folding's variance correction)"}
+          "datafree": "otfuse ot + data-free repair (FFN widths; model folding's variance correction)",
+          "statistics": "otfuse ot acts + REPAIR (--repair-by statistics; FFN widths)"}
 
 
 def load_texts(data: Path, calib: int, val: int, test: int, min_chars: int = 200, calib_seed: int = 0,
@@ -434,6 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
         plain = list(plain_routes)
         if "datafree" in args.groups and not skipped("datafree"):  # heads are not rescaled: FFN widths only
             plain.append(("otfuse ot + data-free repair", ["--repair"]))
+        if "statistics" in args.groups:
+            plain.append(("otfuse ot acts + REPAIR", ["--align", "activations", "--repair-by", "statistics", *reads]))
         if "repair" in args.groups:
             # the refit's ridge, chosen on validation with the cheap route (pruning, then the refit), then used
             # for OT on activations (and importance) + the refit

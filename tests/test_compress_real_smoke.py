@@ -37,13 +37,14 @@ def test_smoke_scores_every_route(tmp_path):
     result = compress_real.main(["--smoke", "--ratios", "0.5", "--seeds", "1", "--work", str(tmp_path),
                                  "--json", str(tmp_path / "r.json"), "--ridges", "1e-4", "1e-2",
                                  "--groups", "baselines", "folding", "repair", "importance", "datafree",
-                                 "--heads", "1"])
+                                 "statistics", "--heads", "1"])
     ridge = result["refit_ridge_on_validation"]["0.5"]
     expected = {"original", "magnitude", "minitron", "wanda", "random (seed 0)",
                 "model folding (k-means on weights, Fold-AR rescaling)", "otfuse importance",
                 f"otfuse importance + repair (ridge {ridge:g})",
                 "otfuse magnitude + repair (ridge 0.01)", "otfuse magnitude + repair (ridge 0.0001)",
-                f"otfuse ot acts + repair (ridge {ridge:g})", "otfuse ot + data-free repair"}
+                f"otfuse ot acts + repair (ridge {ridge:g})", "otfuse ot + data-free repair",
+                "otfuse ot acts + REPAIR"}
     assert set(result["rows"]) == expected
     # the KV-group baselines (the tiny Llama has 2 groups): one column each
     assert {k for k, v in result["rows"].items() if "kv1" in v} == {"magnitude", "minitron", "random (seed 0)",
