@@ -67,32 +67,43 @@ def unit_statistics(model, layers: list[str], data: DataOptions) -> dict[str, tu
     """Per-unit mean and std of each layer's output (pre-activation) over samples and spatial positions."""
     from otfuse_cli.alignment.activations import sample_batches
 
+    batches = sample_batches(model, data.data, data.samples, data.seed, data.max_length, split=data.split)
+    # rows = samples (x positions), columns = units
+    with torch.no_grad():
+        return _moments(model, layers, batches, lambda x, _masks: x.movedim(1, -1).reshape(-1, x.shape[1]))
+
+
+def _moments(model, names: list[str], batches, rows) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-unit mean and std of each named module's output over the batches; rows(output, masks) turns one
+    output into a (observations, units) matrix."""
     modules = dict(model.module.named_modules())
-    sums: dict[str, list] = {}
+    sums: dict[str, list] = {name: [0, 0.0, 0.0] for name in names}
+    masks_now: list = [None]
 
     def hook(name):
-        def record(_mod, _inp, out):
-            x = out.detach().double()
-            x = x.movedim(1, -1).reshape(-1, x.shape[1])  # rows = samples (x positions), columns = units
-            acc = sums.setdefault(name, [0, 0, 0])
-            acc[0] += len(x)
-            acc[1] = acc[1] + x.sum(0)
-            acc[2] = acc[2] + (x * x).sum(0)
+        def record(_mod, _inp, output):
+            y = rows(output.detach().double(), masks_now[0])
+            acc = sums[name]
+            acc[0] += len(y)
+            acc[1] = acc[1] + y.sum(0)
+            acc[2] = acc[2] + (y * y).sum(0)
         return record
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
+    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
     try:
-        with torch.no_grad():
-            for batch, _ in sample_batches(model, data.data, data.samples, data.seed, data.max_length, split=data.split):
-                model.predict_logits(batch)
+        for batch, masks in batches:
+            interrupts.check()
+            masks_now[0] = masks
+            model.predict_logits(batch)
     finally:
         for h in handles:
             h.remove()
-    stats = {}
-    for name, (n, s, sq) in sums.items():
+    out = {}
+    for name in names:
+        n, s, sq = sums[name]
         mean = s / n
-        stats[name] = (mean, (sq / n - mean * mean).clamp_min(0).sqrt())
-    return stats
+        out[name] = (mean.cpu(), (sq / n - mean * mean).clamp_min(0).sqrt().cpu())
+    return out
 
 
 @torch.no_grad()
@@ -215,31 +226,4 @@ def _output_statistics(model, names: list[str], batches) -> dict[str, tuple[torc
     """Per-unit mean and std of each named linear layer's output over the tokens of the batches."""
     from otfuse_cli.merging.refit import token_rows
 
-    modules = dict(model.module.named_modules())
-    sums: dict[str, list] = {name: [0, 0.0, 0.0] for name in names}
-    masks_now: list = [None]
-
-    def hook(name):
-        def record(_mod, _inp, output):
-            y = token_rows(output.detach().double(), masks_now[0])
-            acc = sums[name]
-            acc[0] += len(y)
-            acc[1] = acc[1] + y.sum(0)
-            acc[2] = acc[2] + (y * y).sum(0)
-        return record
-
-    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
-    try:
-        for batch, masks in batches:
-            interrupts.check()
-            masks_now[0] = masks
-            model.predict_logits(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for name in names:
-        n, s, sq = sums[name]
-        mean = s / n
-        out[name] = (mean.cpu(), (sq / n - mean * mean).clamp_min(0).sqrt().cpu())
-    return out
+    return _moments(model, names, batches, token_rows)
