@@ -428,7 +428,8 @@ def compress(model: str, output: str, *, ratio: float | None = None, widths=None
                                      "widths": targets, "seed": data.seed, "dtype": write.dtype,
                                      "align": {"align": options.align, "metric": options.metric}
                                      if method == "ot" else None,
-                                     "repair": rule and {"rule": rule, "data": str(data.data) if rule != "weights" else None},
+                                     "repair": rule and {"rule": rule,
+                                                         "data": str(data.data) if rule != "weights" else None},
                                      **({"data": info} if info else {})}, [ckpt])
     count = [0]
     rescale = None

@@ -117,15 +117,20 @@ def repair_units(state_dict: dict, like, targets: dict[str, tuple[torch.Tensor, 
     out = dict(state_dict)
     for name, (mean_t, std_t) in targets.items():
         model = runnable_from_state_dict(out, like, activation=data.activation, device=data.device)
-        mean_f, std_f = unit_statistics(model, [name], data)[name]
-        scale = torch.where(std_f > 1e-12, std_t / std_f.clamp_min(1e-12), torch.ones_like(std_f))
-        weight = out[f"{name}.weight"]
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        out[f"{name}.weight"] = (weight.double() * scale.reshape(shape)).to(weight.dtype)
-        bias = out.get(f"{name}.bias")
-        if bias is not None:  # without a bias only the spread can be set (the layout stays the parents')
-            out[f"{name}.bias"] = ((bias.double() - mean_f) * scale + mean_t).to(bias.dtype)
+        fold(out, f"{name}.weight", unit_statistics(model, [name], data)[name], (mean_t, std_t))
     return finite(out)
+
+
+def fold(out: dict, weight: str, measured: tuple, target: tuple) -> None:
+    """Give the units of the layer whose weight is out[weight] the target mean and std, in place: W <- W s,
+    b <- (b - m_f) s + m_t with s = s_t / s_f. Without a bias only the spread can be set."""
+    (mean_f, std_f), (mean_t, std_t) = measured, target
+    scale = torch.where(std_f > 1e-12, std_t / std_f.clamp_min(1e-12), torch.ones_like(std_f))
+    w = out[weight]
+    out[weight] = (w.double() * scale.reshape((-1,) + (1,) * (w.dim() - 1))).to(w.dtype)
+    bias = weight.removesuffix(".weight") + ".bias"
+    if bias in out:
+        out[bias] = ((out[bias].double() - mean_f) * scale + mean_t).to(out[bias].dtype)
 
 
 def check_repairable(parents) -> None:
@@ -213,12 +218,7 @@ def repair_producers(state_dict: dict, original, spec, target_spec, plans: dict,
         small = runnable_from_state_dict(out, original, device=data.device, config_overrides=overrides)
         measured = _output_statistics(small, [name for name, _ in group], batches)
         for name, tensor in group:
-            (mean_f, std_f), (mean_t, std_t) = measured[name], targets[name]
-            scale = torch.where(std_f > 1e-12, std_t / std_f.clamp_min(1e-12), torch.ones_like(std_f))
-            out[tensor] = (out[tensor].double() * scale[:, None]).to(out[tensor].dtype)
-            bias = tensor.removesuffix(".weight") + ".bias"
-            if bias in out:
-                out[bias] = ((out[bias].double() - mean_f) * scale + mean_t).to(out[bias].dtype)
+            fold(out, tensor, measured[name], targets[name])
     return finite(out)
 
 
